@@ -1,0 +1,349 @@
+//! Configuration: one typed struct read from TOML, every key with a default.
+//!
+//! `config/herd.toml` documents every key; [`Config::validate`] rejects
+//! combinations that cannot work before anything is bound or spawned.
+
+use crate::error::HerdError;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration of one broker.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the one port that serves HTTP and WebSocket.
+    pub listen: SocketAddr,
+    /// Allow clients without a token on a non-loopback address.
+    pub allow_anonymous: bool,
+    pub limits: Limits,
+    pub cache: CacheConfig,
+    pub dashboard: DashboardConfig,
+    /// The evaluators, one per `fn` name clients may send.
+    #[serde(rename = "evaluator")]
+    pub evaluators: Vec<EvaluatorConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7878".parse().expect("valid default address"),
+            allow_anonymous: false,
+            limits: Limits::default(),
+            cache: CacheConfig::default(),
+            dashboard: DashboardConfig::default(),
+            evaluators: Vec::new(),
+        }
+    }
+}
+
+/// Every bound on what clients can make the broker hold.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Open WebSocket sessions at most; further upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Largest incoming message (and frame); larger closes the session with 1009.
+    pub max_frame_bytes: usize,
+    /// Waits (submits awaiting a result, subscriptions) one session may hold.
+    pub max_pending: usize,
+    /// Frames queued for one session's writer; overflow closes it with 4001.
+    pub outbound_queue: usize,
+    /// Server ping interval; a session silent for three intervals is closed (4002).
+    pub heartbeat_ms: u64,
+    /// How long shutdown waits for in-flight evaluations and session writers.
+    pub drain_timeout_s: u64,
+    /// How long a close frame may take to reach a client before the socket is dropped.
+    pub close_timeout_ms: u64,
+    /// Messages queued for the hub before session readers wait.
+    pub hub_queue: usize,
+    /// Per-session WebSocket read buffer.
+    pub ws_read_buffer: usize,
+    /// Bytes a session's writer buffers before writing to the socket.
+    pub ws_write_buffer: usize,
+    /// Most bytes a session's writer may hold unsent.
+    pub ws_max_write_buffer: usize,
+    /// Frames a writer sends between two flushes.
+    pub write_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 30_000,
+            max_frame_bytes: 1 << 20,
+            max_pending: 1024,
+            outbound_queue: 1024,
+            heartbeat_ms: 20_000,
+            drain_timeout_s: 30,
+            close_timeout_ms: 2_000,
+            hub_queue: 65_536,
+            ws_read_buffer: 4096,
+            ws_write_buffer: 16 * 1024,
+            ws_max_write_buffer: 8 << 20,
+            write_batch: 64,
+        }
+    }
+}
+
+/// The results cache.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bound in bytes (key plus encoded output plus a fixed per-entry overhead).
+    pub max_bytes: u64,
+    /// Seconds a result stays cached; 0 keeps it until evicted for space.
+    pub ttl_s: u64,
+    /// Seconds a failure stays cached; 0 caches no failure.
+    pub error_ttl_s: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 1 << 30,
+            ttl_s: 0,
+            error_ttl_s: 0,
+        }
+    }
+}
+
+/// What `watch` snapshots carry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// In-flight entries per snapshot (protocol maximum 500).
+    pub snapshot_inflight: usize,
+    /// Recent completions per snapshot (protocol maximum 50).
+    pub snapshot_recent: usize,
+    /// Characters of input shown per in-flight entry (protocol maximum 120).
+    pub input_preview_chars: usize,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            snapshot_inflight: 500,
+            snapshot_recent: 50,
+            input_preview_chars: 120,
+        }
+    }
+}
+
+/// The kinds of evaluator herd can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvaluatorKind {
+    /// Stands in for a costly computation (sleep, spin, fail, panic on request).
+    Simulate,
+    /// Returns its input.
+    Echo,
+    /// Runs a program and talks JSON lines with it.
+    Process,
+}
+
+/// One evaluator: a `fn` name and what runs behind it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatorConfig {
+    /// The name clients send as `fn`.
+    #[serde(rename = "fn")]
+    pub name: String,
+    pub kind: EvaluatorKind,
+    /// Dedicated OS threads (for `process`: one child each).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Waiters get `eval_timeout` when a running evaluation exceeds this.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Evaluations queued for this evaluator at most; beyond it submits get `busy`.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Largest canonical input accepted for this evaluator.
+    #[serde(default = "default_max_input_bytes")]
+    pub max_input_bytes: usize,
+    /// `process`: the program and its arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `process`: working directory of the program.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// `process`: extra environment variables of the program.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `process`: how long a child may take to exit after its stdin closes.
+    #[serde(default = "default_grace_ms")]
+    pub grace_ms: u64,
+}
+
+fn default_threads() -> usize {
+    64
+}
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+fn default_queue_capacity() -> usize {
+    4096
+}
+fn default_max_input_bytes() -> usize {
+    1 << 20
+}
+fn default_grace_ms() -> u64 {
+    2_000
+}
+
+impl EvaluatorConfig {
+    /// A builtin evaluator with every optional key at its default.
+    pub fn builtin(name: &str, kind: EvaluatorKind) -> Self {
+        EvaluatorConfig {
+            name: name.to_string(),
+            kind,
+            threads: default_threads(),
+            timeout_ms: default_timeout_ms(),
+            queue_capacity: default_queue_capacity(),
+            max_input_bytes: default_max_input_bytes(),
+            command: Vec::new(),
+            cwd: None,
+            env: BTreeMap::new(),
+            grace_ms: default_grace_ms(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, HerdError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| HerdError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Config::from_toml(&text)
+            .map_err(|e| HerdError::Config(format!("{}: {}", path.display(), e)))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, HerdError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| HerdError::Config(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The evaluators in force: the configured ones, or the builtin set
+    /// (`default` and `sleep` simulate, `echo` echoes) when none is configured.
+    pub fn effective_evaluators(&self) -> Vec<EvaluatorConfig> {
+        if self.evaluators.is_empty() {
+            vec![
+                EvaluatorConfig::builtin("default", EvaluatorKind::Simulate),
+                EvaluatorConfig::builtin("sleep", EvaluatorKind::Simulate),
+                EvaluatorConfig::builtin("echo", EvaluatorKind::Echo),
+            ]
+        } else {
+            self.evaluators.clone()
+        }
+    }
+
+    /// Rejects configurations that cannot work, with a message naming the key.
+    pub fn validate(&self) -> Result<(), HerdError> {
+        let bad = |msg: String| Err(HerdError::Config(msg));
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return bad("limits.max_connections must be at least 1".into());
+        }
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes must be at least 1024".into());
+        }
+        if l.max_pending == 0 || l.outbound_queue == 0 || l.hub_queue == 0 || l.write_batch == 0 {
+            return bad(
+                "limits.max_pending, outbound_queue, hub_queue and write_batch must be at least 1"
+                    .into(),
+            );
+        }
+        if l.heartbeat_ms < 100 {
+            return bad("limits.heartbeat_ms must be at least 100".into());
+        }
+        if l.ws_read_buffer < 256 {
+            return bad("limits.ws_read_buffer must be at least 256".into());
+        }
+        if l.ws_max_write_buffer <= l.ws_write_buffer + 2 * l.max_frame_bytes {
+            return bad(
+                "limits.ws_max_write_buffer must exceed ws_write_buffer + 2 * max_frame_bytes"
+                    .into(),
+            );
+        }
+        if self.cache.max_bytes == 0 {
+            return bad("cache.max_bytes must be at least 1".into());
+        }
+        let d = &self.dashboard;
+        if d.snapshot_inflight > 500 || d.snapshot_recent > 50 || d.input_preview_chars > 120 {
+            return bad("dashboard limits exceed the protocol's (500 in flight, 50 recent, 120 preview characters)".into());
+        }
+        let mut names = HashSet::new();
+        for e in &self.evaluators {
+            if e.name.is_empty() {
+                return bad("evaluator.fn must not be empty".into());
+            }
+            if !names.insert(e.name.as_str()) {
+                return bad(format!("evaluator fn {:?} is configured twice", e.name));
+            }
+            if e.threads == 0 || e.queue_capacity == 0 || e.timeout_ms == 0 {
+                return bad(format!(
+                    "evaluator {:?}: threads, queue_capacity and timeout_ms must be at least 1",
+                    e.name
+                ));
+            }
+            if e.kind == EvaluatorKind::Process && e.command.is_empty() {
+                return bad(format!(
+                    "evaluator {:?}: kind \"process\" needs a command",
+                    e.name
+                ));
+            }
+        }
+        if !self.listen.ip().is_loopback() && !self.allow_anonymous {
+            return bad(format!(
+                "refusing to listen on non-loopback {} with no tokens: every client would be an agent; set allow_anonymous = true to allow it",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluator_sections_alone_are_a_config() {
+        let c = Config::from_toml(
+            "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.evaluators.len(), 1);
+        assert_eq!(c.evaluators[0].timeout_ms, 30_000);
+        assert_eq!(c.limits.max_frame_bytes, 1 << 20);
+        assert_eq!(c.listen.port(), 7878);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(Config::from_toml("nope = 1").is_err());
+        assert!(Config::from_toml("[limits]\nheartbeat_ms = 5").is_err());
+        assert!(Config::from_toml("listen = \"0.0.0.0:1\"").is_err());
+        assert!(Config::from_toml("listen = \"0.0.0.0:1\"\nallow_anonymous = true").is_ok());
+        let twice =
+            "[[evaluator]]\nfn=\"a\"\nkind=\"echo\"\n[[evaluator]]\nfn=\"a\"\nkind=\"echo\"\n";
+        assert!(Config::from_toml(twice).is_err());
+    }
+
+    #[test]
+    fn shipped_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/herd.toml");
+        let c = Config::load(&path).unwrap();
+        let names: Vec<_> = c
+            .effective_evaluators()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert!(names.contains(&"default".to_string()));
+    }
+}

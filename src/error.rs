@@ -1,0 +1,70 @@
+//! Errors: the library's error type and the protocol's error codes.
+
+use std::fmt;
+
+/// What can stop the broker from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum HerdError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("evaluator {name:?}: {message}")]
+    Evaluator { name: String, message: String },
+}
+
+/// The `code` of an `error` frame (PROTOCOL.md, "Errors").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadJson,
+    BadRequest,
+    UnknownOp,
+    UnknownFn,
+    Forbidden,
+    Busy,
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::UnknownFn => "unknown_fn",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Busy => "busy",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an evaluation produced no output; every waiter of it receives this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvalError {
+    /// `eval_failed`: the evaluator reported an error, panicked or crashed.
+    Failed(String),
+    /// `eval_timeout`: it ran past its evaluator's `timeout_ms`.
+    Timeout(String),
+}
+
+impl EvalError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            EvalError::Failed(_) => "eval_failed",
+            EvalError::Timeout(_) => "eval_timeout",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            EvalError::Failed(m) | EvalError::Timeout(m) => m,
+        }
+    }
+}

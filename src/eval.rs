@@ -1,0 +1,158 @@
+//! Evaluators: what turns an input into an output, and the builtin ones.
+//!
+//! Each pool thread owns one [`Worker`], made by its evaluator's
+//! [`WorkerFactory`]; a worker keeps whatever per-thread state it needs (a
+//! child process, for `process` evaluators) and runs one task at a time.
+
+use crate::config::{EvaluatorConfig, EvaluatorKind};
+use crate::error::{EvalError, HerdError};
+use crate::key::Key;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One evaluation to run.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub key: Key,
+    pub fn_name: Arc<str>,
+    /// The input as canonical JSON text.
+    pub input: Arc<str>,
+}
+
+/// Runs tasks on one pool thread.
+pub trait Worker: Send {
+    /// Evaluates `task`; the output is JSON text.
+    fn run(&mut self, task: &Task) -> Result<String, EvalError>;
+}
+
+/// Makes the worker of each pool thread of one evaluator.
+pub trait WorkerFactory: Send + Sync {
+    fn make(&self, thread: usize) -> Box<dyn Worker>;
+}
+
+/// The factory for an evaluator's configuration.
+pub fn factory(config: &EvaluatorConfig) -> Result<Arc<dyn WorkerFactory>, HerdError> {
+    match config.kind {
+        EvaluatorKind::Simulate => Ok(Arc::new(Builtin(Simulate))),
+        EvaluatorKind::Echo => Ok(Arc::new(Builtin(Echo))),
+        EvaluatorKind::Process => Err(HerdError::Evaluator {
+            name: config.name.clone(),
+            message: "process evaluators are not available in this build".into(),
+        }),
+    }
+}
+
+struct Builtin<W>(W);
+
+impl<W: Worker + Clone + Sync + 'static> WorkerFactory for Builtin<W> {
+    fn make(&self, _thread: usize) -> Box<dyn Worker> {
+        Box::new(self.0.clone())
+    }
+}
+
+/// Stands in for a costly computation.
+///
+/// Input members it reads (all optional): `sleep_ms` (otherwise 15-30 ms
+/// from the key), `spin_ms` (busy CPU time), `fail` (fail with this
+/// message), `panic` (panic when true), `output_bytes` (pad the output to
+/// about this size). The output is derived from the key alone, about 128
+/// bytes, so equal inputs give equal outputs.
+#[derive(Clone)]
+pub struct Simulate;
+
+/// Largest `output_bytes` honoured, so one request cannot ask for unbounded memory.
+const MAX_SIMULATED_OUTPUT_BYTES: u64 = 1 << 20;
+
+impl Worker for Simulate {
+    fn run(&mut self, task: &Task) -> Result<String, EvalError> {
+        let input: Value = serde_json::from_str(&task.input)
+            .map_err(|e| EvalError::Failed(format!("input is not JSON: {e}")))?;
+        let field = |name: &str| input.as_object().and_then(|o| o.get(name));
+        let sleep_ms = field("sleep_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(15 + task.key.seed() % 16);
+        if let Some(spin_ms) = field("spin_ms").and_then(Value::as_u64) {
+            let until = Instant::now() + Duration::from_millis(spin_ms);
+            let mut x = task.key.seed();
+            while Instant::now() < until {
+                for _ in 0..1000 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                std::hint::black_box(x);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(sleep_ms));
+        if field("panic").and_then(Value::as_bool) == Some(true) {
+            panic!("simulated panic for key {}", task.key);
+        }
+        if let Some(message) = field("fail") {
+            let message = message
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| message.to_string());
+            return Err(EvalError::Failed(message));
+        }
+        let digest = blake3::hash(&task.key.0);
+        let mut output = json!({
+            "key": task.key.to_hex(),
+            "value": task.key.seed() % 1_000_000,
+            "digest": digest.to_hex().as_str(),
+        });
+        if let Some(bytes) = field("output_bytes").and_then(Value::as_u64) {
+            let pad = bytes.min(MAX_SIMULATED_OUTPUT_BYTES) as usize;
+            output["pad"] = Value::String("x".repeat(pad.saturating_sub(128)));
+        }
+        Ok(output.to_string())
+    }
+}
+
+/// Returns its input.
+#[derive(Clone)]
+pub struct Echo;
+
+impl Worker for Echo {
+    fn run(&mut self, task: &Task) -> Result<String, EvalError> {
+        Ok(task.input.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(input: Value) -> Task {
+        let canonical = crate::key::canonical_json(&input);
+        Task {
+            key: Key::derive("default", canonical.as_bytes()),
+            fn_name: "default".into(),
+            input: canonical.into(),
+        }
+    }
+
+    #[test]
+    fn simulate_is_deterministic_and_small() {
+        let t = task(json!({"sleep_ms": 0, "n": 1}));
+        let a = Simulate.run(&t).unwrap();
+        assert_eq!(a, Simulate.run(&t).unwrap());
+        assert!((100..=160).contains(&a.len()), "{} bytes", a.len());
+        let other = Simulate.run(&task(json!({"sleep_ms": 0, "n": 2}))).unwrap();
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn simulate_fails_on_request() {
+        let err = Simulate
+            .run(&task(json!({"sleep_ms": 0, "fail": "nope"})))
+            .unwrap_err();
+        assert_eq!(err, EvalError::Failed("nope".into()));
+    }
+
+    #[test]
+    fn simulate_pads_output() {
+        let out = Simulate
+            .run(&task(json!({"sleep_ms": 0, "output_bytes": 4096})))
+            .unwrap();
+        assert!(out.len() >= 4096);
+    }
+}

@@ -1,0 +1,51 @@
+//! herd: a WebSocket pub/sub result broker.
+//!
+//! Agents hold long-lived WebSocket sessions and submit inputs; identical
+//! inputs are evaluated once, and the result is pushed to every requester at
+//! the same moment and kept in a bounded cache for the next one.
+//!
+//! ```text
+//! agent ──ws──▶ session reader ──hit──▶ cache ──▶ reply (hub never touched)
+//!                    │ miss
+//!                    ▼
+//!               hub: ONE task, owns the wait table      (singular update queue)
+//!               key → {waiters, job}
+//!                    │ first waiter: job                 ▲ done(key, result)
+//!                    ▼                                   │
+//!               evaluator pool: dedicated OS threads ────┘
+//!               hub on done: insert cache, encode the result once,
+//!               push it to every waiter's outbound queue, remove the entry
+//!                    ▼
+//!               session writer ──ws──▶ agent             (one writer per session)
+//! ```
+//!
+//! Modules, in the order a request meets them:
+//! - [`server`]: the port (HTTP routes, WebSocket upgrade) and shutdown;
+//! - [`session`]: one connection's reader and writer;
+//! - [`protocol`]: request parsing and frame writing;
+//! - [`key`]: canonical JSON and key derivation;
+//! - [`cache`]: the bounded results cache;
+//! - [`hub`]: the wait table, owned by one task;
+//! - [`pool`] and [`eval`]: evaluator threads and the builtin evaluators;
+//! - [`outbox`]: a session's outbound queue and close signal;
+//! - [`broker`]: the state every part shares; [`metrics`]: its figures;
+//! - [`config`] and [`error`].
+
+pub mod broker;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod hub;
+pub mod key;
+pub mod metrics;
+pub mod outbox;
+pub mod pool;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod web;
+
+pub use config::Config;
+pub use error::HerdError;
+pub use key::Key;

@@ -1,0 +1,162 @@
+//! Counters and gauges: one set, read by `watch` snapshots and `/metrics`.
+//!
+//! Every figure lives in a prometheus-client metric; the snapshot's `stats`
+//! object is read from the same metrics, so the two views cannot disagree.
+
+use crate::cache::ResultCache;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub code: u16,
+}
+
+/// The broker's figures.
+pub struct Metrics {
+    registry: Registry,
+    pub submits: Counter,
+    pub cache_hits: Counter,
+    pub evaluations: Counter,
+    pub coalesced: Counter,
+    pub failures: Counter,
+    pub timeouts: Counter,
+    pub connections: Gauge,
+    pub queued: Gauge,
+    pub running: Gauge,
+    pub wait_table: Gauge,
+    pub cache_entries: Gauge,
+    pub cache_bytes: Gauge,
+    pub closes: Family<CloseLabels, Counter>,
+}
+
+/// The `stats` object of a `snapshot` frame.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub connections: i64,
+    pub submits: u64,
+    pub cache_hits: u64,
+    pub evaluations: u64,
+    pub coalesced: u64,
+    pub failures: u64,
+    pub timeouts: u64,
+    pub queued: i64,
+    pub running: i64,
+    pub wait_table: i64,
+    pub cache_entries: u64,
+    pub cache_bytes: u64,
+    pub cache_max_bytes: u64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("herd");
+        let m = Metrics {
+            registry: Registry::default(),
+            submits: Counter::default(),
+            cache_hits: Counter::default(),
+            evaluations: Counter::default(),
+            coalesced: Counter::default(),
+            failures: Counter::default(),
+            timeouts: Counter::default(),
+            connections: Gauge::default(),
+            queued: Gauge::default(),
+            running: Gauge::default(),
+            wait_table: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            closes: Family::default(),
+        };
+        registry.register("submits", "Submit requests", m.submits.clone());
+        registry.register(
+            "cache_hits",
+            "Submits answered from the cache",
+            m.cache_hits.clone(),
+        );
+        registry.register("evaluations", "Evaluations started", m.evaluations.clone());
+        registry.register(
+            "coalesced",
+            "Submits that joined a pending evaluation",
+            m.coalesced.clone(),
+        );
+        registry.register(
+            "failures",
+            "Evaluations that failed or timed out",
+            m.failures.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Evaluations that exceeded their timeout",
+            m.timeouts.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open WebSocket sessions",
+            m.connections.clone(),
+        );
+        registry.register("queued", "Evaluations queued", m.queued.clone());
+        registry.register("running", "Evaluations running", m.running.clone());
+        registry.register(
+            "wait_table_entries",
+            "Keys in the hub's wait table",
+            m.wait_table.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Results in the cache",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Weighted size of the cache in bytes",
+            m.cache_bytes.clone(),
+        );
+        registry.register("closes", "Sessions closed, by close code", m.closes.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Refreshes the cache gauges and returns the snapshot figures.
+    pub fn stats(&self, cache: &ResultCache) -> Stats {
+        let (entries, bytes) = cache.usage();
+        self.cache_entries.set(entries as i64);
+        self.cache_bytes.set(bytes as i64);
+        Stats {
+            connections: self.connections.get(),
+            submits: self.submits.get(),
+            cache_hits: self.cache_hits.get(),
+            evaluations: self.evaluations.get(),
+            coalesced: self.coalesced.get(),
+            failures: self.failures.get(),
+            timeouts: self.timeouts.get(),
+            queued: self.queued.get(),
+            running: self.running.get(),
+            wait_table: self.wait_table.get(),
+            cache_entries: entries,
+            cache_bytes: bytes,
+            cache_max_bytes: cache.max_bytes(),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self, cache: &ResultCache) -> String {
+        self.stats(cache);
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn record_close(&self, code: u16) {
+        self.closes.get_or_create(&CloseLabels { code }).inc();
+    }
+}

@@ -1,0 +1,408 @@
+//! The wire protocol: parsing client requests and writing server frames.
+//!
+//! Requests are parsed strictly in the order PROTOCOL.md implies: not JSON
+//! is `bad_json`; not an object, or a missing or ill-typed field, is
+//! `bad_request`; an `op` outside the table is `unknown_op`. Frames are
+//! written with [`FrameWriter`], which appends already-encoded JSON (ids,
+//! outputs) without re-serializing it.
+
+use crate::error::{ErrorCode, EvalError};
+use crate::key::Key;
+use serde_json::{Map, Value};
+
+/// Longest string `id` accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+/// Smallest `watch` interval.
+pub const MIN_WATCH_INTERVAL_MS: u64 = 100;
+/// `watch` interval when none is given.
+pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 500;
+/// The protocol version spoken.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A request's `id`, kept as the JSON text to echo.
+pub type ReqId = Option<Box<str>>;
+
+/// One parsed request.
+#[derive(Debug)]
+pub struct Request {
+    pub id: ReqId,
+    pub op: Op,
+}
+
+/// The operations of PROTOCOL.md.
+#[derive(Debug)]
+pub enum Op {
+    Submit {
+        input: Value,
+        fn_name: Option<String>,
+        wait: bool,
+    },
+    Get {
+        key: Key,
+    },
+    Subscribe {
+        key: Key,
+    },
+    Cancel {
+        key: Key,
+    },
+    Watch {
+        interval_ms: u64,
+    },
+    Unwatch,
+    Ping,
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Submit { .. } => "submit",
+            Op::Get { .. } => "get",
+            Op::Subscribe { .. } => "subscribe",
+            Op::Cancel { .. } => "cancel",
+            Op::Watch { .. } => "watch",
+            Op::Unwatch => "unwatch",
+            Op::Ping => "ping",
+        }
+    }
+}
+
+/// A request that cannot be served, with the `id` to echo when one was readable.
+#[derive(Debug)]
+pub struct Rejection {
+    pub id: ReqId,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(id: &ReqId, code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            id: id.clone(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `error` frame for this rejection.
+    pub fn frame(&self) -> String {
+        error_frame(&self.id, self.code.as_str(), &self.message)
+    }
+}
+
+/// Parses one text frame into a request.
+pub fn parse_request(text: &str) -> Result<Request, Rejection> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(Rejection::new(
+            &None,
+            ErrorCode::BadRequest,
+            "a request is a JSON object",
+        ));
+    };
+    let id = parse_id(obj.get("id"))?;
+    let op = match obj.get("op") {
+        None => return Err(Rejection::new(&id, ErrorCode::BadRequest, "missing \"op\"")),
+        Some(Value::String(op)) => op.clone(),
+        Some(_) => {
+            return Err(Rejection::new(
+                &id,
+                ErrorCode::BadRequest,
+                "\"op\" must be a string",
+            ))
+        }
+    };
+    let op = match op.as_str() {
+        "submit" => {
+            let input = obj
+                .remove("input")
+                .ok_or_else(|| Rejection::new(&id, ErrorCode::BadRequest, "missing \"input\""))?;
+            let fn_name = match obj.get("fn") {
+                None => None,
+                Some(Value::String(f)) => Some(f.clone()),
+                Some(_) => {
+                    return Err(Rejection::new(
+                        &id,
+                        ErrorCode::BadRequest,
+                        "\"fn\" must be a string",
+                    ))
+                }
+            };
+            let wait = match obj.get("wait") {
+                None => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(Rejection::new(
+                        &id,
+                        ErrorCode::BadRequest,
+                        "\"wait\" must be a boolean",
+                    ))
+                }
+            };
+            Op::Submit {
+                input,
+                fn_name,
+                wait,
+            }
+        }
+        "get" => Op::Get {
+            key: parse_key(&obj, &id)?,
+        },
+        "subscribe" => Op::Subscribe {
+            key: parse_key(&obj, &id)?,
+        },
+        "cancel" => Op::Cancel {
+            key: parse_key(&obj, &id)?,
+        },
+        "watch" => {
+            let interval_ms = match obj.get("interval_ms") {
+                None => DEFAULT_WATCH_INTERVAL_MS,
+                Some(v) => match v.as_u64() {
+                    Some(ms) if ms >= MIN_WATCH_INTERVAL_MS => ms,
+                    _ => {
+                        return Err(Rejection::new(
+                            &id,
+                            ErrorCode::BadRequest,
+                            format!("\"interval_ms\" must be an integer of at least {MIN_WATCH_INTERVAL_MS}"),
+                        ))
+                    }
+                },
+            };
+            Op::Watch { interval_ms }
+        }
+        "unwatch" => Op::Unwatch,
+        "ping" => Op::Ping,
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(Rejection::new(
+                &id,
+                ErrorCode::UnknownOp,
+                format!("unknown op {shown:?}"),
+            ));
+        }
+    };
+    Ok(Request { id, op })
+}
+
+fn parse_id(value: Option<&Value>) -> Result<ReqId, Rejection> {
+    match value {
+        None => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_ID_BYTES => {
+            Ok(Some(serde_json::to_string(s).expect("string").into()))
+        }
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string().into())),
+        Some(_) => Err(Rejection::new(
+            &None,
+            ErrorCode::BadRequest,
+            format!("\"id\" must be an integer or a string of at most {MAX_ID_BYTES} bytes"),
+        )),
+    }
+}
+
+fn parse_key(obj: &Map<String, Value>, id: &ReqId) -> Result<Key, Rejection> {
+    match obj.get("key") {
+        Some(Value::String(s)) => Key::parse(s).ok_or_else(|| {
+            Rejection::new(
+                id,
+                ErrorCode::BadRequest,
+                "\"key\" must be 32 lowercase hex characters",
+            )
+        }),
+        Some(_) => Err(Rejection::new(
+            id,
+            ErrorCode::BadRequest,
+            "\"key\" must be a string",
+        )),
+        None => Err(Rejection::new(id, ErrorCode::BadRequest, "missing \"key\"")),
+    }
+}
+
+/// Writes one JSON object frame field by field; values given as `raw` are
+/// already JSON and are copied, not re-encoded.
+pub struct FrameWriter {
+    buf: String,
+}
+
+impl FrameWriter {
+    /// Starts a frame `{"type":"<kind>"`.
+    pub fn new(kind: &str) -> Self {
+        Self::with_capacity(kind, 128)
+    }
+
+    /// Starts the members-only tail of a frame shared by many waiters; each
+    /// waiter's copy gets its own head from [`result_frame`].
+    pub fn tail(capacity: usize) -> Self {
+        FrameWriter {
+            buf: String::with_capacity(capacity),
+        }
+    }
+
+    pub fn with_capacity(kind: &str, capacity: usize) -> Self {
+        let mut buf = String::with_capacity(capacity);
+        buf.push_str("{\"type\":\"");
+        buf.push_str(kind);
+        buf.push('"');
+        FrameWriter { buf }
+    }
+
+    /// Adds `"id":…` when the request had one.
+    pub fn id(self, id: &ReqId) -> Self {
+        match id {
+            Some(raw) => self.raw("id", raw),
+            None => self,
+        }
+    }
+
+    /// Adds `"id":…`, or `"id":null` when the request had none.
+    pub fn id_or_null(self, id: &ReqId) -> Self {
+        self.raw("id", id.as_deref().unwrap_or("null"))
+    }
+
+    /// Adds a member whose value is already JSON text.
+    pub fn raw(mut self, name: &str, json: &str) -> Self {
+        self.buf.push_str(",\"");
+        self.buf.push_str(name);
+        self.buf.push_str("\":");
+        self.buf.push_str(json);
+        self
+    }
+
+    /// Adds a string member, escaped as JSON.
+    pub fn str(self, name: &str, value: &str) -> Self {
+        let json = serde_json::to_string(value).expect("string serializes");
+        self.raw(name, &json)
+    }
+
+    /// Adds a key member.
+    pub fn key(mut self, key: &Key) -> Self {
+        self.buf.push_str(",\"key\":\"");
+        let mut hex = [0u8; 32];
+        hex::encode_to_slice(key.0, &mut hex).expect("32 hex bytes");
+        self.buf
+            .push_str(std::str::from_utf8(&hex).expect("hex is ASCII"));
+        self.buf.push('"');
+        self
+    }
+
+    pub fn bool(self, name: &str, value: bool) -> Self {
+        self.raw(name, if value { "true" } else { "false" })
+    }
+
+    pub fn uint(self, name: &str, value: u64) -> Self {
+        self.raw(name, itoa::Buffer::new().format(value))
+    }
+
+    /// Adds a float with one decimal of precision kept (milliseconds).
+    pub fn millis(self, name: &str, value: f64) -> Self {
+        let rounded = (value * 1000.0).round() / 1000.0;
+        let json = serde_json::to_string(&rounded).expect("float serializes");
+        self.raw(name, &json)
+    }
+
+    /// Closes the object.
+    pub fn finish(mut self) -> String {
+        self.buf.push('}');
+        self.buf
+    }
+}
+
+/// `{"type":"error","id":…|null,"code":"…","message":"…"}`.
+pub fn error_frame(id: &ReqId, code: &str, message: &str) -> String {
+    FrameWriter::new("error")
+        .id_or_null(id)
+        .str("code", code)
+        .str("message", message)
+        .finish()
+}
+
+/// `{"code":"eval_failed"|"eval_timeout","message":"…"}`.
+pub fn eval_error_json(error: &EvalError) -> String {
+    serde_json::json!({"code": error.code(), "message": error.message()}).to_string()
+}
+
+/// The head `{"type":"result","id":…` of one waiter's copy of a shared result tail.
+pub fn result_frame(id: &ReqId, tail: &str) -> String {
+    let mut out = String::with_capacity(32 + tail.len());
+    out.push_str("{\"type\":\"result\"");
+    if let Some(raw) = id {
+        out.push_str(",\"id\":");
+        out.push_str(raw);
+    }
+    out.push_str(tail);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_request(text).unwrap_err().code
+    }
+
+    #[test]
+    fn error_codes_follow_the_protocol() {
+        assert_eq!(code("{"), ErrorCode::BadJson);
+        assert_eq!(code("[1]"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"id":1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":5}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"fly"}"#), ErrorCode::UnknownOp);
+        assert_eq!(code(r#"{"op":"submit"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"submit","input":1,"wait":"yes"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(r#"{"op":"get","key":"xyz"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"watch","interval_ms":99}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(r#"{"op":"ping","id":1.5}"#), ErrorCode::BadRequest);
+        let long = format!(r#"{{"op":"ping","id":"{}"}}"#, "x".repeat(129));
+        assert_eq!(code(&long), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn ids_are_echoed_verbatim() {
+        let r = parse_request(r#"{"op":"ping","id":"a\"b","extra":true}"#).unwrap();
+        assert_eq!(r.id.as_deref(), Some(r#""a\"b""#));
+        let r = parse_request(r#"{"op":"fly","id":7}"#).unwrap_err();
+        let frame: Value = serde_json::from_str(&r.frame()).unwrap();
+        assert_eq!(frame["id"], 7);
+        assert_eq!(frame["code"], "unknown_op");
+    }
+
+    #[test]
+    fn result_frames_share_a_tail() {
+        let tail = FrameWriter::tail(64)
+            .key(&Key([0xab; 16]))
+            .raw("output", r#"{"x":1}"#)
+            .uint("shared", 2)
+            .finish();
+        let a: Value = serde_json::from_str(&result_frame(&Some("1".into()), &tail)).unwrap();
+        let b: Value = serde_json::from_str(&result_frame(&None, &tail)).unwrap();
+        assert_eq!(a["id"], 1);
+        assert_eq!(a["type"], "result");
+        assert_eq!(b["output"]["x"], 1);
+        assert!(b.get("id").is_none());
+        assert_eq!(b["key"], "ab".repeat(16));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(s in "\\PC{0,200}") {
+            let _ = parse_request(&s);
+        }
+
+        #[test]
+        fn parsing_json_shaped_text_never_panics(
+            op in "(submit|get|subscribe|cancel|watch|unwatch|ping|x)",
+            field in "(input|key|fn|wait|interval_ms|id)",
+            value in "(1|-1|1.5|\"s\"|null|true|\\[\\]|\\{\\}|\"[0-9a-f]{32}\")",
+        ) {
+            let text = format!(r#"{{"op":"{op}","{field}":{value}}}"#);
+            let _ = parse_request(&text);
+        }
+    }
+}

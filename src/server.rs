@@ -1,0 +1,232 @@
+//! The listener: one port for HTTP routes and WebSocket upgrades, and the
+//! shutdown sequence.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests
+//! bind port 0 and stop the broker when they like. Shutdown is "tell, then
+//! drain": `/readyz` turns 503 and new work is refused, evaluations under
+//! way finish and their results are delivered, then sessions close with
+//! 1001; every step is bounded by `limits.drain_timeout_s`.
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::error::HerdError;
+use crate::outbox::close;
+use crate::session::{self, Role};
+use crate::web;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{info, warn};
+
+/// The address of the peer of an HTTP request.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+/// Serves `listener` until `shutdown` resolves, then drains and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), HerdError> {
+    let drain_timeout = Duration::from_secs(config.limits.drain_timeout_s);
+    let close_timeout = Duration::from_millis(config.limits.close_timeout_ms);
+    let broker = Broker::start(config)?;
+    let app = router(Arc::clone(&broker));
+    let stop_accepting = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        app,
+        connections.clone(),
+        stop_accepting.clone(),
+    ));
+
+    shutdown.await;
+    info!("shutting down: refusing new work, finishing evaluations under way");
+    if tokio::time::timeout(drain_timeout, broker.drain())
+        .await
+        .is_err()
+    {
+        warn!("drain timeout reached with evaluations still under way");
+    }
+    broker.close_sessions(close::GOING_AWAY);
+    broker.session_tasks.close();
+    if tokio::time::timeout(drain_timeout + close_timeout, broker.session_tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!("some sessions did not close in time");
+    }
+    stop_accepting.cancel();
+    let _ = accept.await;
+    connections.close();
+    let _ = tokio::time::timeout(close_timeout, connections.wait()).await;
+    broker.stop(drain_timeout).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let service =
+                hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(Peer(addr));
+                    app.clone().oneshot(request.map(Body::new))
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
+
+fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(get(web::serve))
+        .with_state(broker)
+}
+
+async fn readyz(State(broker): State<Arc<Broker>>) -> Response {
+    if broker.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        broker.metrics.render(&broker.cache),
+    )
+        .into_response()
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn plain(status: StatusCode, message: &'static str) -> Response {
+    (status, message).into_response()
+}
+
+async fn upgrade(
+    State(broker): State<Arc<Broker>>,
+    Extension(Peer(peer)): Extension<Peer>,
+    mut request: Request,
+) -> Response {
+    let headers = request.headers();
+    if request.method() != Method::GET
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        return plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket\n",
+        );
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Version must be 13\n",
+        );
+    }
+    let Some(accept) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    let role = Role::Agent;
+    if broker.is_draining() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "broker shutting down\n");
+    }
+    if !broker.admit() {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (limits.max_connections)\n",
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let session_broker = Arc::clone(&broker);
+    broker.session_tasks.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    WsRole::Server,
+                    Some(session_broker.ws_config),
+                )
+                .await;
+                session::serve(ws, session_broker, peer, role).await;
+            }
+            Err(error) => {
+                warn!(%peer, %error, "upgrade failed");
+                session_broker.release();
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,221 @@
+//! A real broker on 127.0.0.1:0 and a real WebSocket client for the tests.
+#![allow(dead_code)]
+
+use futures::{SinkExt, StreamExt};
+use herd::Config;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for any one frame before failing.
+pub const FRAME_WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), herd::HerdError>>>,
+}
+
+/// A config from TOML text, every other key at its default.
+pub fn config(toml: &str) -> Config {
+    Config::from_toml(toml).expect("test config is valid")
+}
+
+/// The builtin evaluators with small thread counts.
+pub const BASIC: &str = r#"
+[[evaluator]]
+fn = "default"
+kind = "simulate"
+threads = 8
+[[evaluator]]
+fn = "echo"
+kind = "echo"
+threads = 2
+"#;
+
+impl TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(herd::server::run(listener, config, async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn basic() -> TestServer {
+        Self::start(config(BASIC)).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url()).await
+    }
+
+    /// Begins shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shuts the broker down and waits until `run` returns.
+    pub async fn stop(mut self) {
+        self.begin_stop();
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("broker stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// The `stats` of a fresh snapshot.
+    pub async fn stats(&self) -> Value {
+        let mut c = self.client().await;
+        c.send(json!({"op": "watch", "interval_ms": 100})).await;
+        let snap = c.recv_type("snapshot").await;
+        snap["stats"].clone()
+    }
+
+    /// Waits until nothing is queued, running or waiting, and returns the stats.
+    pub async fn settled_stats(&self) -> Value {
+        let mut c = self.client().await;
+        c.send(json!({"op": "watch", "interval_ms": 100})).await;
+        let deadline = tokio::time::Instant::now() + FRAME_WAIT;
+        loop {
+            let snap = c.recv_type("snapshot").await;
+            let s = &snap["stats"];
+            if s["wait_table"] == 0 && s["queued"] == 0 && s["running"] == 0 {
+                return s.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the broker did not settle: {s}"
+            );
+        }
+    }
+
+    /// A plain HTTP GET: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).await
+    }
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(FRAME_WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("HTTP response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub hello: Value,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut c = Client {
+            ws,
+            hello: Value::Null,
+        };
+        c.hello = c.recv().await;
+        assert_eq!(c.hello["type"], "hello");
+        c
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_string())).await.unwrap();
+    }
+
+    /// The next JSON frame (control frames skipped).
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(FRAME_WAIT).await.expect("a frame in time")
+    }
+
+    /// The next JSON frame within `wait`, or None.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match msg {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(f))) => panic!("unexpected close: {f:?}"),
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of `kind`, skipping snapshots and other kinds.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    pub async fn request(&mut self, v: Value) -> Value {
+        self.send(v).await;
+        self.recv().await
+    }
+
+    /// Reads until the close frame and returns it (None: closed without one).
+    pub async fn recv_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            match tokio::time::timeout(FRAME_WAIT, self.ws.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(f))) => return f,
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// The key herd derives for `input` under `fn_name`.
+pub fn key_of(fn_name: &str, input: &Value) -> String {
+    herd::Key::derive(fn_name, herd::key::canonical_json(input).as_bytes()).to_hex()
+}
