@@ -129,7 +129,10 @@ impl Reader<'_> {
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
-                _ = ctl.closing().cancelled() => break,
+                _ = ctl.closing().cancelled() => {
+                    self.linger(&mut stream).await;
+                    break;
+                }
             };
             ctl.mark_seen();
             match next {
@@ -159,6 +162,25 @@ impl Reader<'_> {
         if let Some(watch) = self.watch.take() {
             watch.cancel();
         }
+    }
+
+    /// While the writer sends the close frame, keeps reading (and dropping)
+    /// what the client still sends until its close reply, so the socket is
+    /// not torn down with unread data (which would reset the connection and
+    /// could cost the client the frames it has not read yet).
+    async fn linger<S>(&self, stream: &mut SplitStream<WebSocketStream<S>>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let limit = Duration::from_millis(self.broker.config.limits.close_timeout_ms);
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     async fn handle(&mut self, text: &str) {

@@ -95,18 +95,25 @@ impl TestServer {
 
     /// Waits until nothing is queued, running or waiting, and returns the stats.
     pub async fn settled_stats(&self) -> Value {
+        self.wait_stats(|s| s["wait_table"] == 0 && s["queued"] == 0 && s["running"] == 0)
+            .await
+    }
+
+    /// Waits until the snapshot stats satisfy `done` (the watching session
+    /// itself counts as one connection), and returns them.
+    pub async fn wait_stats(&self, done: impl Fn(&Value) -> bool) -> Value {
         let mut c = self.client().await;
         c.send(json!({"op": "watch", "interval_ms": 100})).await;
         let deadline = tokio::time::Instant::now() + FRAME_WAIT;
         loop {
             let snap = c.recv_type("snapshot").await;
             let s = &snap["stats"];
-            if s["wait_table"] == 0 && s["queued"] == 0 && s["running"] == 0 {
+            if done(s) {
                 return s.clone();
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the broker did not settle: {s}"
+                "the broker did not reach the expected state: {s}"
             );
         }
     }
@@ -209,7 +216,10 @@ impl Client {
             {
                 Some(Ok(Message::Close(f))) => return f,
                 Some(Ok(_)) => continue,
-                _ => return None,
+                other => {
+                    eprintln!("stream ended without a close frame: {other:?}");
+                    return None;
+                }
             }
         }
     }
