@@ -47,13 +47,13 @@ impl Broker {
     pub fn start(config: Config) -> Result<Arc<Broker>, HerdError> {
         config.validate()?;
         let evaluator_configs = config.effective_evaluators();
-        let evaluators = Arc::new(EvaluatorTable::new(&evaluator_configs));
-        let cache = Arc::new(ResultCache::new(&config.cache));
         let metrics = Arc::new(Metrics::new());
+        let evaluators = Arc::new(EvaluatorTable::new(&evaluator_configs, &metrics));
+        let cache = Arc::new(ResultCache::new(&config.cache));
         let draining = Arc::new(AtomicBool::new(false));
         let (hub_tx, hub_rx) = mpsc::channel(config.limits.hub_queue);
         let (jobs_tx, jobs_rx) = watch::channel(0usize);
-        let pool = Pool::start(&evaluator_configs, hub_tx.clone())?;
+        let pool = Pool::start(&evaluator_configs, &evaluators, hub_tx.clone())?;
         let hub = Hub::new(
             &config,
             pool,

@@ -175,6 +175,18 @@ pub struct EvaluatorConfig {
     /// `process`: how long a child may take to exit after its stdin closes.
     #[serde(default = "default_grace_ms")]
     pub grace_ms: u64,
+    /// `process`: longest reply line a child may write.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
+    /// `process`: wait before restarting a child that died at start-up (doubles each time).
+    #[serde(default = "default_restart_backoff_ms")]
+    pub restart_backoff_ms: u64,
+    /// `process`: the longest such wait.
+    #[serde(default = "default_restart_backoff_max_ms")]
+    pub restart_backoff_max_ms: u64,
+    /// `process`: start-up deaths in a row after which the evaluator is reported unhealthy.
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: u32,
 }
 
 fn default_threads() -> usize {
@@ -192,6 +204,18 @@ fn default_max_input_bytes() -> usize {
 fn default_grace_ms() -> u64 {
     2_000
 }
+fn default_max_output_bytes() -> usize {
+    1 << 20
+}
+fn default_restart_backoff_ms() -> u64 {
+    100
+}
+fn default_restart_backoff_max_ms() -> u64 {
+    10_000
+}
+fn default_unhealthy_after() -> u32 {
+    3
+}
 
 impl EvaluatorConfig {
     /// A builtin evaluator with every optional key at its default.
@@ -207,6 +231,10 @@ impl EvaluatorConfig {
             cwd: None,
             env: BTreeMap::new(),
             grace_ms: default_grace_ms(),
+            max_output_bytes: default_max_output_bytes(),
+            restart_backoff_ms: default_restart_backoff_ms(),
+            restart_backoff_max_ms: default_restart_backoff_max_ms(),
+            unhealthy_after: default_unhealthy_after(),
         }
     }
 }
@@ -288,6 +316,18 @@ impl Config {
             if e.threads == 0 || e.queue_capacity == 0 || e.timeout_ms == 0 {
                 return bad(format!(
                     "evaluator {:?}: threads, queue_capacity and timeout_ms must be at least 1",
+                    e.name
+                ));
+            }
+            if e.max_output_bytes + 1024 > l.ws_max_write_buffer {
+                return bad(format!(
+                    "evaluator {:?}: max_output_bytes must leave 1 KiB under limits.ws_max_write_buffer",
+                    e.name
+                ));
+            }
+            if e.unhealthy_after == 0 || e.restart_backoff_max_ms < e.restart_backoff_ms {
+                return bad(format!(
+                    "evaluator {:?}: unhealthy_after must be at least 1 and restart_backoff_max_ms at least restart_backoff_ms",
                     e.name
                 ));
             }

@@ -7,8 +7,12 @@
 use crate::config::{EvaluatorConfig, EvaluatorKind};
 use crate::error::{EvalError, HerdError};
 use crate::key::Key;
+use crate::metrics::{fn_label, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One evaluation to run.
@@ -32,14 +36,62 @@ pub trait WorkerFactory: Send + Sync {
 }
 
 /// The factory for an evaluator's configuration.
-pub fn factory(config: &EvaluatorConfig) -> Result<Arc<dyn WorkerFactory>, HerdError> {
+pub fn factory(
+    config: &EvaluatorConfig,
+    health: Arc<Health>,
+) -> Result<Arc<dyn WorkerFactory>, HerdError> {
     match config.kind {
         EvaluatorKind::Simulate => Ok(Arc::new(Builtin(Simulate))),
         EvaluatorKind::Echo => Ok(Arc::new(Builtin(Echo))),
-        EvaluatorKind::Process => Err(HerdError::Evaluator {
-            name: config.name.clone(),
-            message: "process evaluators are not available in this build".into(),
-        }),
+        EvaluatorKind::Process => Ok(Arc::new(crate::process::ProcessFactory::new(
+            config, health,
+        )?)),
+    }
+}
+
+/// Whether an evaluator can currently run tasks, as its workers see it.
+#[derive(Debug)]
+pub struct Health {
+    unhealthy: AtomicBool,
+    reason: Mutex<Option<String>>,
+    healthy_gauge: Gauge,
+    /// Worker processes replaced so far.
+    pub restarts: Counter,
+}
+
+impl Health {
+    /// Health of evaluator `name`, reported in `metrics`.
+    pub fn new(name: &str, metrics: &Metrics) -> Self {
+        let label = fn_label(name);
+        let healthy_gauge = metrics.evaluator_healthy.get_or_create(&label).clone();
+        healthy_gauge.set(1);
+        Health {
+            unhealthy: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            healthy_gauge,
+            restarts: metrics.worker_restarts.get_or_create(&label).clone(),
+        }
+    }
+
+    pub fn set_unhealthy(&self, reason: String) {
+        *self.reason.lock().expect("health lock") = Some(reason);
+        self.unhealthy.store(true, Ordering::Release);
+        self.healthy_gauge.set(0);
+    }
+
+    pub fn set_healthy(&self) {
+        self.unhealthy.store(false, Ordering::Release);
+        self.healthy_gauge.set(1);
+        *self.reason.lock().expect("health lock") = None;
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Acquire)
+    }
+
+    /// Why the evaluator is unhealthy, if it is.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().expect("health lock").clone()
     }
 }
 

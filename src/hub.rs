@@ -499,8 +499,15 @@ impl Hub {
         }
         match current {
             Some((current_gen, evaluator)) if current_gen == gen => {
-                if outcome.is_err() {
-                    self.metrics.failures.inc();
+                match &outcome {
+                    Ok(_) => {}
+                    Err(EvalError::Failed(_)) => {
+                        self.metrics.failures.inc();
+                    }
+                    Err(EvalError::Timeout(_)) => {
+                        self.metrics.failures.inc();
+                        self.metrics.timeouts.inc();
+                    }
                 }
                 self.deliver(key, evaluator, outcome, eval_ms);
             }

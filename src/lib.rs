@@ -26,7 +26,8 @@
 //! - [`key`]: canonical JSON and key derivation;
 //! - [`cache`]: the bounded results cache;
 //! - [`hub`]: the wait table, owned by one task;
-//! - [`pool`] and [`eval`]: evaluator threads and the builtin evaluators;
+//! - [`pool`], [`eval`] and [`process`]: evaluator threads, the builtin
+//!   evaluators, and programs plugged in as evaluators;
 //! - [`outbox`]: a session's outbound queue and close signal;
 //! - [`broker`]: the state every part shares; [`metrics`]: its figures;
 //! - [`config`] and [`error`].
@@ -41,6 +42,7 @@ pub mod key;
 pub mod metrics;
 pub mod outbox;
 pub mod pool;
+pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -16,6 +16,13 @@ pub struct CloseLabels {
     pub code: u16,
 }
 
+/// The label set `{fn="<name>"}`.
+pub type FnLabel = [(&'static str, String); 1];
+
+pub fn fn_label(name: &str) -> FnLabel {
+    [("fn", name.to_string())]
+}
+
 /// The broker's figures.
 pub struct Metrics {
     registry: Registry,
@@ -32,6 +39,8 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
     pub closes: Family<CloseLabels, Counter>,
+    pub evaluator_healthy: Family<FnLabel, Gauge>,
+    pub worker_restarts: Family<FnLabel, Counter>,
 }
 
 /// The `stats` object of a `snapshot` frame.
@@ -76,6 +85,8 @@ impl Metrics {
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
             closes: Family::default(),
+            evaluator_healthy: Family::default(),
+            worker_restarts: Family::default(),
         };
         registry.register("submits", "Submit requests", m.submits.clone());
         registry.register(
@@ -122,6 +133,16 @@ impl Metrics {
             m.cache_bytes.clone(),
         );
         registry.register("closes", "Sessions closed, by close code", m.closes.clone());
+        registry.register(
+            "evaluator_healthy",
+            "1 while the evaluator's workers start and answer, 0 while they keep dying at start-up",
+            m.evaluator_healthy.clone(),
+        );
+        registry.register(
+            "worker_restarts",
+            "Worker processes replaced",
+            m.worker_restarts.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -8,9 +8,10 @@
 
 use crate::config::EvaluatorConfig;
 use crate::error::{EvalError, HerdError};
-use crate::eval::{factory, Task, WorkerFactory};
+use crate::eval::{factory, Health, Task, WorkerFactory};
 use crate::hub::HubMsg;
 use crate::key::Key;
+use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,7 @@ pub struct EvaluatorSpec {
     pub name: Arc<str>,
     pub timeout: Duration,
     pub max_input_bytes: usize,
+    pub health: Arc<Health>,
 }
 
 /// The evaluators by `fn` name.
@@ -45,7 +47,7 @@ pub struct EvaluatorTable {
 }
 
 impl EvaluatorTable {
-    pub fn new(configs: &[EvaluatorConfig]) -> Self {
+    pub fn new(configs: &[EvaluatorConfig], metrics: &Metrics) -> Self {
         let specs: Vec<EvaluatorSpec> = configs
             .iter()
             .enumerate()
@@ -54,6 +56,7 @@ impl EvaluatorTable {
                 name: c.name.as_str().into(),
                 timeout: Duration::from_millis(c.timeout_ms),
                 max_input_bytes: c.max_input_bytes,
+                health: Arc::new(Health::new(&c.name, metrics)),
             })
             .collect();
         let by_name = configs
@@ -71,6 +74,10 @@ impl EvaluatorTable {
     pub fn get(&self, index: usize) -> &EvaluatorSpec {
         &self.specs[index]
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = &EvaluatorSpec> {
+        self.specs.iter()
+    }
 }
 
 /// The running threads and the queues that feed them.
@@ -83,12 +90,13 @@ impl Pool {
     /// Starts every evaluator's threads; they report to `hub`.
     pub fn start(
         configs: &[EvaluatorConfig],
+        table: &EvaluatorTable,
         hub: mpsc::Sender<HubMsg>,
     ) -> Result<Pool, HerdError> {
         let mut queues = Vec::with_capacity(configs.len());
         let mut threads = Vec::new();
-        for config in configs {
-            let factory = factory(config)?;
+        for (index, config) in configs.iter().enumerate() {
+            let factory = factory(config, Arc::clone(&table.get(index).health))?;
             let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
             let name: Arc<str> = config.name.as_str().into();
             for i in 0..config.threads {

@@ -134,12 +134,18 @@ fn router(broker: Arc<Broker>) -> Router {
         .with_state(broker)
 }
 
+/// 503 while draining; otherwise 200, with a line per unhealthy evaluator.
 async fn readyz(State(broker): State<Arc<Broker>>) -> Response {
     if broker.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else {
-        "ready\n".into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
+    let mut body = String::from("ready\n");
+    for spec in broker.evaluators.iter() {
+        if let Some(reason) = spec.health.reason() {
+            body.push_str(&format!("evaluator {} unhealthy: {reason}\n", spec.name));
+        }
+    }
+    body.into_response()
 }
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> Response {

@@ -352,6 +352,19 @@ impl Reader<'_> {
     }
 }
 
+fn is_graceful(code: u16) -> bool {
+    code == close::NORMAL || code == close::GOING_AWAY
+}
+
+/// Resolves once the session is asked to close with a code that does not
+/// wait for queued frames.
+async fn hard_close(ctl: &SessionCtl) {
+    ctl.closing().cancelled().await;
+    if is_graceful(ctl.code()) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Writes queued frames in batches until the session closes, then sends the close frame.
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
@@ -387,7 +400,9 @@ async fn write_loop<S>(
                         ctl.close_with(close::ABNORMAL);
                         break;
                     },
-                    _ = ctl.closing().cancelled() => break,
+                    // A stuck write is abandoned only for a hard close; a
+                    // graceful one lets the batch (results included) finish.
+                    _ = hard_close(ctl) => break,
                 }
             }
             _ = pings.tick() => {
@@ -413,7 +428,7 @@ async fn write_loop<S>(
         return;
     }
     let finish = async {
-        if code == close::NORMAL || code == close::GOING_AWAY {
+        if is_graceful(code) {
             // A graceful close still delivers what was already queued.
             while let Ok(frame) = rx.try_recv() {
                 sink.feed(Message::Text(frame)).await?;

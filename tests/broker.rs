@@ -498,7 +498,7 @@ queue_capacity = 1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_closes_with_1009() {
     let server = TestServer::start(config(&format!(
-        "[limits]\nmax_frame_bytes = 4096\nws_max_write_buffer = 65536\n{BASIC}"
+        "[limits]\nmax_frame_bytes = 4096\n{BASIC}"
     )))
     .await;
     let mut c = server.client().await;

@@ -1,0 +1,404 @@
+//! Process evaluators: any program as the computation.
+//!
+//! Each pool thread keeps one long-lived child and talks JSON lines with it,
+//! one task at a time (PROTOCOL.md, "Process evaluators"):
+//!
+//! ```text
+//! broker -> child:  {"key":"…","fn":"…","input":…}
+//! child -> broker:  {"output":…}   or   {"error":"message"}
+//! ```
+//!
+//! A child that exits, writes something that is not such a line, or runs
+//! past `timeout_ms` fails the task at hand and is replaced; its stderr goes
+//! to herd's log, never into results. A child that keeps dying before it
+//! answers anything is restarted with exponential backoff, and meanwhile its
+//! evaluator is reported unhealthy and tasks fail at once instead of
+//! spinning up children in a hot loop.
+
+use crate::config::EvaluatorConfig;
+use crate::error::{EvalError, HerdError};
+use crate::eval::{Health, Task, Worker, WorkerFactory};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// What every child of one evaluator is started with.
+pub struct ProcessFactory {
+    spec: Arc<ProcessSpec>,
+}
+
+struct ProcessSpec {
+    name: String,
+    command: Vec<String>,
+    cwd: Option<std::path::PathBuf>,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+    grace: Duration,
+    max_output_bytes: usize,
+    backoff: Duration,
+    backoff_max: Duration,
+    unhealthy_after: u32,
+    health: Arc<Health>,
+}
+
+impl ProcessFactory {
+    pub fn new(config: &EvaluatorConfig, health: Arc<Health>) -> Result<Self, HerdError> {
+        if config.command.is_empty() {
+            return Err(HerdError::Evaluator {
+                name: config.name.clone(),
+                message: "kind \"process\" needs a command".into(),
+            });
+        }
+        Ok(ProcessFactory {
+            spec: Arc::new(ProcessSpec {
+                name: config.name.clone(),
+                command: config.command.clone(),
+                cwd: config.cwd.clone(),
+                env: config
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                timeout: Duration::from_millis(config.timeout_ms),
+                grace: Duration::from_millis(config.grace_ms),
+                max_output_bytes: config.max_output_bytes,
+                backoff: Duration::from_millis(config.restart_backoff_ms),
+                backoff_max: Duration::from_millis(config.restart_backoff_max_ms),
+                unhealthy_after: config.unhealthy_after,
+                health,
+            }),
+        })
+    }
+}
+
+impl WorkerFactory for ProcessFactory {
+    fn make(&self, thread: usize) -> Box<dyn Worker> {
+        Box::new(ProcessWorker {
+            spec: Arc::clone(&self.spec),
+            thread,
+            child: None,
+            early_deaths: 0,
+            next_start: None,
+        })
+    }
+}
+
+/// A line the child wrote, or why there is none.
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+}
+
+/// One running child and the thread that reads its stdout.
+struct Running {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: crossbeam_channel::Receiver<Line>,
+    answered: bool,
+}
+
+struct ProcessWorker {
+    spec: Arc<ProcessSpec>,
+    thread: usize,
+    child: Option<Running>,
+    /// Children in a row that died before answering any task.
+    early_deaths: u32,
+    /// No new child before this instant (backoff after early deaths).
+    next_start: Option<Instant>,
+}
+
+#[derive(Deserialize)]
+struct Reply<'a> {
+    #[serde(borrow)]
+    output: Option<&'a RawValue>,
+    error: Option<String>,
+}
+
+impl ProcessWorker {
+    fn start(&mut self) -> Result<(), EvalError> {
+        if let Some(at) = self.next_start {
+            let now = Instant::now();
+            if now < at {
+                return Err(EvalError::Failed(format!(
+                    "evaluator {:?} is unhealthy: its worker keeps exiting at start-up; next restart in {} ms",
+                    self.spec.name,
+                    (at - now).as_millis()
+                )));
+            }
+        }
+        let spec = &self.spec;
+        let mut command = Command::new(&spec.command[0]);
+        command
+            .args(&spec.command[1..])
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cwd) = &spec.cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let message = format!("cannot start {:?}: {e}", spec.command[0]);
+                self.early_death(&message);
+                return Err(EvalError::Failed(message));
+            }
+        };
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = crossbeam_channel::bounded(1);
+        let limit = spec.max_output_bytes;
+        let label = format!("herd-out-{}-{}", spec.name, self.thread);
+        let spawned = std::thread::Builder::new()
+            .name(label)
+            .spawn(move || read_lines(stdout, limit, tx));
+        let name = spec.name.clone();
+        let pid = child.id();
+        let spawned = spawned.and_then(|_| {
+            std::thread::Builder::new()
+                .name(format!("herd-err-{}-{}", spec.name, self.thread))
+                .spawn(move || forward_stderr(stderr, &name, pid))
+        });
+        if let Err(e) = spawned {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(EvalError::Failed(format!(
+                "cannot start reader thread: {e}"
+            )));
+        }
+        debug!(evaluator = %spec.name, pid, "worker started");
+        self.child = Some(Running {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            answered: false,
+        });
+        Ok(())
+    }
+
+    /// Records a child that died (or never started) before answering anything.
+    fn early_death(&mut self, why: &str) {
+        self.early_deaths += 1;
+        let spec = &self.spec;
+        // One death is replaced at once (the task may have been the cause);
+        // from the second in a row on, restarts wait, twice as long each time.
+        if self.early_deaths >= 2 {
+            let exp = (self.early_deaths - 2).min(16);
+            let backoff = spec
+                .backoff
+                .saturating_mul(1u32 << exp)
+                .min(spec.backoff_max);
+            self.next_start = Some(Instant::now() + backoff);
+        }
+        if self.early_deaths >= spec.unhealthy_after {
+            spec.health.set_unhealthy(format!(
+                "worker died at start-up {} times in a row: {why}",
+                self.early_deaths
+            ));
+            warn!(evaluator = %spec.name, deaths = self.early_deaths, %why, "evaluator unhealthy");
+        }
+    }
+
+    /// Stops the current child (if any), killing it, and records how it ended.
+    fn discard(&mut self, why: &str) -> String {
+        let Some(mut running) = self.child.take() else {
+            return String::new();
+        };
+        drop(running.stdin.take());
+        let status = match running.child.try_wait() {
+            Ok(Some(status)) => status,
+            _ => {
+                let _ = running.child.kill();
+                match running.child.wait() {
+                    Ok(status) => status,
+                    Err(_) => return "could not be reaped".into(),
+                }
+            }
+        };
+        self.spec.health.restarts.inc();
+        if !running.answered {
+            self.early_death(why);
+        }
+        format!("{status}")
+    }
+
+    fn answered(&mut self) {
+        if let Some(running) = self.child.as_mut() {
+            running.answered = true;
+        }
+        if self.early_deaths > 0 || self.next_start.is_some() {
+            self.early_deaths = 0;
+            self.next_start = None;
+            if !self.spec.health.is_healthy() {
+                info!(evaluator = %self.spec.name, "evaluator healthy again");
+            }
+            self.spec.health.set_healthy();
+        }
+    }
+}
+
+impl Worker for ProcessWorker {
+    fn run(&mut self, task: &Task) -> Result<String, EvalError> {
+        // A child that exited while idle is replaced before the task, not blamed on it.
+        if let Some(running) = self.child.as_mut() {
+            if !matches!(running.child.try_wait(), Ok(None)) {
+                self.discard("exited while idle");
+            }
+        }
+        // A line left over from an earlier task means the child is out of step.
+        if let Some(running) = self.child.as_ref() {
+            if running.lines.try_recv().is_ok() {
+                self.discard("wrote a line nobody asked for");
+            }
+        }
+        if self.child.is_none() {
+            self.start()?;
+        }
+        let deadline = Instant::now() + self.spec.timeout;
+        let mut line = Vec::with_capacity(task.input.len() + 80);
+        line.extend_from_slice(b"{\"key\":\"");
+        line.extend_from_slice(task.key.to_hex().as_bytes());
+        line.extend_from_slice(b"\",\"fn\":");
+        line.extend_from_slice(
+            serde_json::to_string(&*task.fn_name)
+                .expect("string")
+                .as_bytes(),
+        );
+        line.extend_from_slice(b",\"input\":");
+        line.extend_from_slice(task.input.as_bytes());
+        line.extend_from_slice(b"}\n");
+        let running = self.child.as_mut().expect("child started");
+        let written = running
+            .stdin
+            .as_mut()
+            .map(|stdin| stdin.write_all(&line).and_then(|_| stdin.flush()));
+        if !matches!(written, Some(Ok(()))) {
+            let status = self.discard("stdin closed");
+            return Err(EvalError::Failed(format!(
+                "worker exited before taking the task ({status})"
+            )));
+        }
+        let received = running
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        match received {
+            Ok(Line::Text(text)) => match parse_reply(&text) {
+                Ok(result) => {
+                    self.answered();
+                    result
+                }
+                Err(message) => {
+                    self.discard("wrote an invalid line");
+                    Err(EvalError::Failed(message))
+                }
+            },
+            Ok(Line::TooLong) => {
+                self.discard("wrote an over-long line");
+                Err(EvalError::Failed(format!(
+                    "worker wrote a line longer than max_output_bytes ({})",
+                    self.spec.max_output_bytes
+                )))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                self.discard("timed out");
+                Err(EvalError::Timeout(format!(
+                    "worker took longer than {} ms and was killed",
+                    self.spec.timeout.as_millis()
+                )))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                let status = self.discard("exited during a task");
+                Err(EvalError::Failed(format!(
+                    "worker exited during the task ({status})"
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for ProcessWorker {
+    /// Closes the child's stdin, gives it `grace_ms` to exit, then kills it.
+    fn drop(&mut self) {
+        let Some(mut running) = self.child.take() else {
+            return;
+        };
+        drop(running.stdin.take());
+        let until = Instant::now() + self.spec.grace;
+        loop {
+            match running.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
+            }
+        }
+        let _ = running.child.kill();
+        let _ = running.child.wait();
+    }
+}
+
+fn parse_reply(text: &[u8]) -> Result<Result<String, EvalError>, String> {
+    let shown = || String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
+    let reply: Reply = serde_json::from_slice(text).map_err(|e| {
+        format!(
+            "worker wrote a line that is not a JSON reply ({e}): {}",
+            shown()
+        )
+    })?;
+    match (reply.output, reply.error) {
+        (Some(output), None) => Ok(Ok(output.get().to_string())),
+        (None, Some(error)) => Ok(Err(EvalError::Failed(error))),
+        _ => Err(format!(
+            "worker wrote a line with neither or both of \"output\" and \"error\": {}",
+            shown()
+        )),
+    }
+}
+
+/// Reads newline-terminated lines of at most `limit` bytes into `tx`.
+fn read_lines(stdout: impl Read, limit: usize, tx: crossbeam_channel::Sender<Line>) {
+    let mut reader = BufReader::new(stdout);
+    loop {
+        let mut line = Vec::new();
+        match reader
+            .by_ref()
+            .take(limit as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            // EOF inside a line, or a line over the limit.
+            if line.len() > limit {
+                let _ = tx.send(Line::TooLong);
+            }
+            return;
+        }
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if tx.send(Line::Text(line)).is_err() {
+            return;
+        }
+    }
+}
+
+fn forward_stderr(stderr: impl Read, evaluator: &str, pid: u32) {
+    for line in BufReader::new(stderr).lines() {
+        match line {
+            Ok(line) => warn!(evaluator, pid, "worker stderr: {line}"),
+            Err(_) => return,
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Process evaluators with real child processes (tests/workers/test_worker.py).
+
+mod common;
+
+use common::{config, key_of, TestServer};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A config with one process evaluator `fn = "py"` running the test worker.
+    fn config(&self, extra: &str) -> herd::Config {
+        let worker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/test_worker.py");
+        config(&format!(
+            r#"
+[[evaluator]]
+fn = "py"
+kind = "process"
+command = ["python3", {worker:?}]
+env = {{ PIDFILE = {pids:?}, CALLS = {calls:?}, FAIL_AT_START_IF = {flag:?} }}
+grace_ms = 500
+{extra}
+"#,
+            worker = worker.display().to_string(),
+            pids = self.path("pids").display().to_string(),
+            calls = self.path("calls").display().to_string(),
+            flag = self.path("fail-at-start").display().to_string(),
+        ))
+    }
+
+    fn lines(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every child the broker ever started has exited and been reaped.
+    fn assert_no_children_left(&self) {
+        let pids = self.lines("pids");
+        assert!(!pids.is_empty(), "the worker recorded its pid");
+        for pid in pids {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "worker process {pid} is still there"
+            );
+        }
+    }
+}
+
+async fn submit(c: &mut common::Client, input: serde_json::Value) -> serde_json::Value {
+    c.send(json!({"op": "submit", "fn": "py", "input": input}))
+        .await;
+    c.recv_type("result").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_flow_and_identical_submits_run_the_child_once() {
+    let fx = Fixture::new();
+    let server = TestServer::start(fx.config("threads = 4")).await;
+    let input = json!({"mode": "ok", "sleep": 0.3, "n": 1});
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(server.client().await);
+    }
+    for c in clients.iter_mut() {
+        c.send(json!({"op": "submit", "fn": "py", "input": input}))
+            .await;
+    }
+    for c in clients.iter_mut() {
+        let r = c.recv_type("result").await;
+        assert_eq!(r["output"]["echo"], input);
+        assert_eq!(r["output"]["fn"], "py");
+        assert_eq!(r["shared"], 30);
+    }
+    assert_eq!(fx.lines("calls"), vec![key_of("py", &input)]);
+
+    // An evaluator-reported error reaches the waiter; stderr stays out of results.
+    let e = submit(&mut clients[0], json!({"mode": "error"})).await;
+    assert_eq!(e["error"]["code"], "eval_failed");
+    assert_eq!(e["error"]["message"], "bad input");
+    let noted = submit(&mut clients[0], json!({"mode": "stderr"})).await;
+    assert_eq!(noted["output"]["echo"]["mode"], "stderr");
+    drop(clients);
+    server.stop().await;
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_crashes_mid_task_is_replaced() {
+    let fx = Fixture::new();
+    let server = TestServer::start(fx.config("threads = 1")).await;
+    let mut c = server.client().await;
+    let r = submit(&mut c, json!({"mode": "crash"})).await;
+    assert_eq!(r["error"]["code"], "eval_failed");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("exited"),
+        "{r}"
+    );
+    let ok = submit(&mut c, json!({"mode": "ok", "after": "crash"})).await;
+    assert_eq!(ok["output"]["echo"]["after"], "crash");
+    assert_eq!(fx.lines("pids").len(), 2, "one replacement child");
+    server.stop().await;
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_prints_garbage_is_replaced() {
+    let fx = Fixture::new();
+    let server = TestServer::start(fx.config("threads = 1")).await;
+    let mut c = server.client().await;
+    let r = submit(&mut c, json!({"mode": "garbage"})).await;
+    assert_eq!(r["error"]["code"], "eval_failed");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a JSON reply"),
+        "{r}"
+    );
+    let ok = submit(&mut c, json!({"mode": "ok", "after": "garbage"})).await;
+    assert_eq!(ok["output"]["echo"]["after"], "garbage");
+    assert_eq!(fx.lines("pids").len(), 2);
+    server.stop().await;
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_hangs_is_killed_at_its_timeout() {
+    let fx = Fixture::new();
+    let server = TestServer::start(fx.config("threads = 1\ntimeout_ms = 400")).await;
+    let mut c = server.client().await;
+    let r = submit(&mut c, json!({"mode": "hang"})).await;
+    assert_eq!(r["error"]["code"], "eval_timeout");
+    let ok = submit(&mut c, json!({"mode": "ok", "after": "hang"})).await;
+    assert_eq!(ok["output"]["echo"]["after"], "hang");
+    let pids = fx.lines("pids");
+    assert_eq!(pids.len(), 2);
+    assert!(
+        !Path::new(&format!("/proc/{}", pids[0])).exists(),
+        "the hung child was killed and reaped"
+    );
+    server.stop().await;
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_failing_at_start_up_backs_off_and_recovers() {
+    let fx = Fixture::new();
+    std::fs::write(fx.path("fail-at-start"), "").unwrap();
+    let server = TestServer::start(fx.config(
+        "threads = 1\nrestart_backoff_ms = 200\nrestart_backoff_max_ms = 400\nunhealthy_after = 2",
+    ))
+    .await;
+    let mut c = server.client().await;
+    // Submit for a second while the worker cannot start.
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut n = 0;
+    while tokio::time::Instant::now() < until {
+        let r = submit(&mut c, json!({"mode": "ok", "n": n})).await;
+        assert_eq!(r["error"]["code"], "eval_failed", "{r}");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Backoff: far fewer starts than tasks (two at once, then 200 ms, then
+    // 400 ms between tries).
+    let starts = fx.lines("pids").len();
+    assert!(n >= 10, "{n} submits");
+    assert!(
+        (2..=6).contains(&starts),
+        "{starts} start attempts for {n} tasks"
+    );
+    let (_, ready) = server.http_get("/readyz").await;
+    assert!(ready.contains("evaluator py unhealthy"), "{ready}");
+    let (_, metrics) = server.http_get("/metrics").await;
+    assert!(
+        metrics.contains("herd_evaluator_healthy{fn=\"py\"} 0"),
+        "{metrics}"
+    );
+
+    std::fs::remove_file(fx.path("fail-at-start")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = submit(&mut c, json!({"mode": "ok", "recovered": n})).await;
+        if r["output"].is_object() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {r}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, ready) = server.http_get("/readyz").await;
+    assert_eq!(ready, "ready\n");
+    let (_, metrics) = server.http_get("/metrics").await;
+    assert!(
+        metrics.contains("herd_evaluator_healthy{fn=\"py\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_python_example_serves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cfg = herd::Config::load(&root.join("config/python-worker.toml")).unwrap();
+    cfg.evaluators[0].cwd = Some(root.to_path_buf());
+    cfg.evaluators[0].threads = 2;
+    let server = TestServer::start(cfg).await;
+    let mut c = server.client().await;
+    c.send(json!({"op": "submit", "input": {"text": "the quick brown fox"}}))
+        .await;
+    let r = c.recv_type("result").await;
+    assert_eq!(
+        r["output"],
+        json!({"characters": 19, "words": 4, "longest": "quick"})
+    );
+    c.send(json!({"op": "submit", "input": 5})).await;
+    let r = c.recv_type("result").await;
+    assert_eq!(r["output"]["characters"], 1);
+    server.stop().await;
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""A process evaluator that misbehaves on request, for herd's tests.
+
+Input member `mode`: ok (default), error, crash, garbage, hang, stderr.
+`sleep` (seconds) delays the answer. Environment: PIDFILE (append own pid),
+CALLS (append each task's key), FAIL_AT_START_IF (exit at once while that
+file exists).
+"""
+
+import json
+import os
+import sys
+import time
+
+if os.environ.get("PIDFILE"):
+    with open(os.environ["PIDFILE"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+flag = os.environ.get("FAIL_AT_START_IF")
+if flag and os.path.exists(flag):
+    sys.stderr.write("refusing to start\n")
+    sys.exit(2)
+
+for line in sys.stdin:
+    task = json.loads(line)
+    value = task["input"]
+    mode = value.get("mode", "ok")
+    if os.environ.get("CALLS"):
+        with open(os.environ["CALLS"], "a") as f:
+            f.write(task["key"] + "\n")
+    time.sleep(value.get("sleep", 0))
+    if mode == "crash":
+        os._exit(3)
+    if mode == "garbage":
+        print("this is not json", flush=True)
+        continue
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "stderr":
+        sys.stderr.write("a note for the log\n")
+        sys.stderr.flush()
+    if mode == "error":
+        reply = {"error": "bad input"}
+    else:
+        reply = {"output": {"echo": value, "fn": task["fn"]}}
+    print(json.dumps(reply), flush=True)
