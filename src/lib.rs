@@ -30,10 +30,15 @@
 //!   evaluators, and programs plugged in as evaluators;
 //! - [`outbox`]: a session's outbound queue and close signal;
 //! - [`broker`]: the state every part shares; [`metrics`]: its figures;
-//! - [`config`] and [`error`].
+//! - [`config`] and [`error`];
+//! - the client side: [`client`] (a Rust client), [`cli`] (the `herd`
+//!   client subcommands) and [`bench`] (the WORKLOAD.md scenarios).
 
+pub mod bench;
 pub mod broker;
 pub mod cache;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -19,6 +19,85 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Submit an input (or JSON lines from stdin with `-`) and print the result.
+    Submit {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Evaluator name.
+        #[arg(long = "fn", default_value = "default")]
+        fn_name: String,
+        /// Do not wait for the result; print what `accepted` said.
+        #[arg(long)]
+        nowait: bool,
+        /// With `-`: submits in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// The input as JSON, or `-` to read JSON lines from stdin.
+        input: String,
+    },
+    /// Print a key's state without waiting or starting work.
+    Get {
+        #[command(flatten)]
+        target: TargetArgs,
+        key: String,
+    },
+    /// Wait for keys' results, whoever submits them; print each as it arrives.
+    Subscribe {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// A live one-line view of the broker.
+    Watch {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Run a benchmark scenario (WORKLOAD.md) against a running broker.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct TargetArgs {
+    /// The broker's WebSocket URL.
+    #[arg(long, env = "HERD_URL", default_value = "ws://127.0.0.1:7878/ws")]
+    url: String,
+    /// Bearer token.
+    #[arg(long, env = "HERD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Seed of the inputs; the same seed sends the same requests.
+    #[arg(long, default_value_t = 1, global = true)]
+    seed: u64,
+    /// Also write the figures as one JSON object to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// The broker's process id, for its memory and CPU figures.
+    #[arg(long, global = true)]
+    pid: Option<u32>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// S1: agents submitting a Zipf mix with many identical requests.
+    Agents(herd::bench::agents::AgentsArgs),
+    /// S2: a cold key submitted by every session at once.
+    Burst(herd::bench::burst::BurstArgs),
+    /// S3: the cache-hit path.
+    Hits(herd::bench::hits::HitsArgs),
+    /// S4: one result, many subscribers.
+    Fanout(herd::bench::fanout::FanoutArgs),
+    /// S5: many idle sessions.
+    Idle(herd::bench::idle::IdleArgs),
 }
 
 #[derive(Args)]
@@ -107,11 +186,55 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Many sessions need many descriptors; take the hard limit when allowed.
+/// Many sessions need many descriptors: raise the limit to `WANTED_FDS`
+/// (possible beyond the hard limit only with privilege), else to the hard limit.
 fn raise_fd_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => info!(limit, "open file limit"),
-        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+    const WANTED_FDS: u64 = 65_536;
+    let raised = rlimit::Resource::NOFILE
+        .get()
+        .ok()
+        .filter(|(soft, _)| *soft < WANTED_FDS)
+        .map(|_| rlimit::Resource::NOFILE.set(WANTED_FDS, WANTED_FDS));
+    if !matches!(raised, Some(Ok(()))) {
+        if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+            tracing::warn!(%error, "cannot raise the open file limit");
+        }
+    }
+    if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
+        info!(limit = soft, "open file limit");
+    }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use herd::bench::{self, Target};
+    raise_fd_limit();
+    let target = Target {
+        url: args.target.url,
+        token: args.target.token,
+        pid: args.pid,
+    };
+    let report = match &args.scenario {
+        Scenario::Agents(a) => bench::agents::run(&target, a, args.seed).await?,
+        Scenario::Burst(a) => bench::burst::run(&target, a, args.seed).await?,
+        Scenario::Hits(a) => bench::hits::run(&target, a, args.seed).await?,
+        Scenario::Fanout(a) => bench::fanout::run(&target, a, args.seed).await?,
+        Scenario::Idle(a) => bench::idle::run(&target, a).await?,
+    };
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&report.to_json())? + "\n",
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn target(args: TargetArgs) -> herd::cli::Target {
+    herd::cli::Target {
+        url: args.url,
+        token: args.token,
     }
 }
 
@@ -121,7 +244,31 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-    }
+    let code = match cli.command {
+        Command::Serve(args) => return runtime.block_on(serve(args)),
+        Command::Bench(args) => return runtime.block_on(bench(args)),
+        Command::Submit {
+            target: t,
+            fn_name,
+            nowait,
+            concurrency,
+            input,
+        } => runtime.block_on(herd::cli::submit(
+            &target(t),
+            &fn_name,
+            nowait,
+            &input,
+            concurrency,
+        )),
+        Command::Get { target: t, key } => runtime.block_on(herd::cli::get(&target(t), &key)),
+        Command::Subscribe { target: t, keys } => {
+            runtime.block_on(herd::cli::subscribe(&target(t), &keys))
+        }
+        Command::Watch {
+            target: t,
+            interval_ms,
+        } => runtime.block_on(herd::cli::watch(&target(t), interval_ms)),
+    };
+    drop(runtime);
+    std::process::exit(code)
 }

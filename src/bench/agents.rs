@@ -1,0 +1,137 @@
+//! S1 `agents`: many agents, a Zipf mix of inputs, many identical requests.
+
+use super::{delta, payload_input, percentile, progress, rng, sorted, Report, Target};
+use crate::client::Source;
+use rand_distr::{Distribution, Zipf};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentsArgs {
+    /// Agents, one WebSocket session each.
+    #[arg(long, default_value_t = 20)]
+    pub agents: usize,
+    /// Submits in flight across all agents.
+    #[arg(long, default_value_t = 50)]
+    pub inflight: usize,
+    /// Submits in all.
+    #[arg(long, default_value_t = 20_000)]
+    pub submits: usize,
+    /// Distinct inputs the submits are drawn from.
+    #[arg(long, default_value_t = 2_000)]
+    pub distinct: usize,
+    /// Zipf exponent of the draw.
+    #[arg(long, default_value_t = 1.1)]
+    pub zipf_s: f64,
+    /// Smallest input payload, bytes.
+    #[arg(long, default_value_t = 256)]
+    pub min_payload: usize,
+    /// Largest input payload, bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub max_payload: usize,
+    /// Evaluator to use (15-30 ms per key with the shipped config).
+    #[arg(long = "fn", default_value = "sleep")]
+    pub fn_name: String,
+}
+
+struct Sample {
+    latency_ms: f64,
+    eval_ms: Option<f64>,
+}
+
+pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        args.agents > 0 && args.inflight >= args.agents,
+        "need inflight >= agents > 0"
+    );
+    let mut r = rng(seed);
+    let inputs: Vec<_> = (0..args.distinct)
+        .map(|i| {
+            payload_input(
+                &mut r,
+                "agents",
+                seed,
+                i,
+                args.min_payload,
+                args.max_payload,
+            )
+        })
+        .collect();
+    let zipf = Zipf::new(args.distinct as f64, args.zipf_s)?;
+    let picks: Arc<Vec<usize>> = Arc::new(
+        (0..args.submits)
+            .map(|_| zipf.sample(&mut r) as usize - 1)
+            .collect(),
+    );
+    let distinct_keys = picks.iter().collect::<HashSet<_>>().len();
+    let inputs = Arc::new(inputs);
+    let before = target.stats().await?;
+    let bar = progress(args.submits as u64, "submits");
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for agent in 0..args.agents {
+        let client = target.client().await?;
+        let share = args.inflight / args.agents + usize::from(agent < args.inflight % args.agents);
+        for _ in 0..share {
+            let (client, next, picks, inputs, bar) = (
+                client.clone(),
+                next.clone(),
+                picks.clone(),
+                inputs.clone(),
+                bar.clone(),
+            );
+            let fn_name = args.fn_name.clone();
+            workers.push(tokio::spawn(async move {
+                let mut samples = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= picks.len() {
+                        return Ok::<_, anyhow::Error>(samples);
+                    }
+                    let input = inputs[picks[i]].clone();
+                    let t0 = Instant::now();
+                    let out = client.submit(&fn_name, input).await?;
+                    samples.push(Sample {
+                        latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                        eval_ms: (out.source == Source::Eval)
+                            .then_some(out.eval_ms)
+                            .flatten(),
+                    });
+                    bar.inc(1);
+                }
+            }));
+        }
+    }
+    let mut samples = Vec::with_capacity(args.submits);
+    for w in workers {
+        samples.extend(w.await??);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let after = target.stats().await?;
+    let latency = sorted(samples.iter().map(|s| s.latency_ms).collect());
+    let overhead = sorted(
+        samples
+            .iter()
+            .filter_map(|s| s.eval_ms.map(|e| s.latency_ms - e))
+            .collect(),
+    );
+    let mut report = Report::new("agents");
+    report.add("submits", samples.len());
+    report.add("distinct_keys", distinct_keys);
+    report.add("evaluations", delta(&before, &after, "evaluations"));
+    report.add("coalesced", delta(&before, &after, "coalesced"));
+    report.add("cache_hits", delta(&before, &after, "cache_hits"));
+    report.add("wall_s", super::round3(wall));
+    report.add("throughput", super::round3(samples.len() as f64 / wall));
+    report.ms("p50_ms", percentile(&latency, 50.0));
+    report.ms("p90_ms", percentile(&latency, 90.0));
+    report.ms("p99_ms", percentile(&latency, 99.0));
+    report.ms("max_ms", latency.last().copied().unwrap_or(0.0));
+    report.ms("overhead_p50_ms", percentile(&overhead, 50.0));
+    report.ms("overhead_p99_ms", percentile(&overhead, 99.0));
+    Ok(report)
+}

@@ -1,0 +1,208 @@
+//! S3 `hits`: the cache-hit path, pipelined like `redis-benchmark -P`.
+
+use super::{cpu_seconds, percentile, progress, sorted, Report, Socket, Target};
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde_json::json;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HitsArgs {
+    /// Keys evaluated first (not measured).
+    #[arg(long, default_value_t = 10_000)]
+    pub warm: usize,
+    /// Sessions.
+    #[arg(long, default_value_t = 64)]
+    pub sessions: usize,
+    /// Submits each session keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_s: f64,
+    /// Evaluator to use.
+    #[arg(long = "fn", default_value = "sleep")]
+    pub fn_name: String,
+    /// Also run `redis-benchmark -t get -c SESSIONS -P DEPTH` against a local
+    /// redis-server and report the ratio.
+    #[arg(long)]
+    pub redis: bool,
+    /// Requests for the redis-benchmark reference run.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub redis_requests: u64,
+}
+
+struct SessionRun {
+    latencies: Vec<f64>,
+    misses: u64,
+}
+
+pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        args.warm > 0 && args.sessions > 0 && args.depth > 0,
+        "warm, sessions and depth must be positive"
+    );
+    let inputs: Vec<String> = (0..args.warm)
+        .map(|i| json!({"bench": "hits", "seed": seed, "i": i, "sleep_ms": 0}).to_string())
+        .collect();
+    warm(target, args, &inputs).await?;
+    let requests: std::sync::Arc<Vec<String>> = std::sync::Arc::new(
+        inputs
+            .iter()
+            .map(|input| {
+                format!(
+                    r#"{{"op":"submit","fn":{},"input":{input}}}"#,
+                    json!(args.fn_name)
+                )
+            })
+            .collect(),
+    );
+    let mut sockets = Vec::with_capacity(args.sessions);
+    for _ in 0..args.sessions {
+        sockets.push(target.socket().await?);
+    }
+    let cpu_before = target.pid.and_then(cpu_seconds);
+    let started = Instant::now();
+    let end = started + Duration::from_secs_f64(args.duration_s);
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(n, ws)| tokio::spawn(session(ws, requests.clone(), n, args.depth, end)))
+        .collect();
+    let mut latencies = Vec::new();
+    let mut misses = 0;
+    for t in tasks {
+        let run = t.await??;
+        latencies.extend(run.latencies);
+        misses += run.misses;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, target.pid.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let hits = latencies.len() as f64;
+    let latencies = sorted(latencies);
+    let mut report = Report::new("hits");
+    report.add("hits", latencies.len());
+    report.add("misses", misses);
+    report.add("hits_per_s", super::round3(hits / elapsed));
+    report.ms("p50_ms", percentile(&latencies, 50.0));
+    report.ms("p99_ms", percentile(&latencies, 99.0));
+    report.add(
+        "cpu_s_per_m",
+        cpu.map(|c| json!(super::round3(c / (hits / 1e6))))
+            .unwrap_or(json!(null)),
+    );
+    if args.redis {
+        let redis = redis_reference(args).await?;
+        report.add("redis_get_per_s", super::round3(redis));
+        report.add("ratio_to_redis", super::round3(hits / elapsed / redis));
+    }
+    Ok(report)
+}
+
+async fn warm(target: &Target, args: &HitsArgs, inputs: &[String]) -> anyhow::Result<()> {
+    let client = target.client().await?;
+    let bar = progress(inputs.len() as u64, "warming");
+    let mut pending = futures::stream::iter(inputs.iter().map(|text| {
+        let client = client.clone();
+        let fn_name = args.fn_name.clone();
+        let input: serde_json::Value = serde_json::from_str(text).expect("own JSON");
+        async move { client.submit(&fn_name, input).await }
+    }))
+    .buffer_unordered(256);
+    while let Some(outcome) = pending.next().await {
+        outcome?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    client.close().await;
+    Ok(())
+}
+
+/// One pipelined session: `depth` requests in flight, each reply answered by
+/// a new request, replies drained in batches and requests flushed once per batch.
+async fn session(
+    mut ws: Socket,
+    requests: std::sync::Arc<Vec<String>>,
+    offset: usize,
+    depth: usize,
+    end: Instant,
+) -> anyhow::Result<SessionRun> {
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(depth);
+    let mut next = offset * 7919;
+    let mut run = SessionRun {
+        latencies: Vec::new(),
+        misses: 0,
+    };
+    for _ in 0..depth {
+        ws.feed(Message::text(requests[next % requests.len()].clone()))
+            .await?;
+        next += 1;
+        sent.push_back(Instant::now());
+    }
+    ws.flush().await?;
+    while !sent.is_empty() {
+        let mut replies = vec![ws.next().await];
+        while let Some(more) = ws.next().now_or_never() {
+            replies.push(more);
+        }
+        let now = Instant::now();
+        let mut refill = 0;
+        for reply in replies {
+            match reply {
+                Some(Ok(Message::Text(text))) => {
+                    let t0 = sent.pop_front().unwrap_or(now);
+                    if text.contains(r#""source":"cache""#) {
+                        run.latencies.push((now - t0).as_secs_f64() * 1000.0);
+                    } else {
+                        run.misses += 1;
+                    }
+                    refill += 1;
+                }
+                Some(Ok(_)) => {}
+                other => anyhow::bail!("session ended: {other:?}"),
+            }
+        }
+        if now < end {
+            for _ in 0..refill {
+                ws.feed(Message::text(requests[next % requests.len()].clone()))
+                    .await?;
+                next += 1;
+                sent.push_back(Instant::now());
+            }
+            ws.flush().await?;
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(run)
+}
+
+/// `redis-benchmark -t get` with the same connections and pipeline depth;
+/// returns GET requests per second.
+async fn redis_reference(args: &HitsArgs) -> anyhow::Result<f64> {
+    let output = tokio::process::Command::new("redis-benchmark")
+        .args([
+            "-t",
+            "get",
+            "-c",
+            &args.sessions.to_string(),
+            "-P",
+            &args.depth.to_string(),
+            "-n",
+            &args.redis_requests.to_string(),
+            "-q",
+        ])
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot run redis-benchmark: {e}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // The last "GET: N requests per second" figure (-q rewrites the line as it goes).
+    text.rsplit("GET: ")
+        .next()
+        .and_then(|tail| tail.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unexpected redis-benchmark output: {text}"))
+}

@@ -1,0 +1,204 @@
+//! `herd bench`: the scenarios of WORKLOAD.md, run against a running broker.
+//!
+//! Each scenario returns a [`Report`]: named figures, printed as a table and
+//! written as one JSON object with `--json FILE`. Inputs are derived from
+//! `--seed`, so two runs send the same requests (a second run against the
+//! same broker therefore finds its results cached: restart the broker or
+//! change the seed for a cold run).
+
+pub mod agents;
+pub mod burst;
+pub mod fanout;
+pub mod hits;
+pub mod idle;
+
+use crate::client::Client;
+use futures::{SinkExt, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::distr::{Alphanumeric, SampleString};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A raw WebSocket to the broker, for scenarios that measure below the client library.
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The broker under test.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub token: Option<String>,
+    /// The broker's process id, for memory and CPU figures read from /proc.
+    pub pid: Option<u32>,
+}
+
+impl Target {
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.url, self.token.as_deref()).await?)
+    }
+
+    /// Opens a raw socket and reads its `hello`.
+    pub async fn socket(&self) -> anyhow::Result<Socket> {
+        let mut request = self.url.as_str().into_client_request()?;
+        if let Some(token) = &self.token {
+            request.headers_mut().insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {token}"))?,
+            );
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(_))) => return Ok(ws),
+                Some(Ok(_)) => continue,
+                other => anyhow::bail!("connection ended before hello: {other:?}"),
+            }
+        }
+    }
+
+    /// The broker's `stats` now.
+    pub async fn stats(&self) -> anyhow::Result<Value> {
+        let client = self.client().await?;
+        let stream = client.watch(100).await?;
+        futures::pin_mut!(stream);
+        let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+        client.close().await;
+        Ok(snapshot["stats"].clone())
+    }
+}
+
+/// Sends one text frame.
+pub async fn send_text(ws: &mut Socket, text: String) -> anyhow::Result<()> {
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+/// The figures of one run, in the order they are printed.
+pub struct Report {
+    pub scenario: &'static str,
+    pub rows: Vec<(&'static str, Value)>,
+}
+
+impl Report {
+    pub fn new(scenario: &'static str) -> Self {
+        Report {
+            scenario,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, name: &'static str, value: impl Into<Value>) {
+        self.rows.push((name, value.into()));
+    }
+
+    /// Milliseconds, rounded to microseconds.
+    pub fn ms(&mut self, name: &'static str, value: f64) {
+        self.add(name, round3(value));
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut map = Map::new();
+        map.insert("scenario".into(), json!(self.scenario));
+        for (k, v) in &self.rows {
+            map.insert((*k).to_string(), v.clone());
+        }
+        Value::Object(map)
+    }
+
+    pub fn table(&self) -> String {
+        let width = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let mut out = format!("herd bench {}\n", self.scenario);
+        for (k, v) in &self.rows {
+            out.push_str(&format!("  {k:<width$}  {v}\n"));
+        }
+        out
+    }
+}
+
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Nearest-rank percentile of sorted samples (0 when there are none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn sorted(mut samples: Vec<f64>) -> Vec<f64> {
+    samples.sort_by(f64::total_cmp);
+    samples
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// A deterministic input object whose `payload` is `min..=max` bytes long.
+pub fn payload_input(
+    rng: &mut StdRng,
+    scenario: &str,
+    seed: u64,
+    i: usize,
+    min: usize,
+    max: usize,
+) -> Value {
+    let len = rng.random_range(min..=max.max(min));
+    json!({
+        "bench": scenario,
+        "seed": seed,
+        "i": i,
+        "payload": Alphanumeric.sample_string(rng, len),
+    })
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Resident memory of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time of all threads of `pid`, in seconds (from /proc/<pid>/task/*/schedstat).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let mut total_ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            total_ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total_ns as f64 / 1e9)
+}
+
+/// Difference of a counter between two `stats` objects.
+pub fn delta(before: &Value, after: &Value, name: &str) -> u64 {
+    after[name]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(before[name].as_u64().unwrap_or(0))
+}

@@ -1,0 +1,283 @@
+//! The client subcommands (`herd submit`, `get`, `subscribe`, `watch`): a
+//! command line over [`crate::client`] for shells and scripts.
+//!
+//! Output is JSON, one object per line, so the commands compose with `jq`
+//! and friends; `herd submit -` reads JSON lines and writes one result line
+//! per input line, in input order, which makes it a filter.
+//!
+//! Exit codes: 0 all went well; 1 an evaluation failed or the broker refused
+//! a request; 2 the broker could not be reached or the input is not JSON.
+
+use crate::client::{Client, ClientError, Output, Source, Status};
+use futures::stream::{FuturesOrdered, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, IsTerminal, Write};
+
+/// Everything went well.
+pub const EXIT_OK: i32 = 0;
+/// An evaluation failed, or the broker refused a request.
+pub const EXIT_FAILED: i32 = 1;
+/// Could not connect, or bad input.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Where and as whom to connect.
+pub struct Target {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Client, i32> {
+        Client::connect(&self.url, self.token.as_deref())
+            .await
+            .map_err(|e| {
+                eprintln!("herd: {e}");
+                EXIT_USAGE
+            })
+    }
+}
+
+fn print_line(value: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+fn output_json(o: &Output) -> Value {
+    let mut v = json!({
+        "key": o.key,
+        "output": o.output,
+        "source": match o.source { Source::Cache => "cache", Source::Eval => "eval" },
+    });
+    if let Some(ms) = o.eval_ms {
+        v["eval_ms"] = json!(ms);
+    }
+    v
+}
+
+fn error_json(key: Option<&str>, e: &ClientError) -> Value {
+    let (code, message) = match e {
+        ClientError::EvalFailed { message, .. } => ("eval_failed", message.clone()),
+        ClientError::EvalTimeout { message, .. } => ("eval_timeout", message.clone()),
+        ClientError::Busy(m) => ("busy", m.clone()),
+        ClientError::Rejected { code, message } => (code.as_str(), message.clone()),
+        other => ("client_error", other.to_string()),
+    };
+    let key = match e {
+        ClientError::EvalFailed { key, .. } | ClientError::EvalTimeout { key, .. } => {
+            Some(key.as_str())
+        }
+        _ => key,
+    };
+    json!({"key": key, "error": {"code": code, "message": message}})
+}
+
+fn exit_for(e: &ClientError) -> i32 {
+    match e {
+        ClientError::Closed { .. } | ClientError::Connect { .. } | ClientError::Protocol(_) => {
+            EXIT_USAGE
+        }
+        _ => EXIT_FAILED,
+    }
+}
+
+/// `herd submit`: one input given as an argument, or JSON lines from stdin (`-`).
+pub async fn submit(
+    target: &Target,
+    fn_name: &str,
+    nowait: bool,
+    input: &str,
+    concurrency: usize,
+) -> i32 {
+    let client = match target.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if input != "-" {
+        let value: Value = match serde_json::from_str(input) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("herd: the input is not JSON: {e}");
+                return EXIT_USAGE;
+            }
+        };
+        let (line, code) = submit_one(&client, fn_name, nowait, value).await;
+        print_line(&line);
+        return code;
+    }
+    let lines = std::io::stdin().lock().lines();
+    let mut worst = EXIT_OK;
+    let mut in_flight = FuturesOrdered::new();
+    for (n, line) in lines.enumerate() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("herd: line {} is not JSON: {e}", n + 1);
+                worst = worst.max(EXIT_USAGE);
+                continue;
+            }
+        };
+        let client = client.clone();
+        let fn_name = fn_name.to_string();
+        in_flight.push_back(async move { submit_one(&client, &fn_name, nowait, value).await });
+        if in_flight.len() >= concurrency.max(1) {
+            if let Some((line, code)) = in_flight.next().await {
+                print_line(&line);
+                worst = worst.max(code);
+            }
+        }
+    }
+    while let Some((line, code)) = in_flight.next().await {
+        print_line(&line);
+        worst = worst.max(code);
+    }
+    worst
+}
+
+async fn submit_one(client: &Client, fn_name: &str, nowait: bool, input: Value) -> (Value, i32) {
+    if nowait {
+        return match client.submit_nowait(fn_name, input).await {
+            Ok(a) => (
+                json!({"key": a.key, "state": a.state, "first": a.first, "waiters": a.waiters}),
+                EXIT_OK,
+            ),
+            Err(e) => (error_json(None, &e), exit_for(&e)),
+        };
+    }
+    match client.submit(fn_name, input).await {
+        Ok(o) => (output_json(&o), EXIT_OK),
+        Err(e) => (error_json(None, &e), exit_for(&e)),
+    }
+}
+
+/// `herd get KEY`: prints the key's state; exit 1 when it holds a failure.
+pub async fn get(target: &Target, key: &str) -> i32 {
+    let client = match target.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.get(key).await {
+        Ok(Status::Done(o)) => {
+            let mut v = output_json(&o);
+            v["state"] = json!("done");
+            print_line(&v);
+            EXIT_OK
+        }
+        Ok(Status::Failed(e)) => {
+            let mut v = error_json(Some(key), &e);
+            v["state"] = json!("done");
+            print_line(&v);
+            EXIT_FAILED
+        }
+        Ok(Status::Pending {
+            state,
+            waiters,
+            age_ms,
+        }) => {
+            print_line(&json!({"key": key, "state": state, "waiters": waiters, "age_ms": age_ms}));
+            EXIT_OK
+        }
+        Ok(Status::Unknown) => {
+            print_line(&json!({"key": key, "state": "unknown"}));
+            EXIT_OK
+        }
+        Err(e) => {
+            print_line(&error_json(Some(key), &e));
+            exit_for(&e)
+        }
+    }
+}
+
+/// `herd subscribe KEY...`: prints each result as it arrives.
+pub async fn subscribe(target: &Target, keys: &[String]) -> i32 {
+    let client = match target.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut waits: futures::stream::FuturesUnordered<_> = keys
+        .iter()
+        .map(|key| {
+            let client = client.clone();
+            async move { (key.clone(), client.subscribe(key).await) }
+        })
+        .collect();
+    let mut worst = EXIT_OK;
+    while let Some((key, outcome)) = waits.next().await {
+        match outcome {
+            Ok(o) => print_line(&output_json(&o)),
+            Err(e) => {
+                print_line(&error_json(Some(&key), &e));
+                worst = worst.max(exit_for(&e));
+            }
+        }
+    }
+    worst
+}
+
+/// `herd watch`: a compact live view, one line per snapshot (rewritten in
+/// place on a terminal).
+pub async fn watch(target: &Target, interval_ms: u64) -> i32 {
+    let client = match target.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let stream = match client.watch(interval_ms).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herd: {e}");
+            return exit_for(&e);
+        }
+    };
+    futures::pin_mut!(stream);
+    let terminal = std::io::stdout().is_terminal();
+    let mut previous: Option<(u64, u64)> = None;
+    while let Some(snapshot) = stream.next().await {
+        let line = watch_line(&snapshot, &mut previous);
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            let _ = write!(out, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+    eprintln!("\nherd: the broker closed the connection");
+    EXIT_USAGE
+}
+
+fn watch_line(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> String {
+    let s = &snapshot["stats"];
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let at = snapshot["at_ms"].as_u64().unwrap_or(0);
+    let submits = n("submits");
+    let rate = match previous.replace((at, submits)) {
+        Some((t0, s0)) if at > t0 => {
+            (submits.saturating_sub(s0)) as f64 * 1000.0 / (at - t0) as f64
+        }
+        _ => 0.0,
+    };
+    let hit_rate = if submits > 0 {
+        100.0 * n("cache_hits") as f64 / submits as f64
+    } else {
+        0.0
+    };
+    format!(
+        "conns {} | submits {} ({:.0}/s) | hits {:.1}% | evals {} | coalesced {} | failures {} | queued {} running {} | cache {} entries, {:.1} MiB | in flight {}",
+        n("connections"),
+        submits,
+        rate,
+        hit_rate,
+        n("evaluations"),
+        n("coalesced"),
+        n("failures"),
+        n("queued"),
+        n("running"),
+        n("cache_entries"),
+        n("cache_bytes") as f64 / (1024.0 * 1024.0),
+        snapshot["inflight"].as_array().map_or(0, Vec::len),
+    )
+}

@@ -1,0 +1,581 @@
+//! A Rust client for herd, on tokio-tungstenite.
+//!
+//! One background task owns the socket; every call sends a request with a
+//! fresh integer `id` and waits for the reply that echoes it, so any number
+//! of calls can be in flight on one connection (the client is cheap to
+//! clone and share). With [`ClientOptions::reconnect`], a lost connection is
+//! re-opened with backoff and every request still waiting is sent again, so a
+//! broker restart loses no request: results come from the cache or are
+//! evaluated again.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), herd::client::ClientError> {
+//! let client = herd::client::Client::connect("ws://127.0.0.1:7878/ws", None).await?;
+//! let result = client.submit("default", serde_json::json!({"x": 1})).await?;
+//! println!("{} -> {}", result.key, result.output);
+//! # Ok(()) }
+//! ```
+
+use futures::{SinkExt, Stream, StreamExt};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Why a call did not produce what was asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    /// The evaluation ran and failed (`eval_failed`).
+    #[error("evaluation of {key} failed: {message}")]
+    EvalFailed { key: String, message: String },
+    /// The evaluation ran past its timeout (`eval_timeout`).
+    #[error("evaluation of {key} timed out: {message}")]
+    EvalTimeout { key: String, message: String },
+    /// A limit was reached (`busy`); trying again later may succeed.
+    #[error("broker busy: {0}")]
+    Busy(String),
+    /// The broker refused the request (`bad_request`, `unknown_fn`, `forbidden`, `shutting_down`, ...).
+    #[error("{code}: {message}")]
+    Rejected { code: String, message: String },
+    /// The connection ended (and reconnecting is off).
+    #[error("connection closed ({code:?}: {reason})")]
+    Closed { code: Option<u16>, reason: String },
+    /// The connection could not be opened.
+    #[error("cannot connect to {url}: {message}")]
+    Connect { url: String, message: String },
+    /// The broker said something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Where a result came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Eval,
+}
+
+/// A successful evaluation's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub key: String,
+    pub output: Value,
+    pub source: Source,
+    /// How long the evaluation ran (evaluated results only).
+    pub eval_ms: Option<f64>,
+    /// How many waiters received this result (evaluated results only).
+    pub shared: Option<u64>,
+}
+
+/// What `submit_nowait` learns: the key, and whether it was already done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub key: String,
+    /// "queued", "running", or "done" when the cache answered.
+    pub state: String,
+    pub first: bool,
+    pub waiters: u64,
+}
+
+/// A key's state as `get` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Done(Output),
+    Failed(ClientError),
+    Pending {
+        state: String,
+        waiters: u64,
+        age_ms: u64,
+    },
+    Unknown,
+}
+
+/// How a [`Client`] behaves.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent as `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Re-open a lost connection and re-send what was still waiting.
+    pub reconnect: bool,
+}
+
+/// Delay before the first reconnect attempt; doubles up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Submit,
+    SubmitNoWait,
+    Get,
+    Subscribe,
+    Cancel,
+    Ping,
+    Watch,
+}
+
+enum ReplyTo {
+    Once(oneshot::Sender<Result<Value, ClientError>>),
+    Stream(mpsc::Sender<Value>),
+}
+
+struct Pending {
+    kind: Kind,
+    frame: String,
+    reply: ReplyTo,
+}
+
+enum Command {
+    Request(u64, Pending),
+    Forget(u64, String),
+    Close,
+}
+
+/// A connection to a herd broker; clone it to share it.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    next_id: AtomicU64,
+    hello: Value,
+}
+
+/// Channel depth between callers and the connection task.
+const COMMAND_QUEUE: usize = 1024;
+
+impl Client {
+    /// Connects with `token` (if any) and no reconnecting.
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, ClientError> {
+        Self::connect_with(
+            url,
+            ClientOptions {
+                token: token.map(str::to_string),
+                reconnect: false,
+            },
+        )
+        .await
+    }
+
+    pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        let (socket, hello) = open(url, options.token.as_deref()).await?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let driver = Driver {
+            url: url.to_string(),
+            options,
+            pending: BTreeMap::new(),
+            commands: rx,
+        };
+        tokio::spawn(driver.run(socket));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                commands: tx,
+                next_id: AtomicU64::new(1),
+                hello,
+            }),
+        })
+    }
+
+    /// The broker's `hello` frame of the first connection.
+    pub fn hello(&self) -> &Value {
+        &self.inner.hello
+    }
+
+    async fn call(&self, kind: Kind, mut request: Value) -> Result<Value, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        request["id"] = json!(id);
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            kind,
+            frame: request.to_string(),
+            reply: ReplyTo::Once(tx),
+        };
+        self.inner
+            .commands
+            .send(Command::Request(id, pending))
+            .await
+            .map_err(|_| closed("client is closed"))?;
+        rx.await.map_err(|_| closed("connection task ended"))?
+    }
+
+    /// Evaluates `input` with evaluator `fn_name` (or takes the cached
+    /// result) and waits for the output.
+    pub async fn submit(&self, fn_name: &str, input: Value) -> Result<Output, ClientError> {
+        let reply = self
+            .call(
+                Kind::Submit,
+                json!({"op": "submit", "fn": fn_name, "input": input}),
+            )
+            .await?;
+        parse_result(&reply)
+    }
+
+    /// Starts (or joins) the evaluation without waiting for its result.
+    pub async fn submit_nowait(
+        &self,
+        fn_name: &str,
+        input: Value,
+    ) -> Result<Accepted, ClientError> {
+        let reply = self
+            .call(
+                Kind::SubmitNoWait,
+                json!({"op": "submit", "fn": fn_name, "input": input, "wait": false}),
+            )
+            .await?;
+        if reply["type"] == "result" {
+            parse_result(&reply)?;
+            return Ok(Accepted {
+                key: str_field(&reply, "key"),
+                state: "done".into(),
+                first: false,
+                waiters: 0,
+            });
+        }
+        Ok(Accepted {
+            key: str_field(&reply, "key"),
+            state: str_field(&reply, "state"),
+            first: reply["first"].as_bool().unwrap_or(false),
+            waiters: reply["waiters"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Looks at a key without waiting or starting work.
+    pub async fn get(&self, key: &str) -> Result<Status, ClientError> {
+        let reply = self
+            .call(Kind::Get, json!({"op": "get", "key": key}))
+            .await?;
+        Ok(match reply["state"].as_str() {
+            Some("done") => match parse_result(&reply) {
+                Ok(output) => Status::Done(output),
+                Err(error) => Status::Failed(error),
+            },
+            Some(state @ ("queued" | "running")) => Status::Pending {
+                state: state.to_string(),
+                waiters: reply["waiters"].as_u64().unwrap_or(0),
+                age_ms: reply["age_ms"].as_u64().unwrap_or(0),
+            },
+            _ => Status::Unknown,
+        })
+    }
+
+    /// Waits for a key's result, whoever submits it.
+    pub async fn subscribe(&self, key: &str) -> Result<Output, ClientError> {
+        let reply = self
+            .call(Kind::Subscribe, json!({"op": "subscribe", "key": key}))
+            .await?;
+        parse_result(&reply)
+    }
+
+    /// Stops this connection's waits on `key`.
+    pub async fn cancel(&self, key: &str) -> Result<(), ClientError> {
+        self.call(Kind::Cancel, json!({"op": "cancel", "key": key}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Round trip to the broker; returns its clock (`server_time_ms`).
+    pub async fn ping(&self) -> Result<u64, ClientError> {
+        let reply = self.call(Kind::Ping, json!({"op": "ping"})).await?;
+        Ok(reply["server_time_ms"].as_u64().unwrap_or(0))
+    }
+
+    /// `snapshot` frames every `interval_ms`, until the stream is dropped.
+    pub async fn watch(
+        &self,
+        interval_ms: u64,
+    ) -> Result<impl Stream<Item = Value> + Send + 'static, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        let frame = json!({"op": "watch", "id": id, "interval_ms": interval_ms}).to_string();
+        self.inner
+            .commands
+            .send(Command::Request(
+                id,
+                Pending {
+                    kind: Kind::Watch,
+                    frame,
+                    reply: ReplyTo::Stream(tx),
+                },
+            ))
+            .await
+            .map_err(|_| closed("client is closed"))?;
+        let commands = self.inner.commands.clone();
+        let guard = WatchGuard { id, commands };
+        Ok(futures::stream::unfold(
+            (rx, guard),
+            |(mut rx, guard)| async move { rx.recv().await.map(|snapshot| (snapshot, (rx, guard))) },
+        ))
+    }
+
+    /// Closes the connection; calls still waiting fail with `Closed`.
+    pub async fn close(&self) {
+        let _ = self.inner.commands.send(Command::Close).await;
+    }
+}
+
+/// Sends `unwatch` when a watch stream is dropped.
+struct WatchGuard {
+    id: u64,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let _ = self.commands.try_send(Command::Forget(
+            self.id,
+            json!({"op": "unwatch"}).to_string(),
+        ));
+    }
+}
+
+fn closed(reason: &str) -> ClientError {
+    ClientError::Closed {
+        code: None,
+        reason: reason.to_string(),
+    }
+}
+
+fn str_field(v: &Value, name: &str) -> String {
+    v[name].as_str().unwrap_or_default().to_string()
+}
+
+/// Turns a `result` (or `status` done) frame into an output or its error.
+fn parse_result(frame: &Value) -> Result<Output, ClientError> {
+    let key = str_field(frame, "key");
+    if let Some(error) = frame.get("error") {
+        let message = str_field(error, "message");
+        return Err(match error["code"].as_str() {
+            Some("eval_timeout") => ClientError::EvalTimeout { key, message },
+            _ => ClientError::EvalFailed { key, message },
+        });
+    }
+    let output = frame
+        .get("output")
+        .cloned()
+        .ok_or_else(|| ClientError::Protocol(format!("no output in {frame}")))?;
+    Ok(Output {
+        key,
+        output,
+        source: if frame["source"] == "cache" || frame["type"] == "status" {
+            Source::Cache
+        } else {
+            Source::Eval
+        },
+        eval_ms: frame["eval_ms"].as_f64(),
+        shared: frame["shared"].as_u64(),
+    })
+}
+
+fn error_of(frame: &Value) -> ClientError {
+    let code = str_field(frame, "code");
+    let message = str_field(frame, "message");
+    if code == "busy" {
+        ClientError::Busy(message)
+    } else {
+        ClientError::Rejected { code, message }
+    }
+}
+
+/// Opens a socket and reads its `hello`.
+async fn open(url: &str, token: Option<&str>) -> Result<(Socket, Value), ClientError> {
+    let connect_error = |message: String| ClientError::Connect {
+        url: url.to_string(),
+        message,
+    };
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| connect_error(e.to_string()))?;
+    if let Some(token) = token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| connect_error(e.to_string()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let hello: Value = serde_json::from_str(&text)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if hello["type"] != "hello" {
+                    return Err(ClientError::Protocol(format!(
+                        "expected hello, got {hello}"
+                    )));
+                }
+                return Ok((socket, hello));
+            }
+            Some(Ok(_)) => continue,
+            other => return Err(connect_error(format!("closed before hello: {other:?}"))),
+        }
+    }
+}
+
+/// The connection task: owns the socket and the requests in flight.
+struct Driver {
+    url: String,
+    options: ClientOptions,
+    pending: BTreeMap<u64, Pending>,
+    commands: mpsc::Receiver<Command>,
+}
+
+enum Ended {
+    /// The caller closed the client (or dropped every handle).
+    ByCaller,
+    /// The connection was lost, with the close code if one came.
+    Lost(Option<u16>, String),
+}
+
+impl Driver {
+    async fn run(mut self, mut socket: Socket) {
+        loop {
+            match self.serve(&mut socket).await {
+                Ended::ByCaller => {
+                    let _ = socket.close(None).await;
+                    self.fail_all(closed("client closed"));
+                    return;
+                }
+                Ended::Lost(code, reason) => {
+                    if !self.options.reconnect {
+                        self.fail_all(ClientError::Closed { code, reason });
+                        // Answer later calls with the same error.
+                        while let Some(command) = self.commands.recv().await {
+                            if let Command::Request(_, p) = command {
+                                reply(p.reply, Err(closed("connection closed")));
+                            }
+                        }
+                        return;
+                    }
+                    match self.reopen().await {
+                        Some(s) => socket = s,
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-opens the connection with backoff and re-sends every request still waiting.
+    async fn reopen(&mut self) -> Option<Socket> {
+        let mut delay = RECONNECT_FIRST;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                command = self.commands.recv() => match command {
+                    Some(Command::Request(id, p)) => { self.pending.insert(id, p); continue; }
+                    Some(Command::Forget(id, _)) => { self.pending.remove(&id); continue; }
+                    Some(Command::Close) | None => {
+                        self.fail_all(closed("client closed"));
+                        return None;
+                    }
+                }
+            }
+            if let Ok((mut socket, _hello)) = open(&self.url, self.options.token.as_deref()).await {
+                let mut ok = true;
+                for p in self.pending.values() {
+                    if socket.feed(Message::text(p.frame.clone())).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok && socket.flush().await.is_ok() {
+                    return Some(socket);
+                }
+            }
+            delay = (delay * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    fn fail_all(&mut self, error: ClientError) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            reply(p.reply, Err(error.clone()));
+        }
+    }
+
+    async fn serve(&mut self, socket: &mut Socket) -> Ended {
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(Command::Request(id, p)) => {
+                        let sent = socket.send(Message::text(p.frame.clone())).await;
+                        self.pending.insert(id, p);
+                        if let Err(e) = sent {
+                            return Ended::Lost(None, e.to_string());
+                        }
+                    }
+                    Some(Command::Forget(id, frame)) => {
+                        self.pending.remove(&id);
+                        if socket.send(Message::text(frame)).await.is_err() {
+                            return Ended::Lost(None, "send failed".into());
+                        }
+                    }
+                    Some(Command::Close) | None => return Ended::ByCaller,
+                },
+                message = socket.next() => match message {
+                    Some(Ok(Message::Text(text))) => self.route(&text),
+                    Some(Ok(Message::Close(frame))) => {
+                        let (code, reason) = frame
+                            .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
+                            .unwrap_or((None, String::new()));
+                        return Ended::Lost(code, reason);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Lost(None, e.to_string()),
+                    None => return Ended::Lost(None, "connection ended".into()),
+                },
+            }
+        }
+    }
+
+    fn route(&mut self, text: &str) {
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let Some(id) = frame["id"].as_u64() else {
+            return;
+        };
+        let Some(pending) = self.pending.get(&id) else {
+            return;
+        };
+        let kind = pending.kind;
+        let kind_of_frame = frame["type"].as_str().unwrap_or_default();
+        let finished = match (kind, kind_of_frame) {
+            (Kind::Watch, "snapshot") => {
+                if let ReplyTo::Stream(tx) = &pending.reply {
+                    if tx.try_send(frame).is_err() && tx.is_closed() {
+                        self.pending.remove(&id);
+                    }
+                }
+                return;
+            }
+            (_, "error") => Some(Err(error_of(&frame))),
+            (Kind::Submit | Kind::Subscribe, "result") => Some(Ok(frame)),
+            (Kind::SubmitNoWait, "accepted" | "result") => Some(Ok(frame)),
+            (Kind::Get, "status") | (Kind::Cancel, "cancelled") | (Kind::Ping, "pong") => {
+                Some(Ok(frame))
+            }
+            _ => None,
+        };
+        if let Some(outcome) = finished {
+            if let Some(p) = self.pending.remove(&id) {
+                reply(p.reply, outcome);
+            }
+        }
+    }
+}
+
+fn reply(to: ReplyTo, outcome: Result<Value, ClientError>) {
+    if let ReplyTo::Once(tx) = to {
+        let _ = tx.send(outcome);
+    }
+}
