@@ -43,6 +43,10 @@ threads = 2
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, config).await
+    }
+
+    pub async fn start_on(listener: TcpListener, config: Config) -> TestServer {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(herd::server::run(listener, config, async move {

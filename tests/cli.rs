@@ -1,0 +1,249 @@
+//! The `herd` binary's client subcommands and benchmark, against a real broker.
+
+mod common;
+
+use common::{key_of, TestServer};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn lines(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Runs `herd ARGS` against `server` (off the async runtime), feeding `stdin`.
+async fn run(server: &TestServer, args: &[&str], stdin: Option<&str>) -> Output {
+    let url = server.url();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(&args)
+            .env("HERD_URL", url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_get_subscribe_and_exit_codes() {
+    let server = TestServer::basic().await;
+    let out = run(&server, &["submit", r#"{"sleep_ms":1,"c":1}"#], None).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let result = &lines(&out)[0];
+    let key = key_of("default", &json!({"sleep_ms": 1, "c": 1}));
+    assert_eq!(result["key"], key);
+    assert_eq!(result["source"], "eval");
+    assert!(result["output"].is_object());
+
+    let out = run(&server, &["get", &key], None).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(lines(&out)[0]["state"], "done");
+    assert_eq!(lines(&out)[0]["output"], result["output"]);
+
+    let out = run(
+        &server,
+        &["submit", r#"{"fail":"nope","sleep_ms":1}"#],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(lines(&out)[0]["error"]["code"], "eval_failed");
+
+    let out = run(&server, &["submit", "{not json"], None).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&server, &["submit", "--fn", "missing", "1"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(lines(&out)[0]["error"]["code"], "unknown_fn");
+    let out = run(
+        &server,
+        &["submit", "--url", "ws://127.0.0.1:1/ws", "1"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+
+    let out = run(
+        &server,
+        &["submit", "--nowait", r#"{"sleep_ms":200,"c":2}"#],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let accepted = &lines(&out)[0];
+    assert_eq!(accepted["first"], true);
+    let pending_key = accepted["key"].as_str().unwrap().to_string();
+    let out = run(&server, &["subscribe", &pending_key], None).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(lines(&out)[0]["key"], pending_key.as_str());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_reads_json_lines_in_order() {
+    let server = TestServer::basic().await;
+    let input: String = (0..30)
+        .map(|n| format!("{{\"sleep_ms\": {}, \"n\": {n}}}\n", (30 - n) * 3))
+        .collect();
+    let out = run(&server, &["submit", "--fn", "echo", "-"], Some(&input)).await;
+    assert_eq!(out.status.code(), Some(0));
+    let results = lines(&out);
+    assert_eq!(results.len(), 30);
+    for (n, r) in results.iter().enumerate() {
+        assert_eq!(r["output"]["n"], n, "results come out in input order");
+    }
+    let out = run(&server, &["submit", "-"], Some("{\"ok\":1}\nnope\n")).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(lines(&out).len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_live_lines() {
+    let server = TestServer::basic().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["watch", "--interval-ms", "100"])
+        .env("HERD_URL", server.url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().expect("a line");
+    assert!(first.starts_with("conns 1 | submits 0"), "{first}");
+    assert!(text.lines().count() >= 3);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bench_scenario_reports_its_fields() {
+    let server = TestServer::basic().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id().to_string();
+    let scenarios: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec![
+                "agents",
+                "--fn",
+                "default",
+                "--submits",
+                "300",
+                "--distinct",
+                "40",
+                "--agents",
+                "4",
+                "--inflight",
+                "8",
+            ],
+            vec![
+                "submits",
+                "distinct_keys",
+                "evaluations",
+                "coalesced",
+                "cache_hits",
+                "wall_s",
+                "throughput",
+                "p50_ms",
+                "p90_ms",
+                "p99_ms",
+                "max_ms",
+                "overhead_p50_ms",
+                "overhead_p99_ms",
+            ],
+        ),
+        (
+            vec![
+                "burst",
+                "--fn",
+                "default",
+                "--sessions",
+                "5",
+                "--rounds",
+                "3",
+            ],
+            vec!["rounds", "evaluations", "spread_p50_ms", "spread_p99_ms"],
+        ),
+        (
+            vec![
+                "hits",
+                "--fn",
+                "default",
+                "--warm",
+                "50",
+                "--sessions",
+                "4",
+                "--depth",
+                "4",
+                "--duration-s",
+                "0.5",
+            ],
+            vec!["hits_per_s", "p50_ms", "p99_ms", "cpu_s_per_m"],
+        ),
+        (
+            vec!["fanout", "--fn", "default", "--subscribers", "40"],
+            vec![
+                "subscribers",
+                "delivered",
+                "first_ms",
+                "p50_ms",
+                "p99_ms",
+                "last_ms",
+            ],
+        ),
+        (
+            vec!["idle", "--sessions", "30", "--hold-s", "1"],
+            vec![
+                "sessions",
+                "rss_before_mb",
+                "rss_after_mb",
+                "kib_per_session",
+            ],
+        ),
+    ];
+    for (args, fields) in scenarios {
+        let file = dir.path().join(format!("{}.json", args[0]));
+        let mut all = vec!["bench", "--pid", &pid, "--json", file.to_str().unwrap()];
+        all.extend(args.iter());
+        let out = run(&server, &all, None).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("herd bench {}", args[0])));
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        for field in fields {
+            assert!(
+                report[field].is_number(),
+                "{}: {field} in {report}",
+                args[0]
+            );
+        }
+        match args[0] {
+            "agents" => assert_eq!(report["evaluations"], report["distinct_keys"]),
+            "burst" => assert_eq!(report["evaluations"], 3),
+            "fanout" => assert_eq!(report["delivered"], 40),
+            "hits" => assert_eq!(report["misses"], 0),
+            _ => {}
+        }
+    }
+    server.stop().await;
+}
