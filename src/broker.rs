@@ -4,6 +4,7 @@
 //! registry and the hub's inbox; the wait table is not here (the hub task
 //! owns it alone).
 
+use crate::auth::Gate;
 use crate::cache::ResultCache;
 use crate::config::Config;
 use crate::error::HerdError;
@@ -24,6 +25,8 @@ use tokio_util::task::TaskTracker;
 /// Everything a running broker shares.
 pub struct Broker {
     pub config: Config,
+    /// Who may open a session.
+    pub gate: Gate,
     pub cache: Arc<ResultCache>,
     pub metrics: Arc<Metrics>,
     pub evaluators: Arc<EvaluatorTable>,
@@ -46,6 +49,7 @@ impl Broker {
     /// Starts the evaluator threads and the hub task on the current runtime.
     pub fn start(config: Config) -> Result<Arc<Broker>, HerdError> {
         config.validate()?;
+        let gate = Gate::new(&config)?;
         let evaluator_configs = config.effective_evaluators();
         let metrics = Arc::new(Metrics::new());
         let evaluators = Arc::new(EvaluatorTable::new(&evaluator_configs, &metrics));
@@ -74,6 +78,7 @@ impl Broker {
             .max_frame_size(Some(l.max_frame_bytes));
         Ok(Arc::new(Broker {
             config,
+            gate,
             cache,
             metrics,
             evaluators,

@@ -20,9 +20,60 @@ pub struct Config {
     pub limits: Limits,
     pub cache: CacheConfig,
     pub dashboard: DashboardConfig,
+    /// `Origin` values allowed to open `/ws` besides the broker's own host
+    /// (requests without `Origin`, i.e. not from a browser, are not affected).
+    pub allowed_origins: Vec<String>,
+    /// Serve HTTPS/WSS directly (certificate and key in PEM files).
+    pub tls: Option<TlsConfig>,
+    /// Credentials: with none, every client is an `agent`.
+    #[serde(rename = "token")]
+    pub tokens: Vec<TokenConfig>,
     /// The evaluators, one per `fn` name clients may send.
     #[serde(rename = "evaluator")]
     pub evaluators: Vec<EvaluatorConfig>,
+}
+
+/// TLS on the listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain.
+    pub cert: PathBuf,
+    /// PEM file with the private key.
+    pub key: PathBuf,
+}
+
+/// One credential: who holds it (`name`, in logs and metrics) and what it may do.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: Role,
+    /// The secret itself; or, to keep it out of the file:
+    pub secret: Option<String>,
+    /// the name of an environment variable holding it;
+    pub secret_env: Option<String>,
+    /// or a file holding it (surrounding whitespace ignored).
+    pub secret_file: Option<PathBuf>,
+}
+
+/// What a session's credentials allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every op.
+    Agent,
+    /// `watch`, `unwatch`, `get` and `ping` only.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Viewer => "viewer",
+        }
+    }
 }
 
 impl Default for Config {
@@ -30,6 +81,9 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7878".parse().expect("valid default address"),
             allow_anonymous: false,
+            allowed_origins: Vec::new(),
+            tls: None,
+            tokens: Vec::new(),
             limits: Limits::default(),
             cache: CacheConfig::default(),
             dashboard: DashboardConfig::default(),
@@ -338,7 +392,24 @@ impl Config {
                 ));
             }
         }
-        if !self.listen.ip().is_loopback() && !self.allow_anonymous {
+        let mut token_names = HashSet::new();
+        for t in &self.tokens {
+            let sources = [
+                t.secret.is_some(),
+                t.secret_env.is_some(),
+                t.secret_file.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return bad(format!(
+                    "token {:?}: give exactly one of secret, secret_env, secret_file",
+                    t.name
+                ));
+            }
+            if t.name.is_empty() || !token_names.insert(t.name.as_str()) {
+                return bad(format!("token name {:?} is empty or used twice", t.name));
+            }
+        }
+        if self.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
             return bad(format!(
                 "refusing to listen on non-loopback {} with no tokens: every client would be an agent; set allow_anonymous = true to allow it",
                 self.listen

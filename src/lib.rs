@@ -30,10 +30,12 @@
 //!   evaluators, and programs plugged in as evaluators;
 //! - [`outbox`]: a session's outbound queue and close signal;
 //! - [`broker`]: the state every part shares; [`metrics`]: its figures;
+//! - [`auth`]: tokens, roles and the origin check;
 //! - [`config`] and [`error`];
 //! - the client side: [`client`] (a Rust client), [`cli`] (the `herd`
 //!   client subcommands) and [`bench`] (the WORKLOAD.md scenarios).
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod cache;

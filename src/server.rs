@@ -7,11 +7,12 @@
 //! way finish and their results are delivered, then sessions close with
 //! 1001; every step is bounded by `limits.drain_timeout_s`.
 
+use crate::auth::Refusal;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::error::HerdError;
 use crate::outbox::close;
-use crate::session::{self, Role};
+use crate::session;
 use crate::web;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -199,7 +200,17 @@ async fn upgrade(
     else {
         return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
-    let role = Role::Agent;
+    let identity = match broker.gate.admit(headers, request.uri()) {
+        Ok(identity) => identity,
+        Err(Refusal::Unauthorized) => {
+            info!(%peer, "upgrade refused: missing or unknown token");
+            return plain(StatusCode::UNAUTHORIZED, "a valid token is required\n");
+        }
+        Err(Refusal::ForeignOrigin) => {
+            info!(%peer, "upgrade refused: origin not allowed");
+            return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
+    };
     if broker.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "broker shutting down\n");
     }
@@ -220,7 +231,7 @@ async fn upgrade(
                     Some(session_broker.ws_config),
                 )
                 .await;
-                session::serve(ws, session_broker, peer, role).await;
+                session::serve(ws, session_broker, peer, identity).await;
             }
             Err(error) => {
                 warn!(%peer, %error, "upgrade failed");

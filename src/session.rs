@@ -7,7 +7,9 @@
 //! (`feed`, then one `flush`), sends heartbeats, and closes the session with
 //! the code chosen by whoever asked first.
 
+use crate::auth::Identity;
 use crate::broker::Broker;
+use crate::config::Role;
 use crate::error::ErrorCode;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
@@ -28,43 +30,31 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-/// What a session's credentials allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Every op.
-    Agent,
-    /// `watch`, `unwatch`, `get` and `ping` only.
-    Viewer,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Agent => "agent",
-            Role::Viewer => "viewer",
-        }
-    }
-
-    fn allows(self, op: &Op) -> bool {
-        match self {
-            Role::Agent => true,
-            Role::Viewer => matches!(
-                op,
-                Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping
-            ),
-        }
+/// Whether `role` may use `op`.
+fn allows(role: Role, op: &Op) -> bool {
+    match role {
+        Role::Agent => true,
+        Role::Viewer => matches!(
+            op,
+            Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping
+        ),
     }
 }
 
 /// Serves one upgraded connection until it closes. The caller has taken a
 /// connection slot with [`Broker::admit`]; it is given back here.
-pub async fn serve<S>(ws: WebSocketStream<S>, broker: Arc<Broker>, peer: SocketAddr, role: Role)
-where
+pub async fn serve<S>(
+    ws: WebSocketStream<S>,
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    identity: Identity,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = broker.next_session_id();
     let uuid = uuid::Uuid::new_v4();
-    let span = tracing::info_span!("session", %peer, session = %uuid);
+    let role = identity.role;
+    let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
     async move {
         let ctl = Arc::new(SessionCtl::new(id));
         broker.sessions.insert(id, Arc::clone(&ctl));
@@ -88,7 +78,7 @@ where
         broker.release();
         let code = ctl.code();
         broker.metrics.record_close(code);
-        info!(code, "session closed");
+        info!(code, reason = close::reason(code), "session closed");
     }
     .instrument(span)
     .await
@@ -189,7 +179,7 @@ impl Reader<'_> {
             Err(rejection) => return self.outbox.push(rejection.frame()),
         };
         let id = request.id;
-        if !self.role.allows(&request.op) {
+        if !allows(self.role, &request.op) {
             return self.reject(
                 &id,
                 ErrorCode::Forbidden,

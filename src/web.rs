@@ -5,11 +5,23 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 /// (path, content type, bytes) of every file under `web/`.
-const FILES: &[(&str, &str, &[u8])] = &[(
-    "/index.html",
-    "text/html; charset=utf-8",
-    include_bytes!("../web/index.html"),
-)];
+const FILES: &[(&str, &str, &[u8])] = &[
+    (
+        "/index.html",
+        "text/html; charset=utf-8",
+        include_bytes!("../web/index.html"),
+    ),
+    (
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../web/app.js"),
+    ),
+    (
+        "/style.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../web/style.css"),
+    ),
+];
 
 /// Serves `/` and the files of `web/`.
 pub async fn serve(request: Request) -> Response {

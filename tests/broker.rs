@@ -621,7 +621,10 @@ async fn http_routes() {
     assert_eq!(server.http_get("/readyz").await.0, 200);
     let (status, body) = server.http_get("/").await;
     assert_eq!(status, 200);
-    assert!(body.contains("herd"));
+    assert!(body.contains("<title>herd</title>"));
+    let (status, js) = server.http_get("/app.js").await;
+    assert_eq!(status, 200);
+    assert!(js.contains("\"watch\""));
     assert_eq!(server.http_get("/nope").await.0, 404);
     assert_eq!(server.http_get("/ws").await.0, 426);
     let mut c = server.client().await;

@@ -1,0 +1,229 @@
+//! Who may connect, and as what: tokens, roles, and the browser origin check.
+//!
+//! Secrets are resolved once at start-up (from the config, an environment
+//! variable or a file) and compared in constant time. With no token
+//! configured every client is an `agent` (the config refuses that on a
+//! non-loopback address unless `allow_anonymous` says so).
+
+use crate::config::{Config, Role, TokenConfig};
+use crate::error::HerdError;
+use axum::http::{header, HeaderMap, Uri};
+use subtle::ConstantTimeEq;
+
+/// The holder of a session's credentials.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The token's name ("anonymous" without tokens), for logs and metrics.
+    pub name: String,
+    pub role: Role,
+}
+
+struct Credential {
+    name: String,
+    role: Role,
+    secret: Vec<u8>,
+}
+
+/// The credentials and origins a broker accepts.
+pub struct Gate {
+    credentials: Vec<Credential>,
+    allowed_origins: Vec<String>,
+}
+
+/// Why an upgrade is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No token, or a wrong one: HTTP 401.
+    Unauthorized,
+    /// A browser page from another origin: HTTP 403.
+    ForeignOrigin,
+}
+
+impl Gate {
+    /// Resolves every token's secret; fails if one cannot be read or is empty.
+    pub fn new(config: &Config) -> Result<Gate, HerdError> {
+        let credentials = config
+            .tokens
+            .iter()
+            .map(|t| {
+                Ok(Credential {
+                    name: t.name.clone(),
+                    role: t.role,
+                    secret: resolve(t)?.into_bytes(),
+                })
+            })
+            .collect::<Result<_, HerdError>>()?;
+        Ok(Gate {
+            credentials,
+            allowed_origins: config
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        })
+    }
+
+    /// Checks an upgrade request's origin and credentials.
+    pub fn admit(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
+        self.check_origin(headers)?;
+        if self.credentials.is_empty() {
+            return Ok(Identity {
+                name: "anonymous".into(),
+                role: Role::Agent,
+            });
+        }
+        let presented = bearer(headers)
+            .or_else(|| query_token(uri))
+            .ok_or(Refusal::Unauthorized)?;
+        // Compare with every credential so the time taken does not tell which matched.
+        let mut found = None;
+        for c in &self.credentials {
+            if bool::from(c.secret.as_slice().ct_eq(presented.as_bytes())) {
+                found = Some(c);
+            }
+        }
+        found
+            .map(|c| Identity {
+                name: c.name.clone(),
+                role: c.role,
+            })
+            .ok_or(Refusal::Unauthorized)
+    }
+
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+            return Ok(());
+        };
+        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+        if self.allowed_origins.contains(&origin) {
+            return Ok(());
+        }
+        let origin_host = origin.split_once("://").map(|(_, h)| h);
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        match (origin_host, host) {
+            (Some(o), Some(h)) if o == h => Ok(()),
+            _ => Err(Refusal::ForeignOrigin),
+        }
+    }
+}
+
+fn resolve(t: &TokenConfig) -> Result<String, HerdError> {
+    let bad = |m: String| HerdError::Config(format!("token {:?}: {m}", t.name));
+    let secret = if let Some(s) = &t.secret {
+        s.clone()
+    } else if let Some(var) = &t.secret_env {
+        std::env::var(var).map_err(|_| bad(format!("environment variable {var} is not set")))?
+    } else if let Some(path) = &t.secret_file {
+        std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?
+            .trim()
+            .to_string()
+    } else {
+        return Err(bad("no secret".into()));
+    };
+    if secret.is_empty() {
+        return Err(bad("the secret is empty".into()));
+    }
+    Ok(secret)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn query_token(uri: &Uri) -> Option<String> {
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn gate(toml: &str) -> Gate {
+        Gate::new(&Config::from_toml(toml).unwrap()).unwrap()
+    }
+
+    const TOKENS: &str = "[[token]]\nname = \"a\"\nrole = \"agent\"\nsecret = \"s3cret\"\n[[token]]\nname = \"v\"\nrole = \"viewer\"\nsecret = \"look\"\n";
+
+    #[test]
+    fn bearer_and_query_tokens() {
+        let g = gate(TOKENS);
+        let mut h = HeaderMap::new();
+        let uri: Uri = "/ws".parse().unwrap();
+        assert_eq!(g.admit(&h, &uri).unwrap_err(), Refusal::Unauthorized);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
+        let id = g.admit(&h, &uri).unwrap();
+        assert_eq!((id.name.as_str(), id.role), ("a", Role::Agent));
+        let uri: Uri = "/ws?x=1&token=look".parse().unwrap();
+        let id = g.admit(&HeaderMap::new(), &uri).unwrap();
+        assert_eq!(id.role, Role::Viewer);
+        let uri: Uri = "/ws?token=nope".parse().unwrap();
+        assert!(g.admit(&HeaderMap::new(), &uri).is_err());
+    }
+
+    #[test]
+    fn origins() {
+        let g = gate("allowed_origins = [\"https://dash.example.com\"]");
+        let uri: Uri = "/ws".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:7878"));
+        assert!(g.admit(&h, &uri).is_ok(), "no Origin: not a browser");
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:7878"),
+        );
+        assert!(g.admit(&h, &uri).is_ok(), "same host");
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://dash.example.com"),
+        );
+        assert!(g.admit(&h, &uri).is_ok(), "allowed");
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert_eq!(g.admit(&h, &uri).unwrap_err(), Refusal::ForeignOrigin);
+    }
+
+    #[test]
+    fn secrets_from_env_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        std::env::set_var("HERD_TEST_SECRET", "from-env");
+        let g = gate(&format!(
+            "[[token]]\nname = \"e\"\nrole = \"agent\"\nsecret_env = \"HERD_TEST_SECRET\"\n[[token]]\nname = \"f\"\nrole = \"viewer\"\nsecret_file = {:?}\n",
+            file.display().to_string()
+        ));
+        let mut h = HeaderMap::new();
+        let uri: Uri = "/ws".parse().unwrap();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer from-file"),
+        );
+        assert_eq!(g.admit(&h, &uri).unwrap().name, "f");
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer from-env"),
+        );
+        assert_eq!(g.admit(&h, &uri).unwrap().name, "e");
+        let missing = Config::from_toml(
+            "[[token]]\nname = \"m\"\nrole = \"agent\"\nsecret_env = \"HERD_NO_SUCH_VAR\"\n",
+        )
+        .unwrap();
+        assert!(Gate::new(&missing).is_err());
+    }
+}

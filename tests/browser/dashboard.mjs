@@ -1,0 +1,86 @@
+// Drives the herd dashboard in headless Chromium; started by tests/dashboard.rs.
+//
+//   node dashboard.mjs '<json options>'
+//
+// mode "inflight": opens the page, submits a slow evaluation twice with the
+//   `herd` binary, and checks that its row appears with the right key and
+//   waiter count, that it leaves when done, and that the counters move.
+// mode "disconnect": opens the page, prints CONNECTED, and waits until the
+//   page shows that the broker went away (the Rust test stops it).
+import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+
+const opts = JSON.parse(process.argv[2]);
+const TIMEOUT = 15000;
+
+function fail(message) {
+  console.error("FAIL: " + message);
+  process.exit(1);
+}
+
+const browser = await chromium.launch({
+  executablePath: opts.chromium || "/usr/bin/chromium",
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+const pageErrors = [];
+page.on("pageerror", (e) => pageErrors.push(String(e)));
+
+try {
+  const url = opts.base + "/" + (opts.pageToken ? "?token=" + encodeURIComponent(opts.pageToken) : "");
+  await page.goto(url);
+  await page.waitForSelector('#link[data-state="connected"]', { timeout: TIMEOUT });
+  const role = await page.textContent("#server");
+  if (opts.expectRole && !role.includes("role " + opts.expectRole)) fail("role shown: " + role);
+  // Snapshots arrive: the connection count is rendered.
+  await page.waitForFunction(() => document.getElementById("f-connections").textContent !== "–", null, { timeout: TIMEOUT });
+
+  if (opts.mode === "disconnect") {
+    console.log("CONNECTED");
+    await page.waitForSelector('#link[data-state="disconnected"]', { timeout: TIMEOUT });
+    const text = await page.textContent("#link");
+    if (!text.includes("retrying")) fail("indicator says: " + text);
+    if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
+    console.log("DISCONNECTED");
+  } else {
+    const submitsBefore = Number((await page.textContent("#f-submits")).replace(/[^0-9]/g, ""));
+    const env = { ...process.env, HERD_URL: opts.wsUrl };
+    if (opts.agentToken) env.HERD_TOKEN = opts.agentToken;
+    const agents = [0, 1].map(() => spawn(opts.herd, ["submit", opts.input], { env, stdio: "ignore" }));
+    const row = `#inflight tr[data-key="${opts.key}"]`;
+    await page.waitForSelector(row, { timeout: TIMEOUT });
+    await page.waitForFunction(
+      (sel) => document.querySelector(sel + " td.waiters")?.textContent === "2",
+      row, { timeout: TIMEOUT });
+    const keyTitle = await page.getAttribute(row + " td.key", "title");
+    if (keyTitle !== opts.key) fail("full key on hover is " + keyTitle);
+    const shown = await page.textContent(row + " td.key");
+    if (!opts.key.startsWith(shown.replace("…", ""))) fail("shortened key is " + shown);
+    await page.click(row + " td.key");
+    if ((await page.textContent(row + " td.key")) !== opts.key) fail("click does not show the full key");
+    if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
+    // The row leaves when the evaluation ends; the completion is listed.
+    await page.waitForSelector(row, { state: "detached", timeout: TIMEOUT });
+    await page.waitForSelector(`#recent tr[data-key="${opts.key}"]`, { timeout: TIMEOUT });
+    const shared = await page.textContent(`#recent tr[data-key="${opts.key}"] td:nth-child(4)`);
+    if (shared !== "2") fail("recent shows shared by " + shared);
+    await page.waitForFunction(
+      (before) => Number(document.getElementById("f-submits").textContent.replace(/[^0-9]/g, "")) >= before + 2,
+      submitsBefore, { timeout: TIMEOUT });
+    const evals = await page.textContent("#f-evaluations");
+    if (!/^[1-9]/.test(evals)) fail("evaluations counter: " + evals);
+    const points = await page.getAttribute("#chart polyline.s-submits", "points");
+    if (!points || points.split(" ").length < 2) fail("the chart has no line: " + points);
+    for (const a of agents) a.kill();
+    console.log("OK");
+  }
+  if (pageErrors.length) fail("page errors: " + pageErrors.join("; "));
+} catch (e) {
+  if (opts.screenshot) await page.screenshot({ path: opts.screenshot.replace(/\.png$/, "-failed.png"), fullPage: true }).catch(() => {});
+  fail(e.message);
+} finally {
+  await browser.close();
+}

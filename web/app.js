@@ -1,0 +1,200 @@
+// herd dashboard: one `watch` subscription, rendered one snapshot at a time.
+//
+// The page never updates the DOM per request: it redraws from each snapshot
+// (every INTERVAL_MS) and ticks the ages of in-flight rows in between.
+"use strict";
+
+const INTERVAL_MS = 500;
+const HISTORY_S = 300;            // chart span
+const BACKOFF_FIRST_MS = 500;     // reconnect delay, doubling
+const BACKOFF_MAX_MS = 10000;
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
+
+let socket = null;
+let backoff = BACKOFF_FIRST_MS;
+let previous = null;              // last snapshot's {at, stats}
+let received = 0;                 // performance.now() of the last snapshot
+let history = [];                 // [{t, submits, hits, evals}] per second
+const expanded = new Set();       // keys shown in full
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const query = token ? "?token=" + encodeURIComponent(token) : "";
+  return scheme + "//" + location.host + "/ws" + query;
+}
+
+function setLink(state, text) {
+  const el = $("link");
+  el.dataset.state = state;
+  el.textContent = text;
+  el.className = "link " + (state === "connected" ? "up" : "down");
+}
+
+function connect() {
+  setLink("connecting", "connecting…");
+  socket = new WebSocket(wsUrl());
+  socket.onopen = () => {
+    backoff = BACKOFF_FIRST_MS;
+    socket.send(JSON.stringify({ op: "watch", interval_ms: INTERVAL_MS }));
+  };
+  socket.onmessage = (event) => {
+    const frame = JSON.parse(event.data);
+    if (frame.type === "hello") {
+      $("server").textContent = frame.server + " · role " + frame.role;
+      setLink("connected", "connected");
+    } else if (frame.type === "snapshot") {
+      render(frame);
+    } else if (frame.type === "error") {
+      $("server").textContent = "error: " + frame.message;
+    }
+  };
+  socket.onclose = () => {
+    const wait = backoff;
+    backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+    setLink("disconnected", "disconnected · retrying in " + Math.round(wait / 1000) + " s");
+    setTimeout(connect, wait);
+  };
+}
+
+function fmtInt(n) { return Number(n).toLocaleString("en-US"); }
+function fmtRate(n) { return n >= 100 ? fmtInt(Math.round(n)) : n.toFixed(1); }
+function fmtBytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+function fmtMs(ms) { return ms >= 10000 ? (ms / 1000).toFixed(1) + " s" : Math.round(ms) + " ms"; }
+function pct(part, whole) { return whole > 0 ? (100 * part / whole).toFixed(1) + "%" : "–"; }
+
+function render(snap) {
+  const s = snap.stats;
+  received = performance.now();
+  let rates = { submits: 0, hits: 0, evals: 0 };
+  if (previous && snap.at_ms > previous.at) {
+    const dt = (snap.at_ms - previous.at) / 1000;
+    rates = {
+      submits: Math.max(0, s.submits - previous.stats.submits) / dt,
+      hits: Math.max(0, s.cache_hits - previous.stats.cache_hits) / dt,
+      evals: Math.max(0, s.evaluations - previous.stats.evaluations) / dt,
+    };
+    pushHistory(snap.at_ms, rates);
+  }
+  previous = { at: snap.at_ms, stats: s };
+
+  $("f-connections").textContent = fmtInt(s.connections);
+  $("f-submit-rate").textContent = fmtRate(rates.submits);
+  $("f-submits").textContent = fmtInt(s.submits) + " in all";
+  $("f-hit-rate").textContent = pct(s.cache_hits, s.submits);
+  $("f-hits").textContent = fmtInt(s.cache_hits) + " hits";
+  $("f-eval-rate").textContent = fmtRate(rates.evals);
+  $("f-evaluations").textContent = fmtInt(s.evaluations) + " in all";
+  $("f-saved").textContent = pct(s.coalesced + s.cache_hits, s.submits);
+  $("f-coalesced").textContent = fmtInt(s.coalesced) + " coalesced";
+  $("f-failures").textContent = fmtInt(s.failures);
+  $("f-timeouts").textContent = fmtInt(s.timeouts || 0) + " timeouts";
+  $("f-queued").textContent = fmtInt(s.queued);
+  $("f-running").textContent = fmtInt(s.running) + " running";
+  $("f-cache").textContent = fmtBytes(s.cache_bytes);
+  $("f-cache-entries").textContent = fmtInt(s.cache_entries) + " entries of " + fmtBytes(s.cache_max_bytes || 0);
+  $("f-cache-fill").style.width = s.cache_max_bytes ? (100 * s.cache_bytes / s.cache_max_bytes).toFixed(2) + "%" : "0";
+
+  renderInflight(snap.inflight);
+  renderRecent(snap.recent);
+  drawChart();
+}
+
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  tr.appendChild(td);
+  return td;
+}
+
+function keyCell(tr, key) {
+  const full = expanded.has(key);
+  const td = cell(tr, full ? key : key.slice(0, 12) + "…", "key" + (full ? " full" : ""));
+  td.title = key;
+  td.onclick = () => {
+    if (expanded.has(key)) expanded.delete(key); else expanded.add(key);
+    td.textContent = expanded.has(key) ? key : key.slice(0, 12) + "…";
+    td.classList.toggle("full");
+  };
+}
+
+function renderInflight(rows) {
+  const body = document.querySelector("#inflight tbody");
+  const fresh = document.createDocumentFragment();
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.key = r.key;
+    keyCell(tr, r.key);
+    cell(tr, r.fn);
+    cell(tr, r.state, "state-" + r.state);
+    cell(tr, fmtInt(r.waiters), "num waiters");
+    const age = cell(tr, fmtMs(r.age_ms), "num age");
+    age.dataset.age = r.age_ms;
+    const preview = cell(tr, r.input_preview, "preview");
+    preview.title = r.input_preview;
+    fresh.appendChild(tr);
+  }
+  body.replaceChildren(fresh);
+  $("inflight-count").textContent = rows.length ? "(" + rows.length + ")" : "";
+  $("inflight-empty").hidden = rows.length > 0;
+}
+
+function renderRecent(rows) {
+  const body = document.querySelector("#recent tbody");
+  const fresh = document.createDocumentFragment();
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.key = r.key;
+    keyCell(tr, r.key);
+    cell(tr, r.fn);
+    cell(tr, fmtMs(r.eval_ms), "num");
+    cell(tr, fmtInt(r.shared), "num");
+    cell(tr, r.ok ? "ok" : "failed", r.ok ? "ok" : "failed");
+    fresh.appendChild(tr);
+  }
+  body.replaceChildren(fresh);
+  $("recent-empty").hidden = rows.length > 0;
+}
+
+function pushHistory(atMs, rates) {
+  const t = Math.floor(atMs / 1000);
+  const last = history[history.length - 1];
+  if (last && last.t === t) {
+    Object.assign(last, rates);
+  } else {
+    history.push({ t, ...rates });
+  }
+  while (history.length && history[0].t < t - HISTORY_S) history.shift();
+}
+
+function drawChart() {
+  const W = 600, H = 160;
+  const max = Math.max(1, ...history.map((p) => Math.max(p.submits, p.hits, p.evals)));
+  const now = history.length ? history[history.length - 1].t : 0;
+  const x = (t) => W - ((now - t) / HISTORY_S) * W;
+  const y = (v) => H - (v / max) * (H - 6) - 3;
+  for (const [series, cls] of [["submits", "s-submits"], ["hits", "s-hits"], ["evals", "s-evals"]]) {
+    const points = history.map((p) => x(p.t).toFixed(1) + "," + y(p[series]).toFixed(1)).join(" ");
+    document.querySelector("#chart polyline." + cls).setAttribute("points", points);
+  }
+  $("chart-max").textContent = "max " + fmtRate(max) + "/s";
+  $("chart-span").textContent = "last " + HISTORY_S / 60 + " min";
+}
+
+// Ages tick between snapshots without touching anything else.
+setInterval(() => {
+  const since = performance.now() - received;
+  for (const td of document.querySelectorAll("#inflight td.age")) {
+    td.textContent = fmtMs(Number(td.dataset.age) + since);
+  }
+}, 100);
+
+connect();
