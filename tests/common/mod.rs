@@ -158,6 +158,11 @@ pub struct Client {
 impl Client {
     pub async fn connect(url: &str) -> Client {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Self::from_socket(ws).await
+    }
+
+    /// Wraps an open socket and reads its `hello`.
+    pub async fn from_socket(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
         let mut c = Client {
             ws,
             hello: Value::Null,

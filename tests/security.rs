@@ -1,0 +1,169 @@
+//! Access control and hostile input, against a real broker.
+
+mod common;
+
+use common::{config, Client, TestServer, BASIC};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+const TOKENS: &str = r#"
+[[token]]
+name = "build-agents"
+role = "agent"
+secret = "agent-secret"
+[[token]]
+name = "ops"
+role = "viewer"
+secret = "viewer-secret"
+"#;
+
+async fn status_of(request: tokio_tungstenite::tungstenite::handshake::client::Request) -> u16 {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("{other:?}"),
+    }
+}
+
+fn request(
+    url: &str,
+    header: Option<(&'static str, &str)>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut r = url.into_client_request().unwrap();
+    if let Some((name, value)) = header {
+        r.headers_mut()
+            .insert(name, HeaderValue::from_str(value).unwrap());
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles() {
+    let server = TestServer::start(config(&format!("{TOKENS}{BASIC}"))).await;
+    let url = server.url();
+    assert_eq!(status_of(request(&url, None)).await, 401);
+    assert_eq!(
+        status_of(request(&url, Some(("authorization", "Bearer wrong")))).await,
+        401
+    );
+    assert_eq!(
+        status_of(request(&format!("{url}?token=wrong"), None)).await,
+        401
+    );
+
+    let mut agent = Client::connect(&format!("{url}?token=agent-secret")).await;
+    assert_eq!(agent.hello["role"], "agent");
+    let r = agent
+        .request(json!({"op": "submit", "fn": "echo", "input": 1}))
+        .await;
+    assert_eq!(r["type"], "accepted");
+
+    let (ws, _) = tokio_tungstenite::connect_async(request(
+        &url,
+        Some(("authorization", "Bearer viewer-secret")),
+    ))
+    .await
+    .unwrap();
+    let mut viewer = Client::from_socket(ws).await;
+    assert_eq!(viewer.hello["role"], "viewer");
+    for op in [
+        json!({"op": "submit", "id": 1, "input": 1}),
+        json!({"op": "subscribe", "id": 2, "key": "0".repeat(32)}),
+        json!({"op": "cancel", "id": 3, "key": "0".repeat(32)}),
+    ] {
+        let e = viewer.request(op).await;
+        assert_eq!(e["code"], "forbidden", "{e}");
+        assert!(e["id"].is_number());
+    }
+    assert_eq!(viewer.request(json!({"op": "ping"})).await["type"], "pong");
+    assert_eq!(
+        viewer
+            .request(json!({"op": "get", "key": "0".repeat(32)}))
+            .await["type"],
+        "status"
+    );
+    assert_eq!(
+        viewer.request(json!({"op": "watch"})).await["type"],
+        "snapshot"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_pages_from_other_origins_are_refused() {
+    let server = TestServer::start(config(&format!(
+        "allowed_origins = [\"https://dash.example.com\"]\n{BASIC}"
+    )))
+    .await;
+    let url = server.url();
+    let own = format!("http://{}", server.addr);
+    assert_eq!(
+        status_of(request(&url, Some(("origin", "https://evil.example")))).await,
+        403
+    );
+    assert_eq!(status_of(request(&url, Some(("origin", &own)))).await, 101);
+    assert_eq!(
+        status_of(request(&url, Some(("origin", "https://dash.example.com")))).await,
+        101
+    );
+    assert_eq!(
+        status_of(request(&url, None)).await,
+        101,
+        "no Origin: not a browser"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_session_gets_busy_and_others_are_still_served() {
+    let server = TestServer::start(config(&format!("[limits]\nmax_pending = 50\n{BASIC}"))).await;
+    let mut flood = server.client().await;
+    for n in 0..200 {
+        flood
+            .send(json!({"op": "submit", "id": n, "input": {"sleep_ms": 500, "n": n}}))
+            .await;
+    }
+    let mut busy = 0;
+    let mut accepted = 0;
+    for _ in 0..200 {
+        let r = flood.recv().await;
+        match r["type"].as_str().unwrap() {
+            "accepted" => accepted += 1,
+            "error" => {
+                assert_eq!(r["code"], "busy");
+                busy += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(accepted, 50);
+    assert_eq!(busy, 150);
+    let mut other = server.client().await;
+    other
+        .send(json!({"op": "submit", "fn": "echo", "input": "still served"}))
+        .await;
+    assert_eq!(other.recv_type("result").await["output"], "still served");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_or_large_json_is_refused_without_harm() {
+    let server = TestServer::basic().await;
+    let mut c = server.client().await;
+    let deep = format!(
+        "{{\"op\":\"submit\",\"input\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    c.send_text(&deep).await;
+    let e = c.recv().await;
+    assert_eq!(e["code"], "bad_json", "{e}");
+    // Large but within max_frame_bytes: a 900 KB input is evaluated normally.
+    let big = json!({"op": "submit", "fn": "echo", "input": {"blob": "y".repeat(900_000)}});
+    c.send(big).await;
+    let r = c.recv_type("result").await;
+    assert_eq!(r["output"]["blob"].as_str().unwrap().len(), 900_000);
+    assert_eq!(c.request(json!({"op": "ping"})).await["type"], "pong");
+    server.stop().await;
+}
