@@ -53,9 +53,14 @@ pub enum HubMsg {
     /// The session is gone; drop its waits.
     SessionClosed { session: SessionId },
     /// An evaluator thread took a job.
-    Started { key: Key, gen: u64 },
+    Started {
+        evaluator: usize,
+        key: Key,
+        gen: u64,
+    },
     /// An evaluator thread finished a job.
     Done {
+        evaluator: usize,
         key: Key,
         gen: u64,
         outcome: Result<String, EvalError>,
@@ -68,6 +73,8 @@ pub struct Waiter {
     pub key: Key,
     pub id: ReqId,
     pub outbox: Outbox,
+    /// When a submit arrived (for the latency histogram); None for subscriptions.
+    pub since: Option<Instant>,
 }
 
 struct JobState {
@@ -205,13 +212,18 @@ impl Hub {
             HubMsg::Cancel { key, id, outbox } => self.cancel(key, id, outbox),
             HubMsg::Snapshot { id, outbox } => outbox.push(self.snapshot(&id)),
             HubMsg::SessionClosed { session } => self.session_closed(session),
-            HubMsg::Started { key, gen } => self.started(key, gen),
+            HubMsg::Started {
+                evaluator,
+                key,
+                gen,
+            } => self.started(evaluator, key, gen),
             HubMsg::Done {
+                evaluator,
                 key,
                 gen,
                 outcome,
                 eval_ms,
-            } => self.done(key, gen, outcome, eval_ms),
+            } => self.done(evaluator, key, gen, outcome, eval_ms),
         }
     }
 
@@ -248,8 +260,9 @@ impl Hub {
     }
 
     fn submit(&mut self, waiter: Waiter, evaluator: usize, input: Arc<str>, wait: bool) {
+        let metrics = &self.evaluators.get(evaluator).metrics;
         if self.answered_from_cache(&waiter) {
-            self.metrics.cache_hits.inc();
+            metrics.cache_hits.inc();
             return;
         }
         let session = waiter.outbox.session();
@@ -263,7 +276,7 @@ impl Hub {
         let key = waiter.key;
         let joined = self.table.get(&key).and_then(|e| e.job.as_ref()).is_some();
         if joined {
-            self.metrics.coalesced.inc();
+            metrics.coalesced.inc();
         } else {
             if self.draining.load(Ordering::Acquire) {
                 return Self::reject(
@@ -466,8 +479,8 @@ impl Hub {
         Some(entry)
     }
 
-    fn started(&mut self, key: Key, gen: u64) {
-        self.metrics.evaluations.inc();
+    fn started(&mut self, evaluator: usize, key: Key, gen: u64) {
+        self.evaluators.get(evaluator).metrics.evaluations.inc();
         let Some(job) = self
             .table
             .get_mut(&key)
@@ -483,7 +496,17 @@ impl Hub {
         self.metrics.running.inc();
     }
 
-    fn done(&mut self, key: Key, gen: u64, outcome: Result<String, EvalError>, eval_ms: f64) {
+    fn done(
+        &mut self,
+        evaluator: usize,
+        key: Key,
+        gen: u64,
+        outcome: Result<String, EvalError>,
+        eval_ms: f64,
+    ) {
+        let metrics = &self.evaluators.get(evaluator).metrics;
+        metrics.eval_seconds.observe(eval_ms / 1000.0);
+        tracing::debug!(key = %key, evaluator = &*self.evaluators.get(evaluator).name, eval_ms, ok = outcome.is_ok(), "evaluation done");
         let current = self
             .table
             .get(&key)
@@ -502,11 +525,11 @@ impl Hub {
                 match &outcome {
                     Ok(_) => {}
                     Err(EvalError::Failed(_)) => {
-                        self.metrics.failures.inc();
+                        metrics.failures.inc();
                     }
                     Err(EvalError::Timeout(_)) => {
-                        self.metrics.failures.inc();
-                        self.metrics.timeouts.inc();
+                        metrics.failures.inc();
+                        metrics.timeouts.inc();
                     }
                 }
                 self.deliver(key, evaluator, outcome, eval_ms);
@@ -540,8 +563,8 @@ impl Hub {
             &*spec.name
         ));
         let ms = spec.timeout.as_secs_f64() * 1000.0;
-        self.metrics.failures.inc();
-        self.metrics.timeouts.inc();
+        spec.metrics.failures.inc();
+        spec.metrics.timeouts.inc();
         self.deliver(key, evaluator, Err(error), ms);
     }
 
@@ -567,8 +590,12 @@ impl Hub {
             .millis("eval_ms", eval_ms)
             .uint("shared", shared as u64)
             .finish();
+        let latency = &self.evaluators.get(evaluator).metrics.latency_seconds;
         for waiter in &entry.waiters {
             waiter.outbox.push(result_frame(&waiter.id, &tail));
+            if let Some(since) = waiter.since {
+                latency.observe(since.elapsed().as_secs_f64());
+            }
         }
         self.release_waits(&entry.waiters);
         self.recent.push_front(Recent {
@@ -605,7 +632,7 @@ impl Hub {
                 input_preview: &job.preview,
             })
             .collect();
-        let stats = self.metrics.stats(&self.cache);
+        let stats = self.metrics.stats(&self.cache, &self.evaluators);
         let at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);

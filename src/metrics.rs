@@ -4,10 +4,12 @@
 //! object is read from the same metrics, so the two views cannot disagree.
 
 use crate::cache::ResultCache;
+use crate::pool::EvaluatorTable;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
@@ -23,15 +25,41 @@ pub fn fn_label(name: &str) -> FnLabel {
     [("fn", name.to_string())]
 }
 
-/// The broker's figures.
-pub struct Metrics {
-    registry: Registry,
+/// Histogram buckets of evaluation time: 1 ms to about 33 s.
+fn eval_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Histogram buckets of submit-to-result latency: 50 µs to about 27 s.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// The figures of one evaluator (`{fn="…"}`), held by its spec so that
+/// counting never looks a label up.
+#[derive(Clone, Debug)]
+pub struct FnMetrics {
     pub submits: Counter,
     pub cache_hits: Counter,
     pub evaluations: Counter,
     pub coalesced: Counter,
     pub failures: Counter,
     pub timeouts: Counter,
+    pub eval_seconds: Histogram,
+    pub latency_seconds: Histogram,
+}
+
+/// The broker's figures.
+pub struct Metrics {
+    registry: Registry,
+    submits: Family<FnLabel, Counter>,
+    cache_hits: Family<FnLabel, Counter>,
+    evaluations: Family<FnLabel, Counter>,
+    coalesced: Family<FnLabel, Counter>,
+    failures: Family<FnLabel, Counter>,
+    timeouts: Family<FnLabel, Counter>,
+    eval_seconds: Family<FnLabel, Histogram, fn() -> Histogram>,
+    latency_seconds: Family<FnLabel, Histogram, fn() -> Histogram>,
     pub connections: Gauge,
     pub queued: Gauge,
     pub running: Gauge,
@@ -72,12 +100,14 @@ impl Metrics {
         let mut registry = Registry::with_prefix("herd");
         let m = Metrics {
             registry: Registry::default(),
-            submits: Counter::default(),
-            cache_hits: Counter::default(),
-            evaluations: Counter::default(),
-            coalesced: Counter::default(),
-            failures: Counter::default(),
-            timeouts: Counter::default(),
+            submits: Family::default(),
+            cache_hits: Family::default(),
+            evaluations: Family::default(),
+            coalesced: Family::default(),
+            failures: Family::default(),
+            timeouts: Family::default(),
+            eval_seconds: Family::new_with_constructor(eval_buckets),
+            latency_seconds: Family::new_with_constructor(latency_buckets),
             connections: Gauge::default(),
             queued: Gauge::default(),
             running: Gauge::default(),
@@ -143,22 +173,51 @@ impl Metrics {
             "Worker processes replaced",
             m.worker_restarts.clone(),
         );
+        registry.register(
+            "eval_seconds",
+            "Time evaluations took",
+            m.eval_seconds.clone(),
+        );
+        registry.register(
+            "submit_latency_seconds",
+            "Time from a submit's arrival to its result being queued for the client",
+            m.latency_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
-    /// Refreshes the cache gauges and returns the snapshot figures.
-    pub fn stats(&self, cache: &ResultCache) -> Stats {
+    /// The metrics of evaluator `name`.
+    pub fn for_fn(&self, name: &str) -> FnMetrics {
+        let label = fn_label(name);
+        FnMetrics {
+            submits: self.submits.get_or_create(&label).clone(),
+            cache_hits: self.cache_hits.get_or_create(&label).clone(),
+            evaluations: self.evaluations.get_or_create(&label).clone(),
+            coalesced: self.coalesced.get_or_create(&label).clone(),
+            failures: self.failures.get_or_create(&label).clone(),
+            timeouts: self.timeouts.get_or_create(&label).clone(),
+            eval_seconds: self.eval_seconds.get_or_create(&label).clone(),
+            latency_seconds: self.latency_seconds.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Refreshes the cache gauges and returns the snapshot figures
+    /// (counters summed over `evaluators`).
+    pub fn stats(&self, cache: &ResultCache, evaluators: &EvaluatorTable) -> Stats {
         let (entries, bytes) = cache.usage();
         self.cache_entries.set(entries as i64);
         self.cache_bytes.set(bytes as i64);
+        let sum = |f: fn(&FnMetrics) -> &Counter| -> u64 {
+            evaluators.iter().map(|e| f(&e.metrics).get()).sum()
+        };
         Stats {
             connections: self.connections.get(),
-            submits: self.submits.get(),
-            cache_hits: self.cache_hits.get(),
-            evaluations: self.evaluations.get(),
-            coalesced: self.coalesced.get(),
-            failures: self.failures.get(),
-            timeouts: self.timeouts.get(),
+            submits: sum(|m| &m.submits),
+            cache_hits: sum(|m| &m.cache_hits),
+            evaluations: sum(|m| &m.evaluations),
+            coalesced: sum(|m| &m.coalesced),
+            failures: sum(|m| &m.failures),
+            timeouts: sum(|m| &m.timeouts),
             queued: self.queued.get(),
             running: self.running.get(),
             wait_table: self.wait_table.get(),
@@ -169,8 +228,8 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self, cache: &ResultCache) -> String {
-        self.stats(cache);
+    pub fn render(&self, cache: &ResultCache, evaluators: &EvaluatorTable) -> String {
+        self.stats(cache, evaluators);
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -11,7 +11,7 @@ use crate::error::{EvalError, HerdError};
 use crate::eval::{factory, Health, Task, WorkerFactory};
 use crate::hub::HubMsg;
 use crate::key::Key;
-use crate::metrics::Metrics;
+use crate::metrics::{FnMetrics, Metrics};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +37,7 @@ pub struct EvaluatorSpec {
     pub timeout: Duration,
     pub max_input_bytes: usize,
     pub health: Arc<Health>,
+    pub metrics: FnMetrics,
 }
 
 /// The evaluators by `fn` name.
@@ -57,6 +58,7 @@ impl EvaluatorTable {
                 timeout: Duration::from_millis(c.timeout_ms),
                 max_input_bytes: c.max_input_bytes,
                 health: Arc::new(Health::new(&c.name, metrics)),
+                metrics: metrics.for_fn(&c.name),
             })
             .collect();
         let by_name = configs
@@ -97,6 +99,7 @@ impl Pool {
         let mut threads = Vec::new();
         for (index, config) in configs.iter().enumerate() {
             let factory = factory(config, Arc::clone(&table.get(index).health))?;
+            let evaluator = index;
             let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
             let name: Arc<str> = config.name.as_str().into();
             for i in 0..config.threads {
@@ -106,7 +109,7 @@ impl Pool {
                 let name = Arc::clone(&name);
                 let handle = std::thread::Builder::new()
                     .name(format!("herd-eval-{}-{i}", config.name))
-                    .spawn(move || worker_loop(i, name, factory, rx, hub))
+                    .spawn(move || worker_loop(i, evaluator, name, factory, rx, hub))
                     .map_err(|e| HerdError::Evaluator {
                         name: config.name.clone(),
                         message: format!("cannot spawn thread: {e}"),
@@ -136,6 +139,7 @@ impl Pool {
 
 fn worker_loop(
     thread: usize,
+    evaluator: usize,
     fn_name: Arc<str>,
     factory: Arc<dyn WorkerFactory>,
     jobs: crossbeam_channel::Receiver<Job>,
@@ -148,6 +152,7 @@ fn worker_loop(
         }
         if hub
             .blocking_send(HubMsg::Started {
+                evaluator,
                 key: job.key,
                 gen: job.gen,
             })
@@ -174,6 +179,7 @@ fn worker_loop(
         let eval_ms = started.elapsed().as_secs_f64() * 1000.0;
         if hub
             .blocking_send(HubMsg::Done {
+                evaluator,
                 key: job.key,
                 gen: job.gen,
                 outcome,

@@ -155,7 +155,7 @@ async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        broker.metrics.render(&broker.cache),
+        broker.metrics.render(&broker.cache, &broker.evaluators),
     )
         .into_response()
 }

@@ -248,7 +248,7 @@ impl Reader<'_> {
         wait: bool,
     ) {
         let broker = self.broker;
-        broker.metrics.submits.inc();
+        let arrived = std::time::Instant::now();
         let name = fn_name.as_deref().unwrap_or("default");
         let Some(spec) = broker.evaluators.lookup(name) else {
             let shown: String = name.chars().take(64).collect();
@@ -258,6 +258,7 @@ impl Reader<'_> {
                 &format!("no evaluator is configured under fn {shown:?}"),
             );
         };
+        spec.metrics.submits.inc();
         if broker.is_draining() {
             return self.reject_draining(&id);
         }
@@ -276,11 +277,16 @@ impl Reader<'_> {
         }
         let key = Key::derive(name, canonical.as_bytes());
         if let Some(cached) = broker.cache.get(&key) {
-            broker.metrics.cache_hits.inc();
-            return self.outbox.push(cached.result_frame(&id, &key));
+            spec.metrics.cache_hits.inc();
+            self.outbox.push(cached.result_frame(&id, &key));
+            spec.metrics
+                .latency_seconds
+                .observe(arrived.elapsed().as_secs_f64());
+            return;
         }
         let evaluator = spec.index;
-        let waiter = self.waiter(key, id);
+        let mut waiter = self.waiter(key, id);
+        waiter.since = wait.then_some(arrived);
         self.to_hub(HubMsg::Submit {
             waiter,
             evaluator,
@@ -295,6 +301,7 @@ impl Reader<'_> {
             key,
             id,
             outbox: self.outbox.clone(),
+            since: None,
         }
     }
 

@@ -506,6 +506,16 @@ async fn an_oversized_frame_closes_with_1009() {
     c.send(big).await;
     let frame = c.recv_close().await.expect("a close frame");
     assert_eq!(u16::from(frame.code), 1009);
+    drop(c);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = server.http_get("/metrics").await;
+        if metrics.contains("herd_closes_total{code=\"1009\"} 1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut other = server.client().await;
     assert_eq!(other.request(json!({"op": "ping"})).await["type"], "pong");
     server.stop().await;
@@ -634,10 +644,16 @@ async fn http_routes() {
     let (status, metrics) = server.http_get("/metrics").await;
     assert_eq!(status, 200);
     for line in [
-        "herd_submits_total 1",
-        "herd_evaluations_total 1",
+        "herd_submits_total{fn=\"echo\"} 1",
+        "herd_evaluations_total{fn=\"echo\"} 1",
+        "herd_cache_hits_total{fn=\"echo\"} 0",
+        "herd_submit_latency_seconds_count{fn=\"echo\"} 1",
+        "herd_eval_seconds_count{fn=\"echo\"} 1",
+        "herd_evaluator_healthy{fn=\"echo\"} 1",
         "herd_cache_entries 1",
         "herd_connections 1",
+        "herd_queued 0",
+        "herd_wait_table_entries 0",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
