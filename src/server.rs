@@ -9,7 +9,7 @@
 
 use crate::auth::Refusal;
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::error::HerdError;
 use crate::outbox::close;
 use crate::session;
@@ -21,18 +21,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The address of the peer of an HTTP request.
 #[derive(Clone, Copy, Debug)]
@@ -46,15 +49,18 @@ pub async fn run(
 ) -> Result<(), HerdError> {
     let drain_timeout = Duration::from_secs(config.limits.drain_timeout_s);
     let close_timeout = Duration::from_millis(config.limits.close_timeout_ms);
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let broker = Broker::start(config)?;
     let app = router(Arc::clone(&broker));
     let stop_accepting = CancellationToken::new();
     let connections = TaskTracker::new();
     let accept = tokio::spawn(accept_loop(
         listener,
+        tls,
         app,
         connections.clone(),
         stop_accepting.clone(),
+        close_timeout,
     ));
 
     shutdown.await;
@@ -82,11 +88,34 @@ pub async fn run(
     Ok(())
 }
 
+/// Builds the TLS acceptor from the configured PEM files.
+fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, HerdError> {
+    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        HerdError::Config(format!("tls.{what} {}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .map_err(|e| bad("cert", &tls.cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("cert", &tls.cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| bad("key", &tls.key, &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| HerdError::Config(format!("tls: {e}")))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| HerdError::Config(format!("tls: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     app: Router,
     connections: TaskTracker,
     stop: CancellationToken,
+    handshake_timeout: Duration,
 ) {
     loop {
         let (tcp, addr) = tokio::select! {
@@ -104,24 +133,41 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            let service =
-                hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(Peer(addr));
-                    app.clone().oneshot(request.map(Body::new))
-                });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+            match tls {
+                None => serve_http(tcp, addr, app, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_http(stream, addr, app, stop).await,
+                        Ok(Err(error)) => debug!(%addr, %error, "TLS handshake failed"),
+                        Err(_) => debug!(%addr, "TLS handshake timed out"),
+                    }
                 }
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection.
+async fn serve_http<I>(io: I, addr: SocketAddr, app: Router, stop: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(Peer(addr));
+        app.clone().oneshot(request.map(Body::new))
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }
 

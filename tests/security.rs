@@ -167,3 +167,51 @@ async fn deep_or_large_json_is_refused_without_harm() {
     assert_eq!(c.request(json!({"op": "ping"})).await["type"], "pong");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let server = TestServer::start(config(&format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n{BASIC}",
+        cert.display().to_string(),
+        key.display().to_string()
+    )))
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let url = format!("wss://127.0.0.1:{}/ws", server.addr.port());
+    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+        url.as_str(),
+        None,
+        false,
+        Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+            client_config,
+        ))),
+    )
+    .await
+    .unwrap();
+    let mut c = Client::from_socket(ws).await;
+    c.send(json!({"op": "submit", "fn": "echo", "input": "over tls"}))
+        .await;
+    assert_eq!(c.recv_type("result").await["output"], "over tls");
+
+    // Plain WebSocket to the TLS port does not get a session.
+    assert!(tokio_tungstenite::connect_async(server.url())
+        .await
+        .is_err());
+    server.stop().await;
+}
