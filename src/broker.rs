@@ -69,13 +69,7 @@ impl Broker {
         );
         let hub_stop = CancellationToken::new();
         let hub_task = tokio::spawn(hub.run(hub_rx, hub_stop.clone()));
-        let l = &config.limits;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(l.ws_read_buffer)
-            .write_buffer_size(l.ws_write_buffer)
-            .max_write_buffer_size(l.ws_max_write_buffer)
-            .max_message_size(Some(l.max_frame_bytes))
-            .max_frame_size(Some(l.max_frame_bytes));
+        let ws_config = crate::session::websocket_config(&config.limits);
         Ok(Arc::new(Broker {
             config,
             gate,

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 /// Internal session number, cheaper to hash than the session's UUID.
@@ -51,6 +51,7 @@ pub struct SessionCtl {
     closing: CancellationToken,
     code: AtomicU16,
     seen: AtomicBool,
+    peer_closed: AtomicBool,
 }
 
 impl SessionCtl {
@@ -60,6 +61,7 @@ impl SessionCtl {
             closing: CancellationToken::new(),
             code: AtomicU16::new(0),
             seen: AtomicBool::new(true),
+            peer_closed: AtomicBool::new(false),
         }
     }
 
@@ -69,6 +71,17 @@ impl SessionCtl {
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.closing.cancel();
+    }
+
+    /// The client sent a close frame (or vanished): the session closes with
+    /// 1000, and only the close reply is left to send.
+    pub fn close_by_peer(&self) {
+        self.peer_closed.store(true, Ordering::Release);
+        self.close_with(close::NORMAL);
+    }
+
+    pub fn closed_by_peer(&self) -> bool {
+        self.peer_closed.load(Ordering::Acquire)
     }
 
     /// The close code chosen so far (0 while open).
@@ -94,12 +107,12 @@ impl SessionCtl {
 /// The sending side of one session's outbound queue.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Message>,
     ctl: Arc<SessionCtl>,
 }
 
 impl Outbox {
-    pub fn new(tx: mpsc::Sender<Utf8Bytes>, ctl: Arc<SessionCtl>) -> Self {
+    pub fn new(tx: mpsc::Sender<Message>, ctl: Arc<SessionCtl>) -> Self {
         Outbox { tx, ctl }
     }
 
@@ -109,7 +122,12 @@ impl Outbox {
 
     /// Queues a frame without waiting; a full queue closes the session with 4001.
     pub fn push(&self, frame: impl Into<Utf8Bytes>) {
-        match self.tx.try_send(frame.into()) {
+        self.push_message(Message::Text(frame.into()));
+    }
+
+    /// Queues any message (the echo transport sends binary ones too).
+    pub fn push_message(&self, message: Message) {
+        match self.tx.try_send(message) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.ctl.close_with(close::SLOW_CONSUMER),
             Err(mpsc::error::TrySendError::Closed(_)) => {}

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -219,34 +220,105 @@ fn plain(status: StatusCode, message: &'static str) -> Response {
     (status, message).into_response()
 }
 
+/// Why a request to a WebSocket endpoint cannot be upgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeError {
+    NotWebSocket,
+    Version,
+    MissingKey,
+}
+
+impl IntoResponse for HandshakeError {
+    fn into_response(self) -> Response {
+        match self {
+            HandshakeError::NotWebSocket => plain(
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint speaks WebSocket\n",
+            ),
+            HandshakeError::Version => plain(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Version must be 13\n",
+            ),
+            HandshakeError::MissingKey => {
+                plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n")
+            }
+        }
+    }
+}
+
+/// A WebSocket upgrade request that passed the protocol checks.
+pub struct Handshake {
+    accept: String,
+}
+
+impl Handshake {
+    /// Checks method and headers (RFC 6455 §4.2.1).
+    pub fn check(request: &Request) -> Result<Handshake, HandshakeError> {
+        let headers = request.headers();
+        if request.method() != Method::GET
+            || !header_has_token(headers, header::CONNECTION, "upgrade")
+            || !header_has_token(headers, header::UPGRADE, "websocket")
+        {
+            return Err(HandshakeError::NotWebSocket);
+        }
+        if headers.get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
+            return Err(HandshakeError::Version);
+        }
+        headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .map(|key| Handshake {
+                accept: derive_accept_key(key.as_bytes()),
+            })
+            .ok_or(HandshakeError::MissingKey)
+    }
+
+    /// Answers 101 and runs `session` on the upgraded socket once hyper hands it over;
+    /// `failed` runs instead if the upgrade does not complete.
+    pub fn accept<F, Fut>(
+        self,
+        request: &mut Request,
+        tasks: &TaskTracker,
+        config: WebSocketConfig,
+        session: F,
+        failed: impl FnOnce(hyper::Error) + Send + 'static,
+    ) -> Response
+    where
+        F: FnOnce(WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let on_upgrade = hyper::upgrade::on(request);
+        tasks.spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let io = TokioIo::new(upgraded);
+                    session(
+                        WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config)).await,
+                    )
+                    .await
+                }
+                Err(error) => failed(error),
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_ACCEPT, self.accept)
+            .body(Body::empty())
+            .expect("static response parts are valid")
+    }
+}
+
 async fn upgrade(
     State(broker): State<Arc<Broker>>,
     Extension(Peer(peer)): Extension<Peer>,
     mut request: Request,
 ) -> Response {
-    let headers = request.headers();
-    if request.method() != Method::GET
-        || !header_has_token(headers, header::CONNECTION, "upgrade")
-        || !header_has_token(headers, header::UPGRADE, "websocket")
-    {
-        return plain(
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint speaks WebSocket\n",
-        );
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "Sec-WebSocket-Version must be 13\n",
-        );
-    }
-    let Some(accept) = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-    else {
-        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    let handshake = match Handshake::check(&request) {
+        Ok(h) => h,
+        Err(error) => return error.into_response(),
     };
-    let identity = match broker.gate.admit(headers, request.uri()) {
+    let identity = match broker.gate.admit(request.headers(), request.uri()) {
         Ok(identity) => identity,
         Err(Refusal::Unauthorized) => {
             info!(%peer, "upgrade refused: missing or unknown token");
@@ -266,30 +338,15 @@ async fn upgrade(
             "too many connections (limits.max_connections)\n",
         );
     }
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let session_broker = Arc::clone(&broker);
-    broker.session_tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    WsRole::Server,
-                    Some(session_broker.ws_config),
-                )
-                .await;
-                session::serve(ws, session_broker, peer, identity).await;
-            }
-            Err(error) => {
-                warn!(%peer, %error, "upgrade failed");
-                session_broker.release();
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::empty())
-        .expect("static response parts are valid")
+    let (for_session, for_failure) = (Arc::clone(&broker), Arc::clone(&broker));
+    handshake.accept(
+        &mut request,
+        &broker.session_tasks,
+        broker.ws_config,
+        move |ws| session::serve(ws, for_session, peer, identity),
+        move |error| {
+            warn!(%peer, %error, "upgrade failed");
+            for_failure.release();
+        },
+    )
 }

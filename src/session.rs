@@ -9,7 +9,7 @@
 
 use crate::auth::Identity;
 use crate::broker::Broker;
-use crate::config::Role;
+use crate::config::{Limits, Role};
 use crate::error::ErrorCode;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
@@ -25,7 +25,8 @@ use tokio::sync::mpsc;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
@@ -69,9 +70,10 @@ pub async fn serve<S>(
             role,
             watch: None,
         };
+        let limits = &broker.config.limits;
         tokio::join!(
-            reader.run(stream, &ctl),
-            write_loop(sink, rx, &ctl, &broker)
+            reader.run(stream, &ctl, limits),
+            write_loop(sink, rx, &ctl, limits)
         );
         let _ = broker.hub.send(HubMsg::SessionClosed { session: id }).await;
         broker.sessions.remove(&id);
@@ -112,15 +114,19 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    async fn run<S>(mut self, mut stream: SplitStream<WebSocketStream<S>>, ctl: &SessionCtl)
-    where
+    async fn run<S>(
+        mut self,
+        mut stream: SplitStream<WebSocketStream<S>>,
+        ctl: &SessionCtl,
+        limits: &Limits,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
                 _ = ctl.closing().cancelled() => {
-                    self.linger(&mut stream).await;
+                    linger(&mut stream, limits).await;
                     break;
                 }
             };
@@ -133,18 +139,13 @@ impl Reader<'_> {
                     "binary frames are not accepted; send JSON in text frames",
                 )),
                 Some(Ok(Message::Close(_))) | None => {
-                    ctl.close_with(close::NORMAL);
+                    ctl.close_by_peer();
                     break;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => {
                     debug!(%error, "read failed");
-                    ctl.close_with(match error {
-                        WsError::Capacity(_) => close::TOO_BIG,
-                        WsError::Protocol(_) => close::PROTOCOL_ERROR,
-                        WsError::Utf8(_) => close::INVALID_DATA,
-                        _ => close::ABNORMAL,
-                    });
+                    ctl.close_with(close_code_for(&error));
                     break;
                 }
             }
@@ -152,25 +153,6 @@ impl Reader<'_> {
         if let Some(watch) = self.watch.take() {
             watch.cancel();
         }
-    }
-
-    /// While the writer sends the close frame, keeps reading (and dropping)
-    /// what the client still sends until its close reply, so the socket is
-    /// not torn down with unread data (which would reset the connection and
-    /// could cost the client the frames it has not read yet).
-    async fn linger<S>(&self, stream: &mut SplitStream<WebSocketStream<S>>)
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let limit = Duration::from_millis(self.broker.config.limits.close_timeout_ms);
-        let _ = tokio::time::timeout(limit, async {
-            while let Some(Ok(message)) = stream.next().await {
-                if message.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
     }
 
     async fn handle(&mut self, text: &str) {
@@ -362,16 +344,92 @@ async fn hard_close(ctl: &SessionCtl) {
     }
 }
 
+/// While the writer sends the close frame, keeps reading (and dropping)
+/// what the client still sends until its close reply, so the socket is not
+/// torn down with unread data (which would reset the connection and could
+/// cost the client the frames it has not read yet).
+async fn linger<S>(stream: &mut SplitStream<WebSocketStream<S>>, limits: &Limits)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limit = Duration::from_millis(limits.close_timeout_ms);
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The tokio-tungstenite settings for a session, from the limits.
+pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(limits.ws_read_buffer)
+        .write_buffer_size(limits.ws_write_buffer)
+        .max_write_buffer_size(limits.ws_max_write_buffer)
+        .max_message_size(Some(limits.max_frame_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes))
+}
+
+/// The close code for a read error.
+fn close_code_for(error: &WsError) -> u16 {
+    match error {
+        WsError::Capacity(_) => close::TOO_BIG,
+        WsError::Protocol(_) => close::PROTOCOL_ERROR,
+        WsError::Utf8(_) => close::INVALID_DATA,
+        _ => close::ABNORMAL,
+    }
+}
+
+/// Echoes every text and binary message back through the same outbound
+/// queue and writer as a broker session: the transport without the broker,
+/// for WebSocket conformance runs (examples/echo_server.rs).
+pub async fn echo<S>(ws: WebSocketStream<S>, limits: &Limits)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctl = Arc::new(SessionCtl::new(0));
+    let (tx, rx) = mpsc::channel(limits.outbound_queue);
+    let outbox = Outbox::new(tx, Arc::clone(&ctl));
+    let (sink, mut stream) = ws.split();
+    let reader = async {
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = ctl.closing().cancelled() => {
+                    linger(&mut stream, limits).await;
+                    break;
+                }
+            };
+            ctl.mark_seen();
+            match next {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => outbox.push_message(m),
+                Some(Ok(Message::Close(_))) | None => {
+                    ctl.close_by_peer();
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    ctl.close_with(close_code_for(&error));
+                    break;
+                }
+            }
+        }
+    };
+    tokio::join!(reader, write_loop(sink, rx, &ctl, limits));
+}
+
 /// Writes queued frames in batches until the session closes, then sends the close frame.
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
+    mut rx: mpsc::Receiver<Message>,
     ctl: &SessionCtl,
-    broker: &Broker,
+    limits: &Limits,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let limits = &broker.config.limits;
     let heartbeat = Duration::from_millis(limits.heartbeat_ms);
     let mut pings = interval_at(Instant::now() + heartbeat, heartbeat);
     pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -383,10 +441,10 @@ async fn write_loop<S>(
             frame = rx.recv() => {
                 let Some(frame) = frame else { break };
                 let batch = async {
-                    sink.feed(Message::Text(frame)).await?;
+                    sink.feed(frame).await?;
                     for _ in 1..limits.write_batch {
                         match rx.try_recv() {
-                            Ok(frame) => sink.feed(Message::Text(frame)).await?,
+                            Ok(frame) => sink.feed(frame).await?,
                             Err(_) => break,
                         }
                     }
@@ -425,10 +483,15 @@ async fn write_loop<S>(
         return;
     }
     let finish = async {
+        if ctl.closed_by_peer() {
+            // tungstenite queued the close reply when it read the client's
+            // close frame; nothing else may be sent after it.
+            return sink.close().await;
+        }
         if is_graceful(code) {
             // A graceful close still delivers what was already queued.
             while let Ok(frame) = rx.try_recv() {
-                sink.feed(Message::Text(frame)).await?;
+                sink.feed(frame).await?;
             }
         }
         sink.send(Message::Close(Some(CloseFrame {
