@@ -30,9 +30,14 @@ pub enum Cached {
 impl Cached {
     /// The `result` frame answering a submit or subscribe from the cache.
     pub fn result_frame(&self, id: &ReqId, key: &Key) -> String {
-        self.with_answer(FrameWriter::new("result").id(id).key(key))
-            .str("source", "cache")
-            .finish()
+        let capacity = 112 + id.as_deref().map_or(0, str::len) + self.weight();
+        self.with_answer(
+            FrameWriter::with_capacity("result", capacity)
+                .id(id)
+                .key(key),
+        )
+        .str("source", "cache")
+        .finish()
     }
 
     /// The `status` frame answering a `get` of a cached key.

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
@@ -591,10 +592,19 @@ impl Hub {
             .uint("shared", shared as u64)
             .finish();
         let latency = &self.evaluators.get(evaluator).metrics.latency_seconds;
+        // Waiters without an id all get the very same frame: one buffer, shared.
+        let mut anonymous: Option<Utf8Bytes> = None;
+        let now = Instant::now();
         for waiter in &entry.waiters {
-            waiter.outbox.push(result_frame(&waiter.id, &tail));
+            let frame = match &waiter.id {
+                Some(_) => Utf8Bytes::from(result_frame(&waiter.id, &tail)),
+                None => anonymous
+                    .get_or_insert_with(|| result_frame(&None, &tail).into())
+                    .clone(),
+            };
+            waiter.outbox.push(frame);
             if let Some(since) = waiter.since {
-                latency.observe(since.elapsed().as_secs_f64());
+                latency.observe(now.duration_since(since).as_secs_f64());
             }
         }
         self.release_waits(&entry.waiters);

@@ -60,44 +60,54 @@ impl fmt::Debug for Key {
 /// Canonical JSON: no insignificant whitespace, object members sorted by key
 /// (byte order), strings and numbers as serde_json writes them.
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::with_capacity(256);
+    let mut out = Vec::with_capacity(256);
     write_canonical(value, &mut out);
-    out
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
-            for (i, (name, member)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_scalar(&Value::String(name.clone()), out);
-                out.push(':');
-                write_canonical(member, out);
+            out.push(b'{');
+            // serde_json's map iterates in key order unless `preserve_order`
+            // is on somewhere in the build; sort only when it is not sorted.
+            if map.keys().is_sorted_by(|a, b| a.as_bytes() <= b.as_bytes()) {
+                write_members(map.iter(), out);
+            } else {
+                let mut members: Vec<(&String, &Value)> = map.iter().collect();
+                members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                write_members(members.into_iter(), out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => write_scalar(scalar, out),
+        scalar => write_json(scalar, out),
     }
 }
 
-fn write_scalar(value: &Value, out: &mut String) {
-    // Serializing a scalar `Value` cannot fail.
-    out.push_str(&serde_json::to_string(value).expect("scalar JSON serializes"));
+fn write_members<'a>(members: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+    for (i, (name, member)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json(name, out);
+        out.push(b':');
+        write_canonical(member, out);
+    }
+}
+
+fn write_json<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // Strings, numbers, booleans and null serialize without fail.
+    serde_json::to_writer(out, value).expect("scalar JSON serializes");
 }
 
 #[cfg(test)]

@@ -8,7 +8,11 @@
 
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::error::Category;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::borrow::Cow;
 
 /// Longest string `id` accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -16,6 +20,8 @@ pub const MAX_ID_BYTES: usize = 128;
 pub const MIN_WATCH_INTERVAL_MS: u64 = 100;
 /// `watch` interval when none is given.
 pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 500;
+/// Nesting depth of `input` beyond which it is refused (serde_json's limit).
+pub const MAX_INPUT_DEPTH: usize = 128;
 /// The protocol version spoken.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -90,55 +96,79 @@ impl Rejection {
     }
 }
 
+/// The members of a request, each kept as raw JSON so that its type is
+/// checked here (with the protocol's error codes) and nothing is built that
+/// the op does not need.
+#[derive(Deserialize)]
+struct Members<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    input: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present", rename = "fn")]
+    fn_name: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    wait: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    key: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    interval_ms: Option<&'a RawValue>,
+}
+
+/// A member that is there, `null` included (plain `Option` would read `null` as absent).
+fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(d).map(Some)
+}
+
 /// Parses one text frame into a request.
 pub fn parse_request(text: &str) -> Result<Request, Rejection> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")))?;
-    let Value::Object(mut obj) = value else {
-        return Err(Rejection::new(
+    // Checked first: serde would also read a struct from a JSON array.
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Rejection::new(&None, ErrorCode::BadRequest, "a request is a JSON object"),
+            Err(e) => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
+        });
+    }
+    let members: Members = serde_json::from_str(text).map_err(|e| match e.classify() {
+        Category::Data => Rejection::new(
             &None,
             ErrorCode::BadRequest,
-            "a request is a JSON object",
-        ));
+            format!("a request is a JSON object with an \"op\": {e}"),
+        ),
+        _ => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
+    })?;
+    let id = parse_id(members.id)?;
+    let bad = |message: &str| Rejection::new(&id, ErrorCode::BadRequest, message);
+    let op = match members.op {
+        None => return Err(bad("missing \"op\"")),
+        Some(raw) => string_of(raw).ok_or_else(|| bad("\"op\" must be a string"))?,
     };
-    let id = parse_id(obj.get("id"))?;
-    let op = match obj.get("op") {
-        None => return Err(Rejection::new(&id, ErrorCode::BadRequest, "missing \"op\"")),
-        Some(Value::String(op)) => op.clone(),
-        Some(_) => {
-            return Err(Rejection::new(
-                &id,
-                ErrorCode::BadRequest,
-                "\"op\" must be a string",
-            ))
-        }
-    };
-    let op = match op.as_str() {
+    let op = match &*op {
         "submit" => {
-            let input = obj
-                .remove("input")
-                .ok_or_else(|| Rejection::new(&id, ErrorCode::BadRequest, "missing \"input\""))?;
-            let fn_name = match obj.get("fn") {
+            let input = members.input.ok_or_else(|| bad("missing \"input\""))?;
+            // The frame is valid JSON here, so this fails only past serde_json's depth limit.
+            let input: Value = serde_json::from_str(input.get()).map_err(|e| {
+                bad(&format!(
+                    "\"input\" is nested deeper than {MAX_INPUT_DEPTH} levels: {e}"
+                ))
+            })?;
+            let fn_name = match members.fn_name {
                 None => None,
-                Some(Value::String(f)) => Some(f.clone()),
-                Some(_) => {
-                    return Err(Rejection::new(
-                        &id,
-                        ErrorCode::BadRequest,
-                        "\"fn\" must be a string",
-                    ))
-                }
+                Some(raw) => Some(
+                    string_of(raw)
+                        .ok_or_else(|| bad("\"fn\" must be a string"))?
+                        .into_owned(),
+                ),
             };
-            let wait = match obj.get("wait") {
-                None => true,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(Rejection::new(
-                        &id,
-                        ErrorCode::BadRequest,
-                        "\"wait\" must be a boolean",
-                    ))
-                }
+            let wait = match members.wait.map(RawValue::get) {
+                None | Some("true") => true,
+                Some("false") => false,
+                Some(_) => return Err(bad("\"wait\" must be a boolean")),
             };
             Op::Submit {
                 input,
@@ -147,25 +177,23 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
             }
         }
         "get" => Op::Get {
-            key: parse_key(&obj, &id)?,
+            key: parse_key(members.key, &id)?,
         },
         "subscribe" => Op::Subscribe {
-            key: parse_key(&obj, &id)?,
+            key: parse_key(members.key, &id)?,
         },
         "cancel" => Op::Cancel {
-            key: parse_key(&obj, &id)?,
+            key: parse_key(members.key, &id)?,
         },
         "watch" => {
-            let interval_ms = match obj.get("interval_ms") {
+            let interval_ms = match members.interval_ms {
                 None => DEFAULT_WATCH_INTERVAL_MS,
-                Some(v) => match v.as_u64() {
-                    Some(ms) if ms >= MIN_WATCH_INTERVAL_MS => ms,
+                Some(raw) => match raw.get().parse::<u64>() {
+                    Ok(ms) if ms >= MIN_WATCH_INTERVAL_MS => ms,
                     _ => {
-                        return Err(Rejection::new(
-                            &id,
-                            ErrorCode::BadRequest,
-                            format!("\"interval_ms\" must be an integer of at least {MIN_WATCH_INTERVAL_MS}"),
-                        ))
+                        return Err(bad(&format!(
+                            "\"interval_ms\" must be an integer of at least {MIN_WATCH_INTERVAL_MS}"
+                        )))
                     }
                 },
             };
@@ -185,37 +213,49 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
     Ok(Request { id, op })
 }
 
-fn parse_id(value: Option<&Value>) -> Result<ReqId, Rejection> {
-    match value {
-        None => Ok(None),
-        Some(Value::String(s)) if s.len() <= MAX_ID_BYTES => {
-            Ok(Some(serde_json::to_string(s).expect("string").into()))
-        }
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string().into())),
-        Some(_) => Err(Rejection::new(
+/// The string a raw JSON value holds, borrowed when it has no escapes.
+fn string_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+}
+
+fn parse_id(raw: Option<&RawValue>) -> Result<ReqId, Rejection> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let invalid = || {
+        Rejection::new(
             &None,
             ErrorCode::BadRequest,
             format!("\"id\" must be an integer or a string of at most {MAX_ID_BYTES} bytes"),
-        )),
+        )
+    };
+    if let Some(s) = string_of(raw) {
+        return match s {
+            s if s.len() > MAX_ID_BYTES => Err(invalid()),
+            Cow::Borrowed(_) => Ok(Some(raw.get().into())),
+            Cow::Owned(s) => Ok(Some(serde_json::to_string(&s).expect("string").into())),
+        };
+    }
+    match serde_json::from_str::<serde_json::Number>(raw.get()) {
+        Ok(n) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string().into())),
+        _ => Err(invalid()),
     }
 }
 
-fn parse_key(obj: &Map<String, Value>, id: &ReqId) -> Result<Key, Rejection> {
-    match obj.get("key") {
-        Some(Value::String(s)) => Key::parse(s).ok_or_else(|| {
-            Rejection::new(
-                id,
-                ErrorCode::BadRequest,
-                "\"key\" must be 32 lowercase hex characters",
-            )
-        }),
-        Some(_) => Err(Rejection::new(
+fn parse_key(raw: Option<&RawValue>, id: &ReqId) -> Result<Key, Rejection> {
+    let raw = raw.ok_or_else(|| Rejection::new(id, ErrorCode::BadRequest, "missing \"key\""))?;
+    string_of(raw).and_then(|s| Key::parse(&s)).ok_or_else(|| {
+        Rejection::new(
             id,
             ErrorCode::BadRequest,
-            "\"key\" must be a string",
-        )),
-        None => Err(Rejection::new(id, ErrorCode::BadRequest, "missing \"key\"")),
-    }
+            "\"key\" must be 32 lowercase hex characters",
+        )
+    })
 }
 
 /// Writes one JSON object frame field by field; values given as `raw` are

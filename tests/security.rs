@@ -158,7 +158,11 @@ async fn deep_or_large_json_is_refused_without_harm() {
     );
     c.send_text(&deep).await;
     let e = c.recv().await;
-    assert_eq!(e["code"], "bad_json", "{e}");
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("nested deeper"));
+    c.send_text(&format!("{{\"op\":{}}}", "[".repeat(100_000)))
+        .await;
+    assert_eq!(c.recv().await["code"], "bad_json");
     // Large but within max_frame_bytes: a 900 KB input is evaluated normally.
     let big = json!({"op": "submit", "fn": "echo", "input": {"blob": "y".repeat(900_000)}});
     c.send(big).await;

@@ -2,7 +2,7 @@
 
 use super::{percentile, progress, send_text, sorted, Report, Target};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -56,15 +56,14 @@ pub async fn run(target: &Target, args: &FanoutArgs, seed: u64) -> anyhow::Resul
             loop {
                 tokio::select! {
                     message = ws.next() => match message {
+                        // Frames start with their type, so a prefix says which one came.
                         Some(Ok(Message::Text(text))) => {
-                            let frame: Value = serde_json::from_str(&text).ok()?;
-                            match frame["type"].as_str() {
-                                Some("subscribed") => { ready_tx.send(()).await.ok()?; }
-                                Some("result") => {
-                                    arrived_tx.send(Instant::now()).await.ok()?;
-                                    break;
-                                }
-                                _ => {}
+                            if text.starts_with(r#"{"type":"result""#) {
+                                arrived_tx.send(Instant::now()).await.ok()?;
+                                break;
+                            }
+                            if text.starts_with(r#"{"type":"subscribed""#) {
+                                ready_tx.send(()).await.ok()?;
                             }
                         }
                         Some(Ok(_)) => {}
