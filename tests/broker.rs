@@ -738,3 +738,22 @@ async fn closed_sessions_leave_no_waiters_behind() {
     assert_eq!(stats["wait_table"], 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_over_max_input_bytes_are_refused() {
+    let server = TestServer::start(config(
+        "[[evaluator]]\nfn = \"default\"\nkind = \"echo\"\nthreads = 1\nmax_input_bytes = 64\n",
+    ))
+    .await;
+    let mut c = server.client().await;
+    let e = c
+        .request(json!({"op": "submit", "id": 1, "input": {"pad": "z".repeat(100)}}))
+        .await;
+    assert_eq!(e["code"], "bad_request");
+    assert!(e["message"].as_str().unwrap().contains("max_input_bytes"));
+    let ok = c
+        .request(json!({"op": "submit", "input": {"pad": "z"}}))
+        .await;
+    assert_eq!(ok["type"], "accepted");
+    server.stop().await;
+}
