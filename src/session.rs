@@ -122,10 +122,14 @@ impl Reader<'_> {
     ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        // One registration for the session's life, not one per message.
+        let closing = ctl.closing().cancelled();
+        tokio::pin!(closing);
         loop {
             let next = tokio::select! {
+                biased;
                 next = stream.next() => next,
-                _ = ctl.closing().cancelled() => {
+                _ = &mut closing => {
                     linger(&mut stream, limits).await;
                     break;
                 }
@@ -395,10 +399,14 @@ where
     let outbox = Outbox::new(tx, Arc::clone(&ctl));
     let (sink, mut stream) = ws.split();
     let reader = async {
+        // One registration for the session's life, not one per message.
+        let closing = ctl.closing().cancelled();
+        tokio::pin!(closing);
         loop {
             let next = tokio::select! {
+                biased;
                 next = stream.next() => next,
-                _ = ctl.closing().cancelled() => {
+                _ = &mut closing => {
                     linger(&mut stream, limits).await;
                     break;
                 }
@@ -434,10 +442,13 @@ async fn write_loop<S>(
     let mut pings = interval_at(Instant::now() + heartbeat, heartbeat);
     pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut silent_intervals = 0u32;
+    let closing = ctl.closing().cancelled();
+    let hard = hard_close(ctl);
+    tokio::pin!(closing, hard);
     loop {
         tokio::select! {
             biased;
-            _ = ctl.closing().cancelled() => break,
+            _ = &mut closing => break,
             frame = rx.recv() => {
                 let Some(frame) = frame else { break };
                 let batch = async {
@@ -451,13 +462,14 @@ async fn write_loop<S>(
                     sink.flush().await
                 };
                 tokio::select! {
+                    biased;
                     written = batch => if written.is_err() {
                         ctl.close_with(close::ABNORMAL);
                         break;
                     },
                     // A stuck write is abandoned only for a hard close; a
                     // graceful one lets the batch (results included) finish.
-                    _ = hard_close(ctl) => break,
+                    _ = &mut hard => break,
                 }
             }
             _ = pings.tick() => {
