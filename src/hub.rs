@@ -482,12 +482,7 @@ impl Hub {
 
     fn started(&mut self, evaluator: usize, key: Key, gen: u64) {
         self.evaluators.get(evaluator).metrics.evaluations.inc();
-        let Some(job) = self
-            .table
-            .get_mut(&key)
-            .and_then(|e| e.job.as_mut())
-            .filter(|j| j.gen == gen)
-        else {
+        let Some(job) = job_mut(&mut self.table, key, gen) else {
             return;
         };
         job.running_since = Some(Instant::now());
@@ -547,12 +542,7 @@ impl Hub {
     }
 
     fn on_timeout(&mut self, key: Key, gen: u64) {
-        let Some(job) = self
-            .table
-            .get_mut(&key)
-            .and_then(|e| e.job.as_mut())
-            .filter(|j| j.gen == gen)
-        else {
+        let Some(job) = job_mut(&mut self.table, key, gen) else {
             return;
         };
         job.timer = None;
@@ -654,6 +644,15 @@ impl Hub {
             .raw("recent", &to_json(&self.recent))
             .finish()
     }
+}
+
+/// The job of `key` if it is still generation `gen` (a free function, so the
+/// caller can use the hub's other fields while holding it).
+fn job_mut(table: &mut HashMap<Key, Entry>, key: Key, gen: u64) -> Option<&mut JobState> {
+    table
+        .get_mut(&key)
+        .and_then(|e| e.job.as_mut())
+        .filter(|j| j.gen == gen)
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {

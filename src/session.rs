@@ -18,6 +18,7 @@ use crate::protocol::{error_frame, parse_request, FrameWriter, Op, ReqId, PROTOC
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, info, Instrument};
 
 /// Whether `role` may use `op`.
@@ -125,33 +126,14 @@ impl Reader<'_> {
         // One registration for the session's life, not one per message.
         let closing = ctl.closing().cancelled();
         tokio::pin!(closing);
-        loop {
-            let next = tokio::select! {
-                biased;
-                next = stream.next() => next,
-                _ = &mut closing => {
-                    linger(&mut stream, limits).await;
-                    break;
-                }
-            };
-            ctl.mark_seen();
-            match next {
-                Some(Ok(Message::Text(text))) => self.handle(&text).await,
-                Some(Ok(Message::Binary(_))) => self.outbox.push(error_frame(
+        while let Some(message) = next_message(&mut stream, &mut closing, ctl, limits).await {
+            match message {
+                Message::Text(text) => self.handle(&text).await,
+                _ => self.outbox.push(error_frame(
                     &None,
                     ErrorCode::BadRequest.as_str(),
                     "binary frames are not accepted; send JSON in text frames",
                 )),
-                Some(Ok(Message::Close(_))) | None => {
-                    ctl.close_by_peer();
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(error)) => {
-                    debug!(%error, "read failed");
-                    ctl.close_with(close_code_for(&error));
-                    break;
-                }
             }
         }
         if let Some(watch) = self.watch.take() {
@@ -367,6 +349,44 @@ where
     .await;
 }
 
+/// The next text or binary message, or None once the session ends: closing
+/// was asked for (then it lingers for the client's close reply), the client
+/// closed, or reading failed (the close code is set to say why).
+async fn next_message<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    closing: &mut Pin<&mut WaitForCancellationFuture<'_>>,
+    ctl: &SessionCtl,
+    limits: &Limits,
+) -> Option<Message>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = stream.next() => next,
+            _ = closing.as_mut() => {
+                linger(stream, limits).await;
+                return None;
+            }
+        };
+        ctl.mark_seen();
+        match next {
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return Some(m),
+            Some(Ok(Message::Close(_))) | None => {
+                ctl.close_by_peer();
+                return None;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                debug!(%error, "read failed");
+                ctl.close_with(close_code_for(&error));
+                return None;
+            }
+        }
+    }
+}
+
 /// The tokio-tungstenite settings for a session, from the limits.
 pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
@@ -399,31 +419,10 @@ where
     let outbox = Outbox::new(tx, Arc::clone(&ctl));
     let (sink, mut stream) = ws.split();
     let reader = async {
-        // One registration for the session's life, not one per message.
         let closing = ctl.closing().cancelled();
         tokio::pin!(closing);
-        loop {
-            let next = tokio::select! {
-                biased;
-                next = stream.next() => next,
-                _ = &mut closing => {
-                    linger(&mut stream, limits).await;
-                    break;
-                }
-            };
-            ctl.mark_seen();
-            match next {
-                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => outbox.push_message(m),
-                Some(Ok(Message::Close(_))) | None => {
-                    ctl.close_by_peer();
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(error)) => {
-                    ctl.close_with(close_code_for(&error));
-                    break;
-                }
-            }
+        while let Some(message) = next_message(&mut stream, &mut closing, &ctl, limits).await {
+            outbox.push_message(message);
         }
     };
     tokio::join!(reader, write_loop(sink, rx, &ctl, limits));
