@@ -229,7 +229,7 @@ pub struct EvaluatorConfig {
     /// `process`: how long a child may take to exit after its stdin closes.
     #[serde(default = "default_grace_ms")]
     pub grace_ms: u64,
-    /// `process`: longest reply line a child may write.
+    /// Largest output: a `process` child's reply line, or `simulate`'s `output_bytes`.
     #[serde(default = "default_max_output_bytes")]
     pub max_output_bytes: usize,
     /// `process`: wait before restarting a child that died at start-up (doubles each time).

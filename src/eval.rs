@@ -41,7 +41,9 @@ pub fn factory(
     health: Arc<Health>,
 ) -> Result<Arc<dyn WorkerFactory>, HerdError> {
     match config.kind {
-        EvaluatorKind::Simulate => Ok(Arc::new(Builtin(Simulate))),
+        EvaluatorKind::Simulate => Ok(Arc::new(Builtin(Simulate {
+            max_output_bytes: config.max_output_bytes,
+        }))),
         EvaluatorKind::Echo => Ok(Arc::new(Builtin(Echo))),
         EvaluatorKind::Process => Ok(Arc::new(crate::process::ProcessFactory::new(
             config, health,
@@ -108,13 +110,13 @@ impl<W: Worker + Clone + Sync + 'static> WorkerFactory for Builtin<W> {
 /// Input members it reads (all optional): `sleep_ms` (otherwise 15-30 ms
 /// from the key), `spin_ms` (busy CPU time), `fail` (fail with this
 /// message), `panic` (panic when true), `output_bytes` (pad the output to
-/// about this size). The output is derived from the key alone, about 128
-/// bytes, so equal inputs give equal outputs.
+/// about this size, at most the evaluator's `max_output_bytes`). The output
+/// is derived from the key alone, about 128 bytes, so equal inputs give
+/// equal outputs.
 #[derive(Clone)]
-pub struct Simulate;
-
-/// Largest `output_bytes` honoured, so one request cannot ask for unbounded memory.
-const MAX_SIMULATED_OUTPUT_BYTES: u64 = 1 << 20;
+pub struct Simulate {
+    pub max_output_bytes: usize,
+}
 
 impl Worker for Simulate {
     fn run(&mut self, task: &Task) -> Result<String, EvalError> {
@@ -152,7 +154,7 @@ impl Worker for Simulate {
             "digest": digest.to_hex().as_str(),
         });
         if let Some(bytes) = field("output_bytes").and_then(Value::as_u64) {
-            let pad = bytes.min(MAX_SIMULATED_OUTPUT_BYTES) as usize;
+            let pad = (bytes as usize).min(self.max_output_bytes);
             output["pad"] = Value::String("x".repeat(pad.saturating_sub(128)));
         }
         Ok(output.to_string())
@@ -173,6 +175,12 @@ impl Worker for Echo {
 mod tests {
     use super::*;
 
+    fn simulate() -> Simulate {
+        Simulate {
+            max_output_bytes: 1 << 20,
+        }
+    }
+
     fn task(input: Value) -> Task {
         let canonical = crate::key::canonical_json(&input);
         Task {
@@ -185,16 +193,18 @@ mod tests {
     #[test]
     fn simulate_is_deterministic_and_small() {
         let t = task(json!({"sleep_ms": 0, "n": 1}));
-        let a = Simulate.run(&t).unwrap();
-        assert_eq!(a, Simulate.run(&t).unwrap());
+        let a = simulate().run(&t).unwrap();
+        assert_eq!(a, simulate().run(&t).unwrap());
         assert!((100..=160).contains(&a.len()), "{} bytes", a.len());
-        let other = Simulate.run(&task(json!({"sleep_ms": 0, "n": 2}))).unwrap();
+        let other = simulate()
+            .run(&task(json!({"sleep_ms": 0, "n": 2})))
+            .unwrap();
         assert_ne!(a, other);
     }
 
     #[test]
     fn simulate_fails_on_request() {
-        let err = Simulate
+        let err = simulate()
             .run(&task(json!({"sleep_ms": 0, "fail": "nope"})))
             .unwrap_err();
         assert_eq!(err, EvalError::Failed("nope".into()));
@@ -202,7 +212,7 @@ mod tests {
 
     #[test]
     fn simulate_pads_output() {
-        let out = Simulate
+        let out = simulate()
             .run(&task(json!({"sleep_ms": 0, "output_bytes": 4096})))
             .unwrap();
         assert!(out.len() >= 4096);
