@@ -86,6 +86,9 @@ struct JobState {
     queued_at: Instant,
     running_since: Option<Instant>,
     timer: Option<delay_queue::Key>,
+    /// A `wait: false` submit asked for this evaluation: it runs even when
+    /// every waiter cancels.
+    wanted: bool,
 }
 
 #[derive(Default)]
@@ -309,10 +312,12 @@ impl Hub {
                 queued_at: Instant::now(),
                 running_since: None,
                 timer: None,
+                wanted: false,
             });
         }
         let entry = self.table.get_mut(&key).expect("entry exists");
-        let job = entry.job.as_ref().expect("job exists");
+        let job = entry.job.as_mut().expect("job exists");
+        job.wanted |= !wait;
         let state = if job.running_since.is_some() {
             "running"
         } else {
@@ -433,7 +438,7 @@ impl Hub {
             return;
         }
         match &entry.job {
-            Some(job) if job.running_since.is_some() => {}
+            Some(job) if job.running_since.is_some() || job.wanted => {}
             Some(job) => {
                 job.cancelled.store(true, Ordering::Release);
                 self.take_entry(key);

@@ -757,3 +757,35 @@ async fn inputs_over_max_input_bytes_are_refused() {
     assert_eq!(ok["type"], "accepted");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_asked_for_without_waiting_survives_a_cancel() {
+    let server = TestServer::start(config(
+        "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\n",
+    ))
+    .await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    a.send(json!({"op": "submit", "input": {"sleep_ms": 300, "n": "blocker"}}))
+        .await;
+    a.recv_type("accepted").await;
+    let wanted = json!({"sleep_ms": 1, "n": "wanted"});
+    let key = key_of("default", &wanted);
+    let acc = a
+        .request(json!({"op": "submit", "wait": false, "input": wanted}))
+        .await;
+    assert_eq!(acc["state"], "queued");
+    assert_eq!(
+        b.request(json!({"op": "subscribe", "key": key})).await["type"],
+        "subscribed"
+    );
+    assert_eq!(
+        b.request(json!({"op": "cancel", "key": key})).await["type"],
+        "cancelled"
+    );
+    a.recv_type("result").await;
+    server.settled_stats().await;
+    let s = b.request(json!({"op": "get", "key": key})).await;
+    assert_eq!(s["state"], "done", "the wait:false submit's work still ran");
+    server.stop().await;
+}
