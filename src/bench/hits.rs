@@ -5,7 +5,7 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct HitsArgs {
@@ -47,14 +47,14 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
         .map(|i| json!({"bench": "hits", "seed": seed, "i": i, "sleep_ms": 0}).to_string())
         .collect();
     warm(target, args, &inputs).await?;
-    let requests: std::sync::Arc<Vec<String>> = std::sync::Arc::new(
+    let requests: std::sync::Arc<Vec<Utf8Bytes>> = std::sync::Arc::new(
         inputs
             .iter()
             .map(|input| {
-                format!(
+                Utf8Bytes::from(format!(
                     r#"{{"op":"submit","fn":{},"input":{input}}}"#,
                     json!(args.fn_name)
-                )
+                ))
             })
             .collect(),
     );
@@ -126,7 +126,7 @@ async fn warm(target: &Target, args: &HitsArgs, inputs: &[String]) -> anyhow::Re
 /// a new request, replies drained in batches and requests flushed once per batch.
 async fn session(
     mut ws: Socket,
-    requests: std::sync::Arc<Vec<String>>,
+    requests: std::sync::Arc<Vec<Utf8Bytes>>,
     offset: usize,
     depth: usize,
     end: Instant,
@@ -138,7 +138,7 @@ async fn session(
         misses: 0,
     };
     for _ in 0..depth {
-        ws.feed(Message::text(requests[next % requests.len()].clone()))
+        ws.feed(Message::Text(requests[next % requests.len()].clone()))
             .await?;
         next += 1;
         sent.push_back(Instant::now());
@@ -155,7 +155,8 @@ async fn session(
             match reply {
                 Some(Ok(Message::Text(text))) => {
                     let t0 = sent.pop_front().unwrap_or(now);
-                    if text.contains(r#""source":"cache""#) {
+                    // A cache hit's frame ends with its source.
+                    if text.ends_with(r#""source":"cache"}"#) {
                         run.latencies.push((now - t0).as_secs_f64() * 1000.0);
                     } else {
                         run.misses += 1;
@@ -168,7 +169,7 @@ async fn session(
         }
         if now < end {
             for _ in 0..refill {
-                ws.feed(Message::text(requests[next % requests.len()].clone()))
+                ws.feed(Message::Text(requests[next % requests.len()].clone()))
                     .await?;
                 next += 1;
                 sent.push_back(Instant::now());
