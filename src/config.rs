@@ -110,6 +110,9 @@ pub struct Limits {
     pub drain_timeout_s: u64,
     /// How long a close frame may take to reach a client before the socket is dropped.
     pub close_timeout_ms: u64,
+    /// How long a new connection may take to send its request headers (and a
+    /// TLS handshake to finish) before it is dropped.
+    pub header_timeout_ms: u64,
     /// Messages queued for the hub before session readers wait.
     pub hub_queue: usize,
     /// Per-session WebSocket read buffer.
@@ -132,6 +135,7 @@ impl Default for Limits {
             heartbeat_ms: 20_000,
             drain_timeout_s: 30,
             close_timeout_ms: 2_000,
+            header_timeout_ms: 10_000,
             hub_queue: 65_536,
             ws_read_buffer: 4096,
             ws_write_buffer: 16 * 1024,
@@ -298,8 +302,12 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, HerdError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| HerdError::Config(format!("cannot read {}: {e}", path.display())))?;
-        Config::from_toml(&text)
-            .map_err(|e| HerdError::Config(format!("{}: {}", path.display(), e)))
+        Config::from_toml(&text).map_err(|e| match e {
+            HerdError::Config(message) => {
+                HerdError::Config(format!("{}: {message}", path.display()))
+            }
+            other => other,
+        })
     }
 
     /// Parses and validates TOML text.
@@ -340,8 +348,8 @@ impl Config {
                     .into(),
             );
         }
-        if l.heartbeat_ms < 100 {
-            return bad("limits.heartbeat_ms must be at least 100".into());
+        if l.heartbeat_ms < 100 || l.header_timeout_ms < 100 {
+            return bad("limits.heartbeat_ms and header_timeout_ms must be at least 100".into());
         }
         if l.ws_read_buffer < 256 {
             return bad("limits.ws_read_buffer must be at least 256".into());

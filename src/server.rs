@@ -20,7 +20,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
@@ -50,6 +50,7 @@ pub async fn run(
 ) -> Result<(), HerdError> {
     let drain_timeout = Duration::from_secs(config.limits.drain_timeout_s);
     let close_timeout = Duration::from_millis(config.limits.close_timeout_ms);
+    let header_timeout = Duration::from_millis(config.limits.header_timeout_ms);
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let broker = Broker::start(config)?;
     let app = router(Arc::clone(&broker));
@@ -61,7 +62,7 @@ pub async fn run(
         app,
         connections.clone(),
         stop_accepting.clone(),
-        close_timeout,
+        header_timeout,
     ));
 
     shutdown.await;
@@ -116,7 +117,7 @@ async fn accept_loop(
     app: Router,
     connections: TaskTracker,
     stop: CancellationToken,
-    handshake_timeout: Duration,
+    header_timeout: Duration,
 ) {
     loop {
         let (tcp, addr) = tokio::select! {
@@ -137,10 +138,10 @@ async fn accept_loop(
         let tls = tls.clone();
         connections.spawn(async move {
             match tls {
-                None => serve_http(tcp, addr, app, stop).await,
+                None => serve_http(tcp, addr, app, stop, header_timeout).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, addr, app, stop).await,
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_http(stream, addr, app, stop, header_timeout).await,
                         Ok(Err(error)) => debug!(%addr, %error, "TLS handshake failed"),
                         Err(_) => debug!(%addr, "TLS handshake timed out"),
                     }
@@ -151,8 +152,13 @@ async fn accept_loop(
 }
 
 /// Serves HTTP/1.1 (and WebSocket upgrades) on one connection.
-async fn serve_http<I>(io: I, addr: SocketAddr, app: Router, stop: CancellationToken)
-where
+async fn serve_http<I>(
+    io: I,
+    addr: SocketAddr,
+    app: Router,
+    stop: CancellationToken,
+    header_timeout: Duration,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
@@ -160,6 +166,8 @@ where
         app.clone().oneshot(request.map(Body::new))
     });
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);

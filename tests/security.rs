@@ -219,3 +219,29 @@ async fn tls_on_the_listener() {
         .is_err());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let server = TestServer::start(config(&format!(
+        "[limits]\nheader_timeout_ms = 300\n{BASIC}"
+    )))
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the broker closes the idle connection");
+    // Closed (possibly after a 408 response), well before the test's own limit.
+    match read {
+        Ok(n) => {
+            if n > 0 {
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
+            }
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    server.stop().await;
+}

@@ -81,3 +81,20 @@ async fn serve_with_the_shipped_config_logs_sessions_as_json_and_stops_on_sigter
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[test]
+fn serve_refuses_a_public_address_without_tokens() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reason: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("allow_anonymous"))
+        .collect();
+    assert_eq!(reason.len(), 1, "one line says why: {stderr}");
+    assert!(reason[0].contains("non-loopback"));
+}
