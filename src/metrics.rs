@@ -10,7 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +71,12 @@ pub struct Metrics {
     pub worker_restarts: Family<FnLabel, Counter>,
 }
 
+/// Registers `metric` under `name` and hands it back.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// The `stats` object of a `snapshot` frame.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
@@ -98,92 +104,78 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("herd");
-        let m = Metrics {
-            registry: Registry::default(),
-            submits: Family::default(),
-            cache_hits: Family::default(),
-            evaluations: Family::default(),
-            coalesced: Family::default(),
-            failures: Family::default(),
-            timeouts: Family::default(),
-            eval_seconds: Family::new_with_constructor(eval_buckets),
-            latency_seconds: Family::new_with_constructor(latency_buckets),
-            connections: Gauge::default(),
-            queued: Gauge::default(),
-            running: Gauge::default(),
-            wait_table: Gauge::default(),
-            cache_entries: Gauge::default(),
-            cache_bytes: Gauge::default(),
-            closes: Family::default(),
-            evaluator_healthy: Family::default(),
-            worker_restarts: Family::default(),
-        };
-        registry.register("submits", "Submit requests", m.submits.clone());
-        registry.register(
-            "cache_hits",
-            "Submits answered from the cache",
-            m.cache_hits.clone(),
-        );
-        registry.register("evaluations", "Evaluations started", m.evaluations.clone());
-        registry.register(
-            "coalesced",
-            "Submits that joined a pending evaluation",
-            m.coalesced.clone(),
-        );
-        registry.register(
-            "failures",
-            "Evaluations that failed or timed out",
-            m.failures.clone(),
-        );
-        registry.register(
-            "timeouts",
-            "Evaluations that exceeded their timeout",
-            m.timeouts.clone(),
-        );
-        registry.register(
-            "connections",
-            "Open WebSocket sessions",
-            m.connections.clone(),
-        );
-        registry.register("queued", "Evaluations queued", m.queued.clone());
-        registry.register("running", "Evaluations running", m.running.clone());
-        registry.register(
-            "wait_table_entries",
-            "Keys in the hub's wait table",
-            m.wait_table.clone(),
-        );
-        registry.register(
-            "cache_entries",
-            "Results in the cache",
-            m.cache_entries.clone(),
-        );
-        registry.register(
-            "cache_bytes",
-            "Weighted size of the cache in bytes",
-            m.cache_bytes.clone(),
-        );
-        registry.register("closes", "Sessions closed, by close code", m.closes.clone());
-        registry.register(
-            "evaluator_healthy",
-            "1 while the evaluator's workers start and answer, 0 while they keep dying at start-up",
-            m.evaluator_healthy.clone(),
-        );
-        registry.register(
-            "worker_restarts",
-            "Worker processes replaced",
-            m.worker_restarts.clone(),
-        );
-        registry.register(
-            "eval_seconds",
-            "Time evaluations took",
-            m.eval_seconds.clone(),
-        );
-        registry.register(
-            "submit_latency_seconds",
-            "Time from a submit's arrival to its result being queued for the client",
-            m.latency_seconds.clone(),
-        );
-        Metrics { registry, ..m }
+        let r = &mut registry;
+        // Fields are built in the order written: the registry is taken last.
+        Metrics {
+            submits: registered(r, "submits", "Submit requests", Family::default()),
+            cache_hits: registered(
+                r,
+                "cache_hits",
+                "Submits answered from the cache",
+                Family::default(),
+            ),
+            evaluations: registered(r, "evaluations", "Evaluations started", Family::default()),
+            coalesced: registered(
+                r,
+                "coalesced",
+                "Submits that joined a pending evaluation",
+                Family::default(),
+            ),
+            failures: registered(
+                r,
+                "failures",
+                "Evaluations that failed or timed out",
+                Family::default(),
+            ),
+            timeouts: registered(
+                r,
+                "timeouts",
+                "Evaluations that exceeded their timeout",
+                Family::default(),
+            ),
+            eval_seconds: registered(
+                r,
+                "eval_seconds",
+                "Time evaluations took",
+                Family::new_with_constructor(eval_buckets as fn() -> Histogram),
+            ),
+            latency_seconds: registered(
+                r,
+                "submit_latency_seconds",
+                "Time from a submit's arrival to its result being queued for the client",
+                Family::new_with_constructor(latency_buckets as fn() -> Histogram),
+            ),
+            connections: registered(r, "connections", "Open WebSocket sessions", Gauge::default()),
+            queued: registered(r, "queued", "Evaluations queued", Gauge::default()),
+            running: registered(r, "running", "Evaluations running", Gauge::default()),
+            wait_table: registered(
+                r,
+                "wait_table_entries",
+                "Keys in the hub's wait table",
+                Gauge::default(),
+            ),
+            cache_entries: registered(r, "cache_entries", "Results in the cache", Gauge::default()),
+            cache_bytes: registered(
+                r,
+                "cache_bytes",
+                "Weighted size of the cache in bytes",
+                Gauge::default(),
+            ),
+            closes: registered(r, "closes", "Sessions closed, by close code", Family::default()),
+            evaluator_healthy: registered(
+                r,
+                "evaluator_healthy",
+                "1 while the evaluator's workers start and answer, 0 while they keep dying at start-up",
+                Family::default(),
+            ),
+            worker_restarts: registered(
+                r,
+                "worker_restarts",
+                "Worker processes replaced",
+                Family::default(),
+            ),
+            registry: std::mem::take(r),
+        }
     }
 
     /// The metrics of evaluator `name`.

@@ -126,42 +126,39 @@ function keyCell(tr, key) {
   };
 }
 
-function renderInflight(rows) {
-  const body = document.querySelector("#inflight tbody");
+// Replaces a table's rows in one DOM operation; `fill(tr, row)` makes the cells.
+function renderRows(tableId, rows, fill) {
   const fresh = document.createDocumentFragment();
   for (const r of rows) {
     const tr = document.createElement("tr");
     tr.dataset.key = r.key;
     keyCell(tr, r.key);
     cell(tr, r.fn);
+    fill(tr, r);
+    fresh.appendChild(tr);
+  }
+  document.querySelector("#" + tableId + " tbody").replaceChildren(fresh);
+  $(tableId + "-empty").hidden = rows.length > 0;
+}
+
+function renderInflight(rows) {
+  renderRows("inflight", rows, (tr, r) => {
     cell(tr, r.state, "state-" + r.state);
     cell(tr, fmtInt(r.waiters), "num waiters");
     const age = cell(tr, fmtMs(r.age_ms), "num age");
     age.dataset.age = r.age_ms;
     const preview = cell(tr, r.input_preview, "preview");
     preview.title = r.input_preview;
-    fresh.appendChild(tr);
-  }
-  body.replaceChildren(fresh);
+  });
   $("inflight-count").textContent = rows.length ? "(" + rows.length + ")" : "";
-  $("inflight-empty").hidden = rows.length > 0;
 }
 
 function renderRecent(rows) {
-  const body = document.querySelector("#recent tbody");
-  const fresh = document.createDocumentFragment();
-  for (const r of rows) {
-    const tr = document.createElement("tr");
-    tr.dataset.key = r.key;
-    keyCell(tr, r.key);
-    cell(tr, r.fn);
+  renderRows("recent", rows, (tr, r) => {
     cell(tr, fmtMs(r.eval_ms), "num");
     cell(tr, fmtInt(r.shared), "num");
     cell(tr, r.ok ? "ok" : "failed", r.ok ? "ok" : "failed");
-    fresh.appendChild(tr);
-  }
-  body.replaceChildren(fresh);
-  $("recent-empty").hidden = rows.length > 0;
+  });
 }
 
 function pushHistory(atMs, rates) {
