@@ -245,5 +245,14 @@ async fn every_bench_scenario_reports_its_fields() {
             _ => {}
         }
     }
+    // Inputs follow the seed: the same fanout again would find its key cached.
+    let again = run(
+        &server,
+        &["bench", "fanout", "--fn", "default", "--subscribers", "5"],
+        None,
+    )
+    .await;
+    assert_ne!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already cached"));
     server.stop().await;
 }

@@ -27,9 +27,16 @@ pub struct FanoutArgs {
 }
 
 pub async fn run(target: &Target, args: &FanoutArgs, seed: u64) -> anyhow::Result<Report> {
-    let input = json!({"bench": "fanout", "seed": seed, "sleep_ms": args.sleep_ms, "at": unique()});
+    let input = json!({"bench": "fanout", "seed": seed, "sleep_ms": args.sleep_ms});
     let key =
         crate::Key::derive(&args.fn_name, crate::key::canonical_json(&input).as_bytes()).to_hex();
+    let probe = target.client().await?;
+    if let crate::client::Status::Done(_) = probe.get(&key).await? {
+        anyhow::bail!(
+            "the fanout key of seed {seed} is already cached: restart the broker or pass another --seed"
+        );
+    }
+    probe.close().await;
     let bar = progress(args.subscribers as u64, "subscribing");
     let (arrived_tx, mut arrived_rx) = mpsc::channel::<Instant>(args.subscribers.max(1));
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(args.subscribers.max(1));
@@ -125,11 +132,4 @@ fn signed_ms(at: Instant, reference: Instant) -> f64 {
     } else {
         -((reference - at).as_secs_f64() * 1000.0)
     }
-}
-
-/// A value that makes each run's key new, so the key is never already cached.
-fn unique() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }
