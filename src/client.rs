@@ -28,7 +28,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+/// A raw WebSocket to a broker.
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Why a call did not produce what was asked.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -386,8 +387,9 @@ fn error_of(frame: &Value) -> ClientError {
     }
 }
 
-/// Opens a socket and reads its `hello`.
-async fn open(url: &str, token: Option<&str>) -> Result<(Socket, Value), ClientError> {
+/// Opens a raw socket (with `token` as a bearer credential) and reads its
+/// `hello`; for callers that speak the protocol themselves, like the benchmark.
+pub async fn open(url: &str, token: Option<&str>) -> Result<(Socket, Value), ClientError> {
     let connect_error = |message: String| ClientError::Connect {
         url: url.to_string(),
         message,

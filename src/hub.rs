@@ -23,12 +23,12 @@ use crate::key::Key;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SessionId};
 use crate::pool::{EvaluatorTable, Job, Pool};
-use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId};
+use crate::protocol::{error_frame, result_frame, unix_ms, FrameWriter, ReqId, DRAINING_MESSAGE};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -143,6 +143,9 @@ pub struct Hub {
     snapshot_recent: usize,
     preview_chars: usize,
 }
+
+/// The message of a `busy` answer to a session at `limits.max_pending`.
+const PENDING_FULL: &str = "too many pending waits on this session (limits.max_pending)";
 
 /// Messages taken from the channel per wake-up.
 const BATCH: usize = 256;
@@ -271,11 +274,7 @@ impl Hub {
         }
         let session = waiter.outbox.session();
         if wait && !self.has_room(session) {
-            return Self::reject(
-                &waiter,
-                ErrorCode::Busy,
-                "too many pending waits on this session (limits.max_pending)",
-            );
+            return Self::reject(&waiter, ErrorCode::Busy, PENDING_FULL);
         }
         let key = waiter.key;
         let joined = self.table.get(&key).and_then(|e| e.job.as_ref()).is_some();
@@ -283,11 +282,7 @@ impl Hub {
             metrics.coalesced.inc();
         } else {
             if self.draining.load(Ordering::Acquire) {
-                return Self::reject(
-                    &waiter,
-                    ErrorCode::ShuttingDown,
-                    "the broker is draining and takes no new work",
-                );
+                return Self::reject(&waiter, ErrorCode::ShuttingDown, DRAINING_MESSAGE);
             }
             let gen = self.next_gen;
             self.next_gen += 1;
@@ -343,11 +338,7 @@ impl Hub {
             return;
         }
         if !self.has_room(waiter.outbox.session()) {
-            return Self::reject(
-                &waiter,
-                ErrorCode::Busy,
-                "too many pending waits on this session (limits.max_pending)",
-            );
+            return Self::reject(&waiter, ErrorCode::Busy, PENDING_FULL);
         }
         let state = match self.table.get(&waiter.key).and_then(|e| e.job.as_ref()) {
             Some(job) if job.running_since.is_some() => "running",
@@ -638,12 +629,9 @@ impl Hub {
             })
             .collect();
         let stats = self.metrics.stats(&self.cache, &self.evaluators);
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         FrameWriter::with_capacity("snapshot", 1024)
             .id(id)
-            .uint("at_ms", at_ms)
+            .uint("at_ms", unix_ms())
             .raw("stats", &to_json(&stats))
             .raw("inflight", &to_json(&inflight))
             .raw("recent", &to_json(&self.recent))

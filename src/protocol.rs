@@ -347,6 +347,16 @@ impl FrameWriter {
     }
 }
 
+/// The message of every `shutting_down` error.
+pub const DRAINING_MESSAGE: &str = "the broker is draining and takes no new work";
+
+/// Milliseconds since the Unix epoch, as frames report time (`at_ms`, `server_time_ms`).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// `{"type":"error","id":…|null,"code":"…","message":"…"}`.
 pub fn error_frame(id: &ReqId, code: &str, message: &str) -> String {
     FrameWriter::new("error")

@@ -14,13 +14,15 @@ use crate::error::ErrorCode;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
 use crate::outbox::{close, Outbox, SessionCtl};
-use crate::protocol::{error_frame, parse_request, FrameWriter, Op, ReqId, PROTOCOL_VERSION};
+use crate::protocol::{
+    error_frame, parse_request, unix_ms, FrameWriter, Op, ReqId, DRAINING_MESSAGE, PROTOCOL_VERSION,
+};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
@@ -99,12 +101,6 @@ fn hello(broker: &Broker, uuid: uuid::Uuid, role: Role) -> String {
         .str("role", role.as_str())
         .raw("limits", &limits.to_string())
         .finish()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Reader<'a> {
@@ -283,11 +279,7 @@ impl Reader<'_> {
     }
 
     fn reject_draining(&self, id: &ReqId) {
-        self.reject(
-            id,
-            ErrorCode::ShuttingDown,
-            "the broker is draining and takes no new work",
-        )
+        self.reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
     }
 
     fn watch(&mut self, id: ReqId, interval_ms: u64) {

@@ -46,10 +46,5 @@ async fn a_client_that_never_reads_is_closed_with_4001_in_bounded_memory() {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    herd::bench::rss_kib(std::process::id()).expect("VmRSS of this process")
 }

@@ -137,11 +137,14 @@ async fn session(
         latencies: Vec::new(),
         misses: 0,
     };
-    for _ in 0..depth {
-        ws.feed(Message::Text(requests[next % requests.len()].clone()))
-            .await?;
+    let mut feed_next = async |ws: &mut Socket, sent: &mut VecDeque<Instant>| {
+        let request = requests[next % requests.len()].clone();
         next += 1;
         sent.push_back(Instant::now());
+        ws.feed(Message::Text(request)).await
+    };
+    for _ in 0..depth {
+        feed_next(&mut ws, &mut sent).await?;
     }
     ws.flush().await?;
     while !sent.is_empty() {
@@ -169,10 +172,7 @@ async fn session(
         }
         if now < end {
             for _ in 0..refill {
-                ws.feed(Message::Text(requests[next % requests.len()].clone()))
-                    .await?;
-                next += 1;
-                sent.push_back(Instant::now());
+                feed_next(&mut ws, &mut sent).await?;
             }
             ws.flush().await?;
         }

@@ -20,13 +20,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// A raw WebSocket to the broker, for scenarios that measure below the client library.
-pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+pub use crate::client::Socket;
 
 /// The broker under test.
 #[derive(Debug, Clone)]
@@ -44,21 +40,9 @@ impl Target {
 
     /// Opens a raw socket and reads its `hello`.
     pub async fn socket(&self) -> anyhow::Result<Socket> {
-        let mut request = self.url.as_str().into_client_request()?;
-        if let Some(token) = &self.token {
-            request.headers_mut().insert(
-                "authorization",
-                HeaderValue::from_str(&format!("Bearer {token}"))?,
-            );
-        }
-        let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(_))) => return Ok(ws),
-                Some(Ok(_)) => continue,
-                other => anyhow::bail!("connection ended before hello: {other:?}"),
-            }
-        }
+        Ok(crate::client::open(&self.url, self.token.as_deref())
+            .await?
+            .0)
     }
 
     /// The broker's `stats` now.
