@@ -1,9 +1,13 @@
-//! Who may connect, and as what: tokens, roles, and the browser origin check.
+//! Who may connect, and as what: tokens, roles, and the browser origin and
+//! host checks.
 //!
 //! Secrets are resolved once at start-up (from the config, an environment
 //! variable or a file) and compared in constant time. With no token
 //! configured every client is an `agent` (the config refuses that on a
-//! non-loopback address unless `allow_anonymous` says so).
+//! non-loopback address unless `allow_anonymous` says so), and then the
+//! `Host` of an upgrade must be an IP literal, `localhost` or a name in
+//! `allowed_hosts`: a page on a DNS-rebinding domain names its own domain in
+//! both `Origin` and `Host`, which passes the origin check but not this one.
 
 use crate::config::{Config, Role, TokenConfig};
 use crate::error::HerdError;
@@ -24,10 +28,11 @@ struct Credential {
     secret: Vec<u8>,
 }
 
-/// The credentials and origins a broker accepts.
+/// The credentials, origins and hosts a broker accepts.
 pub struct Gate {
     credentials: Vec<Credential>,
     allowed_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
 }
 
 /// Why an upgrade is refused.
@@ -37,6 +42,8 @@ pub enum Refusal {
     Unauthorized,
     /// A browser page from another origin: HTTP 403.
     ForeignOrigin,
+    /// Without tokens, a `Host` that is not this machine's: HTTP 403.
+    ForeignHost,
 }
 
 impl Gate {
@@ -60,6 +67,11 @@ impl Gate {
                 .iter()
                 .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
+            allowed_hosts: config
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
         })
     }
 
@@ -67,6 +79,7 @@ impl Gate {
     pub fn admit(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
         self.check_origin(headers)?;
         if self.credentials.is_empty() {
+            self.check_host(headers)?;
             return Ok(Identity {
                 name: "anonymous".into(),
                 role: Role::Agent,
@@ -107,6 +120,38 @@ impl Gate {
             (Some(o), Some(h)) if o == h => Ok(()),
             _ => Err(Refusal::ForeignOrigin),
         }
+    }
+}
+
+impl Gate {
+    /// Accepts a missing `Host` (not a browser), IP literals, `localhost`
+    /// and its subdomains, and the names in `allowed_hosts`.
+    fn check_host(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let Some(host) = headers.get(header::HOST) else {
+            return Ok(());
+        };
+        let host = host.to_str().map_err(|_| Refusal::ForeignHost)?;
+        let name = host_name(host).trim_end_matches('.').to_ascii_lowercase();
+        let allowed = name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || self.allowed_hosts.contains(&name);
+        if allowed {
+            Ok(())
+        } else {
+            Err(Refusal::ForeignHost)
+        }
+    }
+}
+
+/// The name in a `Host` value, without its port or IPv6 brackets.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
     }
 }
 

@@ -1,8 +1,8 @@
 //! The broker's shared state: what every session and route can reach.
 //!
 //! It owns the cache, the metrics, the evaluator table, the sessions
-//! registry and the hub's inbox; the wait table is not here (the hub task
-//! owns it alone).
+//! registry, the hub's inbox and the snapshot renderer's; the wait table is
+//! not here (the hub task owns it alone).
 
 use crate::auth::Gate;
 use crate::cache::ResultCache;
@@ -12,8 +12,9 @@ use crate::hub::{Hub, HubMsg};
 use crate::metrics::Metrics;
 use crate::outbox::{SessionCtl, SessionId};
 use crate::pool::{EvaluatorTable, Pool};
+use crate::snapshot::{Renderer, WatchMsg};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -22,25 +23,40 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Everything a running broker shares.
+/// Everything a running broker shares. Sessions and routes read it; each
+/// field says who writes it.
 pub struct Broker {
+    /// The configuration in force; never changes.
     pub config: Config,
     /// Who may open a session.
     pub gate: Gate,
+    /// The results cache: read by sessions, written by the hub.
     pub cache: Arc<ResultCache>,
+    /// Counters and gauges; anyone counts.
     pub metrics: Arc<Metrics>,
+    /// The evaluators by name, with their limits, health and metrics.
     pub evaluators: Arc<EvaluatorTable>,
+    /// The hub's inbox: every change to the wait table goes through it.
     pub hub: mpsc::Sender<HubMsg>,
+    /// The snapshot renderer's inbox: `watch` and `unwatch`.
+    pub watchers: mpsc::Sender<WatchMsg>,
     /// Set once shutdown begins: no new work, `/readyz` answers 503.
     pub draining: Arc<AtomicBool>,
-    /// Open sessions, so shutdown can close each with 1001.
+    /// Open sessions, so shutdown can close each with 1001; sessions add
+    /// and remove themselves.
     pub sessions: DashMap<SessionId, Arc<SessionCtl>>,
     /// Session tasks, awaited on shutdown.
     pub session_tasks: TaskTracker,
+    /// tokio-tungstenite's settings for every session.
     pub ws_config: WebSocketConfig,
     next_session: AtomicU64,
     connections: AtomicUsize,
+    /// The close code every session gets once shutdown closes them (0 before),
+    /// so a session that registers while they are being closed closes too.
+    closing_all: AtomicU16,
+    /// Jobs queued or running, as the hub publishes them.
     jobs: watch::Receiver<usize>,
+    /// Stops the hub and the renderer.
     hub_stop: CancellationToken,
     hub_task: Mutex<Option<JoinHandle<Pool>>>,
 }
@@ -57,7 +73,8 @@ impl Broker {
         let draining = Arc::new(AtomicBool::new(false));
         let (hub_tx, hub_rx) = mpsc::channel(config.limits.hub_queue);
         let (jobs_tx, jobs_rx) = watch::channel(0usize);
-        let pool = Pool::start(&evaluator_configs, &evaluators, hub_tx.clone())?;
+        let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
+        let pool = Pool::start(&evaluator_configs, &evaluators, events_tx)?;
         let hub = Hub::new(
             &config,
             pool,
@@ -68,7 +85,16 @@ impl Broker {
             jobs_tx,
         );
         let hub_stop = CancellationToken::new();
-        let hub_task = tokio::spawn(hub.run(hub_rx, hub_stop.clone()));
+        let hub_task = tokio::spawn(hub.run(hub_rx, events_rx, hub_stop.clone()));
+        let (watch_tx, watch_rx) = mpsc::channel(config.limits.hub_queue);
+        let renderer = Renderer::new(
+            &config,
+            hub_tx.clone(),
+            Arc::clone(&cache),
+            Arc::clone(&metrics),
+            Arc::clone(&evaluators),
+        );
+        tokio::spawn(renderer.run(watch_rx, hub_stop.clone()));
         let ws_config = crate::session::websocket_config(&config.limits);
         Ok(Arc::new(Broker {
             config,
@@ -77,12 +103,14 @@ impl Broker {
             metrics,
             evaluators,
             hub: hub_tx,
+            watchers: watch_tx,
             draining,
             sessions: DashMap::new(),
             session_tasks: TaskTracker::new(),
             ws_config,
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            closing_all: AtomicU16::new(0),
             jobs: jobs_rx,
             hub_stop,
             hub_task: Mutex::new(Some(hub_task)),
@@ -121,8 +149,20 @@ impl Broker {
         let _ = jobs.wait_for(|n| *n == 0).await;
     }
 
-    /// Asks every open session to close with `code`.
+    /// Adds a session to the registry; if shutdown is already closing
+    /// sessions, this one is asked to close as well.
+    pub fn register_session(&self, ctl: &Arc<SessionCtl>) {
+        self.sessions.insert(ctl.id, Arc::clone(ctl));
+        let code = self.closing_all.load(Ordering::SeqCst);
+        if code != 0 {
+            ctl.close_with(code);
+        }
+    }
+
+    /// Asks every open session, and every session registered from now on,
+    /// to close with `code`.
     pub fn close_sessions(&self, code: u16) {
+        self.closing_all.store(code, Ordering::SeqCst);
         for session in self.sessions.iter() {
             session.close_with(code);
         }

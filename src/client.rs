@@ -46,6 +46,9 @@ pub enum ClientError {
     /// The broker refused the request (`bad_request`, `unknown_fn`, `forbidden`, `shutting_down`, ...).
     #[error("{code}: {message}")]
     Rejected { code: String, message: String },
+    /// This client cancelled its wait on the key (`cancel`).
+    #[error("wait for {key} cancelled")]
+    Cancelled { key: String },
     /// The connection ended (and reconnecting is off).
     #[error("connection closed ({code:?}: {reason})")]
     Closed { code: Option<u16>, reason: String },
@@ -130,6 +133,8 @@ enum ReplyTo {
 
 struct Pending {
     kind: Kind,
+    /// The key a submit or subscribe waits on (a `cancel` of it ends the wait).
+    key: Option<String>,
     frame: String,
     reply: ReplyTo,
 }
@@ -194,10 +199,20 @@ impl Client {
 
     async fn call(&self, kind: Kind, mut request: Value) -> Result<Value, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let key = match kind {
+            Kind::Subscribe => request["key"].as_str().map(str::to_string),
+            Kind::Submit => {
+                let fn_name = request["fn"].as_str().unwrap_or("default");
+                let canonical = crate::key::canonical_json(&request["input"]);
+                Some(crate::Key::derive(fn_name, canonical.as_bytes()).to_hex())
+            }
+            _ => None,
+        };
         request["id"] = json!(id);
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             kind,
+            key,
             frame: request.to_string(),
             reply: ReplyTo::Once(tx),
         };
@@ -277,7 +292,8 @@ impl Client {
         parse_result(&reply)
     }
 
-    /// Stops this connection's waits on `key`.
+    /// Stops this connection's waits on `key`; calls waiting on it end with
+    /// [`ClientError::Cancelled`].
     pub async fn cancel(&self, key: &str) -> Result<(), ClientError> {
         self.call(Kind::Cancel, json!({"op": "cancel", "key": key}))
             .await
@@ -304,6 +320,7 @@ impl Client {
                 id,
                 Pending {
                     kind: Kind::Watch,
+                    key: None,
                     frame,
                     reply: ReplyTo::Stream(tx),
                 },
@@ -551,6 +568,7 @@ impl Driver {
         };
         let kind = pending.kind;
         let kind_of_frame = frame["type"].as_str().unwrap_or_default();
+        let cancelled_key = (kind_of_frame == "cancelled").then(|| str_field(&frame, "key"));
         let finished = match (kind, kind_of_frame) {
             (Kind::Watch, "snapshot") => {
                 if let ReplyTo::Stream(tx) = &pending.reply {
@@ -571,6 +589,20 @@ impl Driver {
         if let Some(outcome) = finished {
             if let Some(p) = self.pending.remove(&id) {
                 reply(p.reply, outcome);
+            }
+        }
+        if let Some(key) = cancelled_key {
+            let ended: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.key.as_deref() == Some(key.as_str()))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ended {
+                if let Some(p) = self.pending.remove(&id) {
+                    let key = key.clone();
+                    reply(p.reply, Err(ClientError::Cancelled { key }));
+                }
             }
         }
     }

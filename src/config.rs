@@ -23,6 +23,9 @@ pub struct Config {
     /// `Origin` values allowed to open `/ws` besides the broker's own host
     /// (requests without `Origin`, i.e. not from a browser, are not affected).
     pub allowed_origins: Vec<String>,
+    /// With no tokens, host names (besides IP literals and `localhost`)
+    /// under which `/ws` may be reached; other `Host` values get 403.
+    pub allowed_hosts: Vec<String>,
     /// Serve HTTPS/WSS directly (certificate and key in PEM files).
     pub tls: Option<TlsConfig>,
     /// Credentials: with none, every client is an `agent`.
@@ -82,6 +85,7 @@ impl Default for Config {
             listen: "127.0.0.1:7878".parse().expect("valid default address"),
             allow_anonymous: false,
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             tls: None,
             tokens: Vec::new(),
             limits: Limits::default(),
@@ -104,6 +108,12 @@ pub struct Limits {
     pub max_pending: usize,
     /// Frames queued for one session's writer; overflow closes it with 4001.
     pub outbound_queue: usize,
+    /// Bytes queued for one session's writer; overflow closes it with 4001
+    /// (the session's own replies wait for room instead).
+    pub outbound_bytes: usize,
+    /// How long one write to a client's socket may take; a write that has
+    /// not completed by then closes the session with 4001.
+    pub write_timeout_ms: u64,
     /// Server ping interval; a session silent for three intervals is closed (4002).
     pub heartbeat_ms: u64,
     /// How long shutdown waits for in-flight evaluations and session writers.
@@ -132,6 +142,8 @@ impl Default for Limits {
             max_frame_bytes: 1 << 20,
             max_pending: 1024,
             outbound_queue: 1024,
+            outbound_bytes: 16 << 20,
+            write_timeout_ms: 5_000,
             heartbeat_ms: 20_000,
             drain_timeout_s: 30,
             close_timeout_ms: 2_000,
@@ -177,6 +189,8 @@ pub struct DashboardConfig {
     pub snapshot_recent: usize,
     /// Characters of input shown per in-flight entry (protocol maximum 120).
     pub input_preview_chars: usize,
+    /// Sessions watching at once; a further `watch` gets `busy`.
+    pub max_watchers: usize,
 }
 
 impl Default for DashboardConfig {
@@ -185,6 +199,7 @@ impl Default for DashboardConfig {
             snapshot_inflight: 500,
             snapshot_recent: 50,
             input_preview_chars: 120,
+            max_watchers: 64,
         }
     }
 }
@@ -218,6 +233,16 @@ pub struct EvaluatorConfig {
     /// Evaluations queued for this evaluator at most; beyond it submits get `busy`.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// Bytes of input queued for this evaluator at most; beyond it submits get `busy`.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
+    /// Spare threads started in place of threads stuck in an evaluation past
+    /// its timeout (default: as many as `threads`).
+    #[serde(default)]
+    pub spare_threads: Option<usize>,
+    /// `simulate`: the longest `sleep_ms` or `spin_ms` honoured (default: `timeout_ms`).
+    #[serde(default)]
+    pub max_sleep_ms: Option<u64>,
     /// Largest canonical input accepted for this evaluator.
     #[serde(default = "default_max_input_bytes")]
     pub max_input_bytes: usize,
@@ -245,6 +270,9 @@ pub struct EvaluatorConfig {
     /// `process`: start-up deaths in a row after which the evaluator is reported unhealthy.
     #[serde(default = "default_unhealthy_after")]
     pub unhealthy_after: u32,
+    /// `process`: longest stderr line logged; the rest of a longer line is dropped.
+    #[serde(default = "default_stderr_line_bytes")]
+    pub stderr_line_bytes: usize,
 }
 
 fn default_threads() -> usize {
@@ -258,6 +286,12 @@ fn default_queue_capacity() -> usize {
 }
 fn default_max_input_bytes() -> usize {
     1 << 20
+}
+fn default_queue_bytes() -> usize {
+    64 << 20
+}
+fn default_stderr_line_bytes() -> usize {
+    8 << 10
 }
 fn default_grace_ms() -> u64 {
     2_000
@@ -284,6 +318,9 @@ impl EvaluatorConfig {
             threads: default_threads(),
             timeout_ms: default_timeout_ms(),
             queue_capacity: default_queue_capacity(),
+            queue_bytes: default_queue_bytes(),
+            spare_threads: None,
+            max_sleep_ms: None,
             max_input_bytes: default_max_input_bytes(),
             command: Vec::new(),
             cwd: None,
@@ -293,7 +330,18 @@ impl EvaluatorConfig {
             restart_backoff_ms: default_restart_backoff_ms(),
             restart_backoff_max_ms: default_restart_backoff_max_ms(),
             unhealthy_after: default_unhealthy_after(),
+            stderr_line_bytes: default_stderr_line_bytes(),
         }
+    }
+
+    /// Spare threads for threads lost past their timeout.
+    pub fn spare_threads(&self) -> usize {
+        self.spare_threads.unwrap_or(self.threads)
+    }
+
+    /// `simulate`'s cap on `sleep_ms` and `spin_ms`.
+    pub fn max_sleep_ms(&self) -> u64 {
+        self.max_sleep_ms.unwrap_or(self.timeout_ms)
     }
 }
 
@@ -348,8 +396,17 @@ impl Config {
                     .into(),
             );
         }
-        if l.heartbeat_ms < 100 || l.header_timeout_ms < 100 {
-            return bad("limits.heartbeat_ms and header_timeout_ms must be at least 100".into());
+        if l.heartbeat_ms < 100 || l.header_timeout_ms < 100 || l.write_timeout_ms < 100 {
+            return bad(
+                "limits.heartbeat_ms, header_timeout_ms and write_timeout_ms must be at least 100"
+                    .into(),
+            );
+        }
+        if l.outbound_bytes < 2 * l.max_frame_bytes {
+            return bad("limits.outbound_bytes must be at least 2 * max_frame_bytes".into());
+        }
+        if self.dashboard.max_watchers == 0 {
+            return bad("dashboard.max_watchers must be at least 1".into());
         }
         if l.ws_read_buffer < 256 {
             return bad("limits.ws_read_buffer must be at least 256".into());
@@ -378,6 +435,24 @@ impl Config {
             if e.threads == 0 || e.queue_capacity == 0 || e.timeout_ms == 0 {
                 return bad(format!(
                     "evaluator {:?}: threads, queue_capacity and timeout_ms must be at least 1",
+                    e.name
+                ));
+            }
+            if e.queue_bytes < e.max_input_bytes {
+                return bad(format!(
+                    "evaluator {:?}: queue_bytes must be at least max_input_bytes",
+                    e.name
+                ));
+            }
+            if e.max_output_bytes + 1024 > l.outbound_bytes {
+                return bad(format!(
+                    "evaluator {:?}: max_output_bytes must leave 1 KiB under limits.outbound_bytes",
+                    e.name
+                ));
+            }
+            if e.stderr_line_bytes < 80 {
+                return bad(format!(
+                    "evaluator {:?}: stderr_line_bytes must be at least 80",
                     e.name
                 ));
             }

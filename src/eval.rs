@@ -11,7 +11,6 @@ use crate::metrics::{fn_label, Metrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +42,7 @@ pub fn factory(
     match config.kind {
         EvaluatorKind::Simulate => Ok(Arc::new(Builtin(Simulate {
             max_output_bytes: config.max_output_bytes,
+            max_sleep_ms: config.max_sleep_ms(),
         }))),
         EvaluatorKind::Echo => Ok(Arc::new(Builtin(Echo))),
         EvaluatorKind::Process => Ok(Arc::new(crate::process::ProcessFactory::new(
@@ -51,14 +51,35 @@ pub fn factory(
     }
 }
 
-/// Whether an evaluator can currently run tasks, as its workers see it.
+/// Whether an evaluator can currently run tasks, as its workers see it:
+/// unhealthy while its worker programs keep dying at start-up, or while
+/// threads are lost to evaluations that overran their timeout.
 #[derive(Debug)]
 pub struct Health {
-    unhealthy: AtomicBool,
-    reason: Mutex<Option<String>>,
+    state: Mutex<HealthState>,
     healthy_gauge: Gauge,
+    lost_gauge: Gauge,
     /// Worker processes replaced so far.
     pub restarts: Counter,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    startup: Option<String>,
+    lost: usize,
+}
+
+impl HealthState {
+    fn reason(&self) -> Option<String> {
+        match (&self.startup, self.lost) {
+            (None, 0) => None,
+            (Some(why), 0) => Some(why.clone()),
+            (None, n) => Some(format!("{n} thread(s) lost to evaluations past timeout_ms")),
+            (Some(why), n) => Some(format!(
+                "{why}; {n} thread(s) lost to evaluations past timeout_ms"
+            )),
+        }
+    }
 }
 
 impl Health {
@@ -68,32 +89,53 @@ impl Health {
         let healthy_gauge = metrics.evaluator_healthy.get_or_create(&label).clone();
         healthy_gauge.set(1);
         Health {
-            unhealthy: AtomicBool::new(false),
-            reason: Mutex::new(None),
+            state: Mutex::new(HealthState::default()),
             healthy_gauge,
+            lost_gauge: metrics.lost_threads.get_or_create(&label).clone(),
             restarts: metrics.worker_restarts.get_or_create(&label).clone(),
         }
     }
 
-    pub fn set_unhealthy(&self, reason: String) {
-        *self.reason.lock().expect("health lock") = Some(reason);
-        self.unhealthy.store(true, Ordering::Release);
-        self.healthy_gauge.set(0);
+    fn update(&self, change: impl FnOnce(&mut HealthState)) {
+        let mut state = self.state.lock().expect("health lock");
+        change(&mut state);
+        self.lost_gauge.set(state.lost as i64);
+        self.healthy_gauge
+            .set(i64::from(state.startup.is_none() && state.lost == 0));
     }
 
+    /// The evaluator's worker programs keep dying at start-up.
+    pub fn set_unhealthy(&self, reason: String) {
+        self.update(|s| s.startup = Some(reason));
+    }
+
+    /// A worker program answered again.
     pub fn set_healthy(&self) {
-        self.unhealthy.store(false, Ordering::Release);
-        self.healthy_gauge.set(1);
-        *self.reason.lock().expect("health lock") = None;
+        self.update(|s| s.startup = None);
+    }
+
+    /// A thread is stuck in an evaluation past its timeout.
+    pub fn thread_lost(&self) {
+        self.update(|s| s.lost += 1);
+    }
+
+    /// A lost thread finished its evaluation.
+    pub fn thread_returned(&self) {
+        self.update(|s| s.lost = s.lost.saturating_sub(1));
     }
 
     pub fn is_healthy(&self) -> bool {
-        !self.unhealthy.load(Ordering::Acquire)
+        self.reason().is_none()
+    }
+
+    /// Whether worker programs are failing at start-up.
+    pub fn startup_failing(&self) -> bool {
+        self.state.lock().expect("health lock").startup.is_some()
     }
 
     /// Why the evaluator is unhealthy, if it is.
     pub fn reason(&self) -> Option<String> {
-        self.reason.lock().expect("health lock").clone()
+        self.state.lock().expect("health lock").reason()
     }
 }
 
@@ -108,14 +150,15 @@ impl<W: Worker + Clone + Sync + 'static> WorkerFactory for Builtin<W> {
 /// Stands in for a costly computation.
 ///
 /// Input members it reads (all optional): `sleep_ms` (otherwise 15-30 ms
-/// from the key), `spin_ms` (busy CPU time), `fail` (fail with this
-/// message), `panic` (panic when true), `output_bytes` (pad the output to
-/// about this size, at most the evaluator's `max_output_bytes`). The output
-/// is derived from the key alone, about 128 bytes, so equal inputs give
-/// equal outputs.
+/// from the key), `spin_ms` (busy CPU time), each at most the evaluator's
+/// `max_sleep_ms`; `fail` (fail with this message), `panic` (panic when
+/// true), `output_bytes` (pad the output to about this size, at most the
+/// evaluator's `max_output_bytes`). The output is derived from the key
+/// alone, about 128 bytes, so equal inputs give equal outputs.
 #[derive(Clone)]
 pub struct Simulate {
     pub max_output_bytes: usize,
+    pub max_sleep_ms: u64,
 }
 
 impl Worker for Simulate {
@@ -125,8 +168,10 @@ impl Worker for Simulate {
         let field = |name: &str| input.as_object().and_then(|o| o.get(name));
         let sleep_ms = field("sleep_ms")
             .and_then(Value::as_u64)
-            .unwrap_or(15 + task.key.seed() % 16);
+            .unwrap_or(15 + task.key.seed() % 16)
+            .min(self.max_sleep_ms);
         if let Some(spin_ms) = field("spin_ms").and_then(Value::as_u64) {
+            let spin_ms = spin_ms.min(self.max_sleep_ms);
             let until = Instant::now() + Duration::from_millis(spin_ms);
             let mut x = task.key.seed();
             while Instant::now() < until {
@@ -178,6 +223,7 @@ mod tests {
     fn simulate() -> Simulate {
         Simulate {
             max_output_bytes: 1 << 20,
+            max_sleep_ms: 1000,
         }
     }
 

@@ -1,35 +1,43 @@
 //! The hub: the singular update queue that owns the wait table.
 //!
 //! One task owns `key → {waiters, job}` and is its only reader and writer;
-//! sessions, evaluator threads and timers reach it through one bounded
-//! channel, and it applies their messages one at a time, in order. Nobody
-//! locks the wait table and nobody waits on the hub for more than a queue
-//! slot: replies go straight into the sessions' outboxes.
+//! sessions and timers reach it through one bounded channel, evaluator
+//! threads through the pool's event channel, and it applies their messages
+//! one at a time, in order. Nobody locks the wait table and nobody waits on
+//! the hub for more than a queue slot: replies go straight into the
+//! sessions' outboxes.
 //!
 //! Invariants kept here:
 //! - a key has at most one job at a time, so identical requests share it;
 //! - before starting a job the hub checks the cache again (a result may
 //!   have landed between a session's miss and its message arriving);
+//! - whenever an outcome lands for a key, everyone in that key's wait list
+//!   gets it, whether or not the entry still has a job (a late result
+//!   after a timeout reaches those who subscribed since);
 //! - on completion the result enters the cache *before* the entry leaves
 //!   the table, the shared part of the frame is encoded once, and the entry
 //!   is removed as its result is handed out;
 //! - a session's waits leave with it, and an entry nobody waits on is
-//!   dropped unless its job is already running.
+//!   dropped unless its job is already running or was asked for with
+//!   `wait: false`;
+//! - a session holds at most `limits.max_pending` waits and `wait: false`
+//!   evaluations at once, and at most one subscription per key.
 
 use crate::cache::ResultCache;
 use crate::config::Config;
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, SessionId};
-use crate::pool::{EvaluatorTable, Job, Pool};
-use crate::protocol::{error_frame, result_frame, unix_ms, FrameWriter, ReqId, DRAINING_MESSAGE};
+use crate::outbox::{Frame, Outbox, SessionId};
+use crate::pool::{EvaluatorTable, Job, JobCtl, Pool, PoolEvent, QueueFull};
+use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId, DRAINING_MESSAGE};
+use bytes::Bytes;
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
@@ -49,24 +57,10 @@ pub enum HubMsg {
     Get { key: Key, id: ReqId, outbox: Outbox },
     /// Stop this session's waits on a key.
     Cancel { key: Key, id: ReqId, outbox: Outbox },
-    /// Push one `snapshot` frame.
-    Snapshot { id: ReqId, outbox: Outbox },
+    /// Hand a view of the table to the snapshot renderer.
+    View { reply: oneshot::Sender<HubView> },
     /// The session is gone; drop its waits.
     SessionClosed { session: SessionId },
-    /// An evaluator thread took a job.
-    Started {
-        evaluator: usize,
-        key: Key,
-        gen: u64,
-    },
-    /// An evaluator thread finished a job.
-    Done {
-        evaluator: usize,
-        key: Key,
-        gen: u64,
-        outcome: Result<String, EvalError>,
-        eval_ms: f64,
-    },
 }
 
 /// One request waiting for a key's result.
@@ -78,33 +72,34 @@ pub struct Waiter {
     pub since: Option<Instant>,
 }
 
-struct JobState {
-    evaluator: usize,
-    gen: u64,
-    cancelled: Arc<AtomicBool>,
-    preview: Box<str>,
-    queued_at: Instant,
-    running_since: Option<Instant>,
-    timer: Option<delay_queue::Key>,
-    /// A `wait: false` submit asked for this evaluation: it runs even when
-    /// every waiter cancels.
-    wanted: bool,
+impl Waiter {
+    fn is_subscription(&self) -> bool {
+        self.since.is_none()
+    }
 }
 
-#[derive(Default)]
-struct Entry {
-    waiters: Vec<Waiter>,
-    job: Option<JobState>,
+/// One in-flight evaluation, as the snapshot renderer sees it.
+pub struct InflightRow {
+    pub key: Key,
+    pub evaluator: usize,
+    pub running: bool,
+    pub waiters: usize,
+    /// When the evaluation was queued (orders the rows, oldest first).
+    pub queued_at: Instant,
+    pub age_ms: u64,
+    pub preview: Arc<str>,
 }
 
-#[derive(Default)]
-struct SessionWaits {
-    total: usize,
-    by_key: HashMap<Key, u32>,
+/// What the hub hands the snapshot renderer: the oldest in-flight entries
+/// (at most `dashboard.snapshot_inflight`, unsorted) and the recent completions.
+pub struct HubView {
+    pub inflight: Vec<InflightRow>,
+    pub recent: Vec<Recent>,
 }
 
-#[derive(Serialize)]
-struct Recent {
+/// A completed evaluation, for the dashboard.
+#[derive(Clone, Serialize)]
+pub struct Recent {
     key: String,
     #[serde(rename = "fn")]
     fn_name: Arc<str>,
@@ -113,24 +108,54 @@ struct Recent {
     ok: bool,
 }
 
-#[derive(Serialize)]
-struct Inflight<'a> {
-    key: String,
-    #[serde(rename = "fn")]
-    fn_name: &'a str,
-    state: &'static str,
-    waiters: usize,
-    age_ms: u64,
-    input_preview: &'a str,
+struct JobState {
+    evaluator: usize,
+    gen: u64,
+    ctl: Arc<JobCtl>,
+    preview: Arc<str>,
+    queued_at: Instant,
+    running_since: Option<Instant>,
+    timer: Option<delay_queue::Key>,
+    /// Sessions whose `wait: false` submit asked for this evaluation: it
+    /// runs even when every waiter cancels, and counts against their
+    /// `max_pending` until it ends.
+    wanted: Vec<SessionId>,
 }
 
-/// The hub task's state.
+#[derive(Default)]
+struct Entry {
+    waiters: Vec<Waiter>,
+    job: Option<JobState>,
+}
+
+/// What one session holds in the table.
+#[derive(Default)]
+struct SessionWaits {
+    /// Waits plus `wait: false` evaluations under way: at most `max_pending`.
+    total: usize,
+    by_key: HashMap<Key, u32>,
+    /// Keys this session subscribes to (one subscription per key).
+    subscribed: HashSet<Key>,
+}
+
+/// Results of frames at least this long are sent to waiters with an id as
+/// a head of their own plus the shared tail; shorter ones are copied, which
+/// costs less than a second WebSocket frame.
+const SPLIT_MIN_BYTES: usize = 1024;
+
+/// The hub task's state. Only the hub task touches it.
 pub struct Hub {
+    /// The wait table: every key someone waits on or that is being evaluated.
     table: HashMap<Key, Entry>,
+    /// What each session holds in the table, for its bounds and its close.
     sessions: HashMap<SessionId, SessionWaits>,
+    /// Deadlines of running jobs, as (key, generation).
     timers: DelayQueue<(Key, u64)>,
+    /// The last completions, newest first, for snapshots.
     recent: VecDeque<Recent>,
+    /// Generation of the next job: tells a job from a later one of the same key.
     next_gen: u64,
+    /// Jobs queued or running, published to `idle` for the drain.
     jobs: usize,
     pool: Pool,
     evaluators: Arc<EvaluatorTable>,
@@ -147,7 +172,7 @@ pub struct Hub {
 /// The message of a `busy` answer to a session at `limits.max_pending`.
 const PENDING_FULL: &str = "too many pending waits on this session (limits.max_pending)";
 
-/// Messages taken from the channel per wake-up.
+/// Messages taken from a channel per wake-up.
 const BATCH: usize = 256;
 
 impl Hub {
@@ -181,13 +206,27 @@ impl Hub {
         }
     }
 
-    /// Applies messages until `stop` is cancelled or every sender is gone,
-    /// then hands back the pool.
-    pub async fn run(mut self, mut inbox: mpsc::Receiver<HubMsg>, stop: CancellationToken) -> Pool {
+    /// Applies messages and pool events until `stop` is cancelled or every
+    /// sender is gone, then hands back the pool.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<HubMsg>,
+        mut events: mpsc::Receiver<PoolEvent>,
+        stop: CancellationToken,
+    ) -> Pool {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut event_batch = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                n = events.recv_many(&mut event_batch, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for event in event_batch.drain(..) {
+                        self.event(event);
+                    }
+                }
                 n = inbox.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         break;
@@ -217,14 +256,21 @@ impl Hub {
             HubMsg::Subscribe { waiter } => self.subscribe(waiter),
             HubMsg::Get { key, id, outbox } => self.get(key, id, outbox),
             HubMsg::Cancel { key, id, outbox } => self.cancel(key, id, outbox),
-            HubMsg::Snapshot { id, outbox } => outbox.push(self.snapshot(&id)),
+            HubMsg::View { reply } => {
+                let _ = reply.send(self.view());
+            }
             HubMsg::SessionClosed { session } => self.session_closed(session),
-            HubMsg::Started {
+        }
+    }
+
+    fn event(&mut self, event: PoolEvent) {
+        match event {
+            PoolEvent::Started {
                 evaluator,
                 key,
                 gen,
             } => self.started(evaluator, key, gen),
-            HubMsg::Done {
+            PoolEvent::Done {
                 evaluator,
                 key,
                 gen,
@@ -273,11 +319,14 @@ impl Hub {
             return;
         }
         let session = waiter.outbox.session();
-        if wait && !self.has_room(session) {
+        let key = waiter.key;
+        let job = self.table.get(&key).and_then(|e| e.job.as_ref());
+        let joined = job.is_some();
+        // A wait:false submit of an evaluation this session already asked for holds nothing new.
+        let holds_new = wait || !job.is_some_and(|j| j.wanted.contains(&session));
+        if holds_new && !self.has_room(session) {
             return Self::reject(&waiter, ErrorCode::Busy, PENDING_FULL);
         }
-        let key = waiter.key;
-        let joined = self.table.get(&key).and_then(|e| e.job.as_ref()).is_some();
         if joined {
             metrics.coalesced.inc();
         } else {
@@ -286,39 +335,52 @@ impl Hub {
             }
             let gen = self.next_gen;
             self.next_gen += 1;
-            let cancelled = Arc::new(AtomicBool::new(false));
-            let preview: Box<str> = input.chars().take(self.preview_chars).collect();
+            let ctl = Arc::new(JobCtl::default());
+            let preview: Arc<str> = input
+                .chars()
+                .take(self.preview_chars)
+                .collect::<String>()
+                .into();
             let job = Job {
                 key,
                 gen,
                 input,
-                cancelled: Arc::clone(&cancelled),
+                ctl: Arc::clone(&ctl),
             };
-            if self.pool.try_dispatch(evaluator, job).is_err() {
-                return Self::reject(&waiter, ErrorCode::Busy, "the evaluation queue is full");
+            if let Err((_, full)) = self.pool.try_dispatch(evaluator, job) {
+                let message = match full {
+                    QueueFull::Jobs => "the evaluation queue is full (queue_capacity)",
+                    QueueFull::Bytes => {
+                        "the evaluation queue holds its most input bytes (queue_bytes)"
+                    }
+                };
+                return Self::reject(&waiter, ErrorCode::Busy, message);
             }
             self.jobs += 1;
             self.metrics.queued.inc();
             self.table.entry(key).or_default().job = Some(JobState {
                 evaluator,
                 gen,
-                cancelled,
+                ctl,
                 preview,
                 queued_at: Instant::now(),
                 running_since: None,
                 timer: None,
-                wanted: false,
+                wanted: Vec::new(),
             });
         }
         let entry = self.table.get_mut(&key).expect("entry exists");
         let job = entry.job.as_mut().expect("job exists");
-        job.wanted |= !wait;
         let state = if job.running_since.is_some() {
             "running"
         } else {
             "queued"
         };
         let waiters = entry.waiters.len() + usize::from(wait);
+        if !wait && holds_new {
+            job.wanted.push(session);
+            self.sessions.entry(session).or_default().total += 1;
+        }
         waiter.outbox.push(
             FrameWriter::new("accepted")
                 .id(&waiter.id)
@@ -337,7 +399,12 @@ impl Hub {
         if self.answered_from_cache(&waiter) {
             return;
         }
-        if !self.has_room(waiter.outbox.session()) {
+        let session = waiter.outbox.session();
+        let repeated = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.subscribed.contains(&waiter.key));
+        if !repeated && !self.has_room(session) {
             return Self::reject(&waiter, ErrorCode::Busy, PENDING_FULL);
         }
         let state = match self.table.get(&waiter.key).and_then(|e| e.job.as_ref()) {
@@ -352,13 +419,18 @@ impl Hub {
                 .str("state", state)
                 .finish(),
         );
-        self.add_waiter(waiter);
+        if !repeated {
+            self.add_waiter(waiter);
+        }
     }
 
     fn add_waiter(&mut self, waiter: Waiter) {
         let waits = self.sessions.entry(waiter.outbox.session()).or_default();
         waits.total += 1;
         *waits.by_key.entry(waiter.key).or_default() += 1;
+        if waiter.is_subscription() {
+            waits.subscribed.insert(waiter.key);
+        }
         self.table
             .entry(waiter.key)
             .or_default()
@@ -413,6 +485,7 @@ impl Hub {
         let Some(n) = waits.by_key.remove(&key) else {
             return;
         };
+        waits.subscribed.remove(&key);
         waits.total -= n as usize;
         if waits.total == 0 {
             self.sessions.remove(&session);
@@ -429,9 +502,9 @@ impl Hub {
             return;
         }
         match &entry.job {
-            Some(job) if job.running_since.is_some() || job.wanted => {}
+            Some(job) if job.running_since.is_some() || !job.wanted.is_empty() => {}
             Some(job) => {
-                job.cancelled.store(true, Ordering::Release);
+                job.ctl.cancel();
                 self.take_entry(key);
             }
             None => {
@@ -440,26 +513,31 @@ impl Hub {
         }
     }
 
-    /// Forgets the delivered waiters' waits.
-    fn release_waits(&mut self, waiters: &[Waiter]) {
-        for w in waiters {
-            let session = w.outbox.session();
-            if let Some(waits) = self.sessions.get_mut(&session) {
-                if let Some(n) = waits.by_key.get_mut(&w.key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        waits.by_key.remove(&w.key);
-                    }
-                    waits.total -= 1;
-                    if waits.total == 0 {
-                        self.sessions.remove(&session);
-                    }
-                }
+    /// Takes one from the session's count; forgets the session at zero.
+    fn release_one(&mut self, session: SessionId, key: Option<(Key, bool)>) {
+        let Some(waits) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if let Some((key, subscription)) = key {
+            let Some(n) = waits.by_key.get_mut(&key) else {
+                return;
+            };
+            *n -= 1;
+            if *n == 0 {
+                waits.by_key.remove(&key);
             }
+            if subscription {
+                waits.subscribed.remove(&key);
+            }
+        }
+        waits.total -= 1;
+        if waits.total == 0 {
+            self.sessions.remove(&session);
         }
     }
 
-    /// Removes an entry, keeping gauges, timers and the job count right.
+    /// Removes an entry, keeping gauges, timers, the job count and the
+    /// sessions' `wait: false` counts right.
     fn take_entry(&mut self, key: Key) -> Option<Entry> {
         let mut entry = self.table.remove(&key)?;
         if let Some(job) = entry.job.as_mut() {
@@ -471,6 +549,9 @@ impl Hub {
             }
             if let Some(timer) = job.timer.take() {
                 self.timers.remove(&timer);
+            }
+            for session in std::mem::take(&mut job.wanted) {
+                self.release_one(session, None);
             }
         }
         Some(entry)
@@ -499,21 +580,20 @@ impl Hub {
         let metrics = &self.evaluators.get(evaluator).metrics;
         metrics.eval_seconds.observe(eval_ms / 1000.0);
         tracing::debug!(key = %key, evaluator = &*self.evaluators.get(evaluator).name, eval_ms, ok = outcome.is_ok(), "evaluation done");
+        // None: no entry; Some(None): waiters (subscribers) but no job.
         let current = self
             .table
             .get(&key)
-            .and_then(|e| e.job.as_ref())
-            .map(|j| (j.gen, j.evaluator));
+            .map(|e| e.job.as_ref().map(|j| (j.gen, j.evaluator)));
+        let is_current = matches!(current, Some(Some((g, _))) if g == gen);
         // Cache first: a miss racing this completion then finds the result.
         match &outcome {
             Ok(output) => self.cache.insert_output(key, output.as_str().into()),
-            Err(error) if current.map(|c| c.0) == Some(gen) => {
-                self.cache.insert_failure(key, error.clone())
-            }
+            Err(error) if is_current => self.cache.insert_failure(key, error.clone()),
             Err(_) => {}
         }
         match current {
-            Some((current_gen, evaluator)) if current_gen == gen => {
+            Some(Some((_, evaluator))) if is_current => {
                 match &outcome {
                     Ok(_) => {}
                     Err(EvalError::Failed(_)) => {
@@ -526,10 +606,12 @@ impl Hub {
                 }
                 self.deliver(key, evaluator, outcome, eval_ms);
             }
-            // A late result of a timed-out job answers the newer job's waiters.
-            Some((_, evaluator)) if outcome.is_ok() => {
+            // A late result (its job timed out or was dropped) reaches whoever
+            // waits on the key now; a success also answers a newer job's waiters.
+            Some(None) => self.deliver(key, evaluator, outcome, eval_ms),
+            Some(Some(_)) if outcome.is_ok() => {
                 if let Some(job) = self.table.get(&key).and_then(|e| e.job.as_ref()) {
-                    job.cancelled.store(true, Ordering::Release);
+                    job.ctl.cancel();
                 }
                 self.deliver(key, evaluator, outcome, eval_ms);
             }
@@ -543,6 +625,7 @@ impl Hub {
         };
         job.timer = None;
         let evaluator = job.evaluator;
+        let ctl = Arc::clone(&job.ctl);
         let spec = self.evaluators.get(evaluator);
         let error = EvalError::Timeout(format!(
             "evaluation exceeded {} ms (timeout_ms of fn {:?})",
@@ -552,10 +635,12 @@ impl Hub {
         let ms = spec.timeout.as_secs_f64() * 1000.0;
         spec.metrics.failures.inc();
         spec.metrics.timeouts.inc();
+        self.cache.insert_failure(key, error.clone());
+        self.pool.overran(evaluator, &ctl);
         self.deliver(key, evaluator, Err(error), ms);
     }
 
-    /// Hands a key's result to all its waiters at once and removes the entry.
+    /// Hands a key's outcome to all its waiters at once and removes the entry.
     fn deliver(
         &mut self,
         key: Key,
@@ -578,22 +663,33 @@ impl Hub {
             .uint("shared", shared as u64)
             .finish();
         let latency = &self.evaluators.get(evaluator).metrics.latency_seconds;
-        // Waiters without an id all get the very same frame: one buffer, shared.
+        // Waiters without an id all get the very same frame; waiters with
+        // one get a head of their own and share the tail when it is large.
         let mut anonymous: Option<Utf8Bytes> = None;
+        let split = (tail.len() >= SPLIT_MIN_BYTES).then(|| Bytes::from(tail.clone()));
         let now = Instant::now();
         for waiter in &entry.waiters {
-            let frame = match &waiter.id {
-                Some(_) => Utf8Bytes::from(result_frame(&waiter.id, &tail)),
-                None => anonymous
-                    .get_or_insert_with(|| result_frame(&None, &tail).into())
-                    .clone(),
+            let frame = match (&waiter.id, &split) {
+                (Some(_), Some(shared_tail)) => Frame::split(
+                    FrameWriter::new("result").id(&waiter.id).open(),
+                    shared_tail.clone(),
+                ),
+                (Some(_), None) => Frame::Text(result_frame(&waiter.id, &tail).into()),
+                (None, _) => Frame::Text(
+                    anonymous
+                        .get_or_insert_with(|| result_frame(&None, &tail).into())
+                        .clone(),
+                ),
             };
             waiter.outbox.push(frame);
             if let Some(since) = waiter.since {
                 latency.observe(now.duration_since(since).as_secs_f64());
             }
         }
-        self.release_waits(&entry.waiters);
+        for waiter in &entry.waiters {
+            let session = waiter.outbox.session();
+            self.release_one(session, Some((waiter.key, waiter.is_subscription())));
+        }
         self.recent.push_front(Recent {
             key: key.to_hex(),
             fn_name: Arc::clone(&self.evaluators.get(evaluator).name),
@@ -604,38 +700,33 @@ impl Hub {
         self.recent.truncate(self.snapshot_recent);
     }
 
-    fn snapshot(&self, id: &ReqId) -> String {
+    /// The oldest in-flight entries (unsorted) and the recent completions.
+    fn view(&self) -> HubView {
         let now = Instant::now();
-        let mut inflight: Vec<(&Key, &Entry, &JobState)> = self
+        let mut jobs: Vec<(&Key, &Entry, &JobState)> = self
             .table
             .iter()
             .filter_map(|(k, e)| e.job.as_ref().map(|j| (k, e, j)))
             .collect();
-        inflight.sort_unstable_by_key(|(_, _, j)| j.queued_at);
-        inflight.truncate(self.snapshot_inflight);
-        let inflight: Vec<Inflight> = inflight
-            .into_iter()
-            .map(|(key, entry, job)| Inflight {
-                key: key.to_hex(),
-                fn_name: &self.evaluators.get(job.evaluator).name,
-                state: if job.running_since.is_some() {
-                    "running"
-                } else {
-                    "queued"
-                },
-                waiters: entry.waiters.len(),
-                age_ms: now.duration_since(job.queued_at).as_millis() as u64,
-                input_preview: &job.preview,
-            })
-            .collect();
-        let stats = self.metrics.stats(&self.cache, &self.evaluators);
-        FrameWriter::with_capacity("snapshot", 1024)
-            .id(id)
-            .uint("at_ms", unix_ms())
-            .raw("stats", &to_json(&stats))
-            .raw("inflight", &to_json(&inflight))
-            .raw("recent", &to_json(&self.recent))
-            .finish()
+        if jobs.len() > self.snapshot_inflight {
+            jobs.select_nth_unstable_by_key(self.snapshot_inflight, |(_, _, j)| j.queued_at);
+            jobs.truncate(self.snapshot_inflight);
+        }
+        HubView {
+            inflight: jobs
+                .into_iter()
+                .map(|(key, entry, job)| InflightRow {
+                    key: *key,
+                    evaluator: job.evaluator,
+                    running: job.running_since.is_some(),
+                    waiters: entry.waiters.len(),
+                    queued_at: job.queued_at,
+                    age_ms: now.duration_since(job.queued_at).as_millis() as u64,
+                    preview: Arc::clone(&job.preview),
+                })
+                .collect(),
+            recent: self.recent.iter().cloned().collect(),
+        }
     }
 }
 
@@ -646,8 +737,4 @@ fn job_mut(table: &mut HashMap<Key, Entry>, key: Key, gen: u64) -> Option<&mut J
         .get_mut(&key)
         .and_then(|e| e.job.as_mut())
         .filter(|j| j.gen == gen)
-}
-
-fn to_json<T: Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("snapshot parts serialize")
 }

@@ -28,7 +28,8 @@
 //! - [`hub`]: the wait table, owned by one task;
 //! - [`pool`], [`eval`] and [`process`]: evaluator threads, the builtin
 //!   evaluators, and programs plugged in as evaluators;
-//! - [`outbox`]: a session's outbound queue and close signal;
+//! - [`outbox`]: a session's outbound queue, byte budget and close signal;
+//! - [`snapshot`]: dashboard snapshots, rendered once per tick for every watcher;
 //! - [`broker`]: the state every part shares; [`metrics`]: its figures;
 //! - [`auth`]: tokens, roles and the origin check;
 //! - [`config`] and [`error`];
@@ -53,6 +54,7 @@ pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 pub mod web;
 
 pub use config::Config;

@@ -245,7 +245,13 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let code = match cli.command {
-        Command::Serve(args) => return runtime.block_on(serve(args)),
+        Command::Serve(args) => {
+            let served = runtime.block_on(serve(args));
+            // Evaluator threads still inside an overrunning evaluation after
+            // the drain bounds are not waited for: the process ends now.
+            runtime.shutdown_background();
+            return served;
+        }
         Command::Bench(args) => return runtime.block_on(bench(args)),
         Command::Submit {
             target: t,

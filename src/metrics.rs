@@ -69,6 +69,8 @@ pub struct Metrics {
     pub closes: Family<CloseLabels, Counter>,
     pub evaluator_healthy: Family<FnLabel, Gauge>,
     pub worker_restarts: Family<FnLabel, Counter>,
+    pub lost_threads: Family<FnLabel, Gauge>,
+    pub snapshots_rendered: Counter,
 }
 
 /// Registers `metric` under `name` and hands it back.
@@ -173,6 +175,18 @@ impl Metrics {
                 "worker_restarts",
                 "Worker processes replaced",
                 Family::default(),
+            ),
+            lost_threads: registered(
+                r,
+                "evaluator_lost_threads",
+                "Evaluator threads still inside an evaluation that overran its timeout",
+                Family::default(),
+            ),
+            snapshots_rendered: registered(
+                r,
+                "snapshots_rendered",
+                "Dashboard snapshots built (one per tick, shared by every watcher due)",
+                Counter::default(),
             ),
             registry: std::mem::take(r),
         }

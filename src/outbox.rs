@@ -1,20 +1,27 @@
-//! A session's outbound queue and its close signal.
+//! A session's outbound queue, its byte budget and its close signal.
 //!
-//! Everything that replies to a client (its own reader, the hub, a watch
-//! timer) pushes frames with [`Outbox::push`], which never waits: a full
-//! queue means the client is not reading, and the session is closed with
-//! 4001 instead of letting anyone block on it.
+//! Everything that replies to a client pushes frames into that session's
+//! queue; only the session's writer takes them out. Two bounds hold every
+//! queue: `limits.outbound_queue` frames and `limits.outbound_bytes` bytes.
+//! Pushes from the hub and the snapshot renderer never wait
+//! ([`Outbox::push`]): a queue without room means the client is not
+//! reading, and the session is closed with 4001. The session's own reader
+//! waits for room instead ([`Outbox::reply`]), which stops it reading more
+//! requests from a client that is not reading its answers.
 
+use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 /// Internal session number, cheaper to hash than the session's UUID.
 pub type SessionId = u64;
 
-/// Close codes of PROTOCOL.md (and RFC 6455's for transport errors).
+/// Close codes of the protocol (and RFC 6455's for transport errors).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
@@ -33,6 +40,7 @@ pub mod close {
         match code {
             GOING_AWAY => "broker shutting down",
             PROTOCOL_ERROR => "protocol error",
+            ABNORMAL => "connection lost without a close frame",
             INVALID_DATA => "invalid data",
             POLICY => "policy violation",
             TOO_BIG => "frame larger than max_frame_bytes",
@@ -44,24 +52,99 @@ pub mod close {
     }
 }
 
-/// What every part of a session shares: how and why it is closing, and
-/// whether the client has spoken since the last heartbeat.
+/// One message for the client, as queued.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// A whole text message.
+    Text(Utf8Bytes),
+    /// One text message in two WebSocket frames: a head of this recipient's
+    /// own and a tail shared by every recipient (a result's output, a
+    /// snapshot), so fanning it out copies no output per recipient.
+    Split { head: Bytes, tail: Bytes },
+    /// Anything else (the echo transport sends binary messages too).
+    Other(Message),
+}
+
+impl Frame {
+    /// A message split into a recipient's `head` (valid UTF-8 up to a JSON
+    /// member boundary) and a shared `tail`.
+    pub fn split(head: String, tail: Bytes) -> Frame {
+        Frame::Split {
+            head: head.into(),
+            tail,
+        }
+    }
+
+    /// Bytes this frame holds while queued, as counted against `outbound_bytes`.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(t) => t.len(),
+            Frame::Split { head, tail } => head.len() + tail.len(),
+            Frame::Other(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The WebSocket messages that carry this frame, in order.
+    pub fn into_messages(self) -> impl Iterator<Item = Message> {
+        let (first, second) = match self {
+            Frame::Text(t) => (Message::Text(t), None),
+            Frame::Other(m) => (m, None),
+            Frame::Split { head, tail } => (
+                Message::Frame(WsFrame::message(head, OpCode::Data(Data::Text), false)),
+                Some(Message::Frame(WsFrame::message(
+                    tail,
+                    OpCode::Data(Data::Continue),
+                    true,
+                ))),
+            ),
+        };
+        std::iter::once(first).chain(second)
+    }
+}
+
+impl From<String> for Frame {
+    fn from(s: String) -> Frame {
+        Frame::Text(s.into())
+    }
+}
+
+impl From<Utf8Bytes> for Frame {
+    fn from(s: Utf8Bytes) -> Frame {
+        Frame::Text(s)
+    }
+}
+
+/// What every part of a session shares: how and why it is closing, whether
+/// the client has spoken since the last heartbeat, and how many bytes its
+/// queue may still take.
 pub struct SessionCtl {
     pub id: SessionId,
     closing: CancellationToken,
     code: AtomicU16,
     seen: AtomicBool,
     peer_closed: AtomicBool,
+    /// Permits are bytes the outbound queue may still take; the writer
+    /// gives them back as it writes, and closes it when it stops.
+    budget: Semaphore,
+    /// The whole budget: a frame counts for at most this much.
+    budget_max: usize,
 }
 
 impl SessionCtl {
-    pub fn new(id: SessionId) -> Self {
+    /// A session whose queue may hold `outbound_bytes` bytes.
+    pub fn new(id: SessionId, outbound_bytes: usize) -> Self {
         SessionCtl {
             id,
             closing: CancellationToken::new(),
             code: AtomicU16::new(0),
             seen: AtomicBool::new(true),
             peer_closed: AtomicBool::new(false),
+            budget: Semaphore::new(outbound_bytes.min(Semaphore::MAX_PERMITS)),
+            budget_max: outbound_bytes.min(Semaphore::MAX_PERMITS),
         }
     }
 
@@ -73,8 +156,8 @@ impl SessionCtl {
         self.closing.cancel();
     }
 
-    /// The client sent a close frame (or vanished): the session closes with
-    /// 1000, and only the close reply is left to send.
+    /// The client sent a close frame: the session closes with 1000, and
+    /// only the close reply is left to send.
     pub fn close_by_peer(&self) {
         self.peer_closed.store(true, Ordering::Release);
         self.close_with(close::NORMAL);
@@ -102,35 +185,96 @@ impl SessionCtl {
     pub fn take_seen(&self) -> bool {
         self.seen.swap(false, Ordering::Relaxed)
     }
+
+    /// What a frame of `len` bytes counts against the budget (a frame larger
+    /// than the whole budget takes all of it).
+    pub fn cost(&self, len: usize) -> u32 {
+        u32::try_from(len.min(self.budget_max)).unwrap_or(u32::MAX)
+    }
+
+    /// Gives back the budget of a frame of `len` bytes that was dropped.
+    pub fn release_bytes(&self, len: usize) {
+        self.release(self.cost(len) as usize);
+    }
+
+    /// Gives back `cost` of budget (the sum of [`SessionCtl::cost`] of the
+    /// frames written).
+    pub fn release(&self, cost: usize) {
+        if cost > 0 && !self.budget.is_closed() {
+            self.budget.add_permits(cost);
+        }
+    }
+
+    /// The writer has stopped: nobody waits for room any more.
+    pub fn writer_stopped(&self) {
+        self.budget.close();
+    }
 }
 
 /// The sending side of one session's outbound queue.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Frame>,
     ctl: Arc<SessionCtl>,
 }
 
 impl Outbox {
-    pub fn new(tx: mpsc::Sender<Message>, ctl: Arc<SessionCtl>) -> Self {
-        Outbox { tx, ctl }
+    /// A queue of at most `frames` frames for the session `ctl`.
+    pub fn channel(ctl: Arc<SessionCtl>, frames: usize) -> (Outbox, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(frames);
+        (Outbox { tx, ctl }, rx)
     }
 
     pub fn session(&self) -> SessionId {
         self.ctl.id
     }
 
-    /// Queues a frame without waiting; a full queue closes the session with 4001.
-    pub fn push(&self, frame: impl Into<Utf8Bytes>) {
-        self.push_message(Message::Text(frame.into()));
+    pub fn ctl(&self) -> &Arc<SessionCtl> {
+        &self.ctl
     }
 
-    /// Queues any message (the echo transport sends binary ones too).
-    pub fn push_message(&self, message: Message) {
-        match self.tx.try_send(message) {
+    /// Queues a frame without waiting; no room (in frames or bytes) closes
+    /// the session with 4001.
+    pub fn push(&self, frame: impl Into<Frame>) {
+        let frame = frame.into();
+        let len = frame.len();
+        match self.ctl.budget.try_acquire_many(self.ctl.cost(len)) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                return self.ctl.close_with(close::SLOW_CONSUMER)
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+        }
+        match self.tx.try_send(frame) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.ctl.close_with(close::SLOW_CONSUMER),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.ctl.release_bytes(len);
+                self.ctl.close_with(close::SLOW_CONSUMER)
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Queues a reply to the session's own request, waiting for room; gives
+    /// up when the session closes.
+    pub async fn reply(&self, frame: impl Into<Frame>) {
+        let frame = frame.into();
+        let len = frame.len();
+        let room = async {
+            self.ctl
+                .budget
+                .acquire_many(self.ctl.cost(len))
+                .await
+                .ok()?
+                .forget();
+            self.tx.reserve().await.ok()
+        };
+        tokio::select! {
+            slot = room => match slot {
+                Some(slot) => slot.send(frame),
+                None => self.ctl.release_bytes(len),
+            },
+            _ = self.ctl.closing.cancelled() => {}
         }
     }
 }

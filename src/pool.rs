@@ -1,32 +1,94 @@
 //! The evaluator pool: dedicated OS threads, a bounded job queue per evaluator.
 //!
 //! Evaluations block (they sleep, spin, or wait on a child process), so they
-//! run on threads of their own, never on the async runtime. A thread tells
-//! the hub when it starts a job and when it ends it; it never touches a
-//! socket. A panic is caught, fails only that job, and the thread carries on
-//! with a fresh worker, so the pool keeps its size.
+//! run on threads of their own, never on the async runtime. A thread reports
+//! when it starts a job and when it ends it as [`PoolEvent`]s on the sender
+//! it was handed; it never touches a socket and knows nothing of the hub.
+//! A panic is caught, fails only that job, and the thread carries on with a
+//! fresh worker, so the pool keeps its size.
+//!
+//! A thread whose job overran its timeout cannot be stopped (a builtin
+//! evaluation is plain code). The driver says so with [`Pool::overran`]:
+//! the thread is counted as lost, a spare takes its place (up to
+//! `spare_threads` per evaluator) and the evaluator is reported unhealthy
+//! until the lost thread returns; a returning thread whose place was taken
+//! then ends, so the pool is back to its size.
+//!
+//! Each queue is bounded twice: `queue_capacity` jobs and `queue_bytes`
+//! bytes of input.
 
 use crate::config::EvaluatorConfig;
 use crate::error::{EvalError, HerdError};
 use crate::eval::{factory, Health, Task, WorkerFactory};
-use crate::hub::HubMsg;
 use crate::key::Key;
 use crate::metrics::{FnMetrics, Metrics};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// What a pool thread reports.
+pub enum PoolEvent {
+    /// A thread took a job.
+    Started {
+        evaluator: usize,
+        key: Key,
+        gen: u64,
+    },
+    /// A thread finished a job.
+    Done {
+        evaluator: usize,
+        key: Key,
+        gen: u64,
+        outcome: Result<String, EvalError>,
+        eval_ms: f64,
+    },
+}
+
+const RUNNING: u8 = 0;
+const FINISHED: u8 = 1;
+const LOST: u8 = 2;
+
+/// Shared between a job's driver and the thread that runs it.
+#[derive(Debug, Default)]
+pub struct JobCtl {
+    /// Set when nobody waits any more; a queued job is then skipped.
+    cancelled: AtomicBool,
+    /// RUNNING, then FINISHED (by the thread) or LOST (by [`Pool::overran`]),
+    /// whichever comes first.
+    state: AtomicU8,
+    /// A spare thread was started in place of the lost one.
+    replaced: AtomicBool,
+}
+
+impl JobCtl {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
 
 /// One queued evaluation.
 pub struct Job {
     pub key: Key,
     pub gen: u64,
     pub input: Arc<str>,
-    /// Set by the hub when nobody waits any more; the job is then skipped.
-    pub cancelled: Arc<AtomicBool>,
+    pub ctl: Arc<JobCtl>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// `queue_capacity` jobs are queued.
+    Jobs,
+    /// `queue_bytes` bytes of input are queued.
+    Bytes,
 }
 
 /// What sessions need to know of an evaluator: its name and limits.
@@ -82,94 +144,166 @@ impl EvaluatorTable {
     }
 }
 
+/// One evaluator's threads: what each needs to run, and its counts.
+struct Crew {
+    evaluator: usize,
+    name: Arc<str>,
+    factory: Arc<dyn WorkerFactory>,
+    jobs: crossbeam_channel::Receiver<Job>,
+    events: mpsc::Sender<PoolEvent>,
+    health: Arc<Health>,
+    /// Threads started so far (names and worker numbers).
+    started: AtomicUsize,
+    /// Spares running in place of lost threads that have not returned.
+    spares: AtomicUsize,
+    max_spares: usize,
+    queued_bytes: AtomicUsize,
+}
+
 /// The running threads and the queues that feed them.
 pub struct Pool {
-    queues: Vec<crossbeam_channel::Sender<Job>>,
+    queues: Vec<(crossbeam_channel::Sender<Job>, usize)>,
+    crews: Vec<Arc<Crew>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
-    /// Starts every evaluator's threads; they report to `hub`.
+    /// Starts every evaluator's threads; they report to `events`.
     pub fn start(
         configs: &[EvaluatorConfig],
         table: &EvaluatorTable,
-        hub: mpsc::Sender<HubMsg>,
+        events: mpsc::Sender<PoolEvent>,
     ) -> Result<Pool, HerdError> {
-        let mut queues = Vec::with_capacity(configs.len());
-        let mut threads = Vec::new();
+        let mut pool = Pool {
+            queues: Vec::with_capacity(configs.len()),
+            crews: Vec::with_capacity(configs.len()),
+            threads: Vec::new(),
+        };
         for (index, config) in configs.iter().enumerate() {
-            let factory = factory(config, Arc::clone(&table.get(index).health))?;
-            let evaluator = index;
+            let health = Arc::clone(&table.get(index).health);
+            let factory = factory(config, Arc::clone(&health))?;
             let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
-            let name: Arc<str> = config.name.as_str().into();
-            for i in 0..config.threads {
-                let rx = rx.clone();
-                let hub = hub.clone();
-                let factory = Arc::clone(&factory);
-                let name = Arc::clone(&name);
-                let handle = std::thread::Builder::new()
-                    .name(format!("herd-eval-{}-{i}", config.name))
-                    .spawn(move || worker_loop(i, evaluator, name, factory, rx, hub))
-                    .map_err(|e| HerdError::Evaluator {
-                        name: config.name.clone(),
-                        message: format!("cannot spawn thread: {e}"),
-                    })?;
-                threads.push(handle);
+            let crew = Arc::new(Crew {
+                evaluator: index,
+                name: config.name.as_str().into(),
+                factory,
+                jobs: rx,
+                events: events.clone(),
+                health,
+                started: AtomicUsize::new(0),
+                spares: AtomicUsize::new(0),
+                max_spares: config.spare_threads(),
+                queued_bytes: AtomicUsize::new(0),
+            });
+            for _ in 0..config.threads {
+                let handle = spawn(&crew).map_err(|e| HerdError::Evaluator {
+                    name: config.name.clone(),
+                    message: format!("cannot spawn thread: {e}"),
+                })?;
+                pool.threads.push(handle);
             }
-            queues.push(tx);
+            pool.queues.push((tx, config.queue_bytes));
+            pool.crews.push(crew);
         }
-        Ok(Pool { queues, threads })
+        Ok(pool)
     }
 
     /// Queues a job; gives it back when the evaluator's queue is full.
-    pub fn try_dispatch(&self, evaluator: usize, job: Job) -> Result<(), Job> {
-        self.queues[evaluator]
-            .try_send(job)
-            .map_err(|e| e.into_inner())
+    pub fn try_dispatch(&self, evaluator: usize, job: Job) -> Result<(), (Job, QueueFull)> {
+        let (queue, max_bytes) = &self.queues[evaluator];
+        let bytes = &self.crews[evaluator].queued_bytes;
+        let len = job.input.len();
+        if bytes.fetch_add(len, Ordering::AcqRel) + len > *max_bytes {
+            bytes.fetch_sub(len, Ordering::AcqRel);
+            return Err((job, QueueFull::Bytes));
+        }
+        queue.try_send(job).map_err(|e| {
+            bytes.fetch_sub(len, Ordering::AcqRel);
+            (e.into_inner(), QueueFull::Jobs)
+        })
+    }
+
+    /// The job `ctl` of `evaluator` overran its timeout: its thread is lost
+    /// until it returns, and a spare takes its place if the cap allows.
+    pub fn overran(&mut self, evaluator: usize, ctl: &JobCtl) {
+        if ctl
+            .state
+            .compare_exchange(RUNNING, LOST, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let crew = &self.crews[evaluator];
+        crew.health.thread_lost();
+        if crew.spares.load(Ordering::Acquire) >= crew.max_spares {
+            tracing::warn!(
+                evaluator = &*crew.name,
+                "evaluator thread lost to an overrunning evaluation; spare_threads exhausted"
+            );
+            return;
+        }
+        match spawn(crew) {
+            Ok(handle) => {
+                crew.spares.fetch_add(1, Ordering::AcqRel);
+                ctl.replaced.store(true, Ordering::Release);
+                self.threads.retain(|t| !t.is_finished());
+                self.threads.push(handle);
+                tracing::warn!(
+                    evaluator = &*crew.name,
+                    "evaluator thread lost to an overrunning evaluation; a spare took its place"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(evaluator = &*crew.name, %error, "cannot start a spare thread")
+            }
+        }
     }
 
     /// Closes the queues and waits for every thread to finish its job.
     pub fn shutdown(self) {
         drop(self.queues);
+        drop(self.crews);
         for t in self.threads {
             let _ = t.join();
         }
     }
 }
 
-fn worker_loop(
-    thread: usize,
-    evaluator: usize,
-    fn_name: Arc<str>,
-    factory: Arc<dyn WorkerFactory>,
-    jobs: crossbeam_channel::Receiver<Job>,
-    hub: mpsc::Sender<HubMsg>,
-) {
-    let mut worker = factory.make(thread);
-    while let Ok(job) = jobs.recv() {
-        if job.cancelled.load(Ordering::Acquire) {
+fn spawn(crew: &Arc<Crew>) -> std::io::Result<JoinHandle<()>> {
+    let number = crew.started.fetch_add(1, Ordering::AcqRel);
+    let crew = Arc::clone(crew);
+    std::thread::Builder::new()
+        .name(format!("herd-eval-{}-{number}", crew.name))
+        .spawn(move || worker_loop(number, &crew))
+}
+
+fn worker_loop(thread: usize, crew: &Crew) {
+    let mut worker = crew.factory.make(thread);
+    let evaluator = crew.evaluator;
+    while let Ok(job) = crew.jobs.recv() {
+        crew.queued_bytes
+            .fetch_sub(job.input.len(), Ordering::AcqRel);
+        if job.ctl.is_cancelled() {
             continue;
         }
-        if hub
-            .blocking_send(HubMsg::Started {
-                evaluator,
-                key: job.key,
-                gen: job.gen,
-            })
-            .is_err()
-        {
+        let started = PoolEvent::Started {
+            evaluator,
+            key: job.key,
+            gen: job.gen,
+        };
+        if crew.events.blocking_send(started).is_err() {
             return;
         }
         let task = Task {
             key: job.key,
-            fn_name: Arc::clone(&fn_name),
+            fn_name: Arc::clone(&crew.name),
             input: job.input,
         };
         let started = Instant::now();
         let outcome = match catch_unwind(AssertUnwindSafe(|| worker.run(&task))) {
             Ok(outcome) => outcome,
             Err(panic) => {
-                worker = factory.make(thread);
+                worker = crew.factory.make(thread);
                 Err(EvalError::Failed(format!(
                     "evaluator panicked: {}",
                     panic_message(panic.as_ref())
@@ -177,17 +311,28 @@ fn worker_loop(
             }
         };
         let eval_ms = started.elapsed().as_secs_f64() * 1000.0;
-        if hub
-            .blocking_send(HubMsg::Done {
-                evaluator,
-                key: job.key,
-                gen: job.gen,
-                outcome,
-                eval_ms,
-            })
-            .is_err()
-        {
+        let lost = job
+            .ctl
+            .state
+            .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err();
+        let done = PoolEvent::Done {
+            evaluator,
+            key: job.key,
+            gen: job.gen,
+            outcome,
+            eval_ms,
+        };
+        if crew.events.blocking_send(done).is_err() {
             return;
+        }
+        if lost {
+            crew.health.thread_returned();
+            if job.ctl.replaced.load(Ordering::Acquire) {
+                // A spare took this thread's place: leave it there.
+                crew.spares.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
         }
     }
 }

@@ -9,8 +9,12 @@
 //! ```
 //!
 //! A child that exits, writes something that is not such a line, or runs
-//! past `timeout_ms` fails the task at hand and is replaced; its stderr goes
-//! to herd's log, never into results. A child that keeps dying before it
+//! past `timeout_ms` (taking the task included: a child that stops reading
+//! its stdin is caught by the same deadline) fails the task at hand and is
+//! replaced. Each child leads a process group of its own, and the whole
+//! group is killed, so grandchildren holding its pipes die with it and no
+//! thread is left waiting on them. Its stderr goes to herd's log a line at
+//! a time (each at most `stderr_line_bytes`), never into results. A child that keeps dying before it
 //! answers anything is restarted with exponential backoff, and meanwhile its
 //! evaluator is reported unhealthy and tasks fail at once instead of
 //! spinning up children in a hot loop.
@@ -21,6 +25,7 @@ use crate::eval::{Health, Task, Worker, WorkerFactory};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +47,7 @@ struct ProcessSpec {
     backoff: Duration,
     backoff_max: Duration,
     unhealthy_after: u32,
+    stderr_line_bytes: usize,
     health: Arc<Health>,
 }
 
@@ -69,6 +75,7 @@ impl ProcessFactory {
                 backoff: Duration::from_millis(config.restart_backoff_ms),
                 backoff_max: Duration::from_millis(config.restart_backoff_max_ms),
                 unhealthy_after: config.unhealthy_after,
+                stderr_line_bytes: config.stderr_line_bytes,
                 health,
             }),
         })
@@ -93,12 +100,25 @@ enum Line {
     TooLong,
 }
 
-/// One running child and the thread that reads its stdout.
+/// One running child and the threads that feed its stdin and read its
+/// stdout (so that neither can block the evaluator thread).
 struct Running {
     child: Child,
-    stdin: Option<ChildStdin>,
+    /// Task lines for the stdin thread; dropping it closes the child's stdin.
+    stdin: Option<crossbeam_channel::Sender<Vec<u8>>>,
     lines: crossbeam_channel::Receiver<Line>,
     answered: bool,
+}
+
+impl Running {
+    /// Kills the child's whole process group, then reaps the child.
+    fn kill(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = self.child.kill();
+        self.child.wait()
+    }
 }
 
 struct ProcessWorker {
@@ -137,7 +157,8 @@ impl ProcessWorker {
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .process_group(0);
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
         }
@@ -149,35 +170,38 @@ impl ProcessWorker {
                 return Err(EvalError::Failed(message));
             }
         };
+        let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = crossbeam_channel::bounded(1);
+        let (tasks, task_rx) = crossbeam_channel::bounded(1);
         let limit = spec.max_output_bytes;
-        let label = format!("herd-out-{}-{}", spec.name, self.thread);
-        let spawned = std::thread::Builder::new()
-            .name(label)
-            .spawn(move || read_lines(stdout, limit, tx));
         let name = spec.name.clone();
         let pid = child.id();
-        let spawned = spawned.and_then(|_| {
-            std::thread::Builder::new()
-                .name(format!("herd-err-{}-{}", spec.name, self.thread))
-                .spawn(move || forward_stderr(stderr, &name, pid))
-        });
+        let stderr_limit = spec.stderr_line_bytes;
+        let thread = |role: &str| {
+            std::thread::Builder::new().name(format!("herd-{role}-{}-{}", spec.name, self.thread))
+        };
+        let spawned = thread("out")
+            .spawn(move || read_lines(stdout, limit, tx))
+            .and_then(|_| thread("in").spawn(move || write_lines(stdin, task_rx)))
+            .and_then(|_| {
+                thread("err").spawn(move || forward_stderr(stderr, stderr_limit, &name, pid))
+            });
+        let mut running = Running {
+            stdin: Some(tasks),
+            child,
+            lines,
+            answered: false,
+        };
         if let Err(e) = spawned {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = running.kill();
             return Err(EvalError::Failed(format!(
                 "cannot start reader thread: {e}"
             )));
         }
         debug!(evaluator = %spec.name, pid, "worker started");
-        self.child = Some(Running {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            answered: false,
-        });
+        self.child = Some(running);
         Ok(())
     }
 
@@ -211,14 +235,15 @@ impl ProcessWorker {
         };
         drop(running.stdin.take());
         let status = match running.child.try_wait() {
-            Ok(Some(status)) => status,
-            _ => {
-                let _ = running.child.kill();
-                match running.child.wait() {
-                    Ok(status) => status,
-                    Err(_) => return "could not be reaped".into(),
-                }
+            Ok(Some(status)) => {
+                // The child is gone; what it left in its group goes too.
+                let _ = running.kill();
+                status
             }
+            _ => match running.kill() {
+                Ok(status) => status,
+                Err(_) => return "could not be reaped".into(),
+            },
         };
         self.spec.health.restarts.inc();
         if !running.answered {
@@ -234,7 +259,7 @@ impl ProcessWorker {
         if self.early_deaths > 0 || self.next_start.is_some() {
             self.early_deaths = 0;
             self.next_start = None;
-            if !self.spec.health.is_healthy() {
+            if self.spec.health.startup_failing() {
                 info!(evaluator = %self.spec.name, "evaluator healthy again");
             }
             self.spec.health.set_healthy();
@@ -273,11 +298,10 @@ impl Worker for ProcessWorker {
         line.extend_from_slice(task.input.as_bytes());
         line.extend_from_slice(b"}\n");
         let running = self.child.as_mut().expect("child started");
-        let written = running
-            .stdin
-            .as_mut()
-            .map(|stdin| stdin.write_all(&line).and_then(|_| stdin.flush()));
-        if !matches!(written, Some(Ok(()))) {
+        // The stdin thread writes; a child that does not read is caught below
+        // by the same deadline as one that does not answer.
+        let queued = running.stdin.as_ref().map(|stdin| stdin.try_send(line));
+        if !matches!(queued, Some(Ok(()))) {
             let status = self.discard("stdin closed");
             return Err(EvalError::Failed(format!(
                 "worker exited before taking the task ({status})"
@@ -329,17 +353,10 @@ impl Drop for ProcessWorker {
         };
         drop(running.stdin.take());
         let until = Instant::now() + self.spec.grace;
-        loop {
-            match running.child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < until => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                _ => break,
-            }
+        while matches!(running.child.try_wait(), Ok(None)) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = running.child.kill();
-        let _ = running.child.wait();
+        let _ = running.kill();
     }
 }
 
@@ -394,11 +411,70 @@ fn read_lines(stdout: impl Read, limit: usize, tx: crossbeam_channel::Sender<Lin
     }
 }
 
-fn forward_stderr(stderr: impl Read, evaluator: &str, pid: u32) {
-    for line in BufReader::new(stderr).lines() {
-        match line {
-            Ok(line) => warn!(evaluator, pid, "worker stderr: {line}"),
-            Err(_) => return,
+/// Writes task lines to the child's stdin until the sender is dropped (then
+/// the child sees end of input) or the child's stdin closes.
+fn write_lines(mut stdin: ChildStdin, tasks: crossbeam_channel::Receiver<Vec<u8>>) {
+    while let Ok(line) = tasks.recv() {
+        if stdin.write_all(&line).and_then(|_| stdin.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Logs the child's stderr a line at a time; of a line longer than `limit`
+/// bytes the rest is dropped, and the log says how much.
+fn forward_stderr(stderr: impl Read, limit: usize, evaluator: &str, pid: u32) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match reader
+            .by_ref()
+            .take(limit as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut dropped = 0usize;
+        if line.last() != Some(&b'\n') && line.len() == limit {
+            match skip_line(&mut reader) {
+                Ok(n) => dropped = n,
+                Err(_) => return,
+            }
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if dropped > 0 {
+            warn!(
+                evaluator,
+                pid, "worker stderr: {text} [… {dropped} more bytes dropped]"
+            );
+        } else {
+            warn!(evaluator, pid, "worker stderr: {text}");
+        }
+    }
+}
+
+/// Consumes input up to and including the next newline; returns the bytes
+/// skipped before it.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<usize> {
+    let mut skipped = 0;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(skipped);
+        }
+        match available.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(skipped + i);
+            }
+            None => {
+                let n = available.len();
+                skipped += n;
+                reader.consume(n);
+            }
         }
     }
 }

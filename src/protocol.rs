@@ -340,6 +340,12 @@ impl FrameWriter {
         self.raw(name, &json)
     }
 
+    /// The frame so far, left open: the head of a frame whose members go on
+    /// in a shared tail (see [`crate::outbox::Frame::Split`]).
+    pub fn open(self) -> String {
+        self.buf
+    }
+
     /// Closes the object.
     pub fn finish(mut self) -> String {
         self.buf.push('}');

@@ -336,6 +336,13 @@ async fn upgrade(
             info!(%peer, "upgrade refused: origin not allowed");
             return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
+        Err(Refusal::ForeignHost) => {
+            info!(%peer, "upgrade refused: host not allowed");
+            return plain(
+                StatusCode::FORBIDDEN,
+                "host not allowed: without tokens, /ws answers only to IP addresses, localhost and allowed_hosts\n",
+            );
+        }
     };
     if broker.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "broker shutting down\n");

@@ -13,10 +13,12 @@ use crate::config::{Limits, Role};
 use crate::error::ErrorCode;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
-use crate::outbox::{close, Outbox, SessionCtl};
+use crate::outbox::{close, Frame, Outbox, SessionCtl};
 use crate::protocol::{
     error_frame, parse_request, unix_ms, FrameWriter, Op, ReqId, DRAINING_MESSAGE, PROTOCOL_VERSION,
 };
+use crate::snapshot::WatchMsg;
+use futures::future::{Fuse, FutureExt};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -26,12 +28,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::WaitForCancellationFuture;
 use tracing::{debug, info, Instrument};
 
 /// Whether `role` may use `op`.
@@ -60,10 +63,10 @@ pub async fn serve<S>(
     let role = identity.role;
     let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
     async move {
-        let ctl = Arc::new(SessionCtl::new(id));
-        broker.sessions.insert(id, Arc::clone(&ctl));
-        let (tx, rx) = mpsc::channel(broker.config.limits.outbound_queue);
-        let outbox = Outbox::new(tx, Arc::clone(&ctl));
+        let limits = &broker.config.limits;
+        let ctl = Arc::new(SessionCtl::new(id, limits.outbound_bytes));
+        broker.register_session(&ctl);
+        let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
         outbox.push(hello(&broker, uuid, role));
         info!(role = role.as_str(), "session open");
         let (sink, stream) = ws.split();
@@ -71,9 +74,8 @@ pub async fn serve<S>(
             broker: &broker,
             outbox,
             role,
-            watch: None,
+            watching: false,
         };
-        let limits = &broker.config.limits;
         tokio::join!(
             reader.run(stream, &ctl, limits),
             write_loop(sink, rx, &ctl, limits)
@@ -107,7 +109,8 @@ struct Reader<'a> {
     broker: &'a Arc<Broker>,
     outbox: Outbox,
     role: Role,
-    watch: Option<CancellationToken>,
+    /// Whether this session has a `watch` running.
+    watching: bool,
 }
 
 impl Reader<'_> {
@@ -125,49 +128,57 @@ impl Reader<'_> {
         while let Some(message) = next_message(&mut stream, &mut closing, ctl, limits).await {
             match message {
                 Message::Text(text) => self.handle(&text).await,
-                _ => self.outbox.push(error_frame(
-                    &None,
-                    ErrorCode::BadRequest.as_str(),
-                    "binary frames are not accepted; send JSON in text frames",
-                )),
+                _ => {
+                    self.outbox
+                        .reply(error_frame(
+                            &None,
+                            ErrorCode::BadRequest.as_str(),
+                            "binary frames are not accepted; send JSON in text frames",
+                        ))
+                        .await
+                }
             }
         }
-        if let Some(watch) = self.watch.take() {
-            watch.cancel();
-        }
+        self.unwatch().await;
     }
 
     async fn handle(&mut self, text: &str) {
         let request = match parse_request(text) {
             Ok(r) => r,
-            Err(rejection) => return self.outbox.push(rejection.frame()),
+            Err(rejection) => return self.outbox.reply(rejection.frame()).await,
         };
         let id = request.id;
         if !allows(self.role, &request.op) {
-            return self.reject(
-                &id,
-                ErrorCode::Forbidden,
-                &format!(
-                    "role {} may not use {}",
-                    self.role.as_str(),
-                    request.op.name()
-                ),
-            );
+            return self
+                .reject(
+                    &id,
+                    ErrorCode::Forbidden,
+                    &format!(
+                        "role {} may not use {}",
+                        self.role.as_str(),
+                        request.op.name()
+                    ),
+                )
+                .await;
         }
         match request.op {
-            Op::Ping => self.outbox.push(
-                FrameWriter::new("pong")
-                    .id(&id)
-                    .uint("server_time_ms", unix_ms())
-                    .finish(),
-            ),
+            Op::Ping => {
+                self.outbox
+                    .reply(
+                        FrameWriter::new("pong")
+                            .id(&id)
+                            .uint("server_time_ms", unix_ms())
+                            .finish(),
+                    )
+                    .await
+            }
             Op::Submit {
                 input,
                 fn_name,
                 wait,
             } => self.submit(id, input, fn_name, wait).await,
             Op::Get { key } => match self.broker.cache.get(&key) {
-                Some(cached) => self.outbox.push(cached.status_frame(&id, &key)),
+                Some(cached) => self.outbox.reply(cached.status_frame(&id, &key)).await,
                 None => {
                     self.to_hub(HubMsg::Get {
                         key,
@@ -179,10 +190,10 @@ impl Reader<'_> {
             },
             Op::Subscribe { key } => {
                 if let Some(cached) = self.broker.cache.get(&key) {
-                    return self.outbox.push(cached.result_frame(&id, &key));
+                    return self.outbox.reply(cached.result_frame(&id, &key)).await;
                 }
                 if self.broker.is_draining() {
-                    return self.reject_draining(&id);
+                    return self.reject_draining(&id).await;
                 }
                 let waiter = self.waiter(key, id);
                 self.to_hub(HubMsg::Subscribe { waiter }).await
@@ -195,12 +206,16 @@ impl Reader<'_> {
                 })
                 .await
             }
-            Op::Watch { interval_ms } => self.watch(id, interval_ms),
-            Op::Unwatch => {
-                if let Some(watch) = self.watch.take() {
-                    watch.cancel();
-                }
+            Op::Watch { interval_ms } => {
+                self.watching = true;
+                let msg = WatchMsg::Start {
+                    id,
+                    interval: Duration::from_millis(interval_ms),
+                    outbox: self.outbox.clone(),
+                };
+                let _ = self.broker.watchers.send(msg).await;
             }
+            Op::Unwatch => self.unwatch().await,
         }
     }
 
@@ -216,33 +231,37 @@ impl Reader<'_> {
         let name = fn_name.as_deref().unwrap_or("default");
         let Some(spec) = broker.evaluators.lookup(name) else {
             let shown: String = name.chars().take(64).collect();
-            return self.reject(
-                &id,
-                ErrorCode::UnknownFn,
-                &format!("no evaluator is configured under fn {shown:?}"),
-            );
+            return self
+                .reject(
+                    &id,
+                    ErrorCode::UnknownFn,
+                    &format!("no evaluator is configured under fn {shown:?}"),
+                )
+                .await;
         };
         spec.metrics.submits.inc();
         if broker.is_draining() {
-            return self.reject_draining(&id);
+            return self.reject_draining(&id).await;
         }
         let canonical = canonical_json(&input);
         drop(input);
         if canonical.len() > spec.max_input_bytes {
-            return self.reject(
-                &id,
-                ErrorCode::BadRequest,
-                &format!(
-                    "input is {} bytes; fn {name:?} takes at most {} (max_input_bytes)",
-                    canonical.len(),
-                    spec.max_input_bytes
-                ),
-            );
+            return self
+                .reject(
+                    &id,
+                    ErrorCode::BadRequest,
+                    &format!(
+                        "input is {} bytes; fn {name:?} takes at most {} (max_input_bytes)",
+                        canonical.len(),
+                        spec.max_input_bytes
+                    ),
+                )
+                .await;
         }
         let key = Key::derive(name, canonical.as_bytes());
         if let Some(cached) = broker.cache.get(&key) {
             spec.metrics.cache_hits.inc();
-            self.outbox.push(cached.result_frame(&id, &key));
+            self.outbox.reply(cached.result_frame(&id, &key)).await;
             spec.metrics
                 .latency_seconds
                 .observe(arrived.elapsed().as_secs_f64());
@@ -274,38 +293,22 @@ impl Reader<'_> {
         let _ = self.broker.hub.send(msg).await;
     }
 
-    fn reject(&self, id: &ReqId, code: ErrorCode, message: &str) {
-        self.outbox.push(error_frame(id, code.as_str(), message));
+    async fn reject(&self, id: &ReqId, code: ErrorCode, message: &str) {
+        self.outbox
+            .reply(error_frame(id, code.as_str(), message))
+            .await;
     }
 
-    fn reject_draining(&self, id: &ReqId) {
+    async fn reject_draining(&self, id: &ReqId) {
         self.reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
+            .await
     }
 
-    fn watch(&mut self, id: ReqId, interval_ms: u64) {
-        if let Some(previous) = self.watch.take() {
-            previous.cancel();
+    async fn unwatch(&mut self) {
+        if std::mem::take(&mut self.watching) {
+            let session = self.outbox.session();
+            let _ = self.broker.watchers.send(WatchMsg::Stop { session }).await;
         }
-        let token = CancellationToken::new();
-        self.watch = Some(token.clone());
-        let hub = self.broker.hub.clone();
-        let outbox = self.outbox.clone();
-        tokio::spawn(async move {
-            let period = Duration::from_millis(interval_ms);
-            let mut ticks = interval_at(Instant::now(), period);
-            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = ticks.tick() => {
-                        let msg = HubMsg::Snapshot { id: id.clone(), outbox: outbox.clone() };
-                        if hub.send(msg).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
     }
 }
 
@@ -393,6 +396,8 @@ pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
 fn close_code_for(error: &WsError) -> u16 {
     match error {
         WsError::Capacity(_) => close::TOO_BIG,
+        // The peer dropped the connection without a close frame.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => close::ABNORMAL,
         WsError::Protocol(_) => close::PROTOCOL_ERROR,
         WsError::Utf8(_) => close::INVALID_DATA,
         _ => close::ABNORMAL,
@@ -406,62 +411,117 @@ pub async fn echo<S>(ws: WebSocketStream<S>, limits: &Limits)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctl = Arc::new(SessionCtl::new(0));
-    let (tx, rx) = mpsc::channel(limits.outbound_queue);
-    let outbox = Outbox::new(tx, Arc::clone(&ctl));
+    let ctl = Arc::new(SessionCtl::new(0, limits.outbound_bytes));
+    let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
     let (sink, mut stream) = ws.split();
     let reader = async {
         let closing = ctl.closing().cancelled();
         tokio::pin!(closing);
         while let Some(message) = next_message(&mut stream, &mut closing, &ctl, limits).await {
-            outbox.push_message(message);
+            outbox.reply(Frame::Other(message)).await;
         }
     };
     tokio::join!(reader, write_loop(sink, rx, &ctl, limits));
 }
 
-/// Writes queued frames in batches until the session closes, then sends the close frame.
+/// The writing half of a session's socket.
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+
+/// Writes one batch and hands back the sink and the (emptied) batch buffer.
+async fn write_batch<S>(
+    mut sink: Sink<S>,
+    mut batch: Vec<Message>,
+) -> (Sink<S>, Vec<Message>, Result<(), WsError>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut result = Ok(());
+    for message in batch.drain(..) {
+        if let Err(e) = sink.feed(message).await {
+            result = Err(e);
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = sink.flush().await;
+    }
+    batch.clear();
+    (sink, batch, result)
+}
+
+/// Writes queued frames in batches until the session closes, then sends
+/// the close frame.
+///
+/// One loop, one select; each arm is one concern: the queue (gather a batch
+/// and start writing it), the write in progress (its end, and its deadline:
+/// a write that takes longer than `limits.write_timeout_ms` closes the
+/// session with 4001), the heartbeat (checked even while a write is stuck),
+/// and closing (a hard close abandons a write in progress; a graceful one
+/// lets it finish, then sends what is still queued).
 async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    sink: Sink<S>,
+    mut rx: mpsc::Receiver<Frame>,
     ctl: &SessionCtl,
     limits: &Limits,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let heartbeat = Duration::from_millis(limits.heartbeat_ms);
+    let write_timeout = Duration::from_millis(limits.write_timeout_ms);
     let mut pings = interval_at(Instant::now() + heartbeat, heartbeat);
     pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut silent_intervals = 0u32;
+    // The sink is here while idle and inside `write` while a batch is written.
+    let mut sink = Some(sink);
+    let mut batch: Vec<Message> = Vec::new();
+    let mut batch_cost = 0usize;
+    let mut ping_owed = false;
     let closing = ctl.closing().cancelled();
     let hard = hard_close(ctl);
-    tokio::pin!(closing, hard);
+    let deadline = tokio::time::sleep(write_timeout);
+    let write = Fuse::terminated();
+    tokio::pin!(closing, hard, deadline, write);
     loop {
+        let writing = sink.is_none();
+        let mut start = false;
         tokio::select! {
             biased;
-            _ = &mut closing => break,
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break };
-                let batch = async {
-                    sink.feed(frame).await?;
-                    for _ in 1..limits.write_batch {
-                        match rx.try_recv() {
-                            Ok(frame) => sink.feed(frame).await?,
-                            Err(_) => break,
-                        }
-                    }
-                    sink.flush().await
-                };
-                tokio::select! {
-                    biased;
-                    written = batch => if written.is_err() {
-                        ctl.close_with(close::ABNORMAL);
-                        break;
-                    },
-                    // A stuck write is abandoned only for a hard close; a
-                    // graceful one lets the batch (results included) finish.
-                    _ = &mut hard => break,
+            _ = &mut hard => break,
+            _ = &mut closing, if !writing => break,
+            (done, used, result) = &mut write, if writing => {
+                let result: Result<(), WsError> = result;
+                ctl.release(std::mem::take(&mut batch_cost));
+                if result.is_err() {
+                    ctl.close_with(close::ABNORMAL);
+                    break;
                 }
+                sink = Some(done);
+                batch = used;
+                if ping_owed {
+                    ping_owed = false;
+                    batch.push(Message::Ping(Default::default()));
+                    start = true;
+                }
+            }
+            _ = &mut deadline, if writing => {
+                debug!("write made no progress within write_timeout_ms");
+                ctl.close_with(close::SLOW_CONSUMER);
+                break;
+            }
+            frame = rx.recv(), if !writing => {
+                let Some(frame) = frame else { break };
+                batch_cost += ctl.cost(frame.len()) as usize;
+                batch.extend(frame.into_messages());
+                for _ in 1..limits.write_batch {
+                    match rx.try_recv() {
+                        Ok(frame) => {
+                            batch_cost += ctl.cost(frame.len()) as usize;
+                            batch.extend(frame.into_messages());
+                        }
+                        Err(_) => break,
+                    }
+                }
+                start = true;
             }
             _ = pings.tick() => {
                 if ctl.take_seen() {
@@ -473,15 +533,37 @@ async fn write_loop<S>(
                         break;
                     }
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    ctl.close_with(close::ABNORMAL);
-                    break;
+                if writing {
+                    ping_owed = true;
+                } else {
+                    batch.push(Message::Ping(Default::default()));
+                    start = true;
                 }
             }
         }
+        if start {
+            let idle = sink.take().expect("a batch starts only while idle");
+            deadline.as_mut().reset(Instant::now() + write_timeout);
+            write.set(write_batch(idle, std::mem::take(&mut batch)).fuse());
+        }
     }
+    finish_close(sink, rx, ctl, limits).await;
+    ctl.writer_stopped();
+}
+
+/// Sends the close frame (after what is still queued, for a graceful close),
+/// within `limits.close_timeout_ms`.
+async fn finish_close<S>(
+    sink: Option<Sink<S>>,
+    mut rx: mpsc::Receiver<Frame>,
+    ctl: &SessionCtl,
+    limits: &Limits,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let code = ctl.code();
-    let close_timeout = Duration::from_millis(limits.close_timeout_ms);
+    // Without the sink a write was abandoned midway: no frame can follow it.
+    let Some(mut sink) = sink else { return };
     if code == close::ABNORMAL {
         return;
     }
@@ -494,7 +576,9 @@ async fn write_loop<S>(
         if is_graceful(code) {
             // A graceful close still delivers what was already queued.
             while let Ok(frame) = rx.try_recv() {
-                sink.feed(frame).await?;
+                for message in frame.into_messages() {
+                    sink.feed(message).await?;
+                }
             }
         }
         sink.send(Message::Close(Some(CloseFrame {
@@ -504,5 +588,6 @@ async fn write_loop<S>(
         .await?;
         sink.close().await
     };
+    let close_timeout = Duration::from_millis(limits.close_timeout_ms);
     let _ = tokio::time::timeout(close_timeout, finish).await;
 }

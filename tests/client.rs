@@ -63,11 +63,14 @@ async fn every_method() {
         let k = never.clone();
         tokio::spawn(async move { c.subscribe(&k).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.wait_stats(|s| s["wait_table"] == 1).await;
     client.cancel(&never).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(300), waiting)
-        .await
-        .is_err());
+    // The wait ends at once, on both sides.
+    match waiting.await.unwrap() {
+        Err(ClientError::Cancelled { key }) => assert_eq!(key, never),
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    server.wait_stats(|s| s["wait_table"] == 0).await;
 
     let stream = client.watch(100).await.unwrap();
     futures::pin_mut!(stream);
@@ -81,7 +84,7 @@ async fn every_method() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_typed() {
     let server = TestServer::start(config(&format!(
-        "{BASIC}[[evaluator]]\nfn = \"tight\"\nkind = \"simulate\"\nthreads = 1\ntimeout_ms = 100\nqueue_capacity = 1\n"
+        "{BASIC}[[evaluator]]\nfn = \"tight\"\nkind = \"simulate\"\nthreads = 1\ntimeout_ms = 100\nqueue_capacity = 1\nmax_sleep_ms = 1000\nspare_threads = 0\n"
     )))
     .await;
     let client = Client::connect(&server.url(), None).await.unwrap();
@@ -143,21 +146,19 @@ async fn reconnect_across_a_restart_loses_no_request() {
         let k = key_of("default", &later);
         tokio::spawn(async move { c.subscribe(&k).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.wait_stats(|s| s["wait_table"] == 1).await;
     first.stop().await;
 
-    // Requests made while no broker is there wait for the next one.
-    let during = {
-        let c = client.clone();
-        tokio::spawn(async move { c.submit("echo", json!({"sent": "while down"})).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Requests made while no broker is there wait for the next one: one
+    // poll hands the request to the client's connection task.
+    let during = client.submit("echo", json!({"sent": "while down"}));
+    let mut during = Box::pin(during);
+    assert!(futures::poll!(&mut during).is_pending());
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let second = TestServer::start_on(listener, config(BASIC)).await;
     let answered = tokio::time::timeout(Duration::from_secs(10), during)
         .await
         .expect("answered after the restart")
-        .unwrap()
         .unwrap();
     assert_eq!(answered.output, json!({"sent": "while down"}));
 

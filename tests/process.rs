@@ -238,3 +238,72 @@ async fn the_shipped_python_example_serves() {
     assert_eq!(r["output"]["characters"], 1);
     server.stop().await;
 }
+
+/// Whether a process is still there (a zombie waiting to be reaped is not).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_never_reads_is_killed_with_its_group() {
+    let fx = Fixture::new();
+    // The child leaves a grandchild holding its pipes, then never reads stdin.
+    let script = r#"sleep 600 & echo $! >> "$GRANDPIDS"; echo $$ >> "$PIDFILE"; exec sleep 600"#;
+    let server = TestServer::start(config(&format!(
+        r#"
+[[evaluator]]
+fn = "py"
+kind = "process"
+command = ["sh", "-c", {script:?}]
+env = {{ PIDFILE = {pids:?}, GRANDPIDS = {grand:?} }}
+threads = 1
+timeout_ms = 500
+grace_ms = 100
+"#,
+        pids = fx.path("pids").display().to_string(),
+        grand = fx.path("grandpids").display().to_string(),
+    )))
+    .await;
+    let mut c = server.client().await;
+    // More than a pipe holds: writing it blocks until someone reads.
+    let big = json!({"pad": "x".repeat(256 * 1024)});
+    assert_eq!(submit(&mut c, big).await["error"]["code"], "eval_timeout");
+    // The one thread is free again: the next task reaches a new child.
+    let next = submit(&mut c, json!({"small": 1})).await;
+    assert_eq!(next["error"]["code"], "eval_timeout", "{next}");
+    assert!(fx.lines("pids").len() >= 2, "a second child was started");
+    let grandchildren = fx.lines("grandpids");
+    assert!(!grandchildren.is_empty());
+    let first = grandchildren[0].clone();
+    let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+    while alive(&first) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "grandchild {first} outlived its group"
+        );
+        tokio::task::yield_now().await;
+    }
+    server.stop().await;
+    for pid in fx.lines("grandpids") {
+        assert!(!alive(&pid), "grandchild {pid} is still there");
+    }
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_after_a_timeout_never_answers_the_next_task() {
+    let fx = Fixture::new();
+    let server = TestServer::start(fx.config("threads = 1\ntimeout_ms = 300")).await;
+    let mut c = server.client().await;
+    let late = submit(&mut c, json!({"mode": "ok", "sleep": 0.6, "n": 1})).await;
+    assert_eq!(late["error"]["code"], "eval_timeout");
+    let next = submit(&mut c, json!({"mode": "ok", "n": 2})).await;
+    assert_eq!(next["output"]["echo"]["n"], 2, "{next}");
+    server.stop().await;
+    fx.assert_no_children_left();
+}

@@ -8,28 +8,41 @@ use std::sync::mpsc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_with_the_shipped_config_logs_sessions_as_json_and_stops_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel::<Value>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let parsed: Value = serde_json::from_str(&line)
-                .unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
-            if tx.send(parsed).is_err() {
-                return;
+/// `herd serve` as a child process, with its JSON log lines.
+struct Served {
+    child: std::process::Child,
+    logs: mpsc::Receiver<Value>,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .arg("serve")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, logs) = mpsc::channel::<Value>();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let parsed: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
+                if tx.send(parsed).is_err() {
+                    return;
+                }
             }
-        }
-    });
-    let next = |what: &str| -> Value {
+        });
+        Served { child, logs }
+    }
+
+    /// The next log line whose message contains `what`.
+    fn next(&self, what: &str) -> Value {
         loop {
-            let line = rx
+            let line = self
+                .logs
                 .recv_timeout(Duration::from_secs(20))
                 .unwrap_or_else(|_| panic!("no log line with {what}"));
             if line["fields"]["message"]
@@ -40,7 +53,44 @@ async fn serve_with_the_shipped_config_logs_sessions_as_json_and_stops_on_sigter
                 return line;
             }
         }
-    };
+    }
+
+    /// The address it listens on, from its log.
+    fn addr(&self) -> String {
+        let listening = self.next("herd listening");
+        listening["fields"]["addr"].as_str().unwrap().to_string()
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// Sends one request on a fresh session and returns its `result` frame.
+async fn result_of(addr: &str, request: Value) -> Value {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    ws.send(Message::text(request.to_string())).await.unwrap();
+    while let Some(Ok(message)) = ws.next().await {
+        if let Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == "result" {
+                return frame;
+            }
+        }
+    }
+    panic!("no result for {request}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_the_shipped_config_logs_sessions_as_json_and_stops_on_sigterm() {
+    let served = Served::start(&[]);
+    let next = |what: &str| served.next(what);
     let listening = next("herd listening");
     let addr = listening["fields"]["addr"].as_str().unwrap().to_string();
 
@@ -70,12 +120,9 @@ async fn serve_with_the_shipped_config_logs_sessions_as_json_and_stops_on_sigter
     let closed = next("session closed");
     assert_eq!(closed["fields"]["code"], 1000);
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    served.terminate();
     next("stopped");
+    let mut child = served.child;
     let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
@@ -97,4 +144,78 @@ fn serve_refuses_a_public_address_without_tokens() {
         .collect();
     assert_eq!(reason.len(), 1, "one line says why: {stderr}");
     assert!(reason[0].contains("non-loopback"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_process_within_its_drain_bounds_whatever_evaluators_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herd.toml");
+    std::fs::write(
+        &path,
+        r#"
+[limits]
+drain_timeout_s = 1
+close_timeout_ms = 500
+[[evaluator]]
+fn = "default"
+kind = "simulate"
+threads = 1
+timeout_ms = 200
+max_sleep_ms = 120000
+"#,
+    )
+    .unwrap();
+    let served = Served::start(&["--config", path.to_str().unwrap()]);
+    let addr = served.addr();
+    // This evaluation keeps its thread for two minutes, long past its timeout.
+    let stuck = result_of(
+        &addr,
+        json!({"op": "submit", "input": {"sleep_ms": 120000}}),
+    )
+    .await;
+    assert_eq!(stuck["error"]["code"], "eval_timeout");
+    served.terminate();
+    let mut child = served.child;
+    // Bounds: drain (1 s), sessions (1 s + 0.5 s), threads (1 s), plus start-up slack.
+    let exit = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait().unwrap()),
+    )
+    .await
+    .expect("herd serve exits within its drain bounds after SIGTERM")
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stderr_line_from_a_child_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herd.toml");
+    let worker = dir.path().join("noisy.py");
+    std::fs::write(
+        &worker,
+        "import sys\nfor line in sys.stdin:\n    sys.stderr.write('x' * 100000 + '\\n')\n    sys.stderr.flush()\n    print('{\"output\": 1}', flush=True)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[[evaluator]]\nfn = \"default\"\nkind = \"process\"\ncommand = [\"python3\", {:?}]\nthreads = 1\nstderr_line_bytes = 1000\n",
+            worker.display().to_string()
+        ),
+    )
+    .unwrap();
+    let served = Served::start(&["--config", path.to_str().unwrap()]);
+    let addr = served.addr();
+    let answered = result_of(&addr, json!({"op": "submit", "input": {"n": 1}})).await;
+    assert_eq!(answered["output"], 1);
+    let logged = served.next("worker stderr");
+    let message = logged["fields"]["message"].as_str().unwrap();
+    assert!(message.len() < 1200, "{} bytes logged", message.len());
+    assert!(message.contains("99000 more bytes dropped"), "{message}");
+    served.terminate();
+    let mut child = served.child;
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
 }

@@ -122,10 +122,63 @@ impl TestServer {
         }
     }
 
+    /// Waits until a snapshot shows `key` in flight in `state` ("queued" or "running").
+    pub async fn wait_inflight(&self, key: &str, state: &str) {
+        let mut c = self.client().await;
+        c.send(json!({"op": "watch", "interval_ms": 100})).await;
+        let deadline = tokio::time::Instant::now() + FRAME_WAIT;
+        loop {
+            let snap = c.recv_type("snapshot").await;
+            let inflight = snap["inflight"].as_array().cloned().unwrap_or_default();
+            if inflight
+                .iter()
+                .any(|e| e["key"] == key && e["state"] == state)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key} never showed as {state}: {snap}"
+            );
+        }
+    }
+
+    /// The value of one sample in `/metrics` (`name` with its labels, as
+    /// written there), or None while it is absent.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics").await;
+        metric_in(&body, name)
+    }
+
+    /// Waits until the sample `name` in `/metrics` satisfies `done`; returns it.
+    pub async fn wait_metric(&self, name: &str, done: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + FRAME_WAIT;
+        loop {
+            let (_, body) = self.http_get("/metrics").await;
+            if let Some(v) = metric_in(&body, name).filter(|v| done(*v)) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never reached the expected value:\n{body}"
+            );
+            // Each look is a full HTTP round trip to the broker: the pace of polling.
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A plain HTTP GET: (status, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.addr, path).await
     }
+}
+
+/// One sample's value in a Prometheus text exposition.
+pub fn metric_in(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -148,6 +201,55 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A WebSocket opened by hand on a raw TCP stream: it answers nothing (no
+/// pong, no close reply) unless the test writes it.
+pub async fn raw_websocket(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// Reads a raw server stream to its end and splits it into (opcode, payload) frames.
+pub async fn read_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut raw = Vec::new();
+    tokio::time::timeout(FRAME_WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("the server ends the stream in time")
+        .unwrap();
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 2 <= raw.len() {
+        let opcode = raw[at] & 0x0f;
+        let (len, header) = match raw[at + 1] & 0x7f {
+            126 => (u16::from_be_bytes([raw[at + 2], raw[at + 3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(raw[at + 2..at + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let start = at + header;
+        frames.push((opcode, raw[start..(start + len).min(raw.len())].to_vec()));
+        at = start + len;
+    }
+    frames
 }
 
 pub struct Client {

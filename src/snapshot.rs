@@ -1,0 +1,199 @@
+//! Dashboard snapshots: built once per tick, beside the hub, for every watcher.
+//!
+//! The hub's only part is to hand out a view of its wait table
+//! ([`HubMsg::View`]: the oldest in-flight entries and the recent
+//! completions, copied, not sorted or encoded). This task asks for one view
+//! per tick when some watcher is due, sorts and encodes it once, and sends
+//! the same bytes to every watcher due at that tick: each gets a head of
+//! its own (the id of its `watch`) and the shared tail, so ten open pages
+//! cost one snapshot per tick, not ten.
+
+use crate::cache::ResultCache;
+use crate::config::Config;
+use crate::error::ErrorCode;
+use crate::hub::{HubMsg, HubView};
+use crate::metrics::Metrics;
+use crate::outbox::{Frame, Outbox, SessionId};
+use crate::pool::EvaluatorTable;
+use crate::protocol::{error_frame, unix_ms, FrameWriter, ReqId, MIN_WATCH_INTERVAL_MS};
+use bytes::Bytes;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+/// What sessions tell the renderer.
+pub enum WatchMsg {
+    /// Send this session a snapshot every `interval`, echoing `id`
+    /// (replacing the session's earlier watch, if any).
+    Start {
+        id: ReqId,
+        interval: Duration,
+        outbox: Outbox,
+    },
+    /// Stop sending this session snapshots.
+    Stop { session: SessionId },
+}
+
+struct Watcher {
+    id: ReqId,
+    interval: Duration,
+    outbox: Outbox,
+    next: Instant,
+}
+
+#[derive(Serialize)]
+struct Inflight<'a> {
+    key: String,
+    #[serde(rename = "fn")]
+    fn_name: &'a str,
+    state: &'static str,
+    waiters: usize,
+    age_ms: u64,
+    input_preview: &'a str,
+}
+
+/// The renderer task's state.
+pub struct Renderer {
+    hub: mpsc::Sender<HubMsg>,
+    cache: Arc<ResultCache>,
+    metrics: Arc<Metrics>,
+    evaluators: Arc<EvaluatorTable>,
+    watchers: HashMap<SessionId, Watcher>,
+    max_watchers: usize,
+}
+
+/// The message of a `busy` answer beyond `dashboard.max_watchers`.
+const WATCHERS_FULL: &str = "too many sessions are watching (dashboard.max_watchers)";
+
+impl Renderer {
+    pub fn new(
+        config: &Config,
+        hub: mpsc::Sender<HubMsg>,
+        cache: Arc<ResultCache>,
+        metrics: Arc<Metrics>,
+        evaluators: Arc<EvaluatorTable>,
+    ) -> Self {
+        Renderer {
+            hub,
+            cache,
+            metrics,
+            evaluators,
+            watchers: HashMap::new(),
+            max_watchers: config.dashboard.max_watchers,
+        }
+    }
+
+    /// Serves watchers until `stop` is cancelled or every sender is gone.
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<WatchMsg>, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(Duration::from_millis(MIN_WATCH_INTERVAL_MS));
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                msg = inbox.recv() => match msg {
+                    Some(msg) => self.apply(msg),
+                    None => break,
+                },
+                now = ticks.tick(), if !self.watchers.is_empty() => {
+                    if !self.tick(now).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, msg: WatchMsg) {
+        match msg {
+            WatchMsg::Start {
+                id,
+                interval,
+                outbox,
+            } => {
+                let session = outbox.session();
+                if !self.watchers.contains_key(&session) && self.watchers.len() >= self.max_watchers
+                {
+                    return outbox.push(error_frame(&id, ErrorCode::Busy.as_str(), WATCHERS_FULL));
+                }
+                self.watchers.insert(
+                    session,
+                    Watcher {
+                        id,
+                        interval,
+                        outbox,
+                        next: Instant::now(),
+                    },
+                );
+            }
+            WatchMsg::Stop { session } => {
+                self.watchers.remove(&session);
+            }
+        }
+    }
+
+    /// Sends one snapshot to every watcher due at `now`; false once the hub is gone.
+    async fn tick(&mut self, now: Instant) -> bool {
+        // A watcher due within half a tick is served now rather than a tick late.
+        let horizon = now + Duration::from_millis(MIN_WATCH_INTERVAL_MS / 2);
+        if !self.watchers.values().any(|w| w.next <= horizon) {
+            return true;
+        }
+        let (reply, view) = oneshot::channel();
+        if self.hub.send(HubMsg::View { reply }).await.is_err() {
+            return false;
+        }
+        let Ok(view) = view.await else {
+            return false;
+        };
+        let tail = Bytes::from(self.render(view));
+        self.metrics.snapshots_rendered.inc();
+        let mut anonymous: Option<Frame> = None;
+        for w in self.watchers.values_mut().filter(|w| w.next <= horizon) {
+            w.next = now + w.interval;
+            let frame = match &w.id {
+                Some(_) => {
+                    Frame::split(FrameWriter::new("snapshot").id(&w.id).open(), tail.clone())
+                }
+                None => anonymous
+                    .get_or_insert_with(|| {
+                        Frame::split(FrameWriter::new("snapshot").open(), tail.clone())
+                    })
+                    .clone(),
+            };
+            w.outbox.push(frame);
+        }
+        true
+    }
+
+    /// The members of a snapshot after its `type` and `id`, closing brace included.
+    fn render(&self, mut view: HubView) -> String {
+        view.inflight.sort_unstable_by_key(|row| row.queued_at);
+        let inflight: Vec<Inflight> = view
+            .inflight
+            .iter()
+            .map(|row| Inflight {
+                key: row.key.to_hex(),
+                fn_name: &self.evaluators.get(row.evaluator).name,
+                state: if row.running { "running" } else { "queued" },
+                waiters: row.waiters,
+                age_ms: row.age_ms,
+                input_preview: &row.preview,
+            })
+            .collect();
+        let stats = self.metrics.stats(&self.cache, &self.evaluators);
+        FrameWriter::tail(1024)
+            .uint("at_ms", unix_ms())
+            .raw("stats", &to_json(&stats))
+            .raw("inflight", &to_json(&inflight))
+            .raw("recent", &to_json(&view.recent))
+            .finish()
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("snapshot parts serialize")
+}
