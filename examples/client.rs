@@ -33,10 +33,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     for call in calls {
         let result = call.await??;
-        println!(
-            "{} from {:?}, shared by {:?}",
-            result.key, result.source, result.shared
-        );
+        match result.shared {
+            Some(shared) => println!("{} evaluated, shared by {shared} waiters", result.key),
+            None => println!("{} from the cache", result.key),
+        }
     }
 
     // The next one is answered from the cache.

@@ -85,6 +85,17 @@ impl Gate {
                 role: Role::Agent,
             });
         }
+        self.identify(headers, uri)
+    }
+
+    /// Whether tokens are configured at all.
+    pub fn has_tokens(&self) -> bool {
+        !self.credentials.is_empty()
+    }
+
+    /// The holder of the token a request presents (bearer header or
+    /// `?token=`), whatever its origin.
+    pub fn identify(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
         let presented = bearer(headers)
             .or_else(|| query_token(uri))
             .ok_or(Refusal::Unauthorized)?;

@@ -6,7 +6,8 @@
 //! per input line, in input order, which makes it a filter.
 //!
 //! Exit codes: 0 all went well; 1 an evaluation failed or the broker refused
-//! a request; 2 the broker could not be reached or the input is not JSON.
+//! a request or the connection (a token it does not take); 2 the broker
+//! could not be reached or the input is not JSON.
 
 use crate::client::{Client, ClientError, Output, Source, Status};
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -32,7 +33,7 @@ impl Target {
             .await
             .map_err(|e| {
                 eprintln!("herd: {e}");
-                EXIT_USAGE
+                exit_for(&e)
             })
     }
 }
@@ -236,12 +237,17 @@ pub async fn watch(target: &Target, interval_ms: u64) -> i32 {
     let terminal = std::io::stdout().is_terminal();
     let mut previous: Option<(u64, u64)> = None;
     while let Some(snapshot) = stream.next().await {
-        let line = watch_line(&snapshot, &mut previous);
+        let parts = watch_parts(&snapshot, &mut previous);
         let mut out = std::io::stdout().lock();
         if terminal {
+            // One line that never wraps: the least important figures go first.
+            let width = console::Term::stdout()
+                .size_checked()
+                .map_or(80, |(_, cols)| usize::from(cols));
+            let line = fit_line(&parts, width.saturating_sub(1));
             let _ = write!(out, "\r\x1b[2K{line}");
         } else {
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(out, "{}", parts.join(" | "));
         }
         let _ = out.flush();
     }
@@ -249,7 +255,8 @@ pub async fn watch(target: &Target, interval_ms: u64) -> i32 {
     EXIT_USAGE
 }
 
-fn watch_line(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> String {
+/// The figures of a snapshot, most important first.
+fn watch_parts(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> Vec<String> {
     let s = &snapshot["stats"];
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
     let at = snapshot["at_ms"].as_u64().unwrap_or(0);
@@ -265,19 +272,62 @@ fn watch_line(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> String {
     } else {
         0.0
     };
-    format!(
-        "conns {} | submits {} ({:.0}/s) | hits {:.1}% | evals {} | coalesced {} | failures {} | queued {} running {} | cache {} entries, {:.1} MiB | in flight {}",
-        n("connections"),
-        submits,
-        rate,
-        hit_rate,
-        n("evaluations"),
-        n("coalesced"),
-        n("failures"),
-        n("queued"),
-        n("running"),
-        n("cache_entries"),
-        n("cache_bytes") as f64 / (1024.0 * 1024.0),
-        snapshot["inflight"].as_array().map_or(0, Vec::len),
-    )
+    vec![
+        format!("conns {}", n("connections")),
+        format!("submits {submits} ({rate:.0}/s)"),
+        format!("hits {hit_rate:.1}%"),
+        format!("evals {}", n("evaluations")),
+        format!("queued {} running {}", n("queued"), n("running")),
+        format!("failures {}", n("failures")),
+        format!(
+            "in flight {}",
+            snapshot["inflight"].as_array().map_or(0, Vec::len)
+        ),
+        format!("coalesced {}", n("coalesced")),
+        format!(
+            "cache {} entries, {:.1} MiB",
+            n("cache_entries"),
+            n("cache_bytes") as f64 / (1024.0 * 1024.0)
+        ),
+    ]
+}
+
+/// As many of `parts` as fit in `width` columns, joined with ` | `.
+fn fit_line(parts: &[String], width: usize) -> String {
+    let mut line = String::new();
+    for part in parts {
+        let extra = if line.is_empty() { 0 } else { 3 } + part.chars().count();
+        if line.chars().count() + extra > width {
+            break;
+        }
+        if !line.is_empty() {
+            line.push_str(" | ");
+        }
+        line.push_str(part);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_line_fits_an_80_column_terminal() {
+        let snapshot = json!({
+            "at_ms": 1000,
+            "stats": {"connections": 20, "submits": 123456, "cache_hits": 100000,
+                      "evaluations": 23456, "coalesced": 3456, "failures": 12,
+                      "queued": 50, "running": 64, "cache_entries": 23456,
+                      "cache_bytes": 12345678},
+            "inflight": [],
+        });
+        let parts = watch_parts(&snapshot, &mut None);
+        let full = parts.join(" | ");
+        assert!(full.len() > 80, "the full line is wider: {full}");
+        let line = fit_line(&parts, 79);
+        assert!(line.chars().count() <= 79, "{line}");
+        assert!(line.starts_with("conns 20 | submits 123456"));
+        assert!(fit_line(&parts, 400) == full);
+    }
 }

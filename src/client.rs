@@ -50,11 +50,19 @@ pub enum ClientError {
     #[error("wait for {key} cancelled")]
     Cancelled { key: String },
     /// The connection ended (and reconnecting is off).
-    #[error("connection closed ({code:?}: {reason})")]
+    #[error("connection closed{}", closed_detail(*.code, reason))]
     Closed { code: Option<u16>, reason: String },
     /// The connection could not be opened.
     #[error("cannot connect to {url}: {message}")]
     Connect { url: String, message: String },
+    /// The broker answered the upgrade with a refusal (HTTP 401 or 403): a
+    /// missing or wrong token, a foreign origin or host.
+    #[error("{url} refused the connection (HTTP {status}): {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
     /// The broker said something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -356,6 +364,55 @@ impl Drop for WatchGuard {
     }
 }
 
+/// ` by the broker (code 1009: frame larger than max_frame_bytes)`, or the reason alone.
+fn closed_detail(code: Option<u16>, reason: &str) -> String {
+    match (code, reason.is_empty()) {
+        (Some(code), false) => format!(" by the broker (code {code}: {reason})"),
+        (Some(code), true) => format!(" by the broker (code {code})"),
+        (None, false) => format!(": {reason}"),
+        (None, true) => String::new(),
+    }
+}
+
+/// Explains a refused upgrade in words a person can act on.
+fn upgrade_error(url: &str, error: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    use tokio_tungstenite::tungstenite::Error;
+    let Error::Http(response) = &error else {
+        return ClientError::Connect {
+            url: url.to_string(),
+            message: error.to_string(),
+        };
+    };
+    let status = response.status();
+    let body = response
+        .body()
+        .as_deref()
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .unwrap_or_default();
+    let message = if body.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_string()
+    } else {
+        body
+    };
+    match status.as_u16() {
+        401 | 403 => ClientError::Refused {
+            url: url.to_string(),
+            status: status.as_u16(),
+            message,
+        },
+        code if code < 300 || code == 404 || code == 426 => ClientError::Connect {
+            url: url.to_string(),
+            message: format!(
+                "not a WebSocket endpoint (HTTP {status}); the broker's WebSocket is at /ws, e.g. ws://127.0.0.1:7878/ws"
+            ),
+        },
+        _ => ClientError::Connect {
+            url: url.to_string(),
+            message: format!("HTTP {status}: {message}"),
+        },
+    }
+}
+
 fn closed(reason: &str) -> ClientError {
     ClientError::Closed {
         code: None,
@@ -421,7 +478,7 @@ pub async fn open(url: &str, token: Option<&str>) -> Result<(Socket, Value), Cli
     }
     let (mut socket, _) = tokio_tungstenite::connect_async(request)
         .await
-        .map_err(|e| connect_error(e.to_string()))?;
+        .map_err(|e| upgrade_error(url, e))?;
     loop {
         match socket.next().await {
             Some(Ok(Message::Text(text))) => {

@@ -26,6 +26,9 @@ pub struct Config {
     /// With no tokens, host names (besides IP literals and `localhost`)
     /// under which `/ws` may be reached; other `Host` values get 403.
     pub allowed_hosts: Vec<String>,
+    /// With tokens configured, `/metrics` answers only requests that present
+    /// one (any role, as on `/ws`).
+    pub metrics_need_token: bool,
     /// Serve HTTPS/WSS directly (certificate and key in PEM files).
     pub tls: Option<TlsConfig>,
     /// Credentials: with none, every client is an `agent`.
@@ -86,6 +89,7 @@ impl Default for Config {
             allow_anonymous: false,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            metrics_need_token: false,
             tls: None,
             tokens: Vec::new(),
             limits: Limits::default(),

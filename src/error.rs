@@ -13,7 +13,7 @@ pub enum HerdError {
     Evaluator { name: String, message: String },
 }
 
-/// The `code` of an `error` frame (PROTOCOL.md, "Errors").
+/// The `code` of an `error` frame (docs/protocol.md, "Errors").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadJson,

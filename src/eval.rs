@@ -25,6 +25,10 @@ pub struct Task {
 
 /// Runs tasks on one pool thread.
 pub trait Worker: Send {
+    /// Gets ready before the first task (a process worker starts its
+    /// program here, so the first evaluation does not pay for its start-up).
+    fn prepare(&mut self) {}
+
     /// Evaluates `task`; the output is JSON text.
     fn run(&mut self, task: &Task) -> Result<String, EvalError>;
 }

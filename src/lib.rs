@@ -34,7 +34,7 @@
 //! - [`auth`]: tokens, roles and the origin check;
 //! - [`config`] and [`error`];
 //! - the client side: [`client`] (a Rust client), [`cli`] (the `herd`
-//!   client subcommands) and [`bench`] (the WORKLOAD.md scenarios).
+//!   client subcommands) and [`bench`] (the benchmark scenarios).
 
 pub mod auth;
 pub mod bench;

@@ -55,17 +55,22 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
-    /// Run a benchmark scenario (WORKLOAD.md) against a running broker.
+    /// Run a benchmark scenario (see BENCHMARKS.md) against a running broker.
     Bench(BenchArgs),
 }
 
 #[derive(Args, Clone)]
 struct TargetArgs {
     /// The broker's WebSocket URL.
-    #[arg(long, env = "HERD_URL", default_value = "ws://127.0.0.1:7878/ws")]
+    #[arg(
+        long,
+        env = "HERD_URL",
+        default_value = "ws://127.0.0.1:7878/ws",
+        global = true
+    )]
     url: String,
     /// Bearer token.
-    #[arg(long, env = "HERD_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "HERD_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 }
 
@@ -73,13 +78,15 @@ struct TargetArgs {
 struct BenchArgs {
     #[command(flatten)]
     target: TargetArgs,
-    /// Seed of the inputs; the same seed sends the same requests.
-    #[arg(long, default_value_t = 1, global = true)]
-    seed: u64,
+    /// Seed of the inputs; the same seed sends the same requests. Without
+    /// it each run draws a fresh seed (printed), so its inputs are new.
+    #[arg(long, global = true)]
+    seed: Option<u64>,
     /// Also write the figures as one JSON object to this file.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
-    /// The broker's process id, for its memory and CPU figures.
+    /// The broker's process id (on this machine): adds its CPU seconds and
+    /// resident memory to every scenario's figures.
     #[arg(long, global = true)]
     pid: Option<u32>,
     #[command(subcommand)]
@@ -213,13 +220,18 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         token: args.target.token,
         pid: args.pid,
     };
-    let report = match &args.scenario {
-        Scenario::Agents(a) => bench::agents::run(&target, a, args.seed).await?,
-        Scenario::Burst(a) => bench::burst::run(&target, a, args.seed).await?,
-        Scenario::Hits(a) => bench::hits::run(&target, a, args.seed).await?,
-        Scenario::Fanout(a) => bench::fanout::run(&target, a, args.seed).await?,
-        Scenario::Idle(a) => bench::idle::run(&target, a).await?,
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let scenario = async {
+        match &args.scenario {
+            Scenario::Agents(a) => bench::agents::run(&target, a, seed).await,
+            Scenario::Burst(a) => bench::burst::run(&target, a, seed).await,
+            Scenario::Hits(a) => bench::hits::run(&target, a, seed).await,
+            Scenario::Fanout(a) => bench::fanout::run(&target, a, seed).await,
+            Scenario::Idle(a) => bench::idle::run(&target, a).await,
+        }
     };
+    let mut report = bench::with_broker_figures(target.pid, scenario).await?;
+    report.add("seed", seed);
     print!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(
@@ -238,21 +250,40 @@ fn target(args: TargetArgs) -> herd::cli::Target {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Prints a failure of `serve` or `bench` as one line (whatever
+/// `RUST_BACKTRACE` says: these are a user's errors, not the program's) and
+/// gives the exit code.
+fn report(result: anyhow::Result<()>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("herd: {error:#}");
+            1
+        }
+    }
+}
+
+fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("herd: cannot start the async runtime: {error}");
+            std::process::exit(1);
+        }
+    };
     let code = match cli.command {
         Command::Serve(args) => {
-            let served = runtime.block_on(serve(args));
+            let served = report(runtime.block_on(serve(args)));
             // Evaluator threads still inside an overrunning evaluation after
             // the drain bounds are not waited for: the process ends now.
             runtime.shutdown_background();
-            return served;
+            std::process::exit(served);
         }
-        Command::Bench(args) => return runtime.block_on(bench(args)),
+        Command::Bench(args) => report(runtime.block_on(bench(args))),
         Command::Submit {
             target: t,
             fn_name,

@@ -279,6 +279,7 @@ fn spawn(crew: &Arc<Crew>) -> std::io::Result<JoinHandle<()>> {
 
 fn worker_loop(thread: usize, crew: &Crew) {
     let mut worker = crew.factory.make(thread);
+    worker.prepare();
     let evaluator = crew.evaluator;
     while let Ok(job) = crew.jobs.recv() {
         crew.queued_bytes

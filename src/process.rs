@@ -1,7 +1,7 @@
 //! Process evaluators: any program as the computation.
 //!
 //! Each pool thread keeps one long-lived child and talks JSON lines with it,
-//! one task at a time (PROTOCOL.md, "Process evaluators"):
+//! one task at a time (docs/protocol.md, "Process evaluators"):
 //!
 //! ```text
 //! broker -> child:  {"key":"…","fn":"…","input":…}
@@ -268,6 +268,14 @@ impl ProcessWorker {
 }
 
 impl Worker for ProcessWorker {
+    /// Starts the child with the broker; a failure is counted like any
+    /// start-up death and retried with the first task.
+    fn prepare(&mut self) {
+        if let Err(error) = self.start() {
+            warn!(evaluator = %self.spec.name, error = error.message(), "worker did not start");
+        }
+    }
+
     fn run(&mut self, task: &Task) -> Result<String, EvalError> {
         // A child that exited while idle is replaced before the task, not blamed on it.
         if let Some(running) = self.child.as_mut() {

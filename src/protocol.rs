@@ -1,6 +1,6 @@
 //! The wire protocol: parsing client requests and writing server frames.
 //!
-//! Requests are parsed strictly in the order PROTOCOL.md implies: not JSON
+//! Requests are parsed strictly in the order docs/protocol.md implies: not JSON
 //! is `bad_json`; not an object, or a missing or ill-typed field, is
 //! `bad_request`; an `op` outside the table is `unknown_op`. Frames are
 //! written with [`FrameWriter`], which appends already-encoded JSON (ids,
@@ -35,7 +35,7 @@ pub struct Request {
     pub op: Op,
 }
 
-/// The operations of PROTOCOL.md.
+/// The operations of the protocol (docs/protocol.md).
 #[derive(Debug)]
 pub enum Op {
     Submit {
@@ -134,6 +134,7 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
             Err(e) => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
         });
     }
+    let too_deep = nested_deeper_than(text, MAX_INPUT_DEPTH + 1);
     let members: Members = serde_json::from_str(text).map_err(|e| match e.classify() {
         Category::Data => Rejection::new(
             &None,
@@ -143,6 +144,22 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
         _ => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
     })?;
     let id = parse_id(members.id)?;
+    // serde_json skips unknown members without a depth limit; the frame is
+    // refused as a whole unless the depth is the input's (answered below).
+    if too_deep
+        && !members
+            .input
+            .is_some_and(|i| nested_deeper_than(i.get(), MAX_INPUT_DEPTH))
+    {
+        return Err(Rejection::new(
+            &id,
+            ErrorCode::BadJson,
+            format!(
+                "the frame is nested deeper than {} levels",
+                MAX_INPUT_DEPTH + 1
+            ),
+        ));
+    }
     let bad = |message: &str| Rejection::new(&id, ErrorCode::BadRequest, message);
     let op = match members.op {
         None => return Err(bad("missing \"op\"")),
@@ -211,6 +228,43 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
         }
     };
     Ok(Request { id, op })
+}
+
+/// Whether JSON `text` nests arrays and objects deeper than `max`. Cheap for
+/// ordinary frames: only a text with more than `max` brackets is scanned.
+fn nested_deeper_than(text: &str, max: usize) -> bool {
+    let bytes = text.as_bytes();
+    if memchr::memchr2_iter(b'[', b'{', bytes)
+        .take(max + 1)
+        .count()
+        <= max
+    {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The string a raw JSON value holds, borrowed when it has no escapes.

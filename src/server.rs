@@ -204,7 +204,17 @@ async fn readyz(State(broker): State<Arc<Broker>>) -> Response {
     body.into_response()
 }
 
-async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
+async fn metrics(State(broker): State<Arc<Broker>>, request: Request) -> Response {
+    let gate = &broker.gate;
+    if broker.config.metrics_need_token
+        && gate.has_tokens()
+        && gate.identify(request.headers(), request.uri()).is_err()
+    {
+        return plain(
+            StatusCode::UNAUTHORIZED,
+            "a valid token is required (metrics_need_token)\n",
+        );
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -122,13 +122,21 @@ async fn watch_prints_live_lines() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
     child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let first = text.lines().next().expect("a line");
-    assert!(first.starts_with("conns 1 | submits 0"), "{first}");
-    assert!(text.lines().count() >= 3);
+    child.wait().unwrap();
+    assert_eq!(lines.len(), 3);
+    assert!(lines[0].starts_with("conns 1 | submits 0"), "{}", lines[0]);
     server.stop().await;
 }
 
@@ -219,7 +227,15 @@ async fn every_bench_scenario_reports_its_fields() {
     ];
     for (args, fields) in scenarios {
         let file = dir.path().join(format!("{}.json", args[0]));
-        let mut all = vec!["bench", "--pid", &pid, "--json", file.to_str().unwrap()];
+        let mut all = vec![
+            "bench",
+            "--pid",
+            &pid,
+            "--seed",
+            "7",
+            "--json",
+            file.to_str().unwrap(),
+        ];
         all.extend(args.iter());
         let out = run(&server, &all, None).await;
         assert_eq!(
@@ -230,13 +246,18 @@ async fn every_bench_scenario_reports_its_fields() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("herd bench {}", args[0])));
         let report: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-        for field in fields {
+        // With --pid every scenario reports the broker's CPU and memory.
+        for field in fields
+            .iter()
+            .chain(&["broker_cpu_s", "broker_rss_mb", "seed"])
+        {
             assert!(
                 report[field].is_number(),
                 "{}: {field} in {report}",
                 args[0]
             );
         }
+        assert_eq!(report["seed"], 7);
         match args[0] {
             "agents" => assert_eq!(report["evaluations"], report["distinct_keys"]),
             "burst" => assert_eq!(report["evaluations"], 3),
@@ -245,14 +266,190 @@ async fn every_bench_scenario_reports_its_fields() {
             _ => {}
         }
     }
-    // Inputs follow the seed: the same fanout again would find its key cached.
+    // Inputs follow the seed: the same fanout again would find its key cached,
+    // and the same agents run says it measures cache hits.
     let again = run(
         &server,
-        &["bench", "fanout", "--fn", "default", "--subscribers", "5"],
+        &[
+            "bench",
+            "--seed",
+            "7",
+            "fanout",
+            "--fn",
+            "default",
+            "--subscribers",
+            "5",
+        ],
         None,
     )
     .await;
     assert_ne!(again.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already cached"));
+    let small_agents = [
+        "agents",
+        "--fn",
+        "default",
+        "--submits",
+        "20",
+        "--distinct",
+        "5",
+        "--agents",
+        "2",
+        "--inflight",
+        "2",
+    ];
+    let mut same = vec!["bench", "--seed", "7"];
+    same.extend(small_agents);
+    let again = run(&server, &same, None).await;
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already cached"));
+    // Without --seed each run draws new inputs: nothing is cached yet.
+    let mut fresh = vec!["bench"];
+    fresh.extend(small_agents);
+    let fresh = run(&server, &fresh, None).await;
+    assert_eq!(fresh.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&fresh.stderr).contains("already cached"));
+    server.stop().await;
+}
+
+/// Runs `herd ARGS` with no HERD_URL in its environment.
+async fn run_plain(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(&args)
+            .env_remove("HERD_URL")
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_options_work_before_or_after_the_scenario() {
+    let server = TestServer::basic().await;
+    let url = server.url();
+    let scenario = [
+        "--fn",
+        "default",
+        "--submits",
+        "10",
+        "--distinct",
+        "3",
+        "--agents",
+        "1",
+        "--inflight",
+        "1",
+    ];
+    let mut after = vec!["bench", "agents", "--url", &url];
+    after.extend(scenario);
+    let out = run_plain(&after, &[]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut before = vec!["bench", "--url", &url, "agents"];
+    before.extend(scenario);
+    let out = run_plain(&before, &[]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_opens_no_more_sessions_than_the_descriptors_allow() {
+    let server = TestServer::basic().await;
+    let pid = std::process::id().to_string();
+    let herd = env!("CARGO_BIN_EXE_herd");
+    let script = format!(
+        "ulimit -n 200 && exec {herd} bench --url {} --pid {pid} --json /dev/stdout idle --sessions 1000 --hold-s 0",
+        server.url()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("sh").args(["-c", &script]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("instead of 1000"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json_start = text.find('{').expect("the JSON report");
+    let report: Value = serde_json::from_str(text[json_start..].trim()).unwrap();
+    assert_eq!(report["sessions_asked"], 1000);
+    assert_eq!(report["sessions"], 136, "200 descriptors less 64 to spare");
+    assert!(report["kib_per_session"].is_number(), "{report}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_clear_line_with_the_right_exit_code() {
+    // A bad config: one line, no stack trace, whatever RUST_BACKTRACE says.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "nope = 1\n").unwrap();
+    let out = run_plain(
+        &["serve", "--config", bad.to_str().unwrap()],
+        &[("RUST_BACKTRACE", "1")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("herd:")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("unknown field"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+
+    // The page's URL instead of /ws: said so, with the way out.
+    let server = TestServer::start(common::config(&format!(
+        "[limits]\nmax_frame_bytes = 4096\n[[token]]\nname = \"a\"\nrole = \"agent\"\nsecret = \"s3cret\"\n{}",
+        common::BASIC
+    )))
+    .await;
+    let page = format!("ws://{}/", server.addr);
+    let out = run_plain(&["submit", "--url", &page, "--token", "s3cret", "1"], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a WebSocket endpoint"), "{stderr}");
+    assert!(stderr.contains("/ws"), "{stderr}");
+
+    // A wrong token is a refusal (exit 1), not an unreachable broker (exit 2).
+    let out = run_plain(
+        &["submit", "--url", &server.url(), "--token", "wrong", "1"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"));
+
+    // A broker that closes the session: the code and its meaning, no Debug output.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(10_000));
+    let out = run_plain(
+        &["submit", "--url", &server.url(), "--token", "s3cret", &big],
+        &[],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("code 1009: frame larger than max_frame_bytes"),
+        "{said}"
+    );
+    assert!(!said.contains("Some("), "{said}");
     server.stop().await;
 }

@@ -307,3 +307,24 @@ async fn a_reply_after_a_timeout_never_answers_the_next_task() {
     server.stop().await;
     fx.assert_no_children_left();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_start_with_the_broker() {
+    let fx = Fixture::new();
+    let server = TestServer::start(fx.config("threads = 3")).await;
+    // No task yet: each thread has started its child all the same.
+    let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+    while fx.lines("pids").len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "children started: {:?}",
+            fx.lines("pids")
+        );
+        tokio::task::yield_now().await;
+    }
+    let r = submit(&mut server.client().await, json!({"mode": "ok"})).await;
+    assert!(r["output"].is_object());
+    assert_eq!(fx.lines("pids").len(), 3, "the task used a running child");
+    server.stop().await;
+    fx.assert_no_children_left();
+}

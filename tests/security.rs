@@ -163,6 +163,26 @@ async fn deep_or_large_json_is_refused_without_harm() {
     c.send_text(&format!("{{\"op\":{}}}", "[".repeat(100_000)))
         .await;
     assert_eq!(c.recv().await["code"], "bad_json");
+    // Deep nesting anywhere in the frame is refused, not only in `input`.
+    for depth in [200, 100_000] {
+        let ping = format!(
+            "{{\"op\":\"ping\",\"id\":7,\"x\":{}{}}}",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        c.send_text(&ping).await;
+        let e = c.recv().await;
+        assert_eq!(e["code"], "bad_json", "{e}");
+        assert_eq!(e["id"], 7);
+    }
+    // Up to 128 levels (the frame's own object is one more) is fine.
+    let ping = format!(
+        "{{\"op\":\"ping\",\"x\":{}{}}}",
+        "[".repeat(128),
+        "]".repeat(128)
+    );
+    c.send_text(&ping).await;
+    assert_eq!(c.recv().await["type"], "pong");
     // Large but within max_frame_bytes: a 900 KB input is evaluated normally.
     let big = json!({"op": "submit", "fn": "echo", "input": {"blob": "y".repeat(900_000)}});
     c.send(big).await;
@@ -244,4 +264,23 @@ async fn a_connection_that_sends_nothing_is_dropped() {
     }
     assert!(started.elapsed() >= std::time::Duration::from_millis(250));
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_require_a_token() {
+    let tokens = "[[token]]\nname = \"ops\"\nrole = \"viewer\"\nsecret = \"look-only\"\n";
+    let open = TestServer::start(config(&format!("{tokens}{BASIC}"))).await;
+    assert_eq!(open.http_get("/metrics").await.0, 200, "open by default");
+    open.stop().await;
+
+    let closed = TestServer::start(config(&format!(
+        "metrics_need_token = true\n{tokens}{BASIC}"
+    )))
+    .await;
+    assert_eq!(closed.http_get("/metrics").await.0, 401);
+    assert_eq!(closed.http_get("/metrics?token=wrong").await.0, 401);
+    let (status, body) = closed.http_get("/metrics?token=look-only").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("herd_connections"));
+    closed.stop().await;
 }

@@ -66,6 +66,15 @@ pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Resul
             .collect(),
     );
     let distinct_keys = picks.iter().collect::<HashSet<_>>().len();
+    let probe = target.client().await?;
+    let first = crate::key::canonical_json(&inputs[picks[0]]);
+    let first = crate::Key::derive(&args.fn_name, first.as_bytes()).to_hex();
+    if let crate::client::Status::Done(_) = probe.get(&first).await? {
+        eprintln!(
+            "herd bench: warning: the inputs of seed {seed} are already cached on this broker; this run measures cache hits, not evaluations (restart the broker or leave out --seed)"
+        );
+    }
+    probe.close().await;
     let inputs = Arc::new(inputs);
     let before = target.stats().await?;
     let bar = progress(args.submits as u64, "submits");

@@ -1,10 +1,11 @@
-//! `herd bench`: the scenarios of WORKLOAD.md, run against a running broker.
+//! `herd bench`: the benchmark scenarios of BENCHMARKS.md, run against a
+//! running broker.
 //!
 //! Each scenario returns a [`Report`]: named figures, printed as a table and
 //! written as one JSON object with `--json FILE`. Inputs are derived from
-//! `--seed`, so two runs send the same requests (a second run against the
-//! same broker therefore finds its results cached: restart the broker or
-//! change the seed for a cold run).
+//! the seed, so two runs with the same `--seed` send the same requests (a
+//! second run against the same broker therefore finds its results cached);
+//! without `--seed` every run draws a fresh one.
 
 pub mod agents;
 pub mod burst;
@@ -177,6 +178,27 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
         }
     }
     Some(total_ns as f64 / 1e9)
+}
+
+/// Runs a scenario and, given the broker's pid, adds the broker's CPU
+/// seconds spent during it and its resident memory after it.
+pub async fn with_broker_figures(
+    pid: Option<u32>,
+    scenario: impl std::future::Future<Output = anyhow::Result<Report>>,
+) -> anyhow::Result<Report> {
+    let cpu_before = pid.and_then(cpu_seconds);
+    let mut report = scenario.await?;
+    if let Some(pid) = pid {
+        let cpu = cpu_before
+            .zip(cpu_seconds(pid))
+            .map(|(before, after)| round3(after - before));
+        report.add("broker_cpu_s", cpu);
+        report.add(
+            "broker_rss_mb",
+            rss_kib(pid).map(|kib| round3(kib as f64 / 1024.0)),
+        );
+    }
+    Ok(report)
 }
 
 /// Difference of a counter between two `stats` objects.
