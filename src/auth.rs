@@ -20,11 +20,35 @@ pub struct Identity {
     /// The token's name ("anonymous" without tokens), for logs and metrics.
     pub name: String,
     pub role: Role,
+    /// Which remote fns this session may `serve`.
+    pub serve: ServeRight,
+}
+
+/// Which remote fns a session may serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServeRight {
+    /// None: agents and viewers when tokens are configured.
+    Nothing,
+    /// Every remote fn: worker tokens without `fns`, and everyone without tokens.
+    All,
+    /// The fns a worker token lists.
+    Only(Vec<String>),
+}
+
+impl ServeRight {
+    pub fn allows(&self, fn_name: &str) -> bool {
+        match self {
+            ServeRight::Nothing => false,
+            ServeRight::All => true,
+            ServeRight::Only(fns) => fns.iter().any(|f| f == fn_name),
+        }
+    }
 }
 
 struct Credential {
     name: String,
     role: Role,
+    fns: Option<Vec<String>>,
     secret: Vec<u8>,
 }
 
@@ -56,6 +80,7 @@ impl Gate {
                 Ok(Credential {
                     name: t.name.clone(),
                     role: t.role,
+                    fns: t.fns.clone(),
                     secret: resolve(t)?.into_bytes(),
                 })
             })
@@ -83,6 +108,7 @@ impl Gate {
             return Ok(Identity {
                 name: "anonymous".into(),
                 role: Role::Agent,
+                serve: ServeRight::All,
             });
         }
         self.identify(headers, uri)
@@ -110,6 +136,11 @@ impl Gate {
             .map(|c| Identity {
                 name: c.name.clone(),
                 role: c.role,
+                serve: match (c.role, &c.fns) {
+                    (Role::Worker, None) => ServeRight::All,
+                    (Role::Worker, Some(fns)) => ServeRight::Only(fns.clone()),
+                    _ => ServeRight::Nothing,
+                },
             })
             .ok_or(Refusal::Unauthorized)
     }

@@ -61,6 +61,8 @@ pub struct TokenConfig {
     pub secret_env: Option<String>,
     /// or a file holding it (surrounding whitespace ignored).
     pub secret_file: Option<PathBuf>,
+    /// Role `worker`: the remote fns it may serve (all of them when absent).
+    pub fns: Option<Vec<String>>,
 }
 
 /// What a session's credentials allow.
@@ -71,6 +73,8 @@ pub enum Role {
     Agent,
     /// `watch`, `unwatch`, `get` and `ping` only.
     Viewer,
+    /// `serve`, `unserve`, `complete` and `ping` only: runs remote evaluations.
+    Worker,
 }
 
 impl Role {
@@ -78,6 +82,7 @@ impl Role {
         match self {
             Role::Agent => "agent",
             Role::Viewer => "viewer",
+            Role::Worker => "worker",
         }
     }
 }
@@ -218,6 +223,8 @@ pub enum EvaluatorKind {
     Echo,
     /// Runs a program and talks JSON lines with it.
     Process,
+    /// Has no threads: worker sessions that `serve` its fn run its tasks.
+    Remote,
 }
 
 /// One evaluator: a `fn` name and what runs behind it.
@@ -277,6 +284,10 @@ pub struct EvaluatorConfig {
     /// `process`: longest stderr line logged; the rest of a longer line is dropped.
     #[serde(default = "default_stderr_line_bytes")]
     pub stderr_line_bytes: usize,
+    /// `remote`: attempts a task gets when the workers running it go away;
+    /// after the last, its waiters get `eval_failed` ("worker lost").
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
 }
 
 fn default_threads() -> usize {
@@ -290,6 +301,9 @@ fn default_queue_capacity() -> usize {
 }
 fn default_max_input_bytes() -> usize {
     1 << 20
+}
+fn default_max_attempts() -> u32 {
+    3
 }
 fn default_queue_bytes() -> usize {
     64 << 20
@@ -335,6 +349,7 @@ impl EvaluatorConfig {
             restart_backoff_max_ms: default_restart_backoff_max_ms(),
             unhealthy_after: default_unhealthy_after(),
             stderr_line_bytes: default_stderr_line_bytes(),
+            max_attempts: default_max_attempts(),
         }
     }
 
@@ -472,6 +487,12 @@ impl Config {
                     e.name
                 ));
             }
+            if e.max_attempts == 0 {
+                return bad(format!(
+                    "evaluator {:?}: max_attempts must be at least 1",
+                    e.name
+                ));
+            }
             if e.kind == EvaluatorKind::Process && e.command.is_empty() {
                 return bad(format!(
                     "evaluator {:?}: kind \"process\" needs a command",
@@ -494,6 +515,26 @@ impl Config {
             }
             if t.name.is_empty() || !token_names.insert(t.name.as_str()) {
                 return bad(format!("token name {:?} is empty or used twice", t.name));
+            }
+            if let Some(fns) = &t.fns {
+                if t.role != Role::Worker {
+                    return bad(format!(
+                        "token {:?}: fns is for role \"worker\" only",
+                        t.name
+                    ));
+                }
+                for f in fns {
+                    let remote = self
+                        .evaluators
+                        .iter()
+                        .any(|e| &e.name == f && e.kind == EvaluatorKind::Remote);
+                    if !remote {
+                        return bad(format!(
+                            "token {:?}: fns names {f:?}, which is not a remote evaluator",
+                            t.name
+                        ));
+                    }
+                }
             }
         }
         if self.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {

@@ -23,6 +23,7 @@ pub enum ErrorCode {
     Forbidden,
     Busy,
     ShuttingDown,
+    StaleTask,
 }
 
 impl ErrorCode {
@@ -35,6 +36,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Busy => "busy",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::StaleTask => "stale_task",
         }
     }
 }

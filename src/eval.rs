@@ -52,6 +52,10 @@ pub fn factory(
         EvaluatorKind::Process => Ok(Arc::new(crate::process::ProcessFactory::new(
             config, health,
         )?)),
+        EvaluatorKind::Remote => Err(HerdError::Evaluator {
+            name: config.name.clone(),
+            message: "a remote evaluator runs on worker sessions, not on threads".into(),
+        }),
     }
 }
 
@@ -63,6 +67,7 @@ pub struct Health {
     state: Mutex<HealthState>,
     healthy_gauge: Gauge,
     lost_gauge: Gauge,
+    workers_gauge: Gauge,
     /// Worker processes replaced so far.
     pub restarts: Counter,
 }
@@ -71,10 +76,15 @@ pub struct Health {
 struct HealthState {
     startup: Option<String>,
     lost: usize,
+    /// A remote evaluator that no worker session serves.
+    no_workers: bool,
 }
 
 impl HealthState {
     fn reason(&self) -> Option<String> {
+        if self.no_workers {
+            return Some("no_workers: no worker session serves this fn".into());
+        }
         match (&self.startup, self.lost) {
             (None, 0) => None,
             (Some(why), 0) => Some(why.clone()),
@@ -96,6 +106,7 @@ impl Health {
             state: Mutex::new(HealthState::default()),
             healthy_gauge,
             lost_gauge: metrics.lost_threads.get_or_create(&label).clone(),
+            workers_gauge: metrics.remote_workers.get_or_create(&label).clone(),
             restarts: metrics.worker_restarts.get_or_create(&label).clone(),
         }
     }
@@ -104,8 +115,25 @@ impl Health {
         let mut state = self.state.lock().expect("health lock");
         change(&mut state);
         self.lost_gauge.set(state.lost as i64);
-        self.healthy_gauge
-            .set(i64::from(state.startup.is_none() && state.lost == 0));
+        self.healthy_gauge.set(i64::from(state.reason().is_none()));
+    }
+
+    /// How many worker sessions serve a remote evaluator (none: `no_workers`).
+    pub fn set_workers(&self, workers: usize) {
+        self.workers_gauge.set(workers as i64);
+        self.update(|s| s.no_workers = workers == 0);
+    }
+
+    /// `ok`, `no_workers` or `unhealthy`, for snapshots.
+    pub fn status(&self) -> &'static str {
+        let state = self.state.lock().expect("health lock");
+        if state.no_workers {
+            "no_workers"
+        } else if state.reason().is_some() {
+            "unhealthy"
+        } else {
+            "ok"
+        }
     }
 
     /// The evaluator's worker programs keep dying at start-up.

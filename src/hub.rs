@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, SessionId};
 use crate::pool::{EvaluatorTable, Job, JobCtl, Pool, PoolEvent, QueueFull};
 use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId, DRAINING_MESSAGE};
+use crate::remote::{Orphan, Remote};
 use bytes::Bytes;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -59,8 +60,29 @@ pub enum HubMsg {
     Cancel { key: Key, id: ReqId, outbox: Outbox },
     /// Hand a view of the table to the snapshot renderer.
     View { reply: oneshot::Sender<HubView> },
-    /// The session is gone; drop its waits.
+    /// The session is gone; drop its waits (and, for a worker, take back its tasks).
     SessionClosed { session: SessionId },
+    /// A worker session offers `concurrency` slots for a remote evaluator.
+    Serve {
+        outbox: Outbox,
+        label: Arc<str>,
+        evaluator: usize,
+        concurrency: usize,
+        id: ReqId,
+    },
+    /// A worker session takes no new tasks of a remote evaluator.
+    Unserve {
+        outbox: Outbox,
+        evaluator: usize,
+        id: ReqId,
+    },
+    /// A worker's outcome of a task it was sent.
+    Complete {
+        outbox: Outbox,
+        task: String,
+        outcome: Result<String, String>,
+        id: ReqId,
+    },
 }
 
 /// One request waiting for a key's result.
@@ -84,6 +106,8 @@ pub struct InflightRow {
     pub evaluator: usize,
     pub running: bool,
     pub waiters: usize,
+    /// The worker session running it (remote evaluators).
+    pub worker: Option<Arc<str>>,
     /// When the evaluation was queued (orders the rows, oldest first).
     pub queued_at: Instant,
     pub age_ms: u64,
@@ -116,6 +140,8 @@ struct JobState {
     queued_at: Instant,
     running_since: Option<Instant>,
     timer: Option<delay_queue::Key>,
+    /// The worker session running it (remote evaluators).
+    worker: Option<Arc<str>>,
     /// Sessions whose `wait: false` submit asked for this evaluation: it
     /// runs even when every waiter cancels, and counts against their
     /// `max_pending` until it ends.
@@ -157,7 +183,10 @@ pub struct Hub {
     next_gen: u64,
     /// Jobs queued or running, published to `idle` for the drain.
     jobs: usize,
+    /// Threads of the local evaluators.
     pool: Pool,
+    /// Queues and worker sessions of the remote evaluators.
+    remote: Remote,
     evaluators: Arc<EvaluatorTable>,
     cache: Arc<ResultCache>,
     metrics: Arc<Metrics>,
@@ -186,7 +215,12 @@ impl Hub {
         draining: Arc<AtomicBool>,
         idle: watch::Sender<usize>,
     ) -> Self {
+        let remote = Remote::new(&config.effective_evaluators());
+        for spec in evaluators.iter().filter(|e| remote.is_remote(e.index)) {
+            spec.health.set_workers(0);
+        }
         Hub {
+            remote,
             table: HashMap::new(),
             sessions: HashMap::new(),
             timers: DelayQueue::new(),
@@ -216,12 +250,15 @@ impl Hub {
     ) -> Pool {
         let mut batch = Vec::with_capacity(BATCH);
         let mut event_batch = Vec::with_capacity(BATCH);
+        // With only remote evaluators there are no threads, and no events.
+        let mut threads = true;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                n = events.recv_many(&mut event_batch, BATCH) => {
+                n = events.recv_many(&mut event_batch, BATCH), if threads => {
                     if n == 0 {
-                        break;
+                        threads = false;
+                        continue;
                     }
                     for event in event_batch.drain(..) {
                         self.event(event);
@@ -260,7 +297,87 @@ impl Hub {
                 let _ = reply.send(self.view());
             }
             HubMsg::SessionClosed { session } => self.session_closed(session),
+            HubMsg::Serve {
+                outbox,
+                label,
+                evaluator,
+                concurrency,
+                id,
+            } => {
+                self.remote.serve(&outbox, &label, evaluator, concurrency);
+                self.workers_changed(evaluator);
+                outbox.push(
+                    FrameWriter::new("serving")
+                        .id(&id)
+                        .str("fn", &self.evaluators.get(evaluator).name)
+                        .uint("concurrency", concurrency as u64)
+                        .finish(),
+                );
+                self.pump(evaluator);
+            }
+            HubMsg::Unserve {
+                outbox,
+                evaluator,
+                id,
+            } => {
+                self.remote.unserve(outbox.session(), evaluator);
+                self.workers_changed(evaluator);
+                outbox.push(
+                    FrameWriter::new("serving")
+                        .id(&id)
+                        .str("fn", &self.evaluators.get(evaluator).name)
+                        .uint("concurrency", 0)
+                        .finish(),
+                );
+            }
+            HubMsg::Complete {
+                outbox,
+                task,
+                outcome,
+                id,
+            } => self.complete(outbox, &task, outcome, id),
         }
+    }
+
+    /// Hands queued tasks of a remote evaluator to its workers, marking them running.
+    fn pump(&mut self, evaluator: usize) {
+        for sent in self.remote.dispatch(evaluator) {
+            self.started(evaluator, sent.key, sent.gen);
+            if let Some(job) = job_mut(&mut self.table, sent.key, sent.gen) {
+                job.worker = Some(sent.worker);
+            }
+        }
+    }
+
+    /// Reports whether a remote evaluator has any worker serving it.
+    fn workers_changed(&self, evaluator: usize) {
+        let spec = self.evaluators.get(evaluator);
+        spec.health.set_workers(self.remote.servers(evaluator));
+    }
+
+    fn complete(&mut self, outbox: Outbox, task: &str, outcome: Result<String, String>, id: ReqId) {
+        let Some(sent) = self.remote.complete(outbox.session(), task) else {
+            return outbox.push(error_frame(
+                &id,
+                ErrorCode::StaleTask.as_str(),
+                "this session holds no such task (unknown, past its deadline, or revoked)",
+            ));
+        };
+        let evaluator = sent.evaluator;
+        let max = self.remote.max_output_bytes(evaluator);
+        let outcome = match outcome {
+            Ok(output) if output.len() > max => Err(EvalError::Failed(format!(
+                "the worker's output is {} bytes; fn {:?} takes at most {max} (max_output_bytes)",
+                output.len(),
+                &*self.evaluators.get(evaluator).name
+            ))),
+            Ok(output) => Ok(output),
+            Err(message) => Err(EvalError::Failed(message)),
+        };
+        let eval_ms = sent.sent_at.elapsed().as_secs_f64() * 1000.0;
+        let (key, gen) = (sent.queued.job.key, sent.queued.job.gen);
+        self.done(evaluator, key, gen, outcome, eval_ms);
+        self.pump(evaluator);
     }
 
     fn event(&mut self, event: PoolEvent) {
@@ -347,7 +464,15 @@ impl Hub {
                 input,
                 ctl: Arc::clone(&ctl),
             };
-            if let Err((_, full)) = self.pool.try_dispatch(evaluator, job) {
+            let remote = self.remote.is_remote(evaluator);
+            let queued = if remote {
+                self.remote.enqueue(evaluator, job)
+            } else {
+                self.pool
+                    .try_dispatch(evaluator, job)
+                    .map_err(|(_, full)| full)
+            };
+            if let Err(full) = queued {
                 let message = match full {
                     QueueFull::Jobs => "the evaluation queue is full (queue_capacity)",
                     QueueFull::Bytes => {
@@ -358,6 +483,12 @@ impl Hub {
             }
             self.jobs += 1;
             self.metrics.queued.inc();
+            // A remote job's deadline runs from its queueing too: with no
+            // worker serving, it is not held longer than its timeout.
+            let timer = remote.then(|| {
+                let timeout = self.evaluators.get(evaluator).timeout;
+                self.timers.insert((key, gen), timeout)
+            });
             self.table.entry(key).or_default().job = Some(JobState {
                 evaluator,
                 gen,
@@ -365,9 +496,13 @@ impl Hub {
                 preview,
                 queued_at: Instant::now(),
                 running_since: None,
-                timer: None,
+                timer,
+                worker: None,
                 wanted: Vec::new(),
             });
+            if remote {
+                self.pump(evaluator);
+            }
         }
         let entry = self.table.get_mut(&key).expect("entry exists");
         let job = entry.job.as_mut().expect("job exists");
@@ -469,12 +604,44 @@ impl Hub {
     }
 
     fn session_closed(&mut self, session: SessionId) {
+        let (orphans, served) = self.remote.session_closed(session);
+        for orphan in orphans {
+            match orphan {
+                Orphan::Requeued { key, gen } => {
+                    if let Some(job) = job_mut(&mut self.table, key, gen) {
+                        job.running_since = None;
+                        job.worker = None;
+                        self.metrics.running.dec();
+                        self.metrics.queued.inc();
+                    }
+                }
+                Orphan::Lost {
+                    evaluator,
+                    key,
+                    gen,
+                } => {
+                    let lost = EvalError::Failed(format!(
+                        "worker lost: the workers running it went away {} times (max_attempts)",
+                        self.remote_attempts(evaluator)
+                    ));
+                    self.done(evaluator, key, gen, Err(lost), 0.0);
+                }
+            }
+        }
+        for evaluator in served {
+            self.workers_changed(evaluator);
+            self.pump(evaluator);
+        }
         let Some(waits) = self.sessions.remove(&session) else {
             return;
         };
         for key in waits.by_key.into_keys() {
             self.drop_waiters_of(session, key);
         }
+    }
+
+    fn remote_attempts(&self, evaluator: usize) -> u32 {
+        self.evaluators.get(evaluator).max_attempts
     }
 
     /// Removes every wait `session` holds on `key`.
@@ -501,10 +668,24 @@ impl Hub {
         if !entry.waiters.is_empty() {
             return;
         }
+        let remote = entry
+            .job
+            .as_ref()
+            .is_some_and(|j| self.remote.is_remote(j.evaluator));
         match &entry.job {
-            Some(job) if job.running_since.is_some() || !job.wanted.is_empty() => {}
+            Some(job) if !job.wanted.is_empty() => {}
+            // A running local evaluation finishes and is cached; a remote
+            // one is taken back from its worker.
+            Some(job) if job.running_since.is_some() && !remote => {}
             Some(job) => {
                 job.ctl.cancel();
+                if remote {
+                    let (evaluator, gen) = (job.evaluator, job.gen);
+                    self.remote.withdraw(evaluator, gen);
+                    self.take_entry(key);
+                    self.pump(evaluator);
+                    return;
+                }
                 self.take_entry(key);
             }
             None => {
@@ -564,6 +745,9 @@ impl Hub {
         };
         job.running_since = Some(Instant::now());
         let timeout = self.evaluators.get(job.evaluator).timeout;
+        if let Some(previous) = job.timer.take() {
+            self.timers.remove(&previous);
+        }
         job.timer = Some(self.timers.insert((key, gen), timeout));
         self.metrics.queued.dec();
         self.metrics.running.inc();
@@ -636,6 +820,12 @@ impl Hub {
         spec.metrics.failures.inc();
         spec.metrics.timeouts.inc();
         self.cache.insert_failure(key, error.clone());
+        if self.remote.is_remote(evaluator) {
+            self.remote.withdraw(evaluator, gen);
+            self.deliver(key, evaluator, Err(error), ms);
+            self.pump(evaluator);
+            return;
+        }
         self.pool.overran(evaluator, &ctl);
         self.deliver(key, evaluator, Err(error), ms);
     }
@@ -720,6 +910,7 @@ impl Hub {
                     evaluator: job.evaluator,
                     running: job.running_since.is_some(),
                     waiters: entry.waiters.len(),
+                    worker: job.worker.clone(),
                     queued_at: job.queued_at,
                     age_ms: now.duration_since(job.queued_at).as_millis() as u64,
                     preview: Arc::clone(&job.preview),

@@ -28,13 +28,16 @@
 //! - [`hub`]: the wait table, owned by one task;
 //! - [`pool`], [`eval`] and [`process`]: evaluator threads, the builtin
 //!   evaluators, and programs plugged in as evaluators;
+//! - [`remote`]: worker sessions as the pool of `remote` evaluators;
 //! - [`outbox`]: a session's outbound queue, byte budget and close signal;
 //! - [`snapshot`]: dashboard snapshots, rendered once per tick for every watcher;
 //! - [`broker`]: the state every part shares; [`metrics`]: its figures;
 //! - [`auth`]: tokens, roles and the origin check;
 //! - [`config`] and [`error`];
 //! - the client side: [`client`] (a Rust client), [`cli`] (the `herd`
-//!   client subcommands) and [`bench`] (the benchmark scenarios).
+//!   client subcommands) and [`bench`] (the benchmark scenarios);
+//! - the worker side: [`worker`] (serve a remote fn from Rust) and [`work`]
+//!   (`herd work`: any JSON-lines program as a remote worker).
 
 pub mod auth;
 pub mod bench;
@@ -52,10 +55,13 @@ pub mod outbox;
 pub mod pool;
 pub mod process;
 pub mod protocol;
+pub mod remote;
 pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod web;
+pub mod work;
+pub mod worker;
 
 pub use config::Config;
 pub use error::HerdError;

@@ -57,6 +57,24 @@ enum Command {
     },
     /// Run a benchmark scenario (see BENCHMARKS.md) against a running broker.
     Bench(BenchArgs),
+    /// Serve a remote fn with a JSON-lines program:
+    /// `herd work --fn NAME --concurrency 4 -- python3 worker.py`.
+    Work {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The remote fn to serve.
+        #[arg(long = "fn")]
+        fn_name: String,
+        /// Tasks run at once: one child each.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// A child that takes longer for one task is killed and replaced.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -284,6 +302,24 @@ fn main() {
             std::process::exit(served);
         }
         Command::Bench(args) => report(runtime.block_on(bench(args))),
+        Command::Work {
+            target,
+            fn_name,
+            concurrency,
+            timeout_ms,
+            command,
+        } => {
+            init_tracing(LogFormat::Text);
+            let args = herd::work::WorkArgs {
+                url: target.url,
+                token: target.token,
+                fn_name,
+                concurrency,
+                timeout_ms,
+                command,
+            };
+            report(runtime.block_on(herd::work::run(args, shutdown_signal())))
+        }
         Command::Submit {
             target: t,
             fn_name,

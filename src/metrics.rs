@@ -70,6 +70,7 @@ pub struct Metrics {
     pub evaluator_healthy: Family<FnLabel, Gauge>,
     pub worker_restarts: Family<FnLabel, Counter>,
     pub lost_threads: Family<FnLabel, Gauge>,
+    pub remote_workers: Family<FnLabel, Gauge>,
     pub snapshots_rendered: Counter,
 }
 
@@ -95,6 +96,9 @@ pub struct Stats {
     pub cache_entries: u64,
     pub cache_bytes: u64,
     pub cache_max_bytes: u64,
+    /// Each evaluator's health: `ok`, `unhealthy`, or `no_workers` (a
+    /// remote evaluator no worker serves).
+    pub evaluators: std::collections::BTreeMap<String, &'static str>,
 }
 
 impl Default for Metrics {
@@ -182,6 +186,12 @@ impl Metrics {
                 "Evaluator threads still inside an evaluation that overran its timeout",
                 Family::default(),
             ),
+            remote_workers: registered(
+                r,
+                "remote_workers",
+                "Worker sessions serving a remote evaluator",
+                Family::default(),
+            ),
             snapshots_rendered: registered(
                 r,
                 "snapshots_rendered",
@@ -230,6 +240,10 @@ impl Metrics {
             cache_entries: entries,
             cache_bytes: bytes,
             cache_max_bytes: cache.max_bytes(),
+            evaluators: evaluators
+                .iter()
+                .map(|e| (e.name.to_string(), e.health.status()))
+                .collect(),
         }
     }
 

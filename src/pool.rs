@@ -98,6 +98,10 @@ pub struct EvaluatorSpec {
     pub name: Arc<str>,
     pub timeout: Duration,
     pub max_input_bytes: usize,
+    /// `remote`: attempts per task.
+    pub max_attempts: u32,
+    /// Whether worker sessions run it (`kind = "remote"`).
+    pub remote: bool,
     pub health: Arc<Health>,
     pub metrics: FnMetrics,
 }
@@ -119,6 +123,8 @@ impl EvaluatorTable {
                 name: c.name.as_str().into(),
                 timeout: Duration::from_millis(c.timeout_ms),
                 max_input_bytes: c.max_input_bytes,
+                max_attempts: c.max_attempts,
+                remote: c.kind == crate::config::EvaluatorKind::Remote,
                 health: Arc::new(Health::new(&c.name, metrics)),
                 metrics: metrics.for_fn(&c.name),
             })
@@ -160,10 +166,11 @@ struct Crew {
     queued_bytes: AtomicUsize,
 }
 
-/// The running threads and the queues that feed them.
+/// The running threads and the queues that feed them (none for `remote`
+/// evaluators, whose work goes to worker sessions).
 pub struct Pool {
-    queues: Vec<(crossbeam_channel::Sender<Job>, usize)>,
-    crews: Vec<Arc<Crew>>,
+    queues: Vec<Option<(crossbeam_channel::Sender<Job>, usize)>>,
+    crews: Vec<Option<Arc<Crew>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -180,6 +187,11 @@ impl Pool {
             threads: Vec::new(),
         };
         for (index, config) in configs.iter().enumerate() {
+            if config.kind == crate::config::EvaluatorKind::Remote {
+                pool.queues.push(None);
+                pool.crews.push(None);
+                continue;
+            }
             let health = Arc::clone(&table.get(index).health);
             let factory = factory(config, Arc::clone(&health))?;
             let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
@@ -202,16 +214,20 @@ impl Pool {
                 })?;
                 pool.threads.push(handle);
             }
-            pool.queues.push((tx, config.queue_bytes));
-            pool.crews.push(crew);
+            pool.queues.push(Some((tx, config.queue_bytes)));
+            pool.crews.push(Some(crew));
         }
         Ok(pool)
     }
 
     /// Queues a job; gives it back when the evaluator's queue is full.
     pub fn try_dispatch(&self, evaluator: usize, job: Job) -> Result<(), (Job, QueueFull)> {
-        let (queue, max_bytes) = &self.queues[evaluator];
-        let bytes = &self.crews[evaluator].queued_bytes;
+        let (Some((queue, max_bytes)), Some(crew)) =
+            (&self.queues[evaluator], &self.crews[evaluator])
+        else {
+            return Err((job, QueueFull::Jobs));
+        };
+        let bytes = &crew.queued_bytes;
         let len = job.input.len();
         if bytes.fetch_add(len, Ordering::AcqRel) + len > *max_bytes {
             bytes.fetch_sub(len, Ordering::AcqRel);
@@ -233,7 +249,9 @@ impl Pool {
         {
             return;
         }
-        let crew = &self.crews[evaluator];
+        let Some(crew) = &self.crews[evaluator] else {
+            return;
+        };
         crew.health.thread_lost();
         if crew.spares.load(Ordering::Acquire) >= crew.max_spares {
             tracing::warn!(

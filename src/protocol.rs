@@ -57,7 +57,24 @@ pub enum Op {
     },
     Unwatch,
     Ping,
+    /// A worker offers to run up to `concurrency` tasks of `fn_name` at once.
+    Serve {
+        fn_name: String,
+        concurrency: usize,
+    },
+    /// A worker takes no new tasks of `fn_name`.
+    Unserve {
+        fn_name: String,
+    },
+    /// A worker's outcome of a task: the output as JSON text, or its error.
+    Complete {
+        task: String,
+        outcome: Result<String, String>,
+    },
 }
+
+/// Most tasks one worker session may take at once for one fn.
+pub const MAX_CONCURRENCY: usize = 1024;
 
 impl Op {
     pub fn name(&self) -> &'static str {
@@ -69,6 +86,9 @@ impl Op {
             Op::Watch { .. } => "watch",
             Op::Unwatch => "unwatch",
             Op::Ping => "ping",
+            Op::Serve { .. } => "serve",
+            Op::Unserve { .. } => "unserve",
+            Op::Complete { .. } => "complete",
         }
     }
 }
@@ -115,6 +135,14 @@ struct Members<'a> {
     key: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     interval_ms: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    concurrency: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    task: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    output: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
 }
 
 /// A member that is there, `null` included (plain `Option` would read `null` as absent).
@@ -218,6 +246,48 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
         }
         "unwatch" => Op::Unwatch,
         "ping" => Op::Ping,
+        "serve" | "unserve" => {
+            let fn_name = match members.fn_name {
+                None => return Err(bad("missing \"fn\"")),
+                Some(raw) => string_of(raw)
+                    .ok_or_else(|| bad("\"fn\" must be a string"))?
+                    .into_owned(),
+            };
+            if &*op == "unserve" {
+                Op::Unserve { fn_name }
+            } else {
+                let concurrency = match members.concurrency {
+                    None => 1,
+                    Some(raw) => match raw.get().parse::<usize>() {
+                        Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => n,
+                        _ => {
+                            return Err(bad(&format!(
+                                "\"concurrency\" must be an integer from 1 to {MAX_CONCURRENCY}"
+                            )))
+                        }
+                    },
+                };
+                Op::Serve {
+                    fn_name,
+                    concurrency,
+                }
+            }
+        }
+        "complete" => {
+            let task = members
+                .task
+                .and_then(string_of)
+                .ok_or_else(|| bad("\"task\" must be the task's id (a string)"))?
+                .into_owned();
+            let outcome = match (members.output, members.error) {
+                (Some(output), None) => Ok(output.get().to_string()),
+                (None, Some(error)) => Err(string_of(error)
+                    .ok_or_else(|| bad("\"error\" must be a string"))?
+                    .into_owned()),
+                _ => return Err(bad("give exactly one of \"output\" and \"error\"")),
+            };
+            Op::Complete { task, outcome }
+        }
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err(Rejection::new(

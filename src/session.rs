@@ -7,7 +7,7 @@
 //! (`feed`, then one `flush`), sends heartbeats, and closes the session with
 //! the code chosen by whoever asked first.
 
-use crate::auth::Identity;
+use crate::auth::{Identity, ServeRight};
 use crate::broker::Broker;
 use crate::config::{Limits, Role};
 use crate::error::ErrorCode;
@@ -37,14 +37,20 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::WaitForCancellationFuture;
 use tracing::{debug, info, Instrument};
 
-/// Whether `role` may use `op`.
-fn allows(role: Role, op: &Op) -> bool {
-    match role {
-        Role::Agent => true,
+/// Whether `identity` may use `op` (which fns it may serve is checked apart).
+fn allows(identity: &Identity, op: &Op) -> bool {
+    let worker_op = matches!(
+        op,
+        Op::Serve { .. } | Op::Unserve { .. } | Op::Complete { .. }
+    );
+    match identity.role {
+        // Without tokens everyone is an agent that may also serve.
+        Role::Agent => !worker_op || identity.serve != ServeRight::Nothing,
         Role::Viewer => matches!(
             op,
             Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping
         ),
+        Role::Worker => worker_op || matches!(op, Op::Ping),
     }
 }
 
@@ -61,6 +67,7 @@ pub async fn serve<S>(
     let id = broker.next_session_id();
     let uuid = uuid::Uuid::new_v4();
     let role = identity.role;
+    let label: Arc<str> = format!("{}/{}", identity.name, &uuid.simple().to_string()[..8]).into();
     let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
     async move {
         let limits = &broker.config.limits;
@@ -68,12 +75,14 @@ pub async fn serve<S>(
         broker.register_session(&ctl);
         let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
         outbox.push(hello(&broker, uuid, role));
+        let identity = &identity;
         info!(role = role.as_str(), "session open");
         let (sink, stream) = ws.split();
         let reader = Reader {
             broker: &broker,
             outbox,
-            role,
+            identity,
+            label,
             watching: false,
         };
         tokio::join!(
@@ -108,7 +117,9 @@ fn hello(broker: &Broker, uuid: uuid::Uuid, role: Role) -> String {
 struct Reader<'a> {
     broker: &'a Arc<Broker>,
     outbox: Outbox,
-    role: Role,
+    identity: &'a Identity,
+    /// How this session is shown as a worker (token name and session).
+    label: Arc<str>,
     /// Whether this session has a `watch` running.
     watching: bool,
 }
@@ -148,14 +159,14 @@ impl Reader<'_> {
             Err(rejection) => return self.outbox.reply(rejection.frame()).await,
         };
         let id = request.id;
-        if !allows(self.role, &request.op) {
+        if !allows(self.identity, &request.op) {
             return self
                 .reject(
                     &id,
                     ErrorCode::Forbidden,
                     &format!(
                         "role {} may not use {}",
-                        self.role.as_str(),
+                        self.identity.role.as_str(),
                         request.op.name()
                     ),
                 )
@@ -216,6 +227,45 @@ impl Reader<'_> {
                 let _ = self.broker.watchers.send(msg).await;
             }
             Op::Unwatch => self.unwatch().await,
+            Op::Serve {
+                fn_name,
+                concurrency,
+            } => {
+                let Some(evaluator) = self.remote_fn(&id, &fn_name).await else {
+                    return;
+                };
+                if self.broker.is_draining() {
+                    return self.reject_draining(&id).await;
+                }
+                self.to_hub(HubMsg::Serve {
+                    outbox: self.outbox.clone(),
+                    label: Arc::clone(&self.label),
+                    evaluator,
+                    concurrency,
+                    id,
+                })
+                .await
+            }
+            Op::Unserve { fn_name } => {
+                let Some(evaluator) = self.remote_fn(&id, &fn_name).await else {
+                    return;
+                };
+                self.to_hub(HubMsg::Unserve {
+                    outbox: self.outbox.clone(),
+                    evaluator,
+                    id,
+                })
+                .await
+            }
+            Op::Complete { task, outcome } => {
+                self.to_hub(HubMsg::Complete {
+                    outbox: self.outbox.clone(),
+                    task,
+                    outcome,
+                    id,
+                })
+                .await
+            }
         }
     }
 
@@ -302,6 +352,36 @@ impl Reader<'_> {
     async fn reject_draining(&self, id: &ReqId) {
         self.reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
             .await
+    }
+
+    /// The index of remote evaluator `fn_name` if this session may serve it;
+    /// otherwise answers `unknown_fn` or `forbidden`.
+    async fn remote_fn(&self, id: &ReqId, fn_name: &str) -> Option<usize> {
+        let shown: String = fn_name.chars().take(64).collect();
+        let Some(spec) = self
+            .broker
+            .evaluators
+            .lookup(fn_name)
+            .filter(|spec| spec.remote)
+        else {
+            self.reject(
+                id,
+                ErrorCode::UnknownFn,
+                &format!("no remote evaluator is configured under fn {shown:?}"),
+            )
+            .await;
+            return None;
+        };
+        if !self.identity.serve.allows(fn_name) {
+            self.reject(
+                id,
+                ErrorCode::Forbidden,
+                &format!("token {:?} may not serve fn {shown:?}", self.identity.name),
+            )
+            .await;
+            return None;
+        }
+        Some(spec.index)
     }
 
     async fn unwatch(&mut self) {

@@ -54,6 +54,9 @@ struct Inflight<'a> {
     waiters: usize,
     age_ms: u64,
     input_preview: &'a str,
+    /// The worker session running it (remote evaluators).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker: Option<&'a str>,
 }
 
 /// The renderer task's state.
@@ -182,6 +185,7 @@ impl Renderer {
                 waiters: row.waiters,
                 age_ms: row.age_ms,
                 input_preview: &row.preview,
+                worker: row.worker.as_deref(),
             })
             .collect();
         let stats = self.metrics.stats(&self.cache, &self.evaluators);

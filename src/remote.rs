@@ -1,0 +1,351 @@
+//! Remote evaluators: worker sessions as the pool of a `remote` fn.
+//!
+//! A `remote` evaluator has no threads. Its queue lives here, and its pool
+//! is the set of sessions that `serve` its fn, each with a `concurrency`.
+//! The hub owns this state (it is part of the singular update queue) and
+//! calls in on every change: a job queued, a worker serving, a `complete`,
+//! a session gone, a deadline passed. Workers are reached only through
+//! their outboxes (`task` and `revoke` frames), never awaited.
+//!
+//! Rules kept here:
+//! - a task goes to a serving session with free concurrency, the one with
+//!   the fewest tasks outstanding first, and to one session at a time;
+//! - a session never holds more than its `concurrency` tasks of a fn;
+//! - a `complete` counts only from the session that holds the task;
+//! - the tasks of a session that ends go back to the front of the queue,
+//!   with one more attempt, until `max_attempts`.
+
+use crate::config::EvaluatorConfig;
+use crate::key::Key;
+use crate::outbox::{Outbox, SessionId};
+use crate::pool::{Job, QueueFull};
+use crate::protocol::{unix_ms, FrameWriter};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A job waiting for a worker, with the attempts it has had.
+pub struct Queued {
+    pub job: Job,
+    pub attempt: u32,
+}
+
+/// A job a worker holds.
+pub struct Sent {
+    pub evaluator: usize,
+    pub queued: Queued,
+    pub session: SessionId,
+    pub sent_at: Instant,
+}
+
+/// A task handed to a worker.
+pub struct Dispatched {
+    pub key: Key,
+    pub gen: u64,
+    pub worker: Arc<str>,
+}
+
+/// What became of the tasks of a worker session that ended.
+pub enum Orphan {
+    /// Back at the front of its queue.
+    Requeued { key: Key, gen: u64 },
+    /// Out of attempts: its waiters get `eval_failed`.
+    Lost {
+        evaluator: usize,
+        key: Key,
+        gen: u64,
+    },
+}
+
+struct RemoteQueue {
+    name: Arc<str>,
+    queue: VecDeque<Queued>,
+    capacity: usize,
+    max_bytes: usize,
+    bytes: usize,
+    max_attempts: u32,
+    timeout: Duration,
+    max_output_bytes: usize,
+    /// Sessions serving this fn, in the order they started.
+    servers: Vec<SessionId>,
+}
+
+struct Slot {
+    concurrency: usize,
+    outstanding: usize,
+    serving: bool,
+}
+
+struct Worker {
+    outbox: Outbox,
+    label: Arc<str>,
+    slots: HashMap<usize, Slot>,
+    tasks: HashSet<u64>,
+}
+
+/// The queues of the remote evaluators and the sessions serving them.
+pub struct Remote {
+    queues: HashMap<usize, RemoteQueue>,
+    workers: HashMap<SessionId, Worker>,
+    tasks: HashMap<u64, Sent>,
+    /// The task of each job generation a worker holds.
+    by_gen: HashMap<u64, u64>,
+    next_task: u64,
+}
+
+impl Remote {
+    /// The remote evaluators among `configs` (by their index).
+    pub fn new(configs: &[EvaluatorConfig]) -> Self {
+        let queues = configs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.kind == crate::config::EvaluatorKind::Remote)
+            .map(|(i, c)| {
+                (
+                    i,
+                    RemoteQueue {
+                        name: c.name.as_str().into(),
+                        queue: VecDeque::new(),
+                        capacity: c.queue_capacity,
+                        max_bytes: c.queue_bytes,
+                        bytes: 0,
+                        max_attempts: c.max_attempts,
+                        timeout: Duration::from_millis(c.timeout_ms),
+                        max_output_bytes: c.max_output_bytes,
+                        servers: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        Remote {
+            queues,
+            workers: HashMap::new(),
+            tasks: HashMap::new(),
+            by_gen: HashMap::new(),
+            next_task: 1,
+        }
+    }
+
+    pub fn is_remote(&self, evaluator: usize) -> bool {
+        self.queues.contains_key(&evaluator)
+    }
+
+    /// Sessions serving `evaluator`.
+    pub fn servers(&self, evaluator: usize) -> usize {
+        self.queues.get(&evaluator).map_or(0, |q| q.servers.len())
+    }
+
+    /// The largest output a worker may send for `evaluator`.
+    pub fn max_output_bytes(&self, evaluator: usize) -> usize {
+        self.queues
+            .get(&evaluator)
+            .map_or(usize::MAX, |q| q.max_output_bytes)
+    }
+
+    /// Queues a job at the back.
+    pub fn enqueue(&mut self, evaluator: usize, job: Job) -> Result<(), QueueFull> {
+        let q = self.queues.get_mut(&evaluator).expect("a remote evaluator");
+        if q.queue.len() >= q.capacity {
+            return Err(QueueFull::Jobs);
+        }
+        if q.bytes + job.input.len() > q.max_bytes {
+            return Err(QueueFull::Bytes);
+        }
+        q.bytes += job.input.len();
+        q.queue.push_back(Queued { job, attempt: 1 });
+        Ok(())
+    }
+
+    /// Hands queued tasks to sessions with free concurrency.
+    pub fn dispatch(&mut self, evaluator: usize) -> Vec<Dispatched> {
+        let mut sent = Vec::new();
+        let Some(q) = self.queues.get_mut(&evaluator) else {
+            return sent;
+        };
+        while !q.queue.is_empty() {
+            let free = q
+                .servers
+                .iter()
+                .filter_map(|s| {
+                    let slot = self.workers.get(s)?.slots.get(&evaluator)?;
+                    (slot.serving && slot.outstanding < slot.concurrency)
+                        .then_some((slot.outstanding, *s))
+                })
+                .min();
+            let Some((_, session)) = free else {
+                break;
+            };
+            let queued = q.queue.pop_front().expect("not empty");
+            q.bytes -= queued.job.input.len();
+            let task = self.next_task;
+            self.next_task += 1;
+            let worker = self.workers.get_mut(&session).expect("a serving worker");
+            let slot = worker.slots.get_mut(&evaluator).expect("a slot");
+            slot.outstanding += 1;
+            worker.tasks.insert(task);
+            let deadline = unix_ms() + q.timeout.as_millis() as u64;
+            let mut frame = FrameWriter::with_capacity("task", 160 + queued.job.input.len())
+                .str("task", itoa::Buffer::new().format(task))
+                .key(&queued.job.key)
+                .str("fn", &q.name)
+                .raw("input", &queued.job.input)
+                .uint("deadline_ms", deadline);
+            if queued.attempt > 1 {
+                frame = frame.uint("attempt", u64::from(queued.attempt));
+            }
+            worker.outbox.push(frame.finish());
+            sent.push(Dispatched {
+                key: queued.job.key,
+                gen: queued.job.gen,
+                worker: Arc::clone(&worker.label),
+            });
+            self.by_gen.insert(queued.job.gen, task);
+            self.tasks.insert(
+                task,
+                Sent {
+                    evaluator,
+                    queued,
+                    session,
+                    sent_at: Instant::now(),
+                },
+            );
+        }
+        sent
+    }
+
+    /// A session offers `concurrency` slots for `evaluator` (again: the new
+    /// concurrency replaces the old).
+    pub fn serve(
+        &mut self,
+        outbox: &Outbox,
+        label: &Arc<str>,
+        evaluator: usize,
+        concurrency: usize,
+    ) {
+        let session = outbox.session();
+        let worker = self.workers.entry(session).or_insert_with(|| Worker {
+            outbox: outbox.clone(),
+            label: Arc::clone(label),
+            slots: HashMap::new(),
+            tasks: HashSet::new(),
+        });
+        let slot = worker.slots.entry(evaluator).or_insert(Slot {
+            concurrency,
+            outstanding: 0,
+            serving: true,
+        });
+        slot.concurrency = concurrency;
+        slot.serving = true;
+        let q = self.queues.get_mut(&evaluator).expect("a remote evaluator");
+        if !q.servers.contains(&session) {
+            q.servers.push(session);
+        }
+    }
+
+    /// A session takes no new tasks of `evaluator`; those it holds still count.
+    pub fn unserve(&mut self, session: SessionId, evaluator: usize) {
+        if let Some(slot) = self
+            .workers
+            .get_mut(&session)
+            .and_then(|w| w.slots.get_mut(&evaluator))
+        {
+            slot.serving = false;
+        }
+        if let Some(q) = self.queues.get_mut(&evaluator) {
+            q.servers.retain(|s| *s != session);
+        }
+    }
+
+    /// The task `task` if `session` holds it; it is no longer outstanding.
+    pub fn complete(&mut self, session: SessionId, task: &str) -> Option<Sent> {
+        let task: u64 = task.parse().ok()?;
+        if self.tasks.get(&task)?.session != session {
+            return None;
+        }
+        let sent = self.tasks.remove(&task)?;
+        self.release(&sent, task);
+        Some(sent)
+    }
+
+    fn release(&mut self, sent: &Sent, task: u64) {
+        self.by_gen.remove(&sent.queued.job.gen);
+        if let Some(worker) = self.workers.get_mut(&sent.session) {
+            worker.tasks.remove(&task);
+            if let Some(slot) = worker.slots.get_mut(&sent.evaluator) {
+                slot.outstanding -= 1;
+            }
+        }
+    }
+
+    /// Takes job `gen` of `evaluator` back: out of the queue, or from the
+    /// worker holding it (which is sent `revoke`).
+    pub fn withdraw(&mut self, evaluator: usize, gen: u64) {
+        if let Some(task) = self.by_gen.get(&gen).copied() {
+            if let Some(sent) = self.tasks.remove(&task) {
+                self.release(&sent, task);
+                if let Some(worker) = self.workers.get(&sent.session) {
+                    worker.outbox.push(
+                        FrameWriter::new("revoke")
+                            .str("task", itoa::Buffer::new().format(task))
+                            .finish(),
+                    );
+                }
+            }
+            return;
+        }
+        if let Some(q) = self.queues.get_mut(&evaluator) {
+            if let Some(at) = q.queue.iter().position(|e| e.job.gen == gen) {
+                let queued = q.queue.remove(at).expect("found");
+                q.bytes -= queued.job.input.len();
+            }
+        }
+    }
+
+    /// Whether job `gen` is with a worker (not queued).
+    pub fn is_sent(&self, gen: u64) -> bool {
+        self.by_gen.contains_key(&gen)
+    }
+
+    /// The session ended: it serves nothing more, and its tasks go back to
+    /// the front of their queues, or fail once out of attempts. Returns
+    /// what became of each, and the evaluators it served.
+    pub fn session_closed(&mut self, session: SessionId) -> (Vec<Orphan>, Vec<usize>) {
+        let Some(worker) = self.workers.remove(&session) else {
+            return (Vec::new(), Vec::new());
+        };
+        let served: Vec<usize> = worker.slots.keys().copied().collect();
+        for evaluator in &served {
+            if let Some(q) = self.queues.get_mut(evaluator) {
+                q.servers.retain(|s| *s != session);
+            }
+        }
+        let mut orphans = Vec::new();
+        let mut tasks: Vec<u64> = worker.tasks.into_iter().collect();
+        // Oldest last, so that pushing each to the front keeps their order.
+        tasks.sort_unstable_by(|a, b| b.cmp(a));
+        for task in tasks {
+            let Some(mut sent) = self.tasks.remove(&task) else {
+                continue;
+            };
+            self.by_gen.remove(&sent.queued.job.gen);
+            let (key, gen) = (sent.queued.job.key, sent.queued.job.gen);
+            let q = self
+                .queues
+                .get_mut(&sent.evaluator)
+                .expect("a remote evaluator");
+            if sent.queued.attempt >= q.max_attempts {
+                orphans.push(Orphan::Lost {
+                    evaluator: sent.evaluator,
+                    key,
+                    gen,
+                });
+                continue;
+            }
+            sent.queued.attempt += 1;
+            q.bytes += sent.queued.job.input.len();
+            q.queue.push_front(sent.queued);
+            orphans.push(Orphan::Requeued { key, gen });
+        }
+        (orphans, served)
+    }
+}
