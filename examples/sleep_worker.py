@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A JSON-lines child (the `process` evaluator protocol) that stands in for
-a 15-30 ms computation, the time derived from the key like the builtin
-`sleep` evaluator's. Used to benchmark remote workers:
+a 15-30 ms computation, the time derived from the key exactly as the
+builtin `sleep` evaluator derives it (15 ms plus the low four bits of the
+key's first byte). Used to benchmark remote workers:
 
     herd work --fn remote --concurrency 8 -- python3 examples/sleep_worker.py
 """
@@ -12,5 +13,5 @@ import time
 
 for line in sys.stdin:
     task = json.loads(line)
-    time.sleep((15 + int(task["key"][:8], 16) % 16) / 1000)
+    time.sleep((15 + int(task["key"][1], 16)) / 1000)
     print(json.dumps({"output": {"key": task["key"], "bytes": len(line)}}), flush=True)

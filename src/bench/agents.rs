@@ -34,11 +34,19 @@ pub struct AgentsArgs {
     /// Evaluator to use (15-30 ms per key with the shipped config).
     #[arg(long = "fn", default_value = "sleep")]
     pub fn_name: String,
+    /// Also report "hop_p50_ms"/"hop_p99_ms": latency of evaluated submits
+    /// minus the key's nominal evaluation time (15 ms plus the key's seed
+    /// modulo 16, as the builtin simulate and examples/sleep_worker.py
+    /// sleep), which includes any remote hop.
+    #[arg(long)]
+    pub nominal_sleep: bool,
 }
 
 struct Sample {
     latency_ms: f64,
     eval_ms: Option<f64>,
+    /// The key's nominal evaluation time (ms), for evaluated submits.
+    nominal_ms: Option<f64>,
 }
 
 pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result<Report> {
@@ -103,11 +111,14 @@ pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Resul
                     let input = inputs[picks[i]].clone();
                     let t0 = Instant::now();
                     let out = client.submit(&fn_name, input).await?;
+                    let evaluated = out.source == Source::Eval;
+                    let nominal_ms = crate::Key::parse(&out.key)
+                        .filter(|_| evaluated)
+                        .map(|k| (15 + k.seed() % 16) as f64);
                     samples.push(Sample {
                         latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                        eval_ms: (out.source == Source::Eval)
-                            .then_some(out.eval_ms)
-                            .flatten(),
+                        eval_ms: evaluated.then_some(out.eval_ms).flatten(),
+                        nominal_ms,
                     });
                     bar.inc(1);
                 }
@@ -142,5 +153,15 @@ pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Resul
     report.ms("max_ms", latency.last().copied().unwrap_or(0.0));
     report.ms("overhead_p50_ms", percentile(&overhead, 50.0));
     report.ms("overhead_p99_ms", percentile(&overhead, 99.0));
+    if args.nominal_sleep {
+        let hop = sorted(
+            samples
+                .iter()
+                .filter_map(|s| s.nominal_ms.map(|n| s.latency_ms - n))
+                .collect(),
+        );
+        report.ms("hop_p50_ms", percentile(&hop, 50.0));
+        report.ms("hop_p99_ms", percentile(&hop, 99.0));
+    }
     Ok(report)
 }
