@@ -6,6 +6,7 @@
 
 use crate::auth::Gate;
 use crate::cache::ResultCache;
+use crate::cluster::{Cluster, ClusterHealth};
 use crate::config::Config;
 use crate::error::HerdError;
 use crate::hub::{Hub, HubMsg};
@@ -75,6 +76,18 @@ impl Broker {
         let (jobs_tx, jobs_rx) = watch::channel(0usize);
         let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
         let pool = Pool::start(&evaluator_configs, &evaluators, events_tx)?;
+        let hub_stop = CancellationToken::new();
+        let cluster = match &config.cluster.redis {
+            Some(_) => {
+                metrics.cluster_mode.store(true, Ordering::Relaxed);
+                let health = Arc::new(ClusterHealth::new(metrics.cluster_up.clone()));
+                let task = Cluster::new(&config.cluster, &config.cache, hub_tx.clone(), health)?;
+                let (tx, rx) = mpsc::channel(config.limits.hub_queue);
+                tokio::spawn(task.run(rx, hub_stop.clone()));
+                Some(tx)
+            }
+            None => None,
+        };
         let hub = Hub::new(
             &config,
             pool,
@@ -83,8 +96,8 @@ impl Broker {
             Arc::clone(&metrics),
             Arc::clone(&draining),
             jobs_tx,
+            cluster,
         );
-        let hub_stop = CancellationToken::new();
         let hub_task = tokio::spawn(hub.run(hub_rx, events_rx, hub_stop.clone()));
         let (watch_tx, watch_rx) = mpsc::channel(config.limits.hub_queue);
         let renderer = Renderer::new(

@@ -20,6 +20,8 @@ pub struct Config {
     pub limits: Limits,
     pub cache: CacheConfig,
     pub dashboard: DashboardConfig,
+    /// Several brokers sharing one Redis.
+    pub cluster: ClusterConfig,
     /// `Origin` values allowed to open `/ws` besides the broker's own host
     /// (requests without `Origin`, i.e. not from a browser, are not affected).
     pub allowed_origins: Vec<String>,
@@ -100,6 +102,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: CacheConfig::default(),
             dashboard: DashboardConfig::default(),
+            cluster: ClusterConfig::default(),
             evaluators: Vec::new(),
         }
     }
@@ -210,6 +213,55 @@ impl Default for DashboardConfig {
             input_preview_chars: 120,
             max_watchers: 64,
         }
+    }
+}
+
+/// Cluster mode: brokers sharing one Redis (off while `redis` is unset).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/` of the shared Redis; unset: a lone broker.
+    pub redis: Option<String>,
+    /// This broker's name in claims and logs (default: the host name and a
+    /// short random suffix).
+    pub node: Option<String>,
+    /// Prefix of every Redis key and channel herd uses.
+    pub prefix: String,
+    /// A claim's lease: renewed every third of it while the evaluation runs;
+    /// brokers waiting on a claim look again this often.
+    pub lease_ms: u64,
+    /// Seconds results stay in Redis; 0 takes `cache.ttl_s` (0 there too:
+    /// kept until Redis's own `maxmemory` policy evicts them).
+    pub result_ttl_s: u64,
+    /// How long one Redis command may take before Redis counts as away.
+    pub redis_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: None,
+            node: None,
+            prefix: "herd:".into(),
+            lease_ms: 5_000,
+            result_ttl_s: 0,
+            redis_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The configured node name, or the host name with a short random suffix.
+    pub fn node_name(&self) -> String {
+        if let Some(node) = &self.node {
+            return node.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "herd".into());
+        format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
     }
 }
 
@@ -423,6 +475,12 @@ impl Config {
         }
         if l.outbound_bytes < 2 * l.max_frame_bytes {
             return bad("limits.outbound_bytes must be at least 2 * max_frame_bytes".into());
+        }
+        if self.cluster.lease_ms < 300 || self.cluster.redis_timeout_ms == 0 {
+            return bad(
+                "cluster.lease_ms must be at least 300 and cluster.redis_timeout_ms at least 1"
+                    .into(),
+            );
         }
         if self.dashboard.max_watchers == 0 {
             return bad("dashboard.max_watchers must be at least 1".into());

@@ -24,6 +24,7 @@
 //!   evaluations at once, and at most one subscription per key.
 
 use crate::cache::ResultCache;
+use crate::cluster::{ClusterCmd, ClusterEvent};
 use crate::config::Config;
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
@@ -76,6 +77,8 @@ pub enum HubMsg {
         evaluator: usize,
         id: ReqId,
     },
+    /// News from the cluster task (cluster mode).
+    Cluster(ClusterEvent),
     /// A worker's outcome of a task it was sent.
     Complete {
         outbox: Outbox,
@@ -132,8 +135,23 @@ pub struct Recent {
     ok: bool,
 }
 
+/// Where a job stands with the cluster (always `Settled` for a lone broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coord {
+    /// Evaluated here (claimed, or Redis away), or no cluster.
+    Settled,
+    /// Asking Redis for the result or a claim.
+    Pending,
+    /// Another broker evaluates it; its completion notice will come.
+    Waiting,
+}
+
 struct JobState {
     evaluator: usize,
+    /// Where the job stands with the cluster.
+    coord: Coord,
+    /// The input, kept while the cluster decides where the job runs.
+    input: Option<Arc<str>>,
     gen: u64,
     ctl: Arc<JobCtl>,
     preview: Arc<str>,
@@ -187,6 +205,8 @@ pub struct Hub {
     pool: Pool,
     /// Queues and worker sessions of the remote evaluators.
     remote: Remote,
+    /// The cluster task's inbox (cluster mode).
+    cluster: Option<mpsc::Sender<ClusterCmd>>,
     evaluators: Arc<EvaluatorTable>,
     cache: Arc<ResultCache>,
     metrics: Arc<Metrics>,
@@ -214,6 +234,7 @@ impl Hub {
         metrics: Arc<Metrics>,
         draining: Arc<AtomicBool>,
         idle: watch::Sender<usize>,
+        cluster: Option<mpsc::Sender<ClusterCmd>>,
     ) -> Self {
         let remote = Remote::new(&config.effective_evaluators());
         for spec in evaluators.iter().filter(|e| remote.is_remote(e.index)) {
@@ -221,6 +242,7 @@ impl Hub {
         }
         Hub {
             remote,
+            cluster,
             table: HashMap::new(),
             sessions: HashMap::new(),
             timers: DelayQueue::new(),
@@ -336,7 +358,121 @@ impl Hub {
                 outcome,
                 id,
             } => self.complete(outbox, &task, outcome, id),
+            HubMsg::Cluster(event) => self.cluster_event(event),
         }
+    }
+
+    /// Queues a job on its evaluator's threads or remote queue.
+    fn dispatch(
+        &mut self,
+        evaluator: usize,
+        key: Key,
+        gen: u64,
+        input: Arc<str>,
+        ctl: &Arc<JobCtl>,
+    ) -> Result<(), QueueFull> {
+        let job = Job {
+            key,
+            gen,
+            input,
+            ctl: Arc::clone(ctl),
+        };
+        if self.remote.is_remote(evaluator) {
+            self.remote.enqueue(evaluator, job)
+        } else {
+            self.pool
+                .try_dispatch(evaluator, job)
+                .map_err(|(_, full)| full)
+        }
+    }
+
+    /// Sends the cluster task a command without waiting; if its queue is
+    /// full, a job waiting on it is evaluated here instead.
+    fn ask_cluster(&mut self, cmd: ClusterCmd, key: Key) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        if cluster.try_send(cmd).is_err() {
+            self.settle(key, None);
+        }
+    }
+
+    /// The job of `key` (of generation `gen`, if given) runs here: it leaves
+    /// the cluster's hands and is queued for its evaluator. Without such a
+    /// job, a claim taken for it is given back.
+    fn settle(&mut self, key: Key, gen: Option<u64>) {
+        let Some(job) = self
+            .table
+            .get_mut(&key)
+            .and_then(|e| e.job.as_mut())
+            .filter(|j| gen.is_none_or(|g| g == j.gen) && j.coord != Coord::Settled)
+        else {
+            if let Some(cluster) = &self.cluster {
+                let _ = cluster.try_send(ClusterCmd::Release { key });
+            }
+            return;
+        };
+        job.coord = Coord::Settled;
+        let (evaluator, gen, ctl) = (job.evaluator, job.gen, Arc::clone(&job.ctl));
+        let Some(input) = job.input.take() else {
+            return;
+        };
+        match self.dispatch(evaluator, key, gen, input, &ctl) {
+            Ok(()) if self.remote.is_remote(evaluator) => self.pump(evaluator),
+            Ok(()) => {}
+            Err(full) => {
+                let error = EvalError::Failed(full_message(full).into());
+                self.finished_here(key, Err(error.clone()));
+                self.deliver(key, Some(evaluator), Err(error), 0.0, "eval")
+            }
+        }
+    }
+
+    fn cluster_event(&mut self, event: ClusterEvent) {
+        match event {
+            ClusterEvent::Claimed { key, gen } | ClusterEvent::Local { key, gen } => {
+                self.settle(key, Some(gen))
+            }
+            ClusterEvent::Takeover { key } => self.settle(key, None),
+            ClusterEvent::Waiting { key, gen } => {
+                if let Some(job) = job_mut(&mut self.table, key, gen) {
+                    if job.coord == Coord::Pending {
+                        job.coord = Coord::Waiting;
+                    }
+                }
+            }
+            ClusterEvent::Found { key, output } => {
+                self.cache.insert_output(key, output.as_str().into());
+                self.deliver_from_cluster(key, Ok(output));
+            }
+            ClusterEvent::Done { key, outcome } => {
+                match &outcome {
+                    Ok(output) => self.cache.insert_output(key, output.as_str().into()),
+                    Err(error) => self.cache.insert_failure(key, error.clone()),
+                }
+                self.deliver_from_cluster(key, outcome);
+            }
+        }
+    }
+
+    /// Delivers an outcome that came from the cluster to whoever waits here.
+    fn deliver_from_cluster(&mut self, key: Key, outcome: Result<String, EvalError>) {
+        let Some(entry) = self.table.get(&key) else {
+            return;
+        };
+        let evaluator = entry.job.as_ref().map(|j| j.evaluator);
+        if let Some(job) = entry.job.as_ref() {
+            // A job still queued here is not needed any more.
+            job.ctl.cancel();
+            if self.remote.is_remote(job.evaluator) && job.coord == Coord::Settled {
+                let (evaluator, gen) = (job.evaluator, job.gen);
+                self.remote.withdraw(evaluator, gen);
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            let _ = cluster.try_send(ClusterCmd::Forget { key });
+        }
+        self.deliver(key, evaluator, outcome, 0.0, "cluster");
     }
 
     /// Hands queued tasks of a remote evaluator to its workers, marking them running.
@@ -458,28 +594,12 @@ impl Hub {
                 .take(self.preview_chars)
                 .collect::<String>()
                 .into();
-            let job = Job {
-                key,
-                gen,
-                input,
-                ctl: Arc::clone(&ctl),
-            };
             let remote = self.remote.is_remote(evaluator);
-            let queued = if remote {
-                self.remote.enqueue(evaluator, job)
-            } else {
-                self.pool
-                    .try_dispatch(evaluator, job)
-                    .map_err(|(_, full)| full)
-            };
-            if let Err(full) = queued {
-                let message = match full {
-                    QueueFull::Jobs => "the evaluation queue is full (queue_capacity)",
-                    QueueFull::Bytes => {
-                        "the evaluation queue holds its most input bytes (queue_bytes)"
-                    }
-                };
-                return Self::reject(&waiter, ErrorCode::Busy, message);
+            let clustered = self.cluster.is_some();
+            if !clustered {
+                if let Err(full) = self.dispatch(evaluator, key, gen, Arc::clone(&input), &ctl) {
+                    return Self::reject(&waiter, ErrorCode::Busy, full_message(full));
+                }
             }
             self.jobs += 1;
             self.metrics.queued.inc();
@@ -491,6 +611,12 @@ impl Hub {
             });
             self.table.entry(key).or_default().job = Some(JobState {
                 evaluator,
+                coord: if clustered {
+                    Coord::Pending
+                } else {
+                    Coord::Settled
+                },
+                input: clustered.then_some(input),
                 gen,
                 ctl,
                 preview,
@@ -500,7 +626,9 @@ impl Hub {
                 worker: None,
                 wanted: Vec::new(),
             });
-            if remote {
+            if clustered {
+                self.ask_cluster(ClusterCmd::Acquire { key, gen }, key);
+            } else if remote {
                 self.pump(evaluator);
             }
         }
@@ -554,8 +682,16 @@ impl Hub {
                 .str("state", state)
                 .finish(),
         );
+        let key = waiter.key;
+        let new_entry = !self.table.contains_key(&key);
         if !repeated {
             self.add_waiter(waiter);
+        }
+        if new_entry {
+            // The result may be in the cluster's store already.
+            if let Some(cluster) = &self.cluster {
+                let _ = cluster.try_send(ClusterCmd::Lookup { key });
+            }
         }
     }
 
@@ -672,6 +808,15 @@ impl Hub {
             .job
             .as_ref()
             .is_some_and(|j| self.remote.is_remote(j.evaluator));
+        if let (Some(job), Some(cluster)) = (&entry.job, &self.cluster) {
+            // Waiting on another broker: stop waiting. Claimed here (or being
+            // claimed): run to completion, other brokers may be waiting on it.
+            if job.coord == Coord::Waiting && job.wanted.is_empty() {
+                let _ = cluster.try_send(ClusterCmd::Forget { key });
+                self.take_entry(key);
+            }
+            return;
+        }
         match &entry.job {
             Some(job) if !job.wanted.is_empty() => {}
             // A running local evaluation finishes and is cached; a remote
@@ -776,6 +921,15 @@ impl Hub {
             Err(error) if is_current => self.cache.insert_failure(key, error.clone()),
             Err(_) => {}
         }
+        if outcome.is_ok() || is_current {
+            self.finished_here(
+                key,
+                outcome
+                    .as_ref()
+                    .map(|o| Arc::from(o.as_str()))
+                    .map_err(Clone::clone),
+            );
+        }
         match current {
             Some(Some((_, evaluator))) if is_current => {
                 match &outcome {
@@ -788,18 +942,30 @@ impl Hub {
                         metrics.timeouts.inc();
                     }
                 }
-                self.deliver(key, evaluator, outcome, eval_ms);
+                self.deliver(key, Some(evaluator), outcome, eval_ms, "eval");
             }
             // A late result (its job timed out or was dropped) reaches whoever
             // waits on the key now; a success also answers a newer job's waiters.
-            Some(None) => self.deliver(key, evaluator, outcome, eval_ms),
+            Some(None) => self.deliver(key, Some(evaluator), outcome, eval_ms, "eval"),
             Some(Some(_)) if outcome.is_ok() => {
                 if let Some(job) = self.table.get(&key).and_then(|e| e.job.as_ref()) {
                     job.ctl.cancel();
                 }
-                self.deliver(key, evaluator, outcome, eval_ms);
+                self.deliver(key, Some(evaluator), outcome, eval_ms, "eval");
             }
             _ => {}
+        }
+    }
+
+    /// Tells the cluster (if any) this broker has the outcome of `key`.
+    fn finished_here(&self, key: Key, outcome: Result<Arc<str>, EvalError>) {
+        if let Some(cluster) = &self.cluster {
+            if cluster
+                .try_send(ClusterCmd::Finished { key, outcome })
+                .is_err()
+            {
+                tracing::warn!(key = %key, "cluster queue full: this outcome is not shared");
+            }
         }
     }
 
@@ -822,21 +988,26 @@ impl Hub {
         self.cache.insert_failure(key, error.clone());
         if self.remote.is_remote(evaluator) {
             self.remote.withdraw(evaluator, gen);
-            self.deliver(key, evaluator, Err(error), ms);
+            self.finished_here(key, Err(error.clone()));
+            self.deliver(key, Some(evaluator), Err(error), ms, "eval");
             self.pump(evaluator);
             return;
         }
         self.pool.overran(evaluator, &ctl);
-        self.deliver(key, evaluator, Err(error), ms);
+        self.finished_here(key, Err(error.clone()));
+        self.deliver(key, Some(evaluator), Err(error), ms, "eval");
     }
 
     /// Hands a key's outcome to all its waiters at once and removes the entry.
+    /// `source` is `eval` (evaluated here) or `cluster` (by another broker,
+    /// or found in Redis); `evaluator` is the fn, when a job here had one.
     fn deliver(
         &mut self,
         key: Key,
-        evaluator: usize,
+        evaluator: Option<usize>,
         outcome: Result<String, EvalError>,
         eval_ms: f64,
+        source: &str,
     ) {
         let Some(entry) = self.take_entry(key) else {
             return;
@@ -847,12 +1018,13 @@ impl Hub {
             Ok(output) => frame.raw("output", output),
             Err(error) => frame.raw("error", &crate::protocol::eval_error_json(error)),
         };
-        let tail = frame
-            .str("source", "eval")
-            .millis("eval_ms", eval_ms)
-            .uint("shared", shared as u64)
-            .finish();
-        let latency = &self.evaluators.get(evaluator).metrics.latency_seconds;
+        let frame = frame.str("source", source);
+        let frame = match source {
+            "eval" => frame.millis("eval_ms", eval_ms),
+            _ => frame,
+        };
+        let tail = frame.uint("shared", shared as u64).finish();
+        let latency = evaluator.map(|e| self.evaluators.get(e).metrics.latency_seconds.clone());
         // Waiters without an id all get the very same frame; waiters with
         // one get a head of their own and share the tail when it is large.
         let mut anonymous: Option<Utf8Bytes> = None;
@@ -872,7 +1044,7 @@ impl Hub {
                 ),
             };
             waiter.outbox.push(frame);
-            if let Some(since) = waiter.since {
+            if let (Some(since), Some(latency)) = (waiter.since, &latency) {
                 latency.observe(now.duration_since(since).as_secs_f64());
             }
         }
@@ -880,6 +1052,9 @@ impl Hub {
             let session = waiter.outbox.session();
             self.release_one(session, Some((waiter.key, waiter.is_subscription())));
         }
+        let Some(evaluator) = evaluator.filter(|_| source == "eval") else {
+            return;
+        };
         self.recent.push_front(Recent {
             key: key.to_hex(),
             fn_name: Arc::clone(&self.evaluators.get(evaluator).name),
@@ -918,6 +1093,14 @@ impl Hub {
                 .collect(),
             recent: self.recent.iter().cloned().collect(),
         }
+    }
+}
+
+/// The `busy` message for a full evaluation queue.
+fn full_message(full: QueueFull) -> &'static str {
+    match full {
+        QueueFull::Jobs => "the evaluation queue is full (queue_capacity)",
+        QueueFull::Bytes => "the evaluation queue holds its most input bytes (queue_bytes)",
     }
 }
 

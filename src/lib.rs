@@ -29,6 +29,8 @@
 //! - [`pool`], [`eval`] and [`process`]: evaluator threads, the builtin
 //!   evaluators, and programs plugged in as evaluators;
 //! - [`remote`]: worker sessions as the pool of `remote` evaluators;
+//! - [`cluster`]: brokers sharing one Redis (claims, a second cache level,
+//!   completions over pub/sub);
 //! - [`outbox`]: a session's outbound queue, byte budget and close signal;
 //! - [`snapshot`]: dashboard snapshots, rendered once per tick for every watcher;
 //! - [`broker`]: the state every part shares; [`metrics`]: its figures;
@@ -45,6 +47,7 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod eval;

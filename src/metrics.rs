@@ -72,6 +72,10 @@ pub struct Metrics {
     pub lost_threads: Family<FnLabel, Gauge>,
     pub remote_workers: Family<FnLabel, Gauge>,
     pub snapshots_rendered: Counter,
+    /// 1 while the cluster's Redis answers, 0 while degraded (cluster mode only).
+    pub cluster_up: Gauge,
+    /// Whether this broker runs in cluster mode.
+    pub cluster_mode: std::sync::atomic::AtomicBool,
 }
 
 /// Registers `metric` under `name` and hands it back.
@@ -99,6 +103,9 @@ pub struct Stats {
     /// Each evaluator's health: `ok`, `unhealthy`, or `no_workers` (a
     /// remote evaluator no worker serves).
     pub evaluators: std::collections::BTreeMap<String, &'static str>,
+    /// Cluster mode only: `ok`, or `degraded` while Redis is away.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<&'static str>,
 }
 
 impl Default for Metrics {
@@ -192,6 +199,13 @@ impl Metrics {
                 "Worker sessions serving a remote evaluator",
                 Family::default(),
             ),
+            cluster_up: registered(
+                r,
+                "cluster_up",
+                "1 while the cluster's Redis answers, 0 while the broker serves in local mode",
+                Gauge::default(),
+            ),
+            cluster_mode: std::sync::atomic::AtomicBool::new(false),
             snapshots_rendered: registered(
                 r,
                 "snapshots_rendered",
@@ -244,6 +258,16 @@ impl Metrics {
                 .iter()
                 .map(|e| (e.name.to_string(), e.health.status()))
                 .collect(),
+            cluster: self
+                .cluster_mode
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| {
+                    if self.cluster_up.get() == 1 {
+                        "ok"
+                    } else {
+                        "degraded"
+                    }
+                }),
         }
     }
 

@@ -298,9 +298,10 @@ grace_ms = 100
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_after_a_timeout_never_answers_the_next_task() {
     let fx = Fixture::new();
-    let server = TestServer::start(fx.config("threads = 1\ntimeout_ms = 300")).await;
+    // The timeout leaves room for a new child's start-up on a busy machine.
+    let server = TestServer::start(fx.config("threads = 1\ntimeout_ms = 1500")).await;
     let mut c = server.client().await;
-    let late = submit(&mut c, json!({"mode": "ok", "sleep": 0.6, "n": 1})).await;
+    let late = submit(&mut c, json!({"mode": "ok", "sleep": 2.5, "n": 1})).await;
     assert_eq!(late["error"]["code"], "eval_timeout");
     let next = submit(&mut c, json!({"mode": "ok", "n": 2})).await;
     assert_eq!(next["output"]["echo"]["n"], 2, "{next}");

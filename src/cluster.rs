@@ -1,0 +1,514 @@
+//! Cluster mode: brokers sharing one Redis, so that a key is evaluated once
+//! across all of them and results outlive any one broker.
+//!
+//! Each broker still coalesces locally and keeps its own cache; Redis is
+//! touched once per key per broker, when the hub starts a job for a key it
+//! does not have. This task does all Redis I/O and talks to the hub only by
+//! messages (the hub never awaits Redis):
+//!
+//! - [`ClusterCmd::Acquire`]: look for the result in Redis (`result:{key}`,
+//!   a second cache level); if absent, claim the key (`SET claim:{key}
+//!   <node>:<seq> NX PX lease_ms`). The hub hears `Found`, `Claimed` (evaluate
+//!   here), `Waiting` (another broker evaluates) or `Local` (Redis is away:
+//!   evaluate here, as a lone broker would).
+//! - Claims held are renewed every `lease_ms / 3` while their evaluation
+//!   runs; [`ClusterCmd::Finished`] stores the result (outputs for
+//!   `result_ttl_s`, failures only for `error_ttl_s`), publishes the outcome
+//!   on `<prefix>done`, and releases the claim if it is still ours
+//!   (compare-and-delete, so a claim taken over after our lease expired is
+//!   never deleted by us).
+//! - One subscription per broker to `<prefix>done` brings every completion
+//!   to the hub ([`ClusterEvent::Done`]); the hub delivers those it has
+//!   waiters for.
+//! - Keys this broker waits on are looked at again every `lease_ms`: a
+//!   result found is delivered, an expired claim is taken over (the claimant
+//!   died), and with Redis away the broker evaluates locally. Nobody waits
+//!   forever.
+//!
+//! Every key is hash-tagged (`{<key>}`) so its claim and result live on one
+//! Redis Cluster shard.
+
+use crate::config::{CacheConfig, ClusterConfig};
+use crate::error::EvalError;
+use crate::hub::HubMsg;
+use crate::key::Key;
+use crate::protocol::eval_error_json;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What the hub asks of the cluster task.
+pub enum ClusterCmd {
+    /// A job for `key` starts here: find its result in Redis or claim it.
+    Acquire { key: Key, gen: u64 },
+    /// A subscription to a key nobody evaluates here: look in Redis.
+    Lookup { key: Key },
+    /// This broker evaluated `key`: store, publish, release the claim.
+    Finished {
+        key: Key,
+        outcome: Result<Arc<str>, EvalError>,
+    },
+    /// Stop looking again at `key` (its outcome was delivered).
+    Forget { key: Key },
+    /// Give up a claim nothing here evaluates any more.
+    Release { key: Key },
+}
+
+/// What the cluster task tells the hub.
+pub enum ClusterEvent {
+    /// The result was in Redis.
+    Found { key: Key, output: String },
+    /// This broker holds the claim: evaluate.
+    Claimed { key: Key, gen: u64 },
+    /// Another broker evaluates; wait for its completion.
+    Waiting { key: Key, gen: u64 },
+    /// Redis is away: evaluate here as a lone broker.
+    Local { key: Key, gen: u64 },
+    /// A key waited on is now claimed here (its claimant's lease expired).
+    Takeover { key: Key },
+    /// A broker finished `key` (published on `<prefix>done`).
+    Done {
+        key: Key,
+        outcome: Result<String, EvalError>,
+    },
+}
+
+/// Whether the cluster is reachable; shared with metrics and snapshots.
+#[derive(Debug)]
+pub struct ClusterHealth {
+    up: AtomicBool,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ClusterHealth {
+    pub fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.set(0);
+        ClusterHealth {
+            up: AtomicBool::new(false),
+            gauge,
+        }
+    }
+
+    fn set(&self, up: bool) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                tracing::info!("cluster: Redis reachable, coordinating with other brokers");
+            } else {
+                tracing::warn!("cluster: Redis unreachable, serving in local mode (degraded)");
+            }
+        }
+        self.gauge.set(i64::from(up));
+    }
+
+    /// `ok` or `degraded`.
+    pub fn status(&self) -> &'static str {
+        if self.up.load(Ordering::Acquire) {
+            "ok"
+        } else {
+            "degraded"
+        }
+    }
+}
+
+/// The notice published on `<prefix>done`, and the stored result.
+#[derive(Deserialize)]
+struct Stored<'a> {
+    #[serde(default)]
+    key: Option<&'a str>,
+    #[serde(borrow, default)]
+    output: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<StoredError>,
+}
+
+#[derive(Deserialize)]
+struct StoredError {
+    code: String,
+    message: String,
+}
+
+impl Stored<'_> {
+    fn outcome(&self) -> Option<Result<String, EvalError>> {
+        match (&self.output, &self.error) {
+            (Some(output), None) => Some(Ok(output.get().to_string())),
+            (None, Some(e)) if e.code == "eval_timeout" => {
+                Some(Err(EvalError::Timeout(e.message.clone())))
+            }
+            (None, Some(e)) => Some(Err(EvalError::Failed(e.message.clone()))),
+            _ => None,
+        }
+    }
+}
+
+/// The cluster task's state.
+pub struct Cluster {
+    config: ClusterConfig,
+    node: String,
+    hub: mpsc::Sender<HubMsg>,
+    health: Arc<ClusterHealth>,
+    conn: ConnectionManager,
+    client: redis::Client,
+    /// Claims this broker holds: key → claim value.
+    held: HashMap<Key, String>,
+    /// Keys this broker waits on another broker for.
+    waiting: HashMap<Key, ()>,
+    next_claim: u64,
+    result_ttl_s: u64,
+    error_ttl_s: u64,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+}
+
+/// What [`ACQUIRE`] found.
+enum Acquired {
+    Stored(Result<String, EvalError>),
+    Claimed,
+    Held,
+}
+
+/// The result if stored, else a claim if free: one round trip, and no
+/// second evaluation when a result lands between a look and a claim.
+const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, ''}";
+const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+impl Cluster {
+    /// Prepares the task (no connection is made yet: Redis may be away).
+    pub fn new(
+        config: &ClusterConfig,
+        cache: &CacheConfig,
+        hub: mpsc::Sender<HubMsg>,
+        health: Arc<ClusterHealth>,
+    ) -> Result<Cluster, crate::HerdError> {
+        let url = config.redis.clone().unwrap_or_default();
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| crate::HerdError::Config(format!("cluster.redis {url:?}: {e}")))?;
+        let timeout = Some(Duration::from_millis(config.redis_timeout_ms));
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(config.lease_ms));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| crate::HerdError::Config(format!("cluster.redis: {e}")))?;
+        Ok(Cluster {
+            node: config.node_name(),
+            config: config.clone(),
+            hub,
+            health,
+            conn,
+            client,
+            held: HashMap::new(),
+            waiting: HashMap::new(),
+            next_claim: 0,
+            result_ttl_s: if config.result_ttl_s > 0 {
+                config.result_ttl_s
+            } else {
+                cache.ttl_s
+            },
+            error_ttl_s: cache.error_ttl_s,
+            acquire: Script::new(ACQUIRE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+        })
+    }
+
+    fn key(&self, kind: &str, key: &Key) -> String {
+        format!("{}{kind}:{{{}}}", self.config.prefix, key.to_hex())
+    }
+
+    fn channel(&self) -> String {
+        format!("{}done", self.config.prefix)
+    }
+
+    async fn tell(&self, event: ClusterEvent) {
+        let _ = self.hub.send(HubMsg::Cluster(event)).await;
+    }
+
+    /// Runs until `stop` is cancelled or the hub is gone.
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<ClusterCmd>, stop: CancellationToken) {
+        tracing::info!(node = %self.node, "cluster mode");
+        let listener = tokio::spawn(listen(
+            self.client.clone(),
+            self.channel(),
+            self.hub.clone(),
+            Arc::clone(&self.health),
+            self.config.lease_ms,
+            stop.clone(),
+        ));
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let mut renew = tokio::time::interval(lease / 3);
+        let mut recheck = tokio::time::interval(lease);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                cmd = inbox.recv() => match cmd {
+                    Some(cmd) => self.apply(cmd).await,
+                    None => break,
+                },
+                _ = renew.tick() => self.renew_claims().await,
+                _ = recheck.tick() => self.recheck().await,
+            }
+        }
+        listener.abort();
+    }
+
+    /// Runs a Redis command under the configured timeout, recording health.
+    async fn call<T>(
+        &mut self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let limit = Duration::from_millis(self.config.redis_timeout_ms);
+        match tokio::time::timeout(limit, op).await {
+            Ok(Ok(value)) => {
+                self.health.set(true);
+                Some(value)
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cluster: Redis command failed");
+                self.health.set(false);
+                None
+            }
+            Err(_) => {
+                self.health.set(false);
+                None
+            }
+        }
+    }
+
+    async fn apply(&mut self, cmd: ClusterCmd) {
+        match cmd {
+            ClusterCmd::Acquire { key, gen } => {
+                let event = match self.acquire(&key).await {
+                    None => ClusterEvent::Local { key, gen },
+                    Some(Acquired::Stored(Ok(output))) => ClusterEvent::Found { key, output },
+                    Some(Acquired::Stored(Err(error))) => ClusterEvent::Done {
+                        key,
+                        outcome: Err(error),
+                    },
+                    Some(Acquired::Claimed) => ClusterEvent::Claimed { key, gen },
+                    Some(Acquired::Held) => {
+                        self.waiting.insert(key, ());
+                        ClusterEvent::Waiting { key, gen }
+                    }
+                };
+                self.tell(event).await;
+            }
+            ClusterCmd::Lookup { key } => {
+                if let Ok(Some(outcome)) = self.find(&key).await {
+                    let event = match outcome {
+                        Ok(output) => ClusterEvent::Found { key, output },
+                        Err(error) => ClusterEvent::Done {
+                            key,
+                            outcome: Err(error),
+                        },
+                    };
+                    self.tell(event).await;
+                }
+            }
+            ClusterCmd::Finished { key, outcome } => self.finished(key, outcome).await,
+            ClusterCmd::Forget { key } => {
+                self.waiting.remove(&key);
+            }
+            ClusterCmd::Release { key } => self.release_claim(&key).await,
+        }
+    }
+
+    /// The stored outcome of `key`: Err(()) when Redis cannot be asked.
+    async fn find(&mut self, key: &Key) -> Result<Option<Result<String, EvalError>>, ()> {
+        let name = self.key("result", key);
+        let mut conn = self.conn.clone();
+        let stored: Option<String> = self.call(conn.get(name)).await.ok_or(())?;
+        Ok(stored.and_then(|text| serde_json::from_str::<Stored>(&text).ok()?.outcome()))
+    }
+
+    /// The stored outcome of `key`, or else a claim on it; None when Redis
+    /// cannot be asked.
+    async fn acquire(&mut self, key: &Key) -> Option<Acquired> {
+        self.next_claim += 1;
+        let value = format!("{}:{}", self.node, self.next_claim);
+        let (result, claim) = (self.key("result", key), self.key("claim", key));
+        let lease = self.config.lease_ms;
+        let mut conn = self.conn.clone();
+        let script = self.acquire.clone();
+        let claim_value = value.clone();
+        let (what, stored): (i64, String) = self
+            .call(async move {
+                script
+                    .key(result)
+                    .key(claim)
+                    .arg(claim_value)
+                    .arg(lease)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        match what {
+            1 => serde_json::from_str::<Stored>(&stored)
+                .ok()
+                .and_then(|s| s.outcome())
+                .map(Acquired::Stored),
+            2 => {
+                self.held.insert(*key, value);
+                Some(Acquired::Claimed)
+            }
+            _ => Some(Acquired::Held),
+        }
+    }
+
+    async fn renew_claims(&mut self) {
+        let claims: Vec<(Key, String)> = self.held.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (key, value) in claims {
+            let name = self.key("claim", &key);
+            let mut conn = self.conn.clone();
+            let script = self.renew.clone();
+            let lease = self.config.lease_ms;
+            let renewed: Option<i64> = self
+                .call(async move {
+                    script
+                        .key(name)
+                        .arg(value)
+                        .arg(lease)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await;
+            if renewed == Some(0) {
+                // The lease ran out and another broker claimed the key.
+                self.held.remove(&key);
+            }
+        }
+    }
+
+    /// Looks again at every key waited on: delivered, taken over, or local.
+    async fn recheck(&mut self) {
+        let keys: Vec<Key> = self.waiting.keys().copied().collect();
+        for key in keys {
+            let event = match self.acquire(&key).await {
+                // Redis went away: evaluate here rather than wait.
+                None => Some(ClusterEvent::Takeover { key }),
+                Some(Acquired::Stored(Ok(output))) => Some(ClusterEvent::Found { key, output }),
+                Some(Acquired::Stored(Err(error))) => Some(ClusterEvent::Done {
+                    key,
+                    outcome: Err(error),
+                }),
+                Some(Acquired::Claimed) => {
+                    tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
+                    Some(ClusterEvent::Takeover { key })
+                }
+                Some(Acquired::Held) => None,
+            };
+            if let Some(event) = event {
+                self.waiting.remove(&key);
+                self.tell(event).await;
+            }
+        }
+    }
+
+    async fn finished(&mut self, key: Key, outcome: Result<Arc<str>, EvalError>) {
+        let (stored, ttl) = match &outcome {
+            Ok(output) => (format!("{{\"output\":{output}}}"), self.result_ttl_s),
+            Err(error) => (
+                format!("{{\"error\":{}}}", eval_error_json(error)),
+                self.error_ttl_s,
+            ),
+        };
+        let keep = outcome.is_ok() || self.error_ttl_s > 0;
+        let name = self.key("result", &key);
+        let notice = format!("{{\"key\":\"{}\",{}", key.to_hex(), &stored[1..]);
+        let channel = self.channel();
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        if keep {
+            if ttl > 0 {
+                pipe.cmd("SET")
+                    .arg(&name)
+                    .arg(&stored)
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
+            } else {
+                pipe.cmd("SET").arg(&name).arg(&stored).ignore();
+            }
+        }
+        pipe.cmd("PUBLISH").arg(&channel).arg(&notice).ignore();
+        let _: Option<()> = self.call(pipe.query_async(&mut conn)).await;
+        self.release_claim(&key).await;
+    }
+
+    /// Deletes our claim on `key`, if it is still ours.
+    async fn release_claim(&mut self, key: &Key) {
+        if let Some(value) = self.held.remove(key) {
+            let name = self.key("claim", key);
+            let mut conn = self.conn.clone();
+            let script = self.release.clone();
+            let _: Option<i64> = self
+                .call(async move { script.key(name).arg(value).invoke_async(&mut conn).await })
+                .await;
+        }
+    }
+}
+
+/// Keeps one subscription to the completion channel, re-subscribing after
+/// Redis comes back, and hands every notice to the hub.
+async fn listen(
+    client: redis::Client,
+    channel: String,
+    hub: mpsc::Sender<HubMsg>,
+    health: Arc<ClusterHealth>,
+    retry_ms: u64,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt;
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(Duration::from_millis(retry_ms), subscribed).await {
+            Ok(Ok(pubsub)) => {
+                health.set(true);
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        m = messages.next() => m,
+                    };
+                    let Some(message) = message else { break };
+                    let Ok(text) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    let Ok(notice) = serde_json::from_str::<Stored>(&text) else {
+                        continue;
+                    };
+                    let (Some(key), Some(outcome)) =
+                        (notice.key.and_then(Key::parse), notice.outcome())
+                    else {
+                        continue;
+                    };
+                    let event = ClusterEvent::Done { key, outcome };
+                    if hub.send(HubMsg::Cluster(event)).await.is_err() {
+                        return;
+                    }
+                }
+                health.set(false);
+            }
+            _ => health.set(false),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(retry_ms)) => {}
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! Several brokers over one real redis-server, started and stopped by the
+//! tests on a free port.
+
+mod common;
+
+use common::{config, key_of, Client, TestServer};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A redis-server of the test's own.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) is installed");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+        loop {
+            if let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let mut reply = [0u8; 7];
+                if tcp.write_all(b"PING\r\n").await.is_ok()
+                    && tcp.read_exact(&mut reply).await.is_ok()
+                    && &reply == b"+PONG\r\n"
+                {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A broker config in this cluster, with `extra` evaluators.
+    fn config(&self, node: &str, extra: &str) -> String {
+        format!(
+            "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nlease_ms = 1000\n{extra}",
+            self.url()
+        )
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const SIMULATE: &str = r#"
+[[evaluator]]
+fn = "default"
+kind = "simulate"
+threads = 16
+max_sleep_ms = 5000
+"#;
+
+async fn broker(redis: &Redis, node: &str) -> TestServer {
+    let server = TestServer::start(config(&redis.config(node, SIMULATE))).await;
+    server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    server
+}
+
+async fn evaluations(servers: &[&TestServer]) -> u64 {
+    let mut total = 0;
+    for s in servers {
+        total += s.settled_stats().await["evaluations"].as_u64().unwrap();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_brokers_evaluate_each_key_once() {
+    let redis = Redis::start().await;
+    let brokers = [
+        broker(&redis, "a").await,
+        broker(&redis, "b").await,
+        broker(&redis, "c").await,
+    ];
+    let mut agents = Vec::new();
+    for a in 0..12 {
+        agents.push(brokers[a % 3].client().await);
+    }
+    // Every agent submits the same ten inputs, all at once.
+    for agent in agents.iter_mut() {
+        for n in 0..10 {
+            agent
+                .send(json!({"op": "submit", "id": n, "input": {"sleep_ms": 100, "n": n}}))
+                .await;
+        }
+    }
+    for agent in agents.iter_mut() {
+        for _ in 0..10 {
+            let r = agent.recv_type("result").await;
+            assert!(r["output"].is_object(), "{r}");
+        }
+    }
+    let [a, b, c] = &brokers;
+    assert_eq!(
+        evaluations(&[a, b, c]).await,
+        10,
+        "one evaluation per key across the cluster"
+    );
+    for b in brokers {
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_broker_gets_a_result_evaluated_on_another() {
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let input = json!({"sleep_ms": 20, "across": true});
+    let key = key_of("default", &input);
+    let mut subscriber = b.client().await;
+    let s = subscriber
+        .request(json!({"op": "subscribe", "id": "s", "key": key}))
+        .await;
+    assert_eq!(s["state"], "unknown");
+    let mut agent = a.client().await;
+    agent
+        .send(json!({"op": "submit", "id": 1, "input": input}))
+        .await;
+    let evaluated = agent.recv_type("result").await;
+    assert_eq!(evaluated["source"], "eval");
+    let r = subscriber.recv_type("result").await;
+    assert_eq!(r["id"], "s");
+    assert_eq!(r["source"], "cluster");
+    assert_eq!(r["output"], evaluated["output"]);
+    // A later subscriber there finds it in Redis (and then in its own cache).
+    let mut late = b.client().await;
+    let again = late
+        .request(json!({"op": "subscribe", "id": "t", "key": key_of("default", &input)}))
+        .await;
+    assert_eq!(again["type"], "result", "{again}");
+    assert_eq!(evaluations(&[&a, &b]).await, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_serves_earlier_results_from_redis() {
+    let redis = Redis::start().await;
+    let input = json!({"sleep_ms": 10, "kept": "across restarts"});
+    let first = broker(&redis, "a").await;
+    let r = first
+        .client()
+        .await
+        .request(json!({"op": "submit", "input": input}))
+        .await;
+    assert_eq!(r["type"], "accepted");
+    first.settled_stats().await;
+    first.stop().await;
+
+    let second = broker(&redis, "a2").await;
+    let mut c = second.client().await;
+    let r = c.request(json!({"op": "submit", "input": input})).await;
+    let r = if r["type"] == "accepted" {
+        c.recv_type("result").await
+    } else {
+        r
+    };
+    assert_eq!(r["source"], "cluster", "{r}");
+    assert!(r["output"].is_object());
+    assert_eq!(second.settled_stats().await["evaluations"], 0);
+    // Now it is in this broker's own cache.
+    let cached = c.request(json!({"op": "submit", "input": input})).await;
+    assert_eq!(cached["source"], "cache");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_the_claimant_does_not_fail_other_brokers() {
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let input = json!({"sleep_ms": 800, "cancelled": "here only"});
+    let key = key_of("default", &input);
+    let mut on_a = a.client().await;
+    on_a.send(json!({"op": "submit", "input": input})).await;
+    a.wait_inflight(&key, "running").await;
+    let mut on_b = b.client().await;
+    on_b.send(json!({"op": "submit", "id": "b", "input": input}))
+        .await;
+    assert_eq!(on_b.recv_type("accepted").await["first"], true);
+    let c = on_a.request(json!({"op": "cancel", "key": key})).await;
+    let c = if c["type"] == "accepted" {
+        on_a.recv_type("cancelled").await
+    } else {
+        c
+    };
+    assert_eq!(c["type"], "cancelled");
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["id"], "b");
+    assert_eq!(r["source"], "cluster");
+    assert_eq!(evaluations(&[&a, &b]).await, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_brokers_serve_alone_and_rejoin() {
+    let mut redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    redis.stop();
+    // Still answering, in local mode.
+    let mut on_a = a.client().await;
+    on_a.send(json!({"op": "submit", "input": {"sleep_ms": 1, "alone": 1}}))
+        .await;
+    assert!(on_a.recv_type("result").await["output"].is_object());
+    a.wait_metric("herd_cluster_up", |v| v == 0.0).await;
+    assert_eq!(a.stats().await["cluster"], "degraded");
+    assert_eq!(a.http_get("/readyz").await.0, 200);
+
+    redis.restart().await;
+    // Once each broker has spoken with Redis again, they coalesce again.
+    let mut on_b = b.client().await;
+    for (server, client) in [(&a, &mut on_a), (&b, &mut on_b)] {
+        client
+            .send(json!({"op": "submit", "input": {"sleep_ms": 1, "probe": server.addr.port()}}))
+            .await;
+        client.recv_type("result").await;
+        server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    }
+    let before = evaluations(&[&a, &b]).await;
+    let input = json!({"sleep_ms": 300, "together": "again"});
+    on_a.send(json!({"op": "submit", "input": input})).await;
+    a.wait_inflight(&key_of("default", &input), "running").await;
+    on_b.send(json!({"op": "submit", "input": input})).await;
+    for c in [&mut on_a, &mut on_b] {
+        assert!(c.recv_type("result").await["output"].is_object());
+    }
+    assert_eq!(evaluations(&[&a, &b]).await - before, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `herd serve` as a child process in the cluster; returns it and its address.
+fn serve_child(dir: &tempfile::TempDir, toml: &str) -> (Child, String) {
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--config",
+        ])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("herd serve logs").unwrap();
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        if let Some(addr) = parsed["fields"]["addr"].as_str() {
+            break addr.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_claimant_dies_another_broker_takes_over() {
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut claimant, addr) = serve_child(&dir, &redis.config("doomed", SIMULATE));
+    let survivor = broker(&redis, "survivor").await;
+    let input = json!({"sleep_ms": 4000, "orphaned": true});
+    let key = key_of("default", &input);
+    let mut on_claimant = Client::connect(&format!("ws://{addr}/ws")).await;
+    on_claimant
+        .send(json!({"op": "submit", "input": input}))
+        .await;
+    assert_eq!(on_claimant.recv_type("accepted").await["first"], true);
+    // Wait until the claimant runs it (its own snapshot says so).
+    on_claimant
+        .send(json!({"op": "watch", "interval_ms": 100}))
+        .await;
+    loop {
+        let snap = on_claimant.recv_type("snapshot").await;
+        if snap["inflight"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["key"] == key.as_str() && e["state"] == "running")
+        {
+            break;
+        }
+    }
+    let mut waiter = survivor.client().await;
+    waiter
+        .send(json!({"op": "submit", "id": "w", "input": input}))
+        .await;
+    assert_eq!(waiter.recv_type("accepted").await["state"], "queued");
+    claimant.kill().unwrap();
+    claimant.wait().unwrap();
+    // Within about lease_ms the survivor claims the key and evaluates it.
+    let r = waiter.recv_type("result").await;
+    assert_eq!(r["id"], "w");
+    assert_eq!(r["source"], "eval", "{r}");
+    assert_eq!(survivor.settled_stats().await["evaluations"], 1);
+    survivor.stop().await;
+}
