@@ -79,14 +79,15 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct TargetArgs {
-    /// The broker's WebSocket URL.
+    /// The broker's WebSocket URL (`herd bench`: give it once per broker of
+    /// a cluster; sessions go round-robin and figures are summed).
     #[arg(
         long,
         env = "HERD_URL",
         default_value = "ws://127.0.0.1:7878/ws",
         global = true
     )]
-    url: String,
+    url: Vec<String>,
     /// Bearer token.
     #[arg(long, env = "HERD_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -234,7 +235,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use herd::bench::{self, Target};
     raise_fd_limit();
     let target = Target {
-        url: args.target.url,
+        urls: args.target.url,
         token: args.target.token,
         pid: args.pid,
     };
@@ -261,9 +262,17 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one URL of a command that talks to one broker.
+fn first_url(urls: Vec<String>) -> String {
+    if urls.len() > 1 {
+        eprintln!("herd: only `herd bench` takes several --url; using the first");
+    }
+    urls.into_iter().next().unwrap_or_default()
+}
+
 fn target(args: TargetArgs) -> herd::cli::Target {
     herd::cli::Target {
-        url: args.url,
+        url: first_url(args.url),
         token: args.token,
     }
 }
@@ -311,7 +320,7 @@ fn main() {
         } => {
             init_tracing(LogFormat::Text);
             let args = herd::work::WorkArgs {
-                url: target.url,
+                url: first_url(target.url),
                 token: target.token,
                 fn_name,
                 concurrency,

@@ -347,3 +347,57 @@ async fn when_the_claimant_dies_another_broker_takes_over() {
     assert_eq!(survivor.settled_stats().await["evaluations"], 1);
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_benchmark_spreads_over_a_cluster_and_sums_its_figures() {
+    let redis = Redis::start().await;
+    let brokers = [
+        broker(&redis, "a").await,
+        broker(&redis, "b").await,
+        broker(&redis, "c").await,
+    ];
+    let mut args: Vec<String> = vec!["bench".into(), "--json".into(), "/dev/stdout".into()];
+    for b in &brokers {
+        args.extend(["--url".into(), b.url()]);
+    }
+    args.extend(
+        [
+            "agents",
+            "--fn",
+            "default",
+            "--submits",
+            "300",
+            "--distinct",
+            "30",
+            "--agents",
+            "6",
+            "--inflight",
+            "12",
+        ]
+        .map(String::from),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(&args)
+            .env_remove("HERD_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    assert_eq!(report["evaluations"], report["distinct_keys"], "{report}");
+    // Every broker served agents.
+    for b in &brokers {
+        assert!(b.settled_stats().await["submits"].as_u64().unwrap() > 0);
+    }
+    for b in brokers {
+        b.stop().await;
+    }
+}

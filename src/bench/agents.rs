@@ -90,7 +90,8 @@ pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Resul
     let started = Instant::now();
     let mut workers = Vec::new();
     for agent in 0..args.agents {
-        let client = target.client().await?;
+        // With several brokers (a cluster), agents go round-robin over them.
+        let client = target.client_of(agent).await?;
         let share = args.inflight / args.agents + usize::from(agent < args.inflight % args.agents);
         for _ in 0..share {
             let (client, next, picks, inputs, bar) = (

@@ -25,37 +25,60 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub use crate::client::Socket;
 
-/// The broker under test.
+/// The broker under test (or the brokers of one cluster).
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub url: String,
+    /// One URL, or one per broker of a cluster: sessions go round-robin.
+    pub urls: Vec<String>,
     pub token: Option<String>,
     /// The broker's process id, for memory and CPU figures read from /proc.
     pub pid: Option<u32>,
 }
 
 impl Target {
+    fn url(&self, n: usize) -> &str {
+        &self.urls[n % self.urls.len()]
+    }
+
+    /// A client of the first broker.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.url, self.token.as_deref()).await?)
+        self.client_of(0).await
+    }
+
+    /// A client of the `n`-th broker (round-robin over the URLs).
+    pub async fn client_of(&self, n: usize) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.url(n), self.token.as_deref()).await?)
     }
 
     /// Opens a raw socket and reads its `hello`.
     pub async fn socket(&self) -> anyhow::Result<Socket> {
-        Ok(crate::client::open(&self.url, self.token.as_deref())
+        Ok(crate::client::open(self.url(0), self.token.as_deref())
             .await?
             .0)
     }
 
-    /// The broker's `stats` now.
+    /// The `stats` now, its counters summed over every broker.
     pub async fn stats(&self) -> anyhow::Result<Value> {
-        let client = self.client().await?;
-        let stream = client.watch(100).await?;
-        futures::pin_mut!(stream);
-        let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
-        client.close().await;
-        Ok(snapshot["stats"].clone())
+        let mut total = Map::new();
+        for n in 0..self.urls.len() {
+            let client = self.client_of(n).await?;
+            let stream = client.watch(100).await?;
+            futures::pin_mut!(stream);
+            let snapshot = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+            client.close().await;
+            if let Value::Object(stats) = &snapshot["stats"] {
+                for (name, value) in stats {
+                    let sum = match (total.get(name).and_then(Value::as_i64), value.as_i64()) {
+                        (Some(a), Some(b)) => json!(a + b),
+                        _ => value.clone(),
+                    };
+                    total.insert(name.clone(), sum);
+                }
+            }
+        }
+        Ok(Value::Object(total))
     }
 }
 
