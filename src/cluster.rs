@@ -33,7 +33,9 @@ use crate::error::EvalError;
 use crate::hub::HubMsg;
 use crate::key::Key;
 use crate::protocol::eval_error_json;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -147,13 +149,55 @@ impl Stored<'_> {
     }
 }
 
+/// A connection to one Redis, or to a Redis Cluster (commands routed by
+/// key; a key's claim and result share a hash slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The cluster task's state.
 pub struct Cluster {
     config: ClusterConfig,
     node: String,
     hub: mpsc::Sender<HubMsg>,
     health: Arc<ClusterHealth>,
-    conn: ConnectionManager,
+    /// None while a Redis Cluster connection has not been made (yet).
+    conn: Option<Conn>,
+    /// Makes Redis Cluster connections (when `redis_cluster` is set).
+    cluster_client: Option<ClusterClient>,
     client: redis::Client,
     /// Claims this broker holds: key → claim value.
     held: HashMap<Key, String>,
@@ -197,9 +241,20 @@ impl Cluster {
             .set_response_timeout(timeout)
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(config.lease_ms));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| crate::HerdError::Config(format!("cluster.redis: {e}")))?;
+        let (conn, cluster_client) = if config.redis_cluster {
+            let cluster_client = ClusterClient::builder(vec![url.clone()])
+                .connection_timeout(Duration::from_millis(config.redis_timeout_ms))
+                .response_timeout(Duration::from_millis(config.redis_timeout_ms))
+                .build()
+                .map_err(|e| crate::HerdError::Config(format!("cluster.redis: {e}")))?;
+            (None, Some(cluster_client))
+        } else {
+            let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+                .map_err(|e| crate::HerdError::Config(format!("cluster.redis: {e}")))?;
+            (Some(Conn::Single(manager)), None)
+        };
         Ok(Cluster {
+            cluster_client,
             node: config.node_name(),
             config: config.clone(),
             hub,
@@ -261,6 +316,22 @@ impl Cluster {
             }
         }
         listener.abort();
+    }
+
+    /// The connection, made first if it is a Redis Cluster one not made yet.
+    async fn conn(&mut self) -> Option<Conn> {
+        if self.conn.is_none() {
+            let client = self.cluster_client.as_ref()?;
+            let limit = Duration::from_millis(self.config.redis_timeout_ms);
+            match tokio::time::timeout(limit, client.get_async_connection()).await {
+                Ok(Ok(conn)) => self.conn = Some(Conn::Cluster(conn)),
+                _ => {
+                    self.health.set(false);
+                    return None;
+                }
+            }
+        }
+        self.conn.clone()
     }
 
     /// Runs a Redis command under the configured timeout, recording health.
@@ -327,7 +398,7 @@ impl Cluster {
     /// The stored outcome of `key`: Err(()) when Redis cannot be asked.
     async fn find(&mut self, key: &Key) -> Result<Option<Result<String, EvalError>>, ()> {
         let name = self.key("result", key);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await.ok_or(())?;
         let stored: Option<String> = self.call(conn.get(name)).await.ok_or(())?;
         Ok(stored.and_then(|text| serde_json::from_str::<Stored>(&text).ok()?.outcome()))
     }
@@ -339,7 +410,7 @@ impl Cluster {
         let value = format!("{}:{}", self.node, self.next_claim);
         let (result, claim) = (self.key("result", key), self.key("claim", key));
         let lease = self.config.lease_ms;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let script = self.acquire.clone();
         let claim_value = value.clone();
         let (what, stored): (i64, String) = self
@@ -370,7 +441,9 @@ impl Cluster {
         let claims: Vec<(Key, String)> = self.held.iter().map(|(k, v)| (*k, v.clone())).collect();
         for (key, value) in claims {
             let name = self.key("claim", &key);
-            let mut conn = self.conn.clone();
+            let Some(mut conn) = self.conn().await else {
+                return;
+            };
             let script = self.renew.clone();
             let lease = self.config.lease_ms;
             let renewed: Option<i64> = self
@@ -427,22 +500,32 @@ impl Cluster {
         let name = self.key("result", &key);
         let notice = format!("{{\"key\":\"{}\",{}", key.to_hex(), &stored[1..]);
         let channel = self.channel();
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let Some(conn) = self.conn().await else {
+            return;
+        };
+        // Two commands, not a pipeline: on a Redis Cluster the result's slot
+        // and the channel are served apart.
         if keep {
+            let mut set = redis::cmd("SET");
+            set.arg(&name).arg(&stored);
             if ttl > 0 {
-                pipe.cmd("SET")
-                    .arg(&name)
-                    .arg(&stored)
-                    .arg("EX")
-                    .arg(ttl)
-                    .ignore();
-            } else {
-                pipe.cmd("SET").arg(&name).arg(&stored).ignore();
+                set.arg("EX").arg(ttl);
             }
+            let mut c = conn.clone();
+            let _: Option<()> = self
+                .call(async move { set.query_async(&mut c).await })
+                .await;
         }
-        pipe.cmd("PUBLISH").arg(&channel).arg(&notice).ignore();
-        let _: Option<()> = self.call(pipe.query_async(&mut conn)).await;
+        let mut c = conn.clone();
+        let _: Option<i64> = self
+            .call(async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(&notice)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
         self.release_claim(&key).await;
     }
 
@@ -450,7 +533,9 @@ impl Cluster {
     async fn release_claim(&mut self, key: &Key) {
         if let Some(value) = self.held.remove(key) {
             let name = self.key("claim", key);
-            let mut conn = self.conn.clone();
+            let Some(mut conn) = self.conn().await else {
+                return;
+            };
             let script = self.release.clone();
             let _: Option<i64> = self
                 .call(async move { script.key(name).arg(value).invoke_async(&mut conn).await })

@@ -222,6 +222,8 @@ impl Default for DashboardConfig {
 pub struct ClusterConfig {
     /// `redis://host:port/` of the shared Redis; unset: a lone broker.
     pub redis: Option<String>,
+    /// `redis` is one node of a Redis Cluster (the others are discovered).
+    pub redis_cluster: bool,
     /// This broker's name in claims and logs (default: the host name and a
     /// short random suffix).
     pub node: Option<String>,
@@ -241,6 +243,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             redis: None,
+            redis_cluster: false,
             node: None,
             prefix: "herd:".into(),
             lease_ms: 5_000,

@@ -83,6 +83,87 @@ impl Redis {
     }
 }
 
+/// A three-master Redis Cluster of the test's own.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = tempfile::tempdir().unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                ])
+                .args(["--cluster-config-file", "nodes.conf", "--dir"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            nodes.push(Redis {
+                child: Some(child),
+                port,
+                dir,
+            });
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let deadline = std::time::Instant::now() + common::FRAME_WAIT;
+        // redis-cli --cluster create retries nothing: wait until every node answers.
+        for node in &nodes {
+            while !redis_cli(node.port, &["ping"]).contains("PONG") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a cluster node did not start"
+                );
+            }
+        }
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addrs.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = redis_cli(nodes[0].port, &create);
+        assert!(out.contains("[OK]"), "{out}");
+        for node in &nodes {
+            while !redis_cli(node.port, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster did not form"
+                );
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    fn config(&self, node: &str, extra: &str) -> String {
+        format!("{}redis_cluster = true\n", self.nodes[0].config(node, "")) + extra
+    }
+}
+
+/// What `redis-cli -p PORT ARGS` prints.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
@@ -98,7 +179,11 @@ max_sleep_ms = 5000
 "#;
 
 async fn broker(redis: &Redis, node: &str) -> TestServer {
-    let server = TestServer::start(config(&redis.config(node, SIMULATE))).await;
+    broker_with(&redis.config(node, SIMULATE)).await
+}
+
+async fn broker_with(toml: &str) -> TestServer {
+    let server = TestServer::start(config(toml)).await;
     server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
     server
 }
@@ -119,6 +204,23 @@ async fn three_brokers_evaluate_each_key_once() {
         broker(&redis, "b").await,
         broker(&redis, "c").await,
     ];
+    three_brokers_share_every_key(brokers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_brokers_on_a_redis_cluster_evaluate_each_key_once() {
+    let redis = RedisCluster::start().await;
+    let brokers = [
+        broker_with(&redis.config("a", SIMULATE)).await,
+        broker_with(&redis.config("b", SIMULATE)).await,
+        broker_with(&redis.config("c", SIMULATE)).await,
+    ];
+    three_brokers_share_every_key(brokers).await;
+}
+
+/// Agents spread over three brokers submit the same ten inputs at once:
+/// one evaluation per key across the cluster, every waiter answered.
+async fn three_brokers_share_every_key(brokers: [TestServer; 3]) {
     let mut agents = Vec::new();
     for a in 0..12 {
         agents.push(brokers[a % 3].client().await);
