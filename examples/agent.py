@@ -6,7 +6,10 @@ Start a broker (`cargo run --release -- serve`), then:
     python3 examples/agent.py
 
 It submits a few inputs concurrently over one connection, matches replies
-to requests by "id", and prints each result as it arrives.
+to requests by "id", and prints each result as it arrives. It speaks the
+raw protocol on purpose, as a model for clients in other languages; Python
+programs would rather `pip install ./clients/python` and use the `herd`
+package.
 """
 
 import asyncio

@@ -1,0 +1,292 @@
+"""The asyncio client: many requests in flight on one session, matched by id,
+re-sent after a reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Dict, Optional
+
+import websockets
+
+from ._keys import key as derive_key
+
+
+class HerdError(Exception):
+    """Base of every error this package raises."""
+
+
+class EvalError(HerdError):
+    """The evaluation ran and failed (`eval_failed`) or timed out (`eval_timeout`)."""
+
+    def __init__(self, code: str, message: str, key: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.key = code, message, key
+
+
+class Refused(HerdError):
+    """The broker refused the request (`bad_request`, `unknown_fn`, `forbidden`, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class Busy(Refused):
+    """A limit was reached (`busy`); trying again later may succeed."""
+
+
+class ShuttingDown(Refused):
+    """The broker is draining (`shutting_down`)."""
+
+
+class Cancelled(HerdError):
+    """This session cancelled its wait on the key."""
+
+
+class Closed(HerdError):
+    """The connection is closed (the client was closed, or reconnecting is off)."""
+
+
+@dataclass
+class Result:
+    """A key's result: `output`, where it came from, and for an evaluation
+    its time and how many waiters shared it."""
+
+    key: str
+    output: Any
+    source: str
+    eval_ms: Optional[float] = None
+    shared: Optional[int] = None
+
+
+@dataclass
+class Accepted:
+    """What a `wait=False` submit learns: the key, and whether it started the evaluation."""
+
+    key: str
+    first: bool
+    state: str
+    waiters: int
+
+
+@dataclass
+class Status:
+    """A key's state (`get`): `done` (with `output` or `error`), `queued`, `running` or `unknown`."""
+
+    key: str
+    state: str
+    output: Any = None
+    error: Optional[Dict[str, str]] = None
+    waiters: Optional[int] = None
+    age_ms: Optional[int] = None
+
+
+def _error_of(frame: Dict[str, Any]) -> HerdError:
+    code, message = frame.get("code", ""), frame.get("message", "")
+    if code == "busy":
+        return Busy(code, message)
+    if code == "shutting_down":
+        return ShuttingDown(code, message)
+    return Refused(code, message)
+
+
+def _result_of(frame: Dict[str, Any]) -> Result:
+    if "error" in frame:
+        e = frame["error"]
+        raise EvalError(e.get("code", ""), e.get("message", ""), frame.get("key", ""))
+    return Result(
+        key=frame["key"],
+        output=frame.get("output"),
+        source=frame.get("source", ""),
+        eval_ms=frame.get("eval_ms"),
+        shared=frame.get("shared"),
+    )
+
+
+class _Pending:
+    """A request waiting for its answer: re-sent as is after a reconnect."""
+
+    def __init__(self, frame: Dict[str, Any], key: Optional[str], stream: bool) -> None:
+        self.frame = frame
+        self.key = key
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stream = stream
+
+
+class Herd:
+    """One session with a broker. Use `connect(url)`."""
+
+    def __init__(self, url: str, token: Optional[str] = None, reconnect: bool = True) -> None:
+        self.url, self.token, self.reconnect = url, token, reconnect
+        self._ids = itertools.count(1)
+        self._pending: Dict[int, _Pending] = {}
+        self._ws: Any = None
+        self._reader: Optional[asyncio.Task] = None
+        self._closed = False
+        self._ready = asyncio.Event()
+        self.hello: Dict[str, Any] = {}
+
+    async def _open(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            ws = await websockets.connect(self.url, additional_headers=headers, max_size=None)
+        except websockets.InvalidStatus as e:
+            status = e.response.status_code
+            if status in (401, 403):
+                raise Refused("refused", f"{self.url} refused the connection (HTTP {status})") from e
+            raise Closed(f"{self.url} is not a WebSocket endpoint (HTTP {status}); it is at /ws") from e
+        self.hello = json.loads(await ws.recv())
+        self._ws = ws
+        for pending in self._pending.values():
+            await ws.send(json.dumps(pending.frame))
+        self._ready.set()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                async for message in self._ws:
+                    self._route(json.loads(message))
+            except websockets.ConnectionClosed:
+                pass
+            self._ready.clear()
+            if self._closed or not self.reconnect:
+                break
+            while not self._closed:
+                await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+                delay = min(delay * 2, 5.0)
+                try:
+                    await self._open()
+                    delay = 0.1
+                    break
+                except (OSError, websockets.WebSocketException, HerdError):
+                    continue
+        for pending in self._pending.values():
+            pending.queue.put_nowait(Closed("the connection is closed"))
+
+    def _route(self, frame: Dict[str, Any]) -> None:
+        if frame.get("type") == "cancelled":
+            for request_id, pending in list(self._pending.items()):
+                if pending.key == frame.get("key") and not pending.stream:
+                    self._pending.pop(request_id)
+                    pending.queue.put_nowait(Cancelled(f"wait for {pending.key} cancelled"))
+        request_id = frame.get("id")
+        pending = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if pending is not None:
+            pending.queue.put_nowait(frame)
+
+    async def _request(self, frame: Dict[str, Any], key: Optional[str] = None, stream: bool = False):
+        if self._closed:
+            raise Closed("the client is closed")
+        request_id = next(self._ids)
+        frame = dict(frame, id=request_id)
+        pending = _Pending(frame, key, stream)
+        self._pending[request_id] = pending
+        if self._ready.is_set():
+            try:
+                await self._ws.send(json.dumps(frame))
+            except websockets.ConnectionClosed:
+                pass  # re-sent on reconnect
+        return request_id, pending
+
+    async def _answer(self, request_id: int, pending: _Pending, until: tuple) -> Dict[str, Any]:
+        try:
+            while True:
+                frame = await pending.queue.get()
+                if isinstance(frame, HerdError):
+                    raise frame
+                if frame.get("type") == "error":
+                    raise _error_of(frame)
+                if frame.get("type") in until:
+                    return frame
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def submit(self, input: Any, fn: str = "default", wait: bool = True):
+        """Evaluates `input` with evaluator `fn` (or takes the cached result).
+
+        Returns the output; with `wait=False`, an `Accepted` (or a `Result`
+        when the key was cached). Raises `EvalError` for a failed evaluation."""
+        frame = {"op": "submit", "fn": fn, "input": input, "wait": wait}
+        request_id, pending = await self._request(frame, key=derive_key(input, fn))
+        if not wait:
+            answer = await self._answer(request_id, pending, ("accepted", "result"))
+            if answer["type"] == "result":
+                return _result_of(answer)
+            return Accepted(answer["key"], answer["first"], answer["state"], answer["waiters"])
+        return _result_of(await self._answer(request_id, pending, ("result",))).output
+
+    async def get(self, key: str) -> Status:
+        """A key's state; never waits, never starts work."""
+        request_id, pending = await self._request({"op": "get", "key": key})
+        s = await self._answer(request_id, pending, ("status",))
+        return Status(s["key"], s["state"], s.get("output"), s.get("error"), s.get("waiters"), s.get("age_ms"))
+
+    async def subscribe(self, *keys: str) -> AsyncIterator[Result]:
+        """Each key's result as it lands, whoever submits it (one per key)."""
+        waits = [await self._request({"op": "subscribe", "key": k}, key=k) for k in keys]
+        answers = {request_id: pending for request_id, pending in waits}
+
+        async def next_result(request_id: int, pending: _Pending) -> Result:
+            return _result_of(await self._answer(request_id, pending, ("result",)))
+
+        tasks = [asyncio.ensure_future(next_result(i, p)) for i, p in answers.items()]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def cancel(self, key: str) -> None:
+        """Stops this session's waits on `key`; calls waiting on it raise `Cancelled`."""
+        request_id, pending = await self._request({"op": "cancel", "key": key})
+        await self._answer(request_id, pending, ("cancelled",))
+
+    async def watch(self, interval_ms: int = 500) -> AsyncIterator[Dict[str, Any]]:
+        """`snapshot` frames every `interval_ms`, until the loop stops."""
+        request_id, pending = await self._request({"op": "watch", "interval_ms": interval_ms}, stream=True)
+        try:
+            while True:
+                frame = await pending.queue.get()
+                if isinstance(frame, HerdError):
+                    raise frame
+                if frame.get("type") == "error":
+                    raise _error_of(frame)
+                yield frame
+        finally:
+            self._pending.pop(request_id, None)
+            if self._ready.is_set() and not self._closed:
+                await self._ws.send(json.dumps({"op": "unwatch"}))
+
+    async def ping(self) -> int:
+        """A round trip; returns the broker's clock (Unix ms)."""
+        request_id, pending = await self._request({"op": "ping"})
+        return (await self._answer(request_id, pending, ("pong",)))["server_time_ms"]
+
+    async def close(self) -> None:
+        """Closes the session; calls still waiting raise `Closed`."""
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            await self._reader
+
+    async def __aenter__(self) -> "Herd":
+        await self._open()
+        self._reader = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+def connect(url: str, token: Optional[str] = None, reconnect: bool = True) -> Herd:
+    """`async with herd.connect(url) as h:` a session with the broker at `url`
+    (`ws://host:port/ws`). With `reconnect`, a lost connection is re-opened with
+    jittered backoff and every request still waiting is sent again."""
+    return Herd(url, token, reconnect)

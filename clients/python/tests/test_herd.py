@@ -1,0 +1,166 @@
+"""The package against a real broker: every method, every error, reconnects,
+1,000 requests on one session, the worker API, and the shared key vectors."""
+
+import asyncio
+import json
+import pathlib
+
+import pytest
+
+import herd
+from conftest import BASIC, free_port
+
+VECTORS = pathlib.Path(__file__).resolve().parents[3] / "tests" / "vectors" / "keys.json"
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+def test_keys_match_the_shared_vectors():
+    for case in json.loads(VECTORS.read_text()):
+        assert herd.canonical_json(case["input"]) == case["canonical"]
+        assert herd.key(case["input"], fn=case["fn"]) == case["key"]
+
+
+async def stats(h):
+    async for snap in h.watch(100):
+        return snap["stats"]
+
+
+def test_every_method(broker):
+    async def main():
+        async with herd.connect(broker.url) as h:
+            assert h.hello["type"] == "hello"
+            out = await h.submit({"sleep_ms": 20, "q": 1})
+            assert out["key"] == herd.key({"sleep_ms": 20, "q": 1})
+            assert await h.submit([1, 2], fn="echo") == [1, 2]
+            accepted = await h.submit({"sleep_ms": 200, "q": 2}, wait=False)
+            assert isinstance(accepted, herd.Accepted) and accepted.first
+            status = await h.get(accepted.key)
+            assert status.state in ("queued", "running")
+            results = [r async for r in h.subscribe(accepted.key)]
+            assert results[0].key == accepted.key and results[0].source == "eval"
+            done = await h.get(accepted.key)
+            assert done.state == "done" and done.output["key"] == accepted.key
+            assert (await h.get(herd.key("never"))).state == "unknown"
+            assert await h.ping() > 0
+            never = herd.key({"never": True, "sleep_ms": 3000})
+            waiting = asyncio.ensure_future(h.submit({"never": True, "sleep_ms": 3000}))
+            await asyncio.sleep(0)
+            while (await h.get(never)).state == "unknown":
+                await asyncio.sleep(0)
+            await h.cancel(never)
+            with pytest.raises(herd.Cancelled):
+                await waiting
+            assert (await stats(h))["submits"] >= 4
+
+    run(main())
+
+
+def test_errors_are_typed(make_broker):
+    broker = make_broker("[limits]\nmax_pending = 1\n" + BASIC)
+
+    async def main():
+        async with herd.connect(broker.url) as h:
+            with pytest.raises(herd.EvalError) as failed:
+                await h.submit({"fail": "boom", "sleep_ms": 1})
+            assert failed.value.code == "eval_failed" and failed.value.message == "boom"
+            with pytest.raises(herd.EvalError) as late:
+                await h.submit({"sleep_ms": 4000, "slow": 1})
+            assert late.value.code == "eval_timeout"
+            with pytest.raises(herd.Refused) as unknown:
+                await h.submit(1, fn="nope")
+            assert unknown.value.code == "unknown_fn"
+            first = asyncio.ensure_future(h.submit({"sleep_ms": 300, "hold": 1}))
+            await asyncio.sleep(0.05)
+            with pytest.raises(herd.Busy):
+                await h.submit({"sleep_ms": 1, "over": 1})
+            await first
+        guarded = make_broker('[[token]]\nname = "a"\nrole = "agent"\nsecret = "right"\n' + BASIC)
+        with pytest.raises(herd.Refused):
+            async with herd.connect(guarded.url, token="wrong"):
+                pass
+        async with herd.connect(guarded.url, token="right") as h:
+            assert await h.ping() > 0
+
+    run(main())
+
+
+def test_a_thousand_submits_on_one_session(broker):
+    async def main():
+        async with herd.connect(broker.url) as h:
+            inputs = [{"sleep_ms": 30, "n": i % 100} for i in range(1000)]
+            outputs = await asyncio.gather(*(h.submit(x) for x in inputs))
+            assert [o["key"] for o in outputs] == [herd.key(x) for x in inputs]
+            assert (await stats(h))["evaluations"] == 100
+
+    run(main())
+
+
+def test_reconnect_across_a_restart_loses_no_request(make_broker):
+    port = free_port()
+    first = make_broker(port=port)
+
+    async def main():
+        async with herd.connect(first.url) as h:
+            assert await h.ping() > 0
+            first.kill()
+            during = asyncio.ensure_future(h.submit([3, 4], fn="echo"))
+            subscribed = h.subscribe(herd.key({"after": "restart", "sleep_ms": 10}))
+            waiting = asyncio.ensure_future(subscribed.__anext__())
+            await asyncio.sleep(0.2)
+            second = make_broker(port=port)
+            assert await during == [3, 4]
+            async with herd.connect(second.url) as other:
+                await other.submit({"after": "restart", "sleep_ms": 10})
+            assert (await waiting).output is not None
+
+    run(main())
+
+
+def test_worker_api_end_to_end(broker):
+    async def main():
+        stop = asyncio.Event()
+        seen = []
+
+        async def embed(value):
+            seen.append(value)
+            if value.get("bad"):
+                raise ValueError("cannot embed that")
+            return {"length": len(json.dumps(value))}
+
+        worker = asyncio.ensure_future(herd.aserve(broker.url, "embed", embed, concurrency=2, stop=stop))
+        async with herd.connect(broker.url) as h:
+            outputs = await asyncio.gather(*(h.submit({"text": "hi", "n": n % 3}, fn="embed") for n in range(9)))
+            assert all(o["length"] > 5 for o in outputs)
+            assert len(seen) == 3, "one evaluation per distinct input"
+            with pytest.raises(herd.EvalError) as failed:
+                await h.submit({"bad": True}, fn="embed")
+            assert "cannot embed that" in failed.value.message
+        stop.set()
+        await worker
+
+    run(main())
+
+
+def test_a_sync_handler_and_the_sync_client(broker):
+    async def serve_for(stop):
+        await herd.aserve(broker.url, "embed", lambda value: {"upper": str(value).upper()}, concurrency=1, stop=stop)
+
+    async def main():
+        stop = asyncio.Event()
+        worker = asyncio.ensure_future(serve_for(stop))
+        loop = asyncio.get_running_loop()
+
+        def script():
+            with herd.Client(broker.url) as client:
+                assert client.submit("abc", fn="embed") == {"upper": "ABC"}
+                assert client.submit({"sleep_ms": 1, "s": 1})["key"]
+                assert client.get(herd.key("abc", fn="embed")).state == "done"
+
+        await loop.run_in_executor(None, script)
+        stop.set()
+        await worker
+
+    run(main())
