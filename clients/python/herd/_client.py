@@ -12,7 +12,6 @@ from typing import Any, AsyncIterator, Dict, Optional
 
 import websockets
 
-from ._keys import key as derive_key
 
 
 class HerdError(Exception):
@@ -108,13 +107,27 @@ def _result_of(frame: Dict[str, Any]) -> Result:
 
 
 class _Pending:
-    """A request waiting for its answer: re-sent as is after a reconnect."""
+    """A request waiting for its answer: re-sent as is after a reconnect.
 
-    def __init__(self, frame: Dict[str, Any], key: Optional[str], stream: bool) -> None:
+    A call ends on the first frame whose type is in `until` (or an error);
+    a stream (`watch`) gets every frame on its queue instead."""
+
+    __slots__ = ("frame", "key", "until", "future", "queue")
+
+    def __init__(self, frame: Dict[str, Any], key: Optional[str], until: tuple, stream: bool) -> None:
         self.frame = frame
         self.key = key
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.stream = stream
+        self.until = until
+        loop = asyncio.get_running_loop()
+        self.future: Optional[asyncio.Future] = None if stream else loop.create_future()
+        self.queue: Optional[asyncio.Queue] = asyncio.Queue() if stream else None
+
+    def fail(self, error: HerdError) -> None:
+        if self.future is not None:
+            if not self.future.done():
+                self.future.set_exception(error)
+        else:
+            self.queue.put_nowait(error)
 
 
 class Herd:
@@ -166,25 +179,37 @@ class Herd:
                 except (OSError, websockets.WebSocketException, HerdError):
                     continue
         for pending in self._pending.values():
-            pending.queue.put_nowait(Closed("the connection is closed"))
+            pending.fail(Closed("the connection is closed"))
 
     def _route(self, frame: Dict[str, Any]) -> None:
-        if frame.get("type") == "cancelled":
+        kind = frame.get("type")
+        if kind == "cancelled":
             for request_id, pending in list(self._pending.items()):
-                if pending.key == frame.get("key") and not pending.stream:
+                if pending.key == frame.get("key") and pending.future is not None:
                     self._pending.pop(request_id)
-                    pending.queue.put_nowait(Cancelled(f"wait for {pending.key} cancelled"))
+                    pending.fail(Cancelled(f"wait for {pending.key} cancelled"))
         request_id = frame.get("id")
         pending = self._pending.get(request_id) if isinstance(request_id, int) else None
-        if pending is not None:
+        if pending is None:
+            return
+        if pending.queue is not None:
             pending.queue.put_nowait(frame)
+        elif kind == "error":
+            pending.fail(_error_of(frame))
+        elif kind in pending.until:
+            if not pending.future.done():
+                pending.future.set_result(frame)
+        elif kind == "accepted":
+            pending.key = frame.get("key")
 
-    async def _request(self, frame: Dict[str, Any], key: Optional[str] = None, stream: bool = False):
+    async def _request(
+        self, frame: Dict[str, Any], until: tuple = (), key: Optional[str] = None, stream: bool = False
+    ):
         if self._closed:
             raise Closed("the client is closed")
         request_id = next(self._ids)
-        frame = dict(frame, id=request_id)
-        pending = _Pending(frame, key, stream)
+        frame["id"] = request_id
+        pending = _Pending(frame, key, until, stream)
         self._pending[request_id] = pending
         if self._ready.is_set():
             try:
@@ -193,16 +218,9 @@ class Herd:
                 pass  # re-sent on reconnect
         return request_id, pending
 
-    async def _answer(self, request_id: int, pending: _Pending, until: tuple) -> Dict[str, Any]:
+    async def _answer(self, request_id: int, pending: _Pending) -> Dict[str, Any]:
         try:
-            while True:
-                frame = await pending.queue.get()
-                if isinstance(frame, HerdError):
-                    raise frame
-                if frame.get("type") == "error":
-                    raise _error_of(frame)
-                if frame.get("type") in until:
-                    return frame
+            return await pending.future
         finally:
             self._pending.pop(request_id, None)
 
@@ -212,27 +230,28 @@ class Herd:
         Returns the output; with `wait=False`, an `Accepted` (or a `Result`
         when the key was cached). Raises `EvalError` for a failed evaluation."""
         frame = {"op": "submit", "fn": fn, "input": input, "wait": wait}
-        request_id, pending = await self._request(frame, key=derive_key(input, fn))
         if not wait:
-            answer = await self._answer(request_id, pending, ("accepted", "result"))
+            request_id, pending = await self._request(frame, ("accepted", "result"))
+            answer = await self._answer(request_id, pending)
             if answer["type"] == "result":
                 return _result_of(answer)
             return Accepted(answer["key"], answer["first"], answer["state"], answer["waiters"])
-        return _result_of(await self._answer(request_id, pending, ("result",))).output
+        request_id, pending = await self._request(frame, ("result",))
+        return _result_of(await self._answer(request_id, pending)).output
 
     async def get(self, key: str) -> Status:
         """A key's state; never waits, never starts work."""
-        request_id, pending = await self._request({"op": "get", "key": key})
-        s = await self._answer(request_id, pending, ("status",))
+        request_id, pending = await self._request({"op": "get", "key": key}, ("status",))
+        s = await self._answer(request_id, pending)
         return Status(s["key"], s["state"], s.get("output"), s.get("error"), s.get("waiters"), s.get("age_ms"))
 
     async def subscribe(self, *keys: str) -> AsyncIterator[Result]:
         """Each key's result as it lands, whoever submits it (one per key)."""
-        waits = [await self._request({"op": "subscribe", "key": k}, key=k) for k in keys]
+        waits = [await self._request({"op": "subscribe", "key": k}, ("result",), key=k) for k in keys]
         answers = {request_id: pending for request_id, pending in waits}
 
         async def next_result(request_id: int, pending: _Pending) -> Result:
-            return _result_of(await self._answer(request_id, pending, ("result",)))
+            return _result_of(await self._answer(request_id, pending))
 
         tasks = [asyncio.ensure_future(next_result(i, p)) for i, p in answers.items()]
         try:
@@ -244,12 +263,13 @@ class Herd:
 
     async def cancel(self, key: str) -> None:
         """Stops this session's waits on `key`; calls waiting on it raise `Cancelled`."""
-        request_id, pending = await self._request({"op": "cancel", "key": key})
-        await self._answer(request_id, pending, ("cancelled",))
+        request_id, pending = await self._request({"op": "cancel", "key": key}, ("cancelled",))
+        await self._answer(request_id, pending)
 
     async def watch(self, interval_ms: int = 500) -> AsyncIterator[Dict[str, Any]]:
         """`snapshot` frames every `interval_ms`, until the loop stops."""
         request_id, pending = await self._request({"op": "watch", "interval_ms": interval_ms}, stream=True)
+        assert pending.queue is not None
         try:
             while True:
                 frame = await pending.queue.get()
@@ -265,8 +285,8 @@ class Herd:
 
     async def ping(self) -> int:
         """A round trip; returns the broker's clock (Unix ms)."""
-        request_id, pending = await self._request({"op": "ping"})
-        return (await self._answer(request_id, pending, ("pong",)))["server_time_ms"]
+        request_id, pending = await self._request({"op": "ping"}, ("pong",))
+        return (await self._answer(request_id, pending))["server_time_ms"]
 
     async def close(self) -> None:
         """Closes the session; calls still waiting raise `Closed`."""
