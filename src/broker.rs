@@ -10,6 +10,7 @@ use crate::cluster::{Cluster, ClusterHealth};
 use crate::config::Config;
 use crate::error::HerdError;
 use crate::hub::{Hub, HubMsg};
+use crate::memo::KeyMemo;
 use crate::metrics::Metrics;
 use crate::outbox::{SessionCtl, SessionId};
 use crate::pool::{EvaluatorTable, Pool};
@@ -50,6 +51,8 @@ pub struct Broker {
     pub session_tasks: TaskTracker,
     /// tokio-tungstenite's settings for every session.
     pub ws_config: WebSocketConfig,
+    /// Raw inputs to keys (sessions read and fill it).
+    pub memo: KeyMemo,
     next_session: AtomicU64,
     connections: AtomicUsize,
     /// The close code every session gets once shutdown closes them (0 before),
@@ -109,6 +112,10 @@ impl Broker {
         );
         tokio::spawn(renderer.run(watch_rx, hub_stop.clone()));
         let ws_config = crate::session::websocket_config(&config.limits);
+        let memo = KeyMemo::new(
+            config.limits.key_memo_entries,
+            config.limits.key_memo_max_input_bytes,
+        );
         Ok(Arc::new(Broker {
             config,
             gate,
@@ -121,6 +128,7 @@ impl Broker {
             sessions: DashMap::new(),
             session_tasks: TaskTracker::new(),
             ws_config,
+            memo,
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             closing_all: AtomicU16::new(0),

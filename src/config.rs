@@ -145,6 +145,11 @@ pub struct Limits {
     pub ws_max_write_buffer: usize,
     /// Frames a writer sends between two flushes.
     pub write_batch: usize,
+    /// Raw inputs remembered with their key, so that a byte-identical
+    /// repeated submit skips parsing and hashing (0: none).
+    pub key_memo_entries: usize,
+    /// Longest raw input the key memo keeps.
+    pub key_memo_max_input_bytes: usize,
 }
 
 impl Default for Limits {
@@ -165,6 +170,8 @@ impl Default for Limits {
             ws_write_buffer: 16 * 1024,
             ws_max_write_buffer: 8 << 20,
             write_batch: 64,
+            key_memo_entries: 16_384,
+            key_memo_max_input_bytes: 4096,
         }
     }
 }

@@ -23,7 +23,7 @@
 //! - [`server`]: the port (HTTP routes, WebSocket upgrade) and shutdown;
 //! - [`session`]: one connection's reader and writer;
 //! - [`protocol`]: request parsing and frame writing;
-//! - [`key`]: canonical JSON and key derivation;
+//! - [`key`]: canonical JSON and key derivation; [`memo`]: raw inputs to keys;
 //! - [`cache`]: the bounded results cache;
 //! - [`hub`]: the wait table, owned by one task;
 //! - [`pool`], [`eval`] and [`process`]: evaluator threads, the builtin
@@ -53,6 +53,7 @@ pub mod error;
 pub mod eval;
 pub mod hub;
 pub mod key;
+pub mod memo;
 pub mod metrics;
 pub mod outbox;
 pub mod pool;

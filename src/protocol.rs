@@ -30,16 +30,17 @@ pub type ReqId = Option<Box<str>>;
 
 /// One parsed request.
 #[derive(Debug)]
-pub struct Request {
+pub struct Request<'a> {
     pub id: ReqId,
-    pub op: Op,
+    pub op: Op<'a>,
 }
 
 /// The operations of the protocol (docs/protocol.md).
 #[derive(Debug)]
-pub enum Op {
+pub enum Op<'a> {
     Submit {
-        input: Value,
+        /// The input as sent (parsed only when its key is not known yet).
+        input: &'a RawValue,
         fn_name: Option<String>,
         wait: bool,
     },
@@ -76,7 +77,7 @@ pub enum Op {
 /// Most tasks one worker session may take at once for one fn.
 pub const MAX_CONCURRENCY: usize = 1024;
 
-impl Op {
+impl Op<'_> {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Submit { .. } => "submit",
@@ -154,7 +155,7 @@ where
 }
 
 /// Parses one text frame into a request.
-pub fn parse_request(text: &str) -> Result<Request, Rejection> {
+pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
     // Checked first: serde would also read a struct from a JSON array.
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -196,12 +197,6 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
     let op = match &*op {
         "submit" => {
             let input = members.input.ok_or_else(|| bad("missing \"input\""))?;
-            // The frame is valid JSON here, so this fails only past serde_json's depth limit.
-            let input: Value = serde_json::from_str(input.get()).map_err(|e| {
-                bad(&format!(
-                    "\"input\" is nested deeper than {MAX_INPUT_DEPTH} levels: {e}"
-                ))
-            })?;
             let fn_name = match members.fn_name {
                 None => None,
                 Some(raw) => Some(
@@ -335,6 +330,13 @@ fn nested_deeper_than(text: &str, max: usize) -> bool {
         }
     }
     false
+}
+
+/// Parses a submit's raw `input` into a value; the frame is valid JSON, so
+/// this fails only past serde_json's depth limit.
+pub fn parse_input(input: &RawValue) -> Result<Value, String> {
+    serde_json::from_str(input.get())
+        .map_err(|e| format!("\"input\" is nested deeper than {MAX_INPUT_DEPTH} levels: {e}"))
 }
 
 /// The string a raw JSON value holds, borrowed when it has no escapes.

@@ -72,8 +72,11 @@ def test_errors_are_typed(make_broker):
             with pytest.raises(herd.Refused) as unknown:
                 await h.submit(1, fn="nope")
             assert unknown.value.code == "unknown_fn"
-            first = asyncio.ensure_future(h.submit({"sleep_ms": 300, "hold": 1}))
-            await asyncio.sleep(0.05)
+            held = {"sleep_ms": 300, "hold": 1}
+            first = asyncio.ensure_future(h.submit(held))
+            # The broker shows the first submit waiting before the second is sent.
+            while (await h.get(herd.key(held))).state == "unknown":
+                pass
             with pytest.raises(herd.Busy):
                 await h.submit({"sleep_ms": 1, "over": 1})
             await first
@@ -109,7 +112,8 @@ def test_reconnect_across_a_restart_loses_no_request(make_broker):
             during = asyncio.ensure_future(h.submit([3, 4], fn="echo"))
             subscribed = h.subscribe(herd.key({"after": "restart", "sleep_ms": 10}))
             waiting = asyncio.ensure_future(subscribed.__anext__())
-            await asyncio.sleep(0.2)
+            # Let both calls register (one turn of the loop); no broker is there.
+            await asyncio.sleep(0)
             second = make_broker(port=port)
             assert await during == [3, 4]
             async with herd.connect(second.url) as other:
