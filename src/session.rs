@@ -14,6 +14,7 @@ use crate::error::ErrorCode;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
 use crate::outbox::{close, Frame, Outbox, SessionCtl};
+use crate::pool::EvaluatorSpec;
 use crate::protocol::{
     error_frame, parse_input, parse_request, unix_ms, FrameWriter, Op, ReqId, DRAINING_MESSAGE,
     PROTOCOL_VERSION,
@@ -297,14 +298,10 @@ impl Reader<'_> {
         // A byte-identical input seen before: its key without parsing or hashing.
         let raw = input.get().as_bytes();
         let memoized = broker.memo.get(spec.index, raw);
-        if let Some(cached) = memoized.and_then(|key| broker.cache.get(&key).map(|c| (key, c))) {
-            let (key, cached) = cached;
-            spec.metrics.cache_hits.inc();
-            self.outbox.reply(cached.result_frame(&id, &key)).await;
-            spec.metrics
-                .latency_seconds
-                .observe(arrived.elapsed().as_secs_f64());
-            return;
+        if let Some(key) = memoized {
+            if self.answer_from_cache(spec, &id, &key, arrived).await {
+                return;
+            }
         }
         let input = match parse_input(input) {
             Ok(value) => value,
@@ -333,12 +330,7 @@ impl Reader<'_> {
                 key
             }
         };
-        if let Some(cached) = broker.cache.get(&key) {
-            spec.metrics.cache_hits.inc();
-            self.outbox.reply(cached.result_frame(&id, &key)).await;
-            spec.metrics
-                .latency_seconds
-                .observe(arrived.elapsed().as_secs_f64());
+        if self.answer_from_cache(spec, &id, &key, arrived).await {
             return;
         }
         let evaluator = spec.index;
@@ -351,6 +343,25 @@ impl Reader<'_> {
             wait,
         })
         .await
+    }
+
+    /// Answers a submit from the cache if `key` is there (counted as a hit).
+    async fn answer_from_cache(
+        &self,
+        spec: &EvaluatorSpec,
+        id: &ReqId,
+        key: &Key,
+        arrived: std::time::Instant,
+    ) -> bool {
+        let Some(cached) = self.broker.cache.get(key) else {
+            return false;
+        };
+        spec.metrics.cache_hits.inc();
+        self.outbox.reply(cached.result_frame(id, key)).await;
+        spec.metrics
+            .latency_seconds
+            .observe(arrived.elapsed().as_secs_f64());
+        true
     }
 
     fn waiter(&self, key: Key, id: ReqId) -> Waiter {
