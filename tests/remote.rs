@@ -78,21 +78,24 @@ async fn raw_worker(server: &TestServer, fn_name: &str, concurrency: usize) -> C
 async fn workers_on_two_fns_evaluate_each_key_once() {
     let server = TestServer::start(config(TWO_FNS)).await;
     let calls: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    // Evaluations are held until every submit has reached the broker, so
+    // each identical submit finds its key's evaluation under way.
+    let (release, gate) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     for (n, fn_name) in ["embed", "embed", "embed", "rank", "rank"]
         .iter()
         .enumerate()
     {
-        let calls = Arc::clone(&calls);
+        let (calls, gate) = (Arc::clone(&calls), gate.clone());
         workers.push(ApiWorker::start(
             &server.url(),
             fn_name,
             2,
             move |task: Task| {
-                let calls = Arc::clone(&calls);
+                let (calls, mut gate) = (Arc::clone(&calls), gate.clone());
                 async move {
                     *calls.lock().unwrap().entry(task.key.clone()).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = gate.wait_for(|open| *open).await;
                     Ok(json!({"fn": task.fn_name, "input": task.input, "worker": n}))
                 }
             },
@@ -115,6 +118,8 @@ async fn workers_on_two_fns_evaluate_each_key_once() {
                 .await;
         }
     }
+    server.wait_stats(|s| s["submits"] == 120).await;
+    release.send(true).unwrap();
     for agent in agents.iter_mut() {
         let mut results = 0;
         while results < 10 {
