@@ -9,8 +9,16 @@ use serde_json::Value;
 use std::fmt;
 
 /// The 16-byte identity of (`fn`, input).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key(pub [u8; 16]);
+
+/// A key is already a uniform hash: it feeds a map's hasher as one integer,
+/// not as a slice with a length prefix.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_le_bytes(self.0));
+    }
+}
 
 impl Key {
     /// Derives the key of `canonical_input` (already canonical JSON) under `fn_name`.
