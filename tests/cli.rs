@@ -453,3 +453,39 @@ async fn errors_are_one_clear_line_with_the_right_exit_code() {
     assert!(!said.contains("Some("), "{said}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn hits_against_redis_says_when_no_redis_server_answers() {
+    let server = TestServer::start(common::config(common::BASIC)).await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port().to_string();
+    drop(free);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        run_plain(
+            &[
+                "bench",
+                "--url",
+                &server.url(),
+                "hits",
+                "--redis",
+                "--redis-port",
+                &port,
+                "--warm",
+                "1",
+                "--duration-s",
+                "0.1",
+            ],
+            &[],
+        ),
+    )
+    .await
+    .expect("herd bench ended instead of waiting for redis");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("no redis-server answers on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    server.stop().await;
+}

@@ -31,6 +31,9 @@ pub struct HitsArgs {
     /// Requests for the redis-benchmark reference run.
     #[arg(long, default_value_t = 2_000_000)]
     pub redis_requests: u64,
+    /// Port of the local redis-server for `--redis`.
+    #[arg(long, default_value_t = 6379)]
+    pub redis_port: u16,
 }
 
 struct SessionRun {
@@ -46,6 +49,19 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
     let inputs: Vec<String> = (0..args.warm)
         .map(|i| json!({"bench": "hits", "seed": seed, "i": i, "sleep_ms": 0}).to_string())
         .collect();
+    if args.redis {
+        // redis-benchmark waits forever for a server that is not there.
+        tokio::net::TcpStream::connect(("127.0.0.1", args.redis_port))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--redis: no redis-server answers on 127.0.0.1:{} ({e}); start one \
+                     (redis-server --port {} --daemonize yes) or leave out --redis",
+                    args.redis_port,
+                    args.redis_port
+                )
+            })?;
+    }
     warm(target, args, &inputs).await?;
     let requests: std::sync::Arc<Vec<Utf8Bytes>> = std::sync::Arc::new(
         inputs
@@ -195,6 +211,10 @@ async fn redis_reference(args: &HitsArgs) -> anyhow::Result<f64> {
             "-n",
             &args.redis_requests.to_string(),
             "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &args.redis_port.to_string(),
         ])
         .output()
         .await
