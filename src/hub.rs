@@ -40,7 +40,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
@@ -1027,7 +1026,7 @@ impl Hub {
         let latency = evaluator.map(|e| self.evaluators.get(e).metrics.latency_seconds.clone());
         // Waiters without an id all get the very same frame; waiters with
         // one get a head of their own and share the tail when it is large.
-        let mut anonymous: Option<Utf8Bytes> = None;
+        let mut anonymous: Option<Frame> = None;
         let split = (tail.len() >= SPLIT_MIN_BYTES).then(|| Bytes::from(tail.clone()));
         let now = Instant::now();
         for waiter in &entry.waiters {
@@ -1036,12 +1035,10 @@ impl Hub {
                     FrameWriter::new("result").id(&waiter.id).open(),
                     shared_tail.clone(),
                 ),
-                (Some(_), None) => Frame::Text(result_frame(&waiter.id, &tail).into()),
-                (None, _) => Frame::Text(
-                    anonymous
-                        .get_or_insert_with(|| result_frame(&None, &tail).into())
-                        .clone(),
-                ),
+                (Some(_), None) => Frame::Text(result_frame(&waiter.id, &tail)),
+                (None, _) => anonymous
+                    .get_or_insert_with(|| Frame::shared(result_frame(&None, &tail)))
+                    .clone(),
             };
             waiter.outbox.push(frame);
             if let (Some(since), Some(latency)) = (waiter.since, &latency) {

@@ -52,34 +52,50 @@ pub mod close {
     }
 }
 
-/// One message for the client, as queued.
+/// One message for the client, as queued. Kept small (24 bytes): a queue
+/// allocates room for 32 frames at a time, idle sessions included.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    /// A whole text message.
-    Text(Utf8Bytes),
+    /// A text message of this recipient's own.
+    Text(String),
+    /// A text message shared by several recipients.
+    Shared(Arc<Utf8Bytes>),
     /// One text message in two WebSocket frames: a head of this recipient's
     /// own and a tail shared by every recipient (a result's output, a
     /// snapshot), so fanning it out copies no output per recipient.
-    Split { head: Bytes, tail: Bytes },
+    Split(Arc<SplitFrame>),
     /// Anything else (the echo transport sends binary messages too).
-    Other(Message),
+    Other(Box<Message>),
+}
+
+/// The two parts of a [`Frame::Split`].
+#[derive(Debug)]
+pub struct SplitFrame {
+    head: Bytes,
+    tail: Bytes,
 }
 
 impl Frame {
     /// A message split into a recipient's `head` (valid UTF-8 up to a JSON
     /// member boundary) and a shared `tail`.
     pub fn split(head: String, tail: Bytes) -> Frame {
-        Frame::Split {
+        Frame::Split(Arc::new(SplitFrame {
             head: head.into(),
             tail,
-        }
+        }))
+    }
+
+    /// One text message for several recipients.
+    pub fn shared(text: String) -> Frame {
+        Frame::Shared(Arc::new(text.into()))
     }
 
     /// Bytes this frame holds while queued, as counted against `outbound_bytes`.
     pub fn len(&self) -> usize {
         match self {
             Frame::Text(t) => t.len(),
-            Frame::Split { head, tail } => head.len() + tail.len(),
+            Frame::Shared(t) => t.len(),
+            Frame::Split(s) => s.head.len() + s.tail.len(),
             Frame::Other(m) => m.len(),
         }
     }
@@ -91,12 +107,17 @@ impl Frame {
     /// The WebSocket messages that carry this frame, in order.
     pub fn into_messages(self) -> impl Iterator<Item = Message> {
         let (first, second) = match self {
-            Frame::Text(t) => (Message::Text(t), None),
-            Frame::Other(m) => (m, None),
-            Frame::Split { head, tail } => (
-                Message::Frame(WsFrame::message(head, OpCode::Data(Data::Text), false)),
+            Frame::Text(t) => (Message::Text(t.into()), None),
+            Frame::Shared(t) => (Message::Text((*t).clone()), None),
+            Frame::Other(m) => (*m, None),
+            Frame::Split(s) => (
+                Message::Frame(WsFrame::message(
+                    s.head.clone(),
+                    OpCode::Data(Data::Text),
+                    false,
+                )),
                 Some(Message::Frame(WsFrame::message(
-                    tail,
+                    s.tail.clone(),
                     OpCode::Data(Data::Continue),
                     true,
                 ))),
@@ -108,12 +129,6 @@ impl Frame {
 
 impl From<String> for Frame {
     fn from(s: String) -> Frame {
-        Frame::Text(s.into())
-    }
-}
-
-impl From<Utf8Bytes> for Frame {
-    fn from(s: Utf8Bytes) -> Frame {
         Frame::Text(s)
     }
 }
@@ -258,7 +273,28 @@ impl Outbox {
     /// Queues a reply to the session's own request, waiting for room; gives
     /// up when the session closes.
     pub async fn reply(&self, frame: impl Into<Frame>) {
-        let frame = frame.into();
+        // Room at once is the usual case; only a wait needs the waiting
+        // machinery, which lives on the heap while it waits.
+        match self.try_reply(frame.into()) {
+            Ok(()) => {}
+            Err(frame) => Box::pin(self.reply_when_room(frame)).await,
+        }
+    }
+
+    /// Queues `frame` if the queue has room for it now.
+    fn try_reply(&self, frame: Frame) -> Result<(), Frame> {
+        let Ok(budget) = self.ctl.budget.try_acquire_many(self.ctl.cost(frame.len())) else {
+            return Err(frame);
+        };
+        let Ok(slot) = self.tx.try_reserve() else {
+            return Err(frame);
+        };
+        budget.forget();
+        slot.send(frame);
+        Ok(())
+    }
+
+    async fn reply_when_room(&self, frame: Frame) {
         let len = frame.len();
         let room = async {
             self.ctl

@@ -23,12 +23,14 @@ use crate::snapshot::WatchMsg;
 use futures::future::{Fuse, FutureExt};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -58,48 +60,62 @@ fn allows(identity: &Identity, op: &Op) -> bool {
 
 /// Serves one upgraded connection until it closes. The caller has taken a
 /// connection slot with [`Broker::admit`]; it is given back here.
-pub async fn serve<S>(
+///
+/// Only the socket's two halves go into the session's task (what a future
+/// is given stays in it for its whole life), so an idle session stays small.
+pub fn serve<S>(
     ws: WebSocketStream<S>,
     broker: Arc<Broker>,
     peer: SocketAddr,
+    identity: Identity,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let uuid = uuid::Uuid::new_v4();
+    let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
+    let (sink, stream) = ws.split();
+    run_session(sink, stream, broker, uuid, identity).instrument(span)
+}
+
+async fn run_session<S>(
+    sink: Sink<S>,
+    stream: SplitStream<WebSocketStream<S>>,
+    broker: Arc<Broker>,
+    uuid: uuid::Uuid,
     identity: Identity,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = broker.next_session_id();
-    let uuid = uuid::Uuid::new_v4();
     let role = identity.role;
     let label: Arc<str> = format!("{}/{}", identity.name, &uuid.simple().to_string()[..8]).into();
-    let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
-    async move {
-        let limits = &broker.config.limits;
-        let ctl = Arc::new(SessionCtl::new(id, limits.outbound_bytes));
-        broker.register_session(&ctl);
-        let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
-        outbox.push(hello(&broker, uuid, role));
-        let identity = &identity;
-        info!(role = role.as_str(), "session open");
-        let (sink, stream) = ws.split();
-        let reader = Reader {
-            broker: &broker,
-            outbox,
-            identity,
-            label,
-            watching: false,
-        };
-        tokio::join!(
-            reader.run(stream, &ctl, limits),
-            write_loop(sink, rx, &ctl, limits)
-        );
-        let _ = broker.hub.send(HubMsg::SessionClosed { session: id }).await;
-        broker.sessions.remove(&id);
-        broker.release();
-        let code = ctl.code();
-        broker.metrics.record_close(code);
-        info!(code, reason = close::reason(code), "session closed");
+    let limits = &broker.config.limits;
+    let ctl = Arc::new(SessionCtl::new(id, limits.outbound_bytes));
+    broker.register_session(&ctl);
+    let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
+    outbox.push(hello(&broker, uuid, role));
+    info!(role = role.as_str(), "session open");
+    let reader = Reader {
+        broker: &broker,
+        outbox,
+        identity: &identity,
+        label,
+        watching: false,
+    };
+    tokio::join!(
+        reader.run(stream, &ctl, limits),
+        write_loop(sink, rx, &ctl, limits)
+    );
+    let closed = HubMsg::SessionClosed { session: id };
+    if let Err(TrySendError::Full(closed)) = broker.hub.try_send(closed) {
+        let _ = Box::pin(broker.hub.send(closed)).await;
     }
-    .instrument(span)
-    .await
+    broker.sessions.remove(&id);
+    broker.release();
+    let code = ctl.code();
+    broker.metrics.record_close(code);
+    info!(code, reason = close::reason(code), "session closed");
 }
 
 fn hello(broker: &Broker, uuid: uuid::Uuid, role: Role) -> String {
@@ -116,6 +132,28 @@ fn hello(broker: &Broker, uuid: uuid::Uuid, role: Role) -> String {
         .finish()
 }
 
+/// What is left to do for a request once it has been read: at most one wait.
+enum Then<'a> {
+    Reply(Frame),
+    /// A cache hit: the reply, then its latency observed.
+    Hit {
+        frame: Frame,
+        spec: &'a EvaluatorSpec,
+        arrived: std::time::Instant,
+    },
+    Hub(HubMsg),
+    Watchers(WatchMsg),
+    Unwatch,
+}
+
+fn reject<'a>(id: &ReqId, code: ErrorCode, message: &str) -> Then<'a> {
+    Then::Reply(error_frame(id, code.as_str(), message).into())
+}
+
+fn reject_draining<'a>(id: &ReqId) -> Then<'a> {
+    reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
+}
+
 struct Reader<'a> {
     broker: &'a Arc<Broker>,
     outbox: Outbox,
@@ -126,7 +164,7 @@ struct Reader<'a> {
     watching: bool,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     async fn run<S>(
         mut self,
         mut stream: SplitStream<WebSocketStream<S>>,
@@ -140,7 +178,10 @@ impl Reader<'_> {
         tokio::pin!(closing);
         while let Some(message) = next_message(&mut stream, &mut closing, ctl, limits).await {
             match message {
-                Message::Text(text) => self.handle(&text).await,
+                Message::Text(text) => {
+                    let then = self.handle(&text);
+                    self.act(then).await
+                }
                 _ => {
                     self.outbox
                         .reply(error_frame(
@@ -155,172 +196,182 @@ impl Reader<'_> {
         self.unwatch().await;
     }
 
-    async fn handle(&mut self, text: &str) {
+    /// Carries out what a request asked for: the one wait each request has.
+    async fn act(&mut self, then: Then<'_>) {
+        match then {
+            Then::Reply(frame) => self.outbox.reply(frame).await,
+            Then::Hit {
+                frame,
+                spec,
+                arrived,
+            } => {
+                self.outbox.reply(frame).await;
+                spec.metrics
+                    .latency_seconds
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
+            // The hub outlives every session; a send fails only while the
+            // broker stops. Waiting for room in its queue is the rare case.
+            Then::Hub(msg) => {
+                if let Err(TrySendError::Full(msg)) = self.broker.hub.try_send(msg) {
+                    let _ = Box::pin(self.broker.hub.send(msg)).await;
+                }
+            }
+            Then::Watchers(msg) => {
+                let _ = Box::pin(self.broker.watchers.send(msg)).await;
+            }
+            Then::Unwatch => Box::pin(self.unwatch()).await,
+        }
+    }
+
+    /// Serves one request as far as it can without waiting, and says what
+    /// is left to wait for. Keeping every wait in [`Reader::act`] keeps the
+    /// session's task small.
+    fn handle(&mut self, text: &str) -> Then<'a> {
         let request = match parse_request(text) {
             Ok(r) => r,
-            Err(rejection) => return self.outbox.reply(rejection.frame()).await,
+            Err(rejection) => return Then::Reply(rejection.frame().into()),
         };
         let id = request.id;
         if !allows(self.identity, &request.op) {
-            return self
-                .reject(
-                    &id,
-                    ErrorCode::Forbidden,
-                    &format!(
-                        "role {} may not use {}",
-                        self.identity.role.as_str(),
-                        request.op.name()
-                    ),
-                )
-                .await;
+            return reject(
+                &id,
+                ErrorCode::Forbidden,
+                &format!(
+                    "role {} may not use {}",
+                    self.identity.role.as_str(),
+                    request.op.name()
+                ),
+            );
         }
         match request.op {
-            Op::Ping => {
-                self.outbox
-                    .reply(
-                        FrameWriter::new("pong")
-                            .id(&id)
-                            .uint("server_time_ms", unix_ms())
-                            .finish(),
-                    )
-                    .await
-            }
+            Op::Ping => Then::Reply(
+                FrameWriter::new("pong")
+                    .id(&id)
+                    .uint("server_time_ms", unix_ms())
+                    .finish()
+                    .into(),
+            ),
             Op::Submit {
                 input,
                 fn_name,
                 wait,
-            } => self.submit(id, input, fn_name, wait).await,
+            } => self.submit(id, input, fn_name, wait),
             Op::Get { key } => match self.broker.cache.get(&key) {
-                Some(cached) => self.outbox.reply(cached.status_frame(&id, &key)).await,
-                None => {
-                    self.to_hub(HubMsg::Get {
-                        key,
-                        id,
-                        outbox: self.outbox.clone(),
-                    })
-                    .await
-                }
-            },
-            Op::Subscribe { key } => {
-                if let Some(cached) = self.broker.cache.get(&key) {
-                    return self.outbox.reply(cached.result_frame(&id, &key)).await;
-                }
-                if self.broker.is_draining() {
-                    return self.reject_draining(&id).await;
-                }
-                let waiter = self.waiter(key, id);
-                self.to_hub(HubMsg::Subscribe { waiter }).await
-            }
-            Op::Cancel { key } => {
-                self.to_hub(HubMsg::Cancel {
+                Some(cached) => Then::Reply(cached.status_frame(&id, &key).into()),
+                None => Then::Hub(HubMsg::Get {
                     key,
                     id,
                     outbox: self.outbox.clone(),
+                }),
+            },
+            Op::Subscribe { key } => {
+                if let Some(cached) = self.broker.cache.get(&key) {
+                    return Then::Reply(cached.result_frame(&id, &key).into());
+                }
+                if self.broker.is_draining() {
+                    return reject_draining(&id);
+                }
+                Then::Hub(HubMsg::Subscribe {
+                    waiter: self.waiter(key, id),
                 })
-                .await
             }
+            Op::Cancel { key } => Then::Hub(HubMsg::Cancel {
+                key,
+                id,
+                outbox: self.outbox.clone(),
+            }),
             Op::Watch { interval_ms } => {
                 self.watching = true;
-                let msg = WatchMsg::Start {
+                Then::Watchers(WatchMsg::Start {
                     id,
                     interval: Duration::from_millis(interval_ms),
                     outbox: self.outbox.clone(),
-                };
-                let _ = self.broker.watchers.send(msg).await;
+                })
             }
-            Op::Unwatch => self.unwatch().await,
+            Op::Unwatch => Then::Unwatch,
             Op::Serve {
                 fn_name,
                 concurrency,
             } => {
-                let Some(evaluator) = self.remote_fn(&id, &fn_name).await else {
-                    return;
+                let evaluator = match self.remote_fn(&id, &fn_name) {
+                    Ok(evaluator) => evaluator,
+                    Err(rejected) => return rejected,
                 };
                 if self.broker.is_draining() {
-                    return self.reject_draining(&id).await;
+                    return reject_draining(&id);
                 }
-                self.to_hub(HubMsg::Serve {
+                Then::Hub(HubMsg::Serve {
                     outbox: self.outbox.clone(),
                     label: Arc::clone(&self.label),
                     evaluator,
                     concurrency,
                     id,
                 })
-                .await
             }
-            Op::Unserve { fn_name } => {
-                let Some(evaluator) = self.remote_fn(&id, &fn_name).await else {
-                    return;
-                };
-                self.to_hub(HubMsg::Unserve {
+            Op::Unserve { fn_name } => match self.remote_fn(&id, &fn_name) {
+                Ok(evaluator) => Then::Hub(HubMsg::Unserve {
                     outbox: self.outbox.clone(),
                     evaluator,
                     id,
-                })
-                .await
-            }
-            Op::Complete { task, outcome } => {
-                self.to_hub(HubMsg::Complete {
-                    outbox: self.outbox.clone(),
-                    task,
-                    outcome,
-                    id,
-                })
-                .await
-            }
+                }),
+                Err(rejected) => rejected,
+            },
+            Op::Complete { task, outcome } => Then::Hub(HubMsg::Complete {
+                outbox: self.outbox.clone(),
+                task,
+                outcome,
+                id,
+            }),
         }
     }
 
-    async fn submit(
-        &mut self,
+    fn submit(
+        &self,
         id: ReqId,
         input: &serde_json::value::RawValue,
         fn_name: Option<String>,
         wait: bool,
-    ) {
-        let broker = self.broker;
+    ) -> Then<'a> {
+        let broker: &'a Broker = self.broker;
         let arrived = std::time::Instant::now();
         let name = fn_name.as_deref().unwrap_or("default");
         let Some(spec) = broker.evaluators.lookup(name) else {
             let shown: String = name.chars().take(64).collect();
-            return self
-                .reject(
-                    &id,
-                    ErrorCode::UnknownFn,
-                    &format!("no evaluator is configured under fn {shown:?}"),
-                )
-                .await;
+            return reject(
+                &id,
+                ErrorCode::UnknownFn,
+                &format!("no evaluator is configured under fn {shown:?}"),
+            );
         };
         spec.metrics.submits.inc();
         if broker.is_draining() {
-            return self.reject_draining(&id).await;
+            return reject_draining(&id);
         }
         // A byte-identical input seen before: its key without parsing or hashing.
         let raw = input.get().as_bytes();
         let memoized = broker.memo.get(spec.index, raw);
         if let Some(key) = memoized {
-            if self.answer_from_cache(spec, &id, &key, arrived).await {
-                return;
+            if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived) {
+                return hit;
             }
         }
         let input = match parse_input(input) {
             Ok(value) => value,
-            Err(message) => return self.reject(&id, ErrorCode::BadRequest, &message).await,
+            Err(message) => return reject(&id, ErrorCode::BadRequest, &message),
         };
         let canonical = canonical_json(&input);
         drop(input);
         if canonical.len() > spec.max_input_bytes {
-            return self
-                .reject(
-                    &id,
-                    ErrorCode::BadRequest,
-                    &format!(
-                        "input is {} bytes; fn {name:?} takes at most {} (max_input_bytes)",
-                        canonical.len(),
-                        spec.max_input_bytes
-                    ),
-                )
-                .await;
+            return reject(
+                &id,
+                ErrorCode::BadRequest,
+                &format!(
+                    "input is {} bytes; fn {name:?} takes at most {} (max_input_bytes)",
+                    canonical.len(),
+                    spec.max_input_bytes
+                ),
+            );
         }
         let key = match memoized {
             Some(key) => key,
@@ -330,38 +381,35 @@ impl Reader<'_> {
                 key
             }
         };
-        if self.answer_from_cache(spec, &id, &key, arrived).await {
-            return;
+        if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived) {
+            return hit;
         }
         let evaluator = spec.index;
         let mut waiter = self.waiter(key, id);
         waiter.since = wait.then_some(arrived);
-        self.to_hub(HubMsg::Submit {
+        Then::Hub(HubMsg::Submit {
             waiter,
             evaluator,
             input: canonical.into(),
             wait,
         })
-        .await
     }
 
-    /// Answers a submit from the cache if `key` is there (counted as a hit).
-    async fn answer_from_cache(
+    /// The answer to a submit from the cache if `key` is there (counted as a hit).
+    fn answer_from_cache(
         &self,
-        spec: &EvaluatorSpec,
+        spec: &'a EvaluatorSpec,
         id: &ReqId,
         key: &Key,
         arrived: std::time::Instant,
-    ) -> bool {
-        let Some(cached) = self.broker.cache.get(key) else {
-            return false;
-        };
+    ) -> Option<Then<'a>> {
+        let cached = self.broker.cache.get(key)?;
         spec.metrics.cache_hits.inc();
-        self.outbox.reply(cached.result_frame(id, key)).await;
-        spec.metrics
-            .latency_seconds
-            .observe(arrived.elapsed().as_secs_f64());
-        true
+        Some(Then::Hit {
+            frame: cached.result_frame(id, key).into(),
+            spec,
+            arrived,
+        })
     }
 
     fn waiter(&self, key: Key, id: ReqId) -> Waiter {
@@ -373,25 +421,9 @@ impl Reader<'_> {
         }
     }
 
-    async fn to_hub(&self, msg: HubMsg) {
-        // The hub outlives every session; a send fails only while the broker stops.
-        let _ = self.broker.hub.send(msg).await;
-    }
-
-    async fn reject(&self, id: &ReqId, code: ErrorCode, message: &str) {
-        self.outbox
-            .reply(error_frame(id, code.as_str(), message))
-            .await;
-    }
-
-    async fn reject_draining(&self, id: &ReqId) {
-        self.reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
-            .await
-    }
-
     /// The index of remote evaluator `fn_name` if this session may serve it;
-    /// otherwise answers `unknown_fn` or `forbidden`.
-    async fn remote_fn(&self, id: &ReqId, fn_name: &str) -> Option<usize> {
+    /// otherwise the `unknown_fn` or `forbidden` answer.
+    fn remote_fn(&self, id: &ReqId, fn_name: &str) -> Result<usize, Then<'a>> {
         let shown: String = fn_name.chars().take(64).collect();
         let Some(spec) = self
             .broker
@@ -399,24 +431,20 @@ impl Reader<'_> {
             .lookup(fn_name)
             .filter(|spec| spec.remote)
         else {
-            self.reject(
+            return Err(reject(
                 id,
                 ErrorCode::UnknownFn,
                 &format!("no remote evaluator is configured under fn {shown:?}"),
-            )
-            .await;
-            return None;
+            ));
         };
         if !self.identity.serve.allows(fn_name) {
-            self.reject(
+            return Err(reject(
                 id,
                 ErrorCode::Forbidden,
                 &format!("token {:?} may not serve fn {shown:?}", self.identity.name),
-            )
-            .await;
-            return None;
+            ));
         }
-        Some(spec.index)
+        Ok(spec.index)
     }
 
     async fn unwatch(&mut self) {
@@ -476,7 +504,7 @@ where
             biased;
             next = stream.next() => next,
             _ = closing.as_mut() => {
-                linger(stream, limits).await;
+                Box::pin(linger(stream, limits)).await;
                 return None;
             }
         };
@@ -533,7 +561,7 @@ where
         let closing = ctl.closing().cancelled();
         tokio::pin!(closing);
         while let Some(message) = next_message(&mut stream, &mut closing, &ctl, limits).await {
-            outbox.reply(Frame::Other(message)).await;
+            outbox.reply(Frame::Other(Box::new(message))).await;
         }
     };
     tokio::join!(reader, write_loop(sink, rx, &ctl, limits));
@@ -568,11 +596,14 @@ where
 /// the close frame.
 ///
 /// One loop, one select; each arm is one concern: the queue (gather a batch
-/// and start writing it), the write in progress (its end, and its deadline:
+/// and start writing it), the write in progress (its end, or its deadline:
 /// a write that takes longer than `limits.write_timeout_ms` closes the
 /// session with 4001), the heartbeat (checked even while a write is stuck),
 /// and closing (a hard close abandons a write in progress; a graceful one
 /// lets it finish, then sends what is still queued).
+///
+/// A write in progress and the close lives on the heap only while they
+/// run, so an idle session's task stays small.
 async fn write_loop<S>(
     sink: Sink<S>,
     mut rx: mpsc::Receiver<Frame>,
@@ -593,9 +624,8 @@ async fn write_loop<S>(
     let mut ping_owed = false;
     let closing = ctl.closing().cancelled();
     let hard = hard_close(ctl);
-    let deadline = tokio::time::sleep(write_timeout);
-    let write = Fuse::terminated();
-    tokio::pin!(closing, hard, deadline, write);
+    let mut write = Fuse::terminated();
+    tokio::pin!(closing, hard);
     loop {
         let writing = sink.is_none();
         let mut start = false;
@@ -603,9 +633,14 @@ async fn write_loop<S>(
             biased;
             _ = &mut hard => break,
             _ = &mut closing, if !writing => break,
-            (done, used, result) = &mut write, if writing => {
-                let result: Result<(), WsError> = result;
+            written = &mut write, if writing => {
                 ctl.release(std::mem::take(&mut batch_cost));
+                let Ok((done, used, result)) = written else {
+                    debug!("write made no progress within write_timeout_ms");
+                    ctl.close_with(close::SLOW_CONSUMER);
+                    break;
+                };
+                let result: Result<(), WsError> = result;
                 if result.is_err() {
                     ctl.close_with(close::ABNORMAL);
                     break;
@@ -617,11 +652,6 @@ async fn write_loop<S>(
                     batch.push(Message::Ping(Default::default()));
                     start = true;
                 }
-            }
-            _ = &mut deadline, if writing => {
-                debug!("write made no progress within write_timeout_ms");
-                ctl.close_with(close::SLOW_CONSUMER);
-                break;
             }
             frame = rx.recv(), if !writing => {
                 let Some(frame) = frame else { break };
@@ -658,11 +688,16 @@ async fn write_loop<S>(
         }
         if start {
             let idle = sink.take().expect("a batch starts only while idle");
-            deadline.as_mut().reset(Instant::now() + write_timeout);
-            write.set(write_batch(idle, std::mem::take(&mut batch)).fuse());
+            let batch = std::mem::take(&mut batch);
+            write = Box::pin(tokio::time::timeout(
+                write_timeout,
+                write_batch(idle, batch),
+            ))
+            .fuse();
         }
     }
-    finish_close(sink, rx, ctl, limits).await;
+    drop(write);
+    Box::pin(finish_close(sink, rx, ctl, limits)).await;
     ctl.writer_stopped();
 }
 

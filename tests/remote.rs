@@ -162,6 +162,9 @@ async fn a_lost_worker_s_tasks_finish_on_another() {
         assert_eq!(task["fn"], "embed");
         assert!(task.get("attempt").is_none());
     }
+    // Every submit has joined its key before the worker is lost, so both
+    // agents wait on each re-run evaluation.
+    server.wait_stats(|s| s["submits"] == 4).await;
     let attempts: Arc<Mutex<Vec<u64>>> = Arc::default();
     let seen = Arc::clone(&attempts);
     let survivor = ApiWorker::start(&server.url(), "embed", 2, move |task: Task| {
