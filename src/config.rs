@@ -166,7 +166,7 @@ impl Default for Limits {
             close_timeout_ms: 2_000,
             header_timeout_ms: 10_000,
             hub_queue: 65_536,
-            ws_read_buffer: 4096,
+            ws_read_buffer: 2048,
             ws_write_buffer: 16 * 1024,
             ws_max_write_buffer: 8 << 20,
             write_batch: 64,

@@ -646,7 +646,11 @@ async fn write_loop<S>(
                     break;
                 }
                 sink = Some(done);
-                batch = used;
+                // The batch's room is kept while frames wait, and given
+                // back when the session goes quiet.
+                if !rx.is_empty() {
+                    batch = used;
+                }
                 if ping_owed {
                     ping_owed = false;
                     batch.push(Message::Ping(Default::default()));
