@@ -602,7 +602,7 @@ where
 /// and closing (a hard close abandons a write in progress; a graceful one
 /// lets it finish, then sends what is still queued).
 ///
-/// A write in progress and the close lives on the heap only while they
+/// A write in progress and the close live on the heap only while they
 /// run, so an idle session's task stays small.
 async fn write_loop<S>(
     sink: Sink<S>,
