@@ -9,7 +9,7 @@ use crate::cache::ResultCache;
 use crate::cluster::{Cluster, ClusterHealth};
 use crate::config::Config;
 use crate::error::HerdError;
-use crate::hub::{Hub, HubMsg};
+use crate::hub::{Hub, HubInputs, HubMsg};
 use crate::memo::KeyMemo;
 use crate::metrics::Metrics;
 use crate::outbox::{SessionCtl, SessionId};
@@ -84,12 +84,17 @@ impl Broker {
             Some(_) => {
                 metrics.cluster_mode.store(true, Ordering::Relaxed);
                 let health = Arc::new(ClusterHealth::new(metrics.cluster_up.clone()));
-                let task = Cluster::new(&config.cluster, &config.cache, hub_tx.clone(), health)?;
+                let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
+                let task = Cluster::new(&config.cluster, &config.cache, events_tx, health)?;
                 let (tx, rx) = mpsc::channel(config.limits.hub_queue);
                 tokio::spawn(task.run(rx, hub_stop.clone()));
-                Some(tx)
+                Some((tx, events_rx))
             }
             None => None,
+        };
+        let (cluster, cluster_events) = match cluster {
+            Some((tx, rx)) => (Some(tx), Some(rx)),
+            None => (None, None),
         };
         let hub = Hub::new(
             &config,
@@ -101,7 +106,13 @@ impl Broker {
             jobs_tx,
             cluster,
         );
-        let hub_task = tokio::spawn(hub.run(hub_rx, events_rx, hub_stop.clone()));
+        let inputs = HubInputs {
+            inbox: hub_rx,
+            myself: hub_tx.downgrade(),
+            events: events_rx,
+            cluster: cluster_events,
+        };
+        let hub_task = tokio::spawn(hub.run(inputs, hub_stop.clone()));
         let (watch_tx, watch_rx) = mpsc::channel(config.limits.hub_queue);
         let renderer = Renderer::new(
             &config,

@@ -29,8 +29,8 @@
 //! Redis Cluster shard.
 
 use crate::config::{CacheConfig, ClusterConfig};
+use crate::core::{ClusterCmd, ClusterEvent, Gen};
 use crate::error::EvalError;
-use crate::hub::HubMsg;
 use crate::key::Key;
 use crate::protocol::eval_error_json;
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -45,42 +45,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// What the hub asks of the cluster task.
-pub enum ClusterCmd {
-    /// A job for `key` starts here: find its result in Redis or claim it.
-    Acquire { key: Key, gen: u64 },
-    /// A subscription to a key nobody evaluates here: look in Redis.
-    Lookup { key: Key },
-    /// This broker evaluated `key`: store, publish, release the claim.
-    Finished {
-        key: Key,
-        outcome: Result<Arc<str>, EvalError>,
-    },
-    /// Stop looking again at `key` (its outcome was delivered).
-    Forget { key: Key },
-    /// Give up a claim nothing here evaluates any more.
-    Release { key: Key },
-}
-
-/// What the cluster task tells the hub.
-pub enum ClusterEvent {
-    /// The result was in Redis.
-    Found { key: Key, output: String },
-    /// This broker holds the claim: evaluate.
-    Claimed { key: Key, gen: u64 },
-    /// Another broker evaluates; wait for its completion.
-    Waiting { key: Key, gen: u64 },
-    /// Redis is away: evaluate here as a lone broker.
-    Local { key: Key, gen: u64 },
-    /// A key waited on is now claimed here (its claimant's lease expired).
-    Takeover { key: Key },
-    /// A broker finished `key` (published on `<prefix>done`).
-    Done {
-        key: Key,
-        outcome: Result<String, EvalError>,
-    },
-}
 
 /// Whether the cluster is reachable; shared with metrics and snapshots.
 #[derive(Debug)]
@@ -137,9 +101,9 @@ struct StoredError {
 }
 
 impl Stored<'_> {
-    fn outcome(&self) -> Option<Result<String, EvalError>> {
+    fn outcome(&self) -> Option<Result<Arc<str>, EvalError>> {
         match (&self.output, &self.error) {
-            (Some(output), None) => Some(Ok(output.get().to_string())),
+            (Some(output), None) => Some(Ok(output.get().into())),
             (None, Some(e)) if e.code == "eval_timeout" => {
                 Some(Err(EvalError::Timeout(e.message.clone())))
             }
@@ -192,17 +156,17 @@ impl ConnectionLike for Conn {
 pub struct Cluster {
     config: ClusterConfig,
     node: String,
-    hub: mpsc::Sender<HubMsg>,
+    hub: mpsc::Sender<ClusterEvent>,
     health: Arc<ClusterHealth>,
     /// None while a Redis Cluster connection has not been made (yet).
     conn: Option<Conn>,
     /// Makes Redis Cluster connections (when `redis_cluster` is set).
     cluster_client: Option<ClusterClient>,
     client: redis::Client,
-    /// Claims this broker holds: key → claim value.
-    held: HashMap<Key, String>,
-    /// Keys this broker waits on another broker for.
-    waiting: HashMap<Key, ()>,
+    /// Claims this broker holds: key → (the job holding it, claim value).
+    held: HashMap<Key, (Gen, String)>,
+    /// Keys this broker waits on another broker for, and the job waiting.
+    waiting: HashMap<Key, Gen>,
     next_claim: u64,
     result_ttl_s: u64,
     error_ttl_s: u64,
@@ -213,7 +177,7 @@ pub struct Cluster {
 
 /// What [`ACQUIRE`] found.
 enum Acquired {
-    Stored(Result<String, EvalError>),
+    Stored(Result<Arc<str>, EvalError>),
     Claimed,
     Held,
 }
@@ -229,7 +193,7 @@ impl Cluster {
     pub fn new(
         config: &ClusterConfig,
         cache: &CacheConfig,
-        hub: mpsc::Sender<HubMsg>,
+        hub: mpsc::Sender<ClusterEvent>,
         health: Arc<ClusterHealth>,
     ) -> Result<Cluster, crate::HerdError> {
         let url = config.redis.clone().unwrap_or_default();
@@ -285,7 +249,7 @@ impl Cluster {
     }
 
     async fn tell(&self, event: ClusterEvent) {
-        let _ = self.hub.send(HubMsg::Cluster(event)).await;
+        let _ = self.hub.send(event).await;
     }
 
     /// Runs until `stop` is cancelled or the hub is gone.
@@ -360,7 +324,7 @@ impl Cluster {
     async fn apply(&mut self, cmd: ClusterCmd) {
         match cmd {
             ClusterCmd::Acquire { key, gen } => {
-                let event = match self.acquire(&key).await {
+                let event = match self.acquire(&key, gen).await {
                     None => ClusterEvent::Local { key, gen },
                     Some(Acquired::Stored(Ok(output))) => ClusterEvent::Found { key, output },
                     Some(Acquired::Stored(Err(error))) => ClusterEvent::Done {
@@ -369,7 +333,7 @@ impl Cluster {
                     },
                     Some(Acquired::Claimed) => ClusterEvent::Claimed { key, gen },
                     Some(Acquired::Held) => {
-                        self.waiting.insert(key, ());
+                        self.waiting.insert(key, gen);
                         ClusterEvent::Waiting { key, gen }
                     }
                 };
@@ -387,16 +351,18 @@ impl Cluster {
                     self.tell(event).await;
                 }
             }
-            ClusterCmd::Finished { key, outcome } => self.finished(key, outcome).await,
-            ClusterCmd::Forget { key } => {
-                self.waiting.remove(&key);
+            ClusterCmd::Finished { key, gen, outcome } => self.finished(key, gen, outcome).await,
+            ClusterCmd::Forget { key, gen } => {
+                if self.waiting.get(&key) == Some(&gen) {
+                    self.waiting.remove(&key);
+                }
             }
-            ClusterCmd::Release { key } => self.release_claim(&key).await,
+            ClusterCmd::Release { key, gen } => self.release_claim(&key, gen).await,
         }
     }
 
     /// The stored outcome of `key`: Err(()) when Redis cannot be asked.
-    async fn find(&mut self, key: &Key) -> Result<Option<Result<String, EvalError>>, ()> {
+    async fn find(&mut self, key: &Key) -> Result<Option<Result<Arc<str>, EvalError>>, ()> {
         let name = self.key("result", key);
         let mut conn = self.conn().await.ok_or(())?;
         let stored: Option<String> = self.call(conn.get(name)).await.ok_or(())?;
@@ -405,7 +371,7 @@ impl Cluster {
 
     /// The stored outcome of `key`, or else a claim on it; None when Redis
     /// cannot be asked.
-    async fn acquire(&mut self, key: &Key) -> Option<Acquired> {
+    async fn acquire(&mut self, key: &Key, gen: Gen) -> Option<Acquired> {
         self.next_claim += 1;
         let value = format!("{}:{}", self.node, self.next_claim);
         let (result, claim) = (self.key("result", key), self.key("claim", key));
@@ -430,7 +396,7 @@ impl Cluster {
                 .and_then(|s| s.outcome())
                 .map(Acquired::Stored),
             2 => {
-                self.held.insert(*key, value);
+                self.held.insert(*key, (gen, value));
                 Some(Acquired::Claimed)
             }
             _ => Some(Acquired::Held),
@@ -438,7 +404,11 @@ impl Cluster {
     }
 
     async fn renew_claims(&mut self) {
-        let claims: Vec<(Key, String)> = self.held.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let claims: Vec<(Key, String)> = self
+            .held
+            .iter()
+            .map(|(k, (_, v))| (*k, v.clone()))
+            .collect();
         for (key, value) in claims {
             let name = self.key("claim", &key);
             let Some(mut conn) = self.conn().await else {
@@ -465,11 +435,11 @@ impl Cluster {
 
     /// Looks again at every key waited on: delivered, taken over, or local.
     async fn recheck(&mut self) {
-        let keys: Vec<Key> = self.waiting.keys().copied().collect();
-        for key in keys {
-            let event = match self.acquire(&key).await {
+        let keys: Vec<(Key, Gen)> = self.waiting.iter().map(|(k, g)| (*k, *g)).collect();
+        for (key, gen) in keys {
+            let event = match self.acquire(&key, gen).await {
                 // Redis went away: evaluate here rather than wait.
-                None => Some(ClusterEvent::Takeover { key }),
+                None => Some(ClusterEvent::Local { key, gen }),
                 Some(Acquired::Stored(Ok(output))) => Some(ClusterEvent::Found { key, output }),
                 Some(Acquired::Stored(Err(error))) => Some(ClusterEvent::Done {
                     key,
@@ -477,7 +447,7 @@ impl Cluster {
                 }),
                 Some(Acquired::Claimed) => {
                     tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
-                    Some(ClusterEvent::Takeover { key })
+                    Some(ClusterEvent::Takeover { key, gen })
                 }
                 Some(Acquired::Held) => None,
             };
@@ -488,7 +458,7 @@ impl Cluster {
         }
     }
 
-    async fn finished(&mut self, key: Key, outcome: Result<Arc<str>, EvalError>) {
+    async fn finished(&mut self, key: Key, gen: Gen, outcome: Result<Arc<str>, EvalError>) {
         let (stored, ttl) = match &outcome {
             Ok(output) => (format!("{{\"output\":{output}}}"), self.result_ttl_s),
             Err(error) => (
@@ -526,12 +496,13 @@ impl Cluster {
                     .await
             })
             .await;
-        self.release_claim(&key).await;
+        self.release_claim(&key, gen).await;
     }
 
-    /// Deletes our claim on `key`, if it is still ours.
-    async fn release_claim(&mut self, key: &Key) {
-        if let Some(value) = self.held.remove(key) {
+    /// Deletes the claim job `gen` holds on `key`, if it is still ours.
+    async fn release_claim(&mut self, key: &Key, gen: Gen) {
+        if self.held.get(key).is_some_and(|(g, _)| *g == gen) {
+            let (_, value) = self.held.remove(key).expect("just found");
             let name = self.key("claim", key);
             let Some(mut conn) = self.conn().await else {
                 return;
@@ -549,7 +520,7 @@ impl Cluster {
 async fn listen(
     client: redis::Client,
     channel: String,
-    hub: mpsc::Sender<HubMsg>,
+    hub: mpsc::Sender<ClusterEvent>,
     health: Arc<ClusterHealth>,
     retry_ms: u64,
     stop: CancellationToken,
@@ -583,7 +554,7 @@ async fn listen(
                         continue;
                     };
                     let event = ClusterEvent::Done { key, outcome };
-                    if hub.send(HubMsg::Cluster(event)).await.is_err() {
+                    if hub.send(event).await.is_err() {
                         return;
                     }
                 }

@@ -147,6 +147,10 @@ pub struct SessionCtl {
     budget: Semaphore,
     /// The whole budget: a frame counts for at most this much.
     budget_max: usize,
+    /// Someone held frames back for want of room ([`Outbox::try_push_half`])
+    /// and waits on `drained` for the writer to make some.
+    wants_room: AtomicBool,
+    drained: tokio::sync::Notify,
 }
 
 impl SessionCtl {
@@ -160,6 +164,23 @@ impl SessionCtl {
             peer_closed: AtomicBool::new(false),
             budget: Semaphore::new(outbound_bytes.min(Semaphore::MAX_PERMITS)),
             budget_max: outbound_bytes.min(Semaphore::MAX_PERMITS),
+            wants_room: AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Marks that frames were held back; true if nobody had marked it yet
+    /// (that caller is the one to wait on [`SessionCtl::room_made`]).
+    pub fn want_room(&self) -> bool {
+        !self.wants_room.swap(true, Ordering::AcqRel)
+    }
+
+    /// Resolves once the writer has written something since
+    /// [`SessionCtl::want_room`], or the session closes.
+    pub async fn room_made(&self) {
+        tokio::select! {
+            _ = self.drained.notified() => {}
+            _ = self.closing.cancelled() => {}
         }
     }
 
@@ -218,6 +239,10 @@ impl SessionCtl {
         if cost > 0 && !self.budget.is_closed() {
             self.budget.add_permits(cost);
         }
+        if self.wants_room.load(Ordering::Acquire) && self.wants_room.swap(false, Ordering::AcqRel)
+        {
+            self.drained.notify_one();
+        }
     }
 
     /// The writer has stopped: nobody waits for room any more.
@@ -268,6 +293,22 @@ impl Outbox {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Queues a frame only if the queue is empty, or if it keeps at least
+    /// half of its room (frames and bytes) free after this one: what
+    /// [`Outbox::push`] sends later (a `revoke`, a result) always finds room.
+    /// Gives the frame back otherwise.
+    pub fn try_push_half(&self, frame: Frame) -> Result<(), Frame> {
+        let cost = self.ctl.cost(frame.len()) as usize;
+        let free = self.ctl.budget.available_permits();
+        let empty = free >= self.ctl.budget_max && self.tx.capacity() == self.tx.max_capacity();
+        let keeps_half = free.saturating_sub(cost) >= self.ctl.budget_max / 2
+            && self.tx.capacity() > self.tx.max_capacity() / 2;
+        if !(empty || keeps_half) {
+            return Err(frame);
+        }
+        self.try_reply(frame)
     }
 
     /// Queues a reply to the session's own request, waiting for room; gives

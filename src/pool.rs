@@ -98,6 +98,8 @@ pub struct EvaluatorSpec {
     pub name: Arc<str>,
     pub timeout: Duration,
     pub max_input_bytes: usize,
+    /// The largest output a worker may send (`max_output_bytes`).
+    pub max_output_bytes: usize,
     /// `remote`: attempts per task.
     pub max_attempts: u32,
     /// Whether worker sessions run it (`kind = "remote"`).
@@ -123,6 +125,7 @@ impl EvaluatorTable {
                 name: c.name.as_str().into(),
                 timeout: Duration::from_millis(c.timeout_ms),
                 max_input_bytes: c.max_input_bytes,
+                max_output_bytes: c.max_output_bytes,
                 max_attempts: c.max_attempts,
                 remote: c.kind == crate::config::EvaluatorKind::Remote,
                 health: Arc::new(Health::new(&c.name, metrics)),

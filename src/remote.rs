@@ -18,9 +18,10 @@
 use crate::config::EvaluatorConfig;
 use crate::key::Key;
 use crate::outbox::{Outbox, SessionId};
-use crate::pool::{Job, QueueFull};
+use crate::pool::Job;
 use crate::protocol::{unix_ms, FrameWriter};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,13 +60,15 @@ pub enum Orphan {
 
 struct RemoteQueue {
     name: Arc<str>,
-    queue: VecDeque<Queued>,
-    capacity: usize,
-    max_bytes: usize,
-    bytes: usize,
-    max_attempts: u32,
+    /// Jobs waiting for a worker, by place in line (requeued ones go before
+    /// every other). The core bounds how many it offers.
+    queue: BTreeMap<i64, Queued>,
+    /// The place in line of each queued job generation.
+    places: HashMap<u64, i64>,
+    front: i64,
+    back: i64,
     timeout: Duration,
-    max_output_bytes: usize,
+    max_attempts: u32,
     /// Sessions serving this fn, in the order they started.
     servers: Vec<SessionId>,
 }
@@ -91,6 +94,9 @@ pub struct Remote {
     /// The task of each job generation a worker holds.
     by_gen: HashMap<u64, u64>,
     next_task: u64,
+    /// Worker sessions whose outbox had no room for a task, since the last
+    /// [`Remote::take_blocked`].
+    blocked: Vec<Arc<crate::outbox::SessionCtl>>,
 }
 
 impl Remote {
@@ -105,13 +111,12 @@ impl Remote {
                     i,
                     RemoteQueue {
                         name: c.name.as_str().into(),
-                        queue: VecDeque::new(),
-                        capacity: c.queue_capacity,
-                        max_bytes: c.queue_bytes,
-                        bytes: 0,
-                        max_attempts: c.max_attempts,
+                        queue: BTreeMap::new(),
+                        places: HashMap::new(),
+                        front: 0,
+                        back: 0,
                         timeout: Duration::from_millis(c.timeout_ms),
-                        max_output_bytes: c.max_output_bytes,
+                        max_attempts: c.max_attempts,
                         servers: Vec::new(),
                     },
                 )
@@ -123,6 +128,7 @@ impl Remote {
             tasks: HashMap::new(),
             by_gen: HashMap::new(),
             next_task: 1,
+            blocked: Vec::new(),
         }
     }
 
@@ -135,55 +141,62 @@ impl Remote {
         self.queues.get(&evaluator).map_or(0, |q| q.servers.len())
     }
 
-    /// The largest output a worker may send for `evaluator`.
-    pub fn max_output_bytes(&self, evaluator: usize) -> usize {
-        self.queues
-            .get(&evaluator)
-            .map_or(usize::MAX, |q| q.max_output_bytes)
+    /// The evaluators `session` serves.
+    pub fn served_by(&self, session: SessionId) -> Vec<usize> {
+        self.workers
+            .get(&session)
+            .map(|w| {
+                w.slots
+                    .iter()
+                    .filter(|(_, s)| s.serving)
+                    .map(|(e, _)| *e)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Worker sessions that had no room for a task since the last call.
+    pub fn take_blocked(&mut self) -> Vec<Arc<crate::outbox::SessionCtl>> {
+        std::mem::take(&mut self.blocked)
     }
 
     /// Queues a job at the back.
-    pub fn enqueue(&mut self, evaluator: usize, job: Job) -> Result<(), QueueFull> {
+    pub fn enqueue(&mut self, evaluator: usize, job: Job) {
         let q = self.queues.get_mut(&evaluator).expect("a remote evaluator");
-        if q.queue.len() >= q.capacity {
-            return Err(QueueFull::Jobs);
-        }
-        if q.bytes + job.input.len() > q.max_bytes {
-            return Err(QueueFull::Bytes);
-        }
-        q.bytes += job.input.len();
-        q.queue.push_back(Queued { job, attempt: 1 });
-        Ok(())
+        q.back += 1;
+        q.places.insert(job.gen, q.back);
+        q.queue.insert(q.back, Queued { job, attempt: 1 });
     }
 
-    /// Hands queued tasks to sessions with free concurrency.
+    /// Hands queued tasks to sessions with free concurrency, the least
+    /// loaded first, each only while its outbox keeps room (flow control:
+    /// a worker that reads its frames is never closed for a full queue).
     pub fn dispatch(&mut self, evaluator: usize) -> Vec<Dispatched> {
         let mut sent = Vec::new();
         let Some(q) = self.queues.get_mut(&evaluator) else {
             return sent;
         };
-        while !q.queue.is_empty() {
-            let free = q
-                .servers
-                .iter()
-                .filter_map(|s| {
-                    let slot = self.workers.get(s)?.slots.get(&evaluator)?;
-                    (slot.serving && slot.outstanding < slot.concurrency)
-                        .then_some((slot.outstanding, *s))
-                })
-                .min();
-            let Some((_, session)) = free else {
+        if q.queue.is_empty() {
+            return sent;
+        }
+        let mut free: BinaryHeap<Reverse<(usize, SessionId)>> = q
+            .servers
+            .iter()
+            .filter_map(|s| {
+                let slot = self.workers.get(s)?.slots.get(&evaluator)?;
+                (slot.serving && slot.outstanding < slot.concurrency)
+                    .then_some(Reverse((slot.outstanding, *s)))
+            })
+            .collect();
+        while let Some(Reverse((_, session))) = free.pop() {
+            let Some((&place, _)) = q.queue.first_key_value() else {
                 break;
             };
-            let queued = q.queue.pop_front().expect("not empty");
-            q.bytes -= queued.job.input.len();
-            let task = self.next_task;
-            self.next_task += 1;
             let worker = self.workers.get_mut(&session).expect("a serving worker");
             let slot = worker.slots.get_mut(&evaluator).expect("a slot");
-            slot.outstanding += 1;
-            worker.tasks.insert(task);
-            let deadline = unix_ms() + q.timeout.as_millis() as u64;
+            let queued = q.queue.get(&place).expect("first in line");
+            let task = self.next_task;
+            let deadline = unix_ms().saturating_add(q.timeout.as_millis() as u64);
             let mut frame = FrameWriter::with_capacity("task", 160 + queued.job.input.len())
                 .str("task", itoa::Buffer::new().format(task))
                 .key(&queued.job.key)
@@ -193,7 +206,18 @@ impl Remote {
             if queued.attempt > 1 {
                 frame = frame.uint("attempt", u64::from(queued.attempt));
             }
-            worker.outbox.push(frame.finish());
+            if worker.outbox.try_push_half(frame.finish().into()).is_err() {
+                self.blocked.push(Arc::clone(worker.outbox.ctl()));
+                continue;
+            }
+            let queued = q.queue.remove(&place).expect("first in line");
+            q.places.remove(&queued.job.gen);
+            self.next_task += 1;
+            slot.outstanding += 1;
+            worker.tasks.insert(task);
+            if slot.outstanding < slot.concurrency {
+                free.push(Reverse((slot.outstanding, session)));
+            }
             sent.push(Dispatched {
                 key: queued.job.key,
                 gen: queued.job.gen,
@@ -294,9 +318,8 @@ impl Remote {
             return;
         }
         if let Some(q) = self.queues.get_mut(&evaluator) {
-            if let Some(at) = q.queue.iter().position(|e| e.job.gen == gen) {
-                let queued = q.queue.remove(at).expect("found");
-                q.bytes -= queued.job.input.len();
+            if let Some(place) = q.places.remove(&gen) {
+                q.queue.remove(&place);
             }
         }
     }
@@ -342,8 +365,9 @@ impl Remote {
                 continue;
             }
             sent.queued.attempt += 1;
-            q.bytes += sent.queued.job.input.len();
-            q.queue.push_front(sent.queued);
+            q.front -= 1;
+            q.places.insert(gen, q.front);
+            q.queue.insert(q.front, sent.queued);
             orphans.push(Orphan::Requeued { key, gen });
         }
         (orphans, served)

@@ -1,0 +1,51 @@
+//! What the core asks of the cluster task and what it hears back.
+//!
+//! The cluster task (`crate::cluster`) does the Redis I/O; these messages
+//! are all the core knows of it. Every message about a job carries the
+//! job's generation, so a claim is taken, kept and given up for one job,
+//! never for a later job of the same key.
+
+use crate::error::EvalError;
+use crate::key::Key;
+use std::sync::Arc;
+
+use super::Gen;
+
+/// What the core asks of the cluster task.
+#[derive(Debug, Clone)]
+pub enum ClusterCmd {
+    /// Job `gen` of `key` starts here: find its result in Redis or claim it.
+    Acquire { key: Key, gen: Gen },
+    /// A subscription to a key nobody evaluates here: look in Redis.
+    Lookup { key: Key },
+    /// Job `gen` was evaluated here: store, publish, release its claim.
+    Finished {
+        key: Key,
+        gen: Gen,
+        outcome: Result<Arc<str>, EvalError>,
+    },
+    /// Job `gen` no longer waits on another broker: stop looking at it.
+    Forget { key: Key, gen: Gen },
+    /// Job `gen` ended without an outcome to share: give up its claim.
+    Release { key: Key, gen: Gen },
+}
+
+/// What the cluster task tells the core.
+#[derive(Debug, Clone)]
+pub enum ClusterEvent {
+    /// The result was in Redis.
+    Found { key: Key, output: Arc<str> },
+    /// This broker holds the claim for job `gen`: evaluate.
+    Claimed { key: Key, gen: Gen },
+    /// Another broker holds the claim; wait for its completion.
+    Waiting { key: Key, gen: Gen },
+    /// Redis is away: evaluate job `gen` here as a lone broker.
+    Local { key: Key, gen: Gen },
+    /// Job `gen`, waiting, now holds the claim (the claimant's lease expired).
+    Takeover { key: Key, gen: Gen },
+    /// A broker finished `key` (published), or a failure was stored.
+    Done {
+        key: Key,
+        outcome: Result<Arc<str>, EvalError>,
+    },
+}

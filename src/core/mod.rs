@@ -1,0 +1,1147 @@
+//! The coordination core: the wait table and every key's lifecycle, as a
+//! state machine that does no I/O.
+//!
+//! [`Core`] holds `key → {waiters, job}` and what each session holds in it.
+//! Its one way in is [`Core::apply`] (something happened: a request, an
+//! executor's report, a cluster reply) and [`Core::handle_timeout`] (the
+//! clock passed [`Core::poll_timeout`]); both take `now` from the caller and
+//! push [`Effect`]s that the caller takes with [`Core::poll`] and performs
+//! after `apply` returns. No channel, clock, socket or await lives here, so
+//! nothing re-enters the table while it changes, and the same core runs in
+//! the broker (`hub`) and in the deterministic simulation (`tests/sim.rs`).
+//!
+//! The core never asks how a job runs: threads, process children and
+//! remote workers sit behind one executor boundary. The core offers a job
+//! ([`Effect::Offer`]) within the evaluator's queue bounds, which it counts
+//! itself; the executor reports [`Input::Started`], [`Input::Requeued`],
+//! [`Input::Finished`] (a lost worker is a finish with an error) or
+//! [`Input::Refused`]; the core takes a job back with [`Effect::Withdraw`].
+//!
+//! # A key's lifecycle
+//!
+//! A key with an entry has waiters (submits that wait, subscriptions), a
+//! job, or both. The job's [`Phase`]:
+//!
+//! | from | event | to | who is told | what is released |
+//! |---|---|---|---|---|
+//! | (none) | submit, lone broker | `Queued` | submitter `accepted` | |
+//! | (none) | submit, queue full | (none) | submitter `busy` | |
+//! | (none) | submit, cluster | `Asking` | submitter `accepted`; cluster `Acquire` | |
+//! | `Asking` | `Claimed` / `Takeover` | `Queued` (claimed) | executor `Offer` | |
+//! | `Asking` | `Local` (Redis away) | `Queued` | executor `Offer` | |
+//! | `Asking` | `Waiting` | `Waiting` | | timer reset to timeout + lease |
+//! | `Waiting` | `Takeover` / `Local` | `Queued` | executor `Offer` | |
+//! | `Asking`, `Waiting` | settle with the queue full | (none) | every waiter `busy` | claim, timer, `wait:false` holds |
+//! | `Queued` | `Started` | `Running` | | timer reset to timeout |
+//! | `Running` | `Requeued` (worker gone) | `Queued` | | |
+//! | `Queued`, `Running` | `Finished` | (none) | every waiter the outcome; cache; cluster `Finished` | timer, claim (by `Finished`), holds |
+//! | `Queued`, `Running` | deadline | (none) | every waiter `eval_timeout`; cache; cluster `Finished`; executor `Withdraw` | timer, claim, slot, holds |
+//! | `Asking`, `Waiting` | deadline | (none) | every waiter `eval_timeout` (never published: the claim is not ours); cluster `Forget` | timer, claim if any, holds |
+//! | any | `Found` / `Done` from the cluster | (none) | every waiter the outcome; cache | `Withdraw`, claim (`Release`), timer, holds |
+//! | `Queued`, `Refused` by the executor | | (none) | every waiter `busy` | claim, timer, holds |
+//! | any | last waiter leaves, no `wait:false` hold | (none), or kept | | see below |
+//!
+//! When the last waiter of a key leaves (cancel, session closed) and no
+//! `wait:false` submit holds its job: a `Queued` job is withdrawn; a
+//! `Running` one is withdrawn if its evaluator can stop it
+//! ([`FnLimits::abandon_running`]), else it finishes and is cached; a job
+//! `Waiting` on another broker stops waiting; a job that holds or is asking
+//! for a claim runs on (other brokers may wait on it).
+//!
+//! A claim, a timer and a queue slot each belong to exactly one job (one
+//! generation: a later job of the same key has a new one) and end with it.
+//! Every phase has a deadline, so no job outlives its timeout (plus one
+//! lease while it depends on another broker).
+
+use crate::error::{ErrorCode, EvalError};
+use crate::key::Key;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub mod cluster;
+pub use cluster::{ClusterCmd, ClusterEvent};
+
+/// A session, as the core knows it.
+pub type SessionId = u64;
+/// A request's `id`, echoed in its answers.
+pub type ReqId = Option<Box<str>>;
+/// Tells a job from a later one of the same key.
+pub type Gen = u64;
+
+/// The bounds of one evaluator (`fn`).
+#[derive(Debug, Clone)]
+pub struct FnLimits {
+    pub name: Arc<str>,
+    /// `timeout_ms`: the longest a job may run, or wait in its queue.
+    pub timeout: Duration,
+    /// `queue_capacity`: jobs offered and not started.
+    pub queue_capacity: usize,
+    /// `queue_bytes`: input bytes of those jobs.
+    pub queue_bytes: usize,
+    /// Whether a running job nobody waits on any more is withdrawn (its
+    /// executor can stop it: a remote worker is sent `revoke`) rather than
+    /// left to finish and fill the cache (a thread cannot be stopped).
+    pub abandon_running: bool,
+}
+
+/// What the core is configured with.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub fns: Vec<FnLimits>,
+    /// `limits.max_pending`: waits and `wait:false` holds per session.
+    pub max_pending: usize,
+    /// Cluster mode: jobs ask the cluster before they run.
+    pub clustered: bool,
+    /// `cluster.lease_ms`: how long another broker's claim may go silent.
+    pub lease: Duration,
+    /// `dashboard.input_preview_chars`.
+    pub preview_chars: usize,
+}
+
+/// Something that happened, for [`Core::apply`].
+#[derive(Debug)]
+pub enum Input {
+    /// A cache miss: evaluate `input`, or join the evaluation under way.
+    /// `draining`: the broker takes no new evaluations.
+    Submit {
+        session: SessionId,
+        id: ReqId,
+        key: Key,
+        evaluator: usize,
+        input: Arc<str>,
+        wait: bool,
+        draining: bool,
+    },
+    /// Wait for a key whoever submits it.
+    Subscribe {
+        session: SessionId,
+        id: ReqId,
+        key: Key,
+    },
+    /// Report a key's state.
+    Get {
+        session: SessionId,
+        id: ReqId,
+        key: Key,
+    },
+    /// Stop this session's waits on a key.
+    Cancel {
+        session: SessionId,
+        id: ReqId,
+        key: Key,
+    },
+    /// The session is gone: its waits and holds go.
+    SessionClosed { session: SessionId },
+    /// The executor started job `gen` (on `worker`, for a remote one).
+    Started { gen: Gen, worker: Option<Arc<str>> },
+    /// The worker running job `gen` went away; it waits in its queue again.
+    Requeued { gen: Gen },
+    /// Job `gen` of `key` ended (a late one, after its job ended, too).
+    Finished {
+        key: Key,
+        gen: Gen,
+        outcome: Result<Arc<str>, EvalError>,
+        eval_ms: f64,
+    },
+    /// The executor had no room for job `gen`.
+    Refused { gen: Gen, reason: &'static str },
+    /// A reply from the cluster task.
+    Cluster(ClusterEvent),
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Asking the cluster for the result or a claim.
+    Asking,
+    /// Another broker holds the claim; its notice will come.
+    Waiting,
+    /// Offered to its executor, not started.
+    Queued,
+    /// Running on its executor.
+    Running,
+}
+
+/// A key's state, as reported to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Queued,
+    Running,
+    Unknown,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Queued => "queued",
+            KeyState::Running => "running",
+            KeyState::Unknown => "unknown",
+        }
+    }
+}
+
+/// An answer to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Accepted {
+        key: Key,
+        evaluator: usize,
+        state: KeyState,
+        first: bool,
+        waiters: usize,
+    },
+    Subscribed {
+        key: Key,
+        state: KeyState,
+    },
+    Status {
+        key: Key,
+        state: KeyState,
+        waiters: usize,
+        age_ms: u64,
+    },
+    Cancelled {
+        key: Key,
+    },
+    Rejected {
+        code: ErrorCode,
+        message: &'static str,
+    },
+}
+
+/// One request waiting for a key's outcome.
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    pub session: SessionId,
+    pub id: ReqId,
+    /// When the submit was applied; None for a subscription.
+    pub since: Option<Instant>,
+}
+
+/// Who computed an outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Source {
+    /// This broker, in `eval_ms`.
+    Eval { eval_ms: f64 },
+    /// Another broker, or the cluster's store.
+    Cluster,
+}
+
+/// A key's outcome, for all its waiters at once.
+#[derive(Debug)]
+pub struct Delivery {
+    pub key: Key,
+    /// The fn of the job that ended, when there was one here.
+    pub evaluator: Option<usize>,
+    pub outcome: Result<Arc<str>, EvalError>,
+    pub source: Source,
+    pub waiters: Vec<Waiter>,
+}
+
+/// What must happen, for the caller to perform.
+#[derive(Debug)]
+pub enum Effect {
+    /// Answer one request.
+    Reply {
+        session: SessionId,
+        id: ReqId,
+        reply: Reply,
+    },
+    /// Hand an outcome to every waiter of a key.
+    Deliver(Delivery),
+    /// Every waiter of a key gets `busy`: the job could not be queued.
+    Busy {
+        waiters: Vec<Waiter>,
+        message: &'static str,
+    },
+    /// Queue job `gen` on its evaluator.
+    Offer {
+        evaluator: usize,
+        key: Key,
+        gen: Gen,
+        input: Arc<str>,
+    },
+    /// Take job `gen` back: out of its queue, or from whoever runs it.
+    /// `overran`: it ran past its deadline.
+    Withdraw {
+        evaluator: usize,
+        gen: Gen,
+        overran: bool,
+    },
+    /// Keep this outcome in the results cache.
+    Cache {
+        key: Key,
+        outcome: Result<Arc<str>, EvalError>,
+    },
+    /// Tell the cluster task.
+    Cluster(ClusterCmd),
+}
+
+/// One in-flight job, for the dashboard.
+#[derive(Debug, Clone)]
+pub struct InflightRow {
+    pub key: Key,
+    pub evaluator: usize,
+    pub running: bool,
+    pub waiters: usize,
+    pub worker: Option<Arc<str>>,
+    pub queued_at: Instant,
+    pub age_ms: u64,
+    pub preview: Arc<str>,
+}
+
+/// Counts the driver publishes (gauges and the drain).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub entries: usize,
+    pub jobs: usize,
+    pub queued: usize,
+    pub running: usize,
+    pub sessions: usize,
+    pub timers: usize,
+}
+
+struct Job {
+    evaluator: usize,
+    gen: Gen,
+    phase: Phase,
+    /// Kept until the job is offered (the cluster may hand it over later).
+    input: Option<Arc<str>>,
+    input_len: usize,
+    /// This broker holds the cluster's claim for this job.
+    claimed: bool,
+    deadline: Option<Instant>,
+    queued_at: Instant,
+    worker: Option<Arc<str>>,
+    preview: Arc<str>,
+    /// Sessions whose `wait:false` submit asked for this job.
+    wanted: Vec<SessionId>,
+}
+
+#[derive(Default)]
+struct Entry {
+    waiters: Vec<Waiter>,
+    job: Option<Job>,
+}
+
+#[derive(Default)]
+struct SessionWaits {
+    /// Waits plus `wait:false` holds: at most `max_pending`.
+    total: usize,
+    by_key: HashMap<Key, u32>,
+    subscribed: HashSet<Key>,
+    /// Jobs this session's `wait:false` submits hold.
+    holds: Vec<Gen>,
+}
+
+/// The message of a `busy` answer to a session at `limits.max_pending`.
+pub const PENDING_FULL: &str = "too many pending waits on this session (limits.max_pending)";
+/// The message of a `busy` answer for a full queue (jobs).
+pub const QUEUE_FULL: &str = "the evaluation queue is full (queue_capacity)";
+/// The message of a `busy` answer for a full queue (bytes).
+pub const QUEUE_BYTES_FULL: &str = "the evaluation queue holds its most input bytes (queue_bytes)";
+/// The message of a `shutting_down` answer.
+pub const DRAINING: &str = crate::protocol::DRAINING_MESSAGE;
+
+/// The wait table and the jobs; see the module doc.
+pub struct Core {
+    config: CoreConfig,
+    table: HashMap<Key, Entry>,
+    sessions: HashMap<SessionId, SessionWaits>,
+    /// Deadlines, as (when, generation).
+    timers: BTreeSet<(Instant, Gen)>,
+    /// The key of each live job.
+    by_gen: HashMap<Gen, Key>,
+    /// Per evaluator: jobs `Queued`, and their input bytes.
+    queues: Vec<(usize, usize)>,
+    next_gen: Gen,
+    running: usize,
+    effects: VecDeque<Effect>,
+}
+
+impl Core {
+    pub fn new(config: CoreConfig) -> Self {
+        let queues = vec![(0, 0); config.fns.len()];
+        Core {
+            config,
+            table: HashMap::new(),
+            sessions: HashMap::new(),
+            timers: BTreeSet::new(),
+            by_gen: HashMap::new(),
+            queues,
+            next_gen: 0,
+            running: 0,
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// The next effect to perform.
+    pub fn poll(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When [`Core::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    pub fn counts(&self) -> Counts {
+        let queued = self.queues.iter().map(|q| q.0).sum();
+        Counts {
+            entries: self.table.len(),
+            jobs: self.by_gen.len(),
+            queued,
+            running: self.running,
+            sessions: self.sessions.len(),
+            timers: self.timers.len(),
+        }
+    }
+
+    /// The phase of a key's job, if it has one.
+    pub fn phase(&self, key: &Key) -> Option<Phase> {
+        Some(self.table.get(key)?.job.as_ref()?.phase.clone())
+    }
+
+    /// Waits a session holds (for its bound).
+    pub fn held_by(&self, session: SessionId) -> usize {
+        self.sessions.get(&session).map_or(0, |s| s.total)
+    }
+
+    /// The oldest in-flight jobs (at most `limit`, unsorted).
+    pub fn view(&self, now: Instant, limit: usize) -> Vec<InflightRow> {
+        let mut jobs: Vec<(&Key, &Entry, &Job)> = self
+            .table
+            .iter()
+            .filter_map(|(k, e)| e.job.as_ref().map(|j| (k, e, j)))
+            .collect();
+        if jobs.len() > limit {
+            jobs.select_nth_unstable_by_key(limit, |(_, _, j)| j.queued_at);
+            jobs.truncate(limit);
+        }
+        jobs.into_iter()
+            .map(|(key, entry, job)| InflightRow {
+                key: *key,
+                evaluator: job.evaluator,
+                running: job.phase == Phase::Running,
+                waiters: entry.waiters.len(),
+                worker: job.worker.clone(),
+                queued_at: job.queued_at,
+                age_ms: now.saturating_duration_since(job.queued_at).as_millis() as u64,
+                preview: Arc::clone(&job.preview),
+            })
+            .collect()
+    }
+
+    /// Applies one input at `now`.
+    pub fn apply(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::Submit {
+                session,
+                id,
+                key,
+                evaluator,
+                input,
+                wait,
+                draining,
+            } => self.submit(session, id, key, evaluator, input, wait, draining, now),
+            Input::Subscribe { session, id, key } => self.subscribe(session, id, key),
+            Input::Get { session, id, key } => self.get(session, id, key, now),
+            Input::Cancel { session, id, key } => {
+                self.remove_waits(session, key);
+                self.reply(session, id, Reply::Cancelled { key });
+            }
+            Input::SessionClosed { session } => self.session_closed(session),
+            Input::Started { gen, worker } => self.started(gen, worker, now),
+            Input::Requeued { gen } => {
+                if let Some(job) = self.job_mut(gen) {
+                    if job.phase == Phase::Running {
+                        job.phase = Phase::Queued;
+                        job.worker = None;
+                        let (evaluator, len) = (job.evaluator, job.input_len);
+                        self.running -= 1;
+                        self.queues[evaluator].0 += 1;
+                        self.queues[evaluator].1 += len;
+                    }
+                }
+            }
+            Input::Finished {
+                key,
+                gen,
+                outcome,
+                eval_ms,
+            } => self.finished(key, gen, outcome, eval_ms),
+            Input::Refused { gen, reason } => {
+                if let Some(key) = self.by_gen.get(&gen).copied() {
+                    self.busy(key, reason);
+                }
+            }
+            Input::Cluster(event) => self.cluster_event(event, now),
+        }
+    }
+
+    /// Fires every deadline at or before `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, gen)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(job) = self.job_mut(gen) {
+                job.deadline = None;
+                self.expired(gen);
+            }
+        }
+    }
+
+    fn reply(&mut self, session: SessionId, id: ReqId, reply: Reply) {
+        self.effects.push_back(Effect::Reply { session, id, reply });
+    }
+
+    fn job_mut(&mut self, gen: Gen) -> Option<&mut Job> {
+        let key = self.by_gen.get(&gen)?;
+        self.table
+            .get_mut(key)?
+            .job
+            .as_mut()
+            .filter(|j| j.gen == gen)
+    }
+
+    fn job(&self, key: &Key) -> Option<&Job> {
+        self.table.get(key)?.job.as_ref()
+    }
+
+    fn set_deadline(&mut self, gen: Gen, at: Option<Instant>) {
+        let Some(job) = self.job_mut(gen) else {
+            return;
+        };
+        let old = std::mem::replace(&mut job.deadline, at);
+        if let Some(old) = old {
+            self.timers.remove(&(old, gen));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, gen));
+        }
+    }
+
+    fn has_room(&self, session: SessionId) -> bool {
+        self.held_by(session) < self.config.max_pending
+    }
+
+    /// Why evaluator `evaluator`'s queue cannot take `len` more bytes.
+    fn queue_full(&self, evaluator: usize, len: usize) -> Option<&'static str> {
+        let limits = &self.config.fns[evaluator];
+        let (jobs, bytes) = self.queues[evaluator];
+        if jobs >= limits.queue_capacity {
+            Some(QUEUE_FULL)
+        } else if bytes.saturating_add(len) > limits.queue_bytes {
+            Some(QUEUE_BYTES_FULL)
+        } else {
+            None
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        session: SessionId,
+        id: ReqId,
+        key: Key,
+        evaluator: usize,
+        input: Arc<str>,
+        wait: bool,
+        draining: bool,
+        now: Instant,
+    ) {
+        let job = self.job(&key);
+        let joined = job.is_some();
+        // A wait:false submit of a job this session already asked for holds nothing new.
+        let holds_new = wait || !job.is_some_and(|j| j.wanted.contains(&session));
+        if holds_new && !self.has_room(session) {
+            let reply = Reply::Rejected {
+                code: ErrorCode::Busy,
+                message: PENDING_FULL,
+            };
+            return self.reply(session, id, reply);
+        }
+        if !joined {
+            if draining {
+                let reply = Reply::Rejected {
+                    code: ErrorCode::ShuttingDown,
+                    message: DRAINING,
+                };
+                return self.reply(session, id, reply);
+            }
+            let clustered = self.config.clustered;
+            if !clustered {
+                if let Some(message) = self.queue_full(evaluator, input.len()) {
+                    let reply = Reply::Rejected {
+                        code: ErrorCode::Busy,
+                        message,
+                    };
+                    return self.reply(session, id, reply);
+                }
+            }
+            let gen = self.next_gen;
+            self.next_gen += 1;
+            let preview: Arc<str> = input
+                .chars()
+                .take(self.config.preview_chars)
+                .collect::<String>()
+                .into();
+            self.by_gen.insert(gen, key);
+            self.table.entry(key).or_default().job = Some(Job {
+                evaluator,
+                gen,
+                phase: Phase::Asking,
+                input_len: input.len(),
+                input: Some(input),
+                claimed: false,
+                deadline: None,
+                queued_at: now,
+                worker: None,
+                preview,
+                wanted: Vec::new(),
+            });
+            if clustered {
+                let limits = &self.config.fns[evaluator];
+                let at = now.checked_add(limits.timeout.saturating_add(self.config.lease));
+                self.set_deadline(gen, at);
+                self.effects
+                    .push_back(Effect::Cluster(ClusterCmd::Acquire { key, gen }));
+            } else {
+                self.queue(gen, now);
+            }
+        }
+        let entry = self
+            .table
+            .get_mut(&key)
+            .expect("the entry was just made or found");
+        let job = entry.job.as_mut().expect("a job was just made or found");
+        let state = if job.phase == Phase::Running {
+            KeyState::Running
+        } else {
+            KeyState::Queued
+        };
+        let waiters = entry.waiters.len() + usize::from(wait);
+        if !wait && holds_new {
+            job.wanted.push(session);
+            let gen = job.gen;
+            let waits = self.sessions.entry(session).or_default();
+            waits.total += 1;
+            waits.holds.push(gen);
+        }
+        let accepted = Reply::Accepted {
+            key,
+            evaluator,
+            state,
+            first: !joined,
+            waiters,
+        };
+        self.reply(session, id.clone(), accepted);
+        if wait {
+            self.add_waiter(
+                key,
+                Waiter {
+                    session,
+                    id,
+                    since: Some(now),
+                },
+            );
+        }
+    }
+
+    /// Offers job `gen` (in `Asking` or `Waiting`, or new) to its executor.
+    /// The caller checked the queue's room.
+    fn queue(&mut self, gen: Gen, now: Instant) {
+        let Some(job) = self.job_mut(gen) else {
+            return;
+        };
+        let Some(input) = job.input.take() else {
+            return;
+        };
+        job.phase = Phase::Queued;
+        let (evaluator, key) = (job.evaluator, *self.by_gen.get(&gen).expect("a live job"));
+        self.queues[evaluator].0 += 1;
+        self.queues[evaluator].1 += input.len();
+        let at = now.checked_add(self.config.fns[evaluator].timeout);
+        self.set_deadline(gen, at);
+        self.effects.push_back(Effect::Offer {
+            evaluator,
+            key,
+            gen,
+            input,
+        });
+    }
+
+    fn subscribe(&mut self, session: SessionId, id: ReqId, key: Key) {
+        let repeated = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.subscribed.contains(&key));
+        if !repeated && !self.has_room(session) {
+            let reply = Reply::Rejected {
+                code: ErrorCode::Busy,
+                message: PENDING_FULL,
+            };
+            return self.reply(session, id, reply);
+        }
+        let state = match self.job(&key) {
+            Some(job) if job.phase == Phase::Running => KeyState::Running,
+            Some(_) => KeyState::Queued,
+            None => KeyState::Unknown,
+        };
+        self.reply(session, id.clone(), Reply::Subscribed { key, state });
+        let new_entry = !self.table.contains_key(&key);
+        if !repeated {
+            self.sessions
+                .entry(session)
+                .or_default()
+                .subscribed
+                .insert(key);
+            self.add_waiter(
+                key,
+                Waiter {
+                    session,
+                    id,
+                    since: None,
+                },
+            );
+        }
+        if new_entry && self.config.clustered {
+            // The result may be in the cluster's store already.
+            self.effects
+                .push_back(Effect::Cluster(ClusterCmd::Lookup { key }));
+        }
+    }
+
+    fn add_waiter(&mut self, key: Key, waiter: Waiter) {
+        let waits = self.sessions.entry(waiter.session).or_default();
+        waits.total += 1;
+        *waits.by_key.entry(key).or_default() += 1;
+        self.table.entry(key).or_default().waiters.push(waiter);
+    }
+
+    fn get(&mut self, session: SessionId, id: ReqId, key: Key, now: Instant) {
+        let reply = match self.table.get(&key) {
+            Some(Entry {
+                waiters,
+                job: Some(job),
+            }) => Reply::Status {
+                key,
+                state: if job.phase == Phase::Running {
+                    KeyState::Running
+                } else {
+                    KeyState::Queued
+                },
+                waiters: waiters.len(),
+                age_ms: now.saturating_duration_since(job.queued_at).as_millis() as u64,
+            },
+            _ => Reply::Status {
+                key,
+                state: KeyState::Unknown,
+                waiters: 0,
+                age_ms: 0,
+            },
+        };
+        self.reply(session, id, reply);
+    }
+
+    fn session_closed(&mut self, session: SessionId) {
+        let Some(waits) = self.sessions.remove(&session) else {
+            return;
+        };
+        for key in waits.by_key.keys() {
+            self.drop_waiters_of(session, *key);
+        }
+        // Its wait:false holds go too; a job nobody else wants is abandoned
+        // like one whose last waiter left.
+        for gen in waits.holds {
+            if let Some(job) = self.job_mut(gen) {
+                job.wanted.retain(|s| *s != session);
+            }
+            if let Some(key) = self.by_gen.get(&gen).copied() {
+                self.maybe_abandon(key);
+            }
+        }
+    }
+
+    /// Removes every wait `session` holds on `key`.
+    fn remove_waits(&mut self, session: SessionId, key: Key) {
+        let Some(waits) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(n) = waits.by_key.remove(&key) else {
+            return;
+        };
+        waits.subscribed.remove(&key);
+        waits.total -= n as usize;
+        if waits.total == 0 {
+            self.sessions.remove(&session);
+        }
+        self.drop_waiters_of(session, key);
+    }
+
+    fn drop_waiters_of(&mut self, session: SessionId, key: Key) {
+        let Some(entry) = self.table.get_mut(&key) else {
+            return;
+        };
+        entry.waiters.retain(|w| w.session != session);
+        self.maybe_abandon(key);
+    }
+
+    /// An entry nobody waits on: dropped, or its job kept (see the module doc).
+    fn maybe_abandon(&mut self, key: Key) {
+        let Some(entry) = self.table.get(&key) else {
+            return;
+        };
+        if !entry.waiters.is_empty() {
+            return;
+        }
+        let Some(job) = &entry.job else {
+            self.table.remove(&key);
+            return;
+        };
+        if !job.wanted.is_empty() {
+            return;
+        }
+        let abandon = match job.phase {
+            Phase::Asking => false,
+            Phase::Waiting => true,
+            _ if job.claimed => false,
+            Phase::Queued => true,
+            Phase::Running => self.config.fns[job.evaluator].abandon_running,
+        };
+        if abandon {
+            let (evaluator, phase) = (job.evaluator, job.phase.clone());
+            let gen = job.gen;
+            if phase == Phase::Waiting {
+                self.effects
+                    .push_back(Effect::Cluster(ClusterCmd::Forget { key, gen }));
+            } else {
+                self.effects.push_back(Effect::Withdraw {
+                    evaluator,
+                    gen,
+                    overran: false,
+                });
+            }
+            self.end_job(key);
+            self.table.remove(&key);
+        }
+    }
+
+    /// Takes a wait on `key` from the session's count; forgets the session at zero.
+    fn release_wait(&mut self, session: SessionId, key: Key, subscription: bool) {
+        let Some(waits) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(n) = waits.by_key.get_mut(&key) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            waits.by_key.remove(&key);
+        }
+        if subscription {
+            waits.subscribed.remove(&key);
+        }
+        waits.total -= 1;
+        if waits.total == 0 {
+            self.sessions.remove(&session);
+        }
+    }
+
+    /// Takes the hold on job `gen` from the session's count.
+    fn release_hold(&mut self, session: SessionId, gen: Gen) {
+        let Some(waits) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(at) = waits.holds.iter().position(|g| *g == gen) else {
+            return;
+        };
+        waits.holds.swap_remove(at);
+        waits.total -= 1;
+        if waits.total == 0 {
+            self.sessions.remove(&session);
+        }
+    }
+
+    /// Ends the job of `key` (the entry stays): its timer, queue slot,
+    /// running count and `wait:false` holds are released. The claim is the
+    /// caller's to release or hand to `Finished`.
+    fn end_job(&mut self, key: Key) -> Option<Job> {
+        let mut job = self.table.get_mut(&key)?.job.take()?;
+        self.by_gen.remove(&job.gen);
+        if let Some(at) = job.deadline.take() {
+            self.timers.remove(&(at, job.gen));
+        }
+        match job.phase {
+            Phase::Queued => {
+                self.queues[job.evaluator].0 -= 1;
+                self.queues[job.evaluator].1 -= job.input_len;
+            }
+            Phase::Running => self.running -= 1,
+            Phase::Asking | Phase::Waiting => {}
+        }
+        for session in std::mem::take(&mut job.wanted) {
+            self.release_hold(session, job.gen);
+        }
+        Some(job)
+    }
+
+    /// Removes the entry of `key` and hands back its waiters, releasing
+    /// what they held.
+    fn take_waiters(&mut self, key: Key) -> Vec<Waiter> {
+        let Some(entry) = self.table.remove(&key) else {
+            return Vec::new();
+        };
+        for waiter in &entry.waiters {
+            self.release_wait(waiter.session, key, waiter.since.is_none());
+        }
+        entry.waiters
+    }
+
+    fn started(&mut self, gen: Gen, worker: Option<Arc<str>>, now: Instant) {
+        let Some(job) = self.job_mut(gen) else {
+            return;
+        };
+        if job.phase != Phase::Queued {
+            return;
+        }
+        job.phase = Phase::Running;
+        job.worker = worker;
+        let (evaluator, len) = (job.evaluator, job.input_len);
+        self.queues[evaluator].0 -= 1;
+        self.queues[evaluator].1 -= len;
+        self.running += 1;
+        let at = now.checked_add(self.config.fns[evaluator].timeout);
+        self.set_deadline(gen, at);
+    }
+
+    fn finished(&mut self, key: Key, gen: Gen, outcome: Result<Arc<str>, EvalError>, eval_ms: f64) {
+        let current = self.table.get(&key).map(|e| {
+            e.job
+                .as_ref()
+                .map(|j| (j.gen, j.evaluator, j.phase.clone()))
+        });
+        let is_current = matches!(&current, Some(Some((g, _, p)))
+            if *g == gen && matches!(p, Phase::Queued | Phase::Running));
+        // Cache first: a miss racing this completion then finds the result.
+        if outcome.is_ok() || is_current {
+            self.effects.push_back(Effect::Cache {
+                key,
+                outcome: outcome.clone(),
+            });
+            if self.config.clustered {
+                self.effects
+                    .push_back(Effect::Cluster(ClusterCmd::Finished {
+                        key,
+                        gen,
+                        outcome: outcome.clone(),
+                    }));
+            }
+        }
+        let source = Source::Eval { eval_ms };
+        match current {
+            Some(Some((_, evaluator, _))) if is_current => {
+                self.end_job(key);
+                self.deliver(key, Some(evaluator), outcome, source);
+            }
+            // A late outcome (its job ended) reaches whoever waits on the key now.
+            Some(None) => self.deliver(key, None, outcome, source),
+            // A success also answers a newer job's waiters; that job is not needed.
+            Some(Some((newer, evaluator, phase))) if outcome.is_ok() => {
+                self.release_job(key, newer, evaluator, &phase);
+                self.deliver(key, Some(evaluator), outcome, source);
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends a job whose outcome came from elsewhere: taken back from its
+    /// executor, its claim given up, the cluster told to stop waiting.
+    fn release_job(&mut self, key: Key, gen: Gen, evaluator: usize, phase: &Phase) {
+        let claimed = self.job(&key).is_some_and(|j| j.claimed);
+        match phase {
+            Phase::Queued | Phase::Running => self.effects.push_back(Effect::Withdraw {
+                evaluator,
+                gen,
+                overran: false,
+            }),
+            Phase::Asking | Phase::Waiting => {}
+        }
+        if self.config.clustered {
+            let cmd = if claimed {
+                ClusterCmd::Release { key, gen }
+            } else {
+                ClusterCmd::Forget { key, gen }
+            };
+            self.effects.push_back(Effect::Cluster(cmd));
+        }
+        self.end_job(key);
+    }
+
+    /// Hands the outcome to every waiter of `key` and removes its entry.
+    fn deliver(
+        &mut self,
+        key: Key,
+        evaluator: Option<usize>,
+        outcome: Result<Arc<str>, EvalError>,
+        source: Source,
+    ) {
+        let waiters = self.take_waiters(key);
+        self.effects.push_back(Effect::Deliver(Delivery {
+            key,
+            evaluator,
+            outcome,
+            source,
+            waiters,
+        }));
+    }
+
+    /// The job of `key` could not be queued: every waiter gets `busy`.
+    fn busy(&mut self, key: Key, message: &'static str) {
+        let Some(job) = self.end_job(key) else {
+            return;
+        };
+        if job.claimed {
+            self.effects
+                .push_back(Effect::Cluster(ClusterCmd::Release { key, gen: job.gen }));
+        }
+        let waiters = self.take_waiters(key);
+        self.effects.push_back(Effect::Busy { waiters, message });
+    }
+
+    fn expired(&mut self, gen: Gen) {
+        let Some(key) = self.by_gen.get(&gen).copied() else {
+            return;
+        };
+        let Some(job) = self.end_job(key) else {
+            return;
+        };
+        let limits = &self.config.fns[job.evaluator];
+        let ms = limits.timeout.as_millis();
+        match job.phase {
+            Phase::Queued | Phase::Running => {
+                let error = EvalError::Timeout(format!(
+                    "evaluation exceeded {ms} ms (timeout_ms of fn {:?})",
+                    &*limits.name
+                ));
+                self.effects.push_back(Effect::Withdraw {
+                    evaluator: job.evaluator,
+                    gen,
+                    overran: job.phase == Phase::Running,
+                });
+                self.effects.push_back(Effect::Cache {
+                    key,
+                    outcome: Err(error.clone()),
+                });
+                if self.config.clustered {
+                    self.effects
+                        .push_back(Effect::Cluster(ClusterCmd::Finished {
+                            key,
+                            gen,
+                            outcome: Err(error.clone()),
+                        }));
+                }
+                let eval_ms = ms as f64;
+                self.deliver(
+                    key,
+                    Some(job.evaluator),
+                    Err(error),
+                    Source::Eval { eval_ms },
+                );
+            }
+            Phase::Asking | Phase::Waiting => {
+                // Not ours to publish: only this broker's waiters are told.
+                let error = EvalError::Timeout(format!(
+                    "no outcome within {ms} ms plus one lease (timeout_ms of fn {:?}, cluster.lease_ms): the broker evaluating it did not answer",
+                    &*limits.name
+                ));
+                let cmd = if job.claimed {
+                    ClusterCmd::Release { key, gen }
+                } else {
+                    ClusterCmd::Forget { key, gen }
+                };
+                self.effects.push_back(Effect::Cluster(cmd));
+                self.deliver(key, Some(job.evaluator), Err(error), Source::Cluster);
+            }
+        }
+    }
+
+    fn cluster_event(&mut self, event: ClusterEvent, now: Instant) {
+        match event {
+            ClusterEvent::Claimed { key, gen } | ClusterEvent::Takeover { key, gen } => {
+                self.settle(key, gen, true, now)
+            }
+            ClusterEvent::Local { key, gen } => self.settle(key, gen, false, now),
+            ClusterEvent::Waiting { key, gen } => {
+                let Some(job) = self.job_mut(gen) else {
+                    return self
+                        .effects
+                        .push_back(Effect::Cluster(ClusterCmd::Forget { key, gen }));
+                };
+                if job.phase == Phase::Asking {
+                    job.phase = Phase::Waiting;
+                    let evaluator = job.evaluator;
+                    let wait = self.config.fns[evaluator]
+                        .timeout
+                        .saturating_add(self.config.lease);
+                    self.set_deadline(gen, now.checked_add(wait));
+                }
+            }
+            ClusterEvent::Found { key, output } => {
+                self.effects.push_back(Effect::Cache {
+                    key,
+                    outcome: Ok(Arc::clone(&output)),
+                });
+                self.outcome_from_cluster(key, Ok(output));
+            }
+            ClusterEvent::Done { key, outcome } => {
+                self.effects.push_back(Effect::Cache {
+                    key,
+                    outcome: outcome.clone(),
+                });
+                self.outcome_from_cluster(key, outcome);
+            }
+        }
+    }
+
+    /// Job `gen` runs here: it leaves the cluster's hands and is queued.
+    /// Without such a job, a claim taken for it is given back.
+    fn settle(&mut self, key: Key, gen: Gen, claimed: bool, now: Instant) {
+        let Some(job) = self
+            .job_mut(gen)
+            .filter(|j| matches!(j.phase, Phase::Asking | Phase::Waiting))
+        else {
+            let cmd = if claimed {
+                ClusterCmd::Release { key, gen }
+            } else {
+                ClusterCmd::Forget { key, gen }
+            };
+            return self.effects.push_back(Effect::Cluster(cmd));
+        };
+        job.claimed = claimed;
+        let (evaluator, len) = (job.evaluator, job.input_len);
+        if let Some(message) = self.queue_full(evaluator, len) {
+            return self.busy(key, message);
+        }
+        self.queue(gen, now);
+    }
+
+    /// An outcome from the cluster for whoever waits here.
+    fn outcome_from_cluster(&mut self, key: Key, outcome: Result<Arc<str>, EvalError>) {
+        let Some(entry) = self.table.get(&key) else {
+            return;
+        };
+        let job = entry
+            .job
+            .as_ref()
+            .map(|j| (j.gen, j.evaluator, j.phase.clone()));
+        let evaluator = job.as_ref().map(|j| j.1);
+        if let Some((gen, evaluator, phase)) = job {
+            self.release_job(key, gen, evaluator, &phase);
+        }
+        self.deliver(key, evaluator, outcome, Source::Cluster);
+    }
+}
