@@ -88,6 +88,8 @@ impl ClusterHealth {
 struct Stored<'a> {
     #[serde(default)]
     key: Option<&'a str>,
+    #[serde(default)]
+    claim: Option<&'a str>,
     #[serde(borrow, default)]
     output: Option<&'a RawValue>,
     #[serde(default)]
@@ -178,13 +180,15 @@ pub struct Cluster {
 /// What [`ACQUIRE`] found.
 enum Acquired {
     Stored(Result<Arc<str>, EvalError>),
-    Claimed,
-    Held,
+    /// Claimed, with this claim value (its fencing token).
+    Claimed(Arc<str>),
+    /// Another broker holds the claim with this value.
+    Held(Arc<str>),
 }
 
 /// The result if stored, else a claim if free: one round trip, and no
 /// second evaluation when a result lands between a look and a claim.
-const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, ''}";
+const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, redis.call('GET', KEYS[2]) or ''}";
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
@@ -330,11 +334,12 @@ impl Cluster {
                     Some(Acquired::Stored(Err(error))) => ClusterEvent::Done {
                         key,
                         outcome: Err(error),
+                        claim: None,
                     },
-                    Some(Acquired::Claimed) => ClusterEvent::Claimed { key, gen },
-                    Some(Acquired::Held) => {
+                    Some(Acquired::Claimed(claim)) => ClusterEvent::Claimed { key, gen, claim },
+                    Some(Acquired::Held(holder)) => {
                         self.waiting.insert(key, gen);
-                        ClusterEvent::Waiting { key, gen }
+                        ClusterEvent::Waiting { key, gen, holder }
                     }
                 };
                 self.tell(event).await;
@@ -346,6 +351,7 @@ impl Cluster {
                         Err(error) => ClusterEvent::Done {
                             key,
                             outcome: Err(error),
+                            claim: None,
                         },
                     };
                     self.tell(event).await;
@@ -396,10 +402,10 @@ impl Cluster {
                 .and_then(|s| s.outcome())
                 .map(Acquired::Stored),
             2 => {
-                self.held.insert(*key, (gen, value));
-                Some(Acquired::Claimed)
+                self.held.insert(*key, (gen, value.clone()));
+                Some(Acquired::Claimed(value.into()))
             }
-            _ => Some(Acquired::Held),
+            _ => Some(Acquired::Held(stored.into())),
         }
     }
 
@@ -444,12 +450,13 @@ impl Cluster {
                 Some(Acquired::Stored(Err(error))) => Some(ClusterEvent::Done {
                     key,
                     outcome: Err(error),
+                    claim: None,
                 }),
-                Some(Acquired::Claimed) => {
+                Some(Acquired::Claimed(claim)) => {
                     tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
-                    Some(ClusterEvent::Takeover { key, gen })
+                    Some(ClusterEvent::Takeover { key, gen, claim })
                 }
-                Some(Acquired::Held) => None,
+                Some(Acquired::Held(_)) => None,
             };
             if let Some(event) = event {
                 self.waiting.remove(&key);
@@ -468,9 +475,21 @@ impl Cluster {
         };
         let keep = outcome.is_ok() || self.error_ttl_s > 0;
         let name = self.key("result", &key);
-        let notice = format!("{{\"key\":\"{}\",{}", key.to_hex(), &stored[1..]);
+        // The notice names the claim it was computed under, so a broker
+        // waiting on a later claim of the key ignores an earlier failure.
+        let claim = match self.held.get(&key) {
+            Some((g, value)) if *g == gen => format!(
+                ",\"claim\":{}",
+                serde_json::to_string(value).expect("a string serializes")
+            ),
+            _ => String::new(),
+        };
+        let notice = format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]);
         let channel = self.channel();
         let Some(conn) = self.conn().await else {
+            if self.held.get(&key).is_some_and(|(g, _)| *g == gen) {
+                self.held.remove(&key);
+            }
             return;
         };
         // Two commands, not a pipeline: on a Redis Cluster the result's slot
@@ -553,7 +572,12 @@ async fn listen(
                     else {
                         continue;
                     };
-                    let event = ClusterEvent::Done { key, outcome };
+                    let claim = notice.claim.map(Arc::from);
+                    let event = ClusterEvent::Done {
+                        key,
+                        outcome,
+                        claim,
+                    };
                     if hub.send(event).await.is_err() {
                         return;
                     }

@@ -141,6 +141,11 @@ pub struct Hub {
     reports: Vec<Report>,
     /// The cluster task's inbox (cluster mode).
     cluster: Option<mpsc::Sender<ClusterCmd>>,
+    /// Commands that found the cluster task's inbox full, sent first when
+    /// it has room: a finished job's outcome and a claim's release are
+    /// never dropped (a dropped release would leave the claim held). Its
+    /// length is bounded by the jobs the core holds.
+    backlog: VecDeque<ClusterCmd>,
     evaluators: Arc<EvaluatorTable>,
     cache: Arc<ResultCache>,
     metrics: Arc<Metrics>,
@@ -200,6 +205,7 @@ impl Hub {
             follow_ups: Vec::new(),
             reports: Vec::new(),
             cluster,
+            backlog: VecDeque::new(),
             evaluators,
             cache,
             metrics,
@@ -228,7 +234,9 @@ impl Hub {
         let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
+        let cluster_tx = self.cluster.clone();
         loop {
+            let backlogged = !self.backlog.is_empty();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 n = events.recv_many(&mut event_batch, BATCH), if threads => {
@@ -258,6 +266,11 @@ impl Hub {
                         self.input(Input::Cluster(event));
                     }
                 }
+                Ok(permit) = async { cluster_tx.as_ref().expect("guarded").reserve().await }, if backlogged => {
+                    if let Some(cmd) = self.backlog.pop_front() {
+                        permit.send(cmd);
+                    }
+                }
                 _ = &mut sleep, if armed.is_some() => {
                     armed = None;
                     self.core.handle_timeout(now());
@@ -265,6 +278,7 @@ impl Hub {
                 }
             }
             self.watch_blocked(&myself);
+            self.flush_backlog();
             let next = self.core.poll_timeout();
             if next != armed {
                 if let Some(at) = next {
@@ -522,21 +536,47 @@ impl Hub {
     }
 
     /// Sends the cluster task a command without waiting. If its inbox is
-    /// full, a job asking for a claim runs here as a lone broker's would.
+    /// full, a job asking for a claim runs here as a lone broker's would,
+    /// and any other command waits in the backlog.
     fn ask_cluster(&mut self, cmd: ClusterCmd) {
         let Some(cluster) = &self.cluster else {
             return;
         };
-        match cluster.try_send(cmd) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(ClusterCmd::Acquire { key, gen }))
-            | Err(mpsc::error::TrySendError::Closed(ClusterCmd::Acquire { key, gen })) => self
+        let cmd = if self.backlog.is_empty() {
+            match cluster.try_send(cmd) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(cmd)) => cmd,
+            }
+        } else {
+            cmd
+        };
+        match cmd {
+            ClusterCmd::Acquire { key, gen } => self
                 .follow_ups
                 .push(Input::Cluster(ClusterEvent::Local { key, gen })),
-            Err(mpsc::error::TrySendError::Full(ClusterCmd::Finished { key, .. })) => {
-                tracing::warn!(key = %key, "cluster queue full: this outcome is not shared");
+            ClusterCmd::Lookup { .. } => {}
+            cmd => self.backlog.push_back(cmd),
+        }
+    }
+
+    /// Sends what the backlog holds while the cluster task has room.
+    fn flush_backlog(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        while let Some(cmd) = self.backlog.pop_front() {
+            match cluster.try_send(cmd) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    self.backlog.push_front(cmd);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
             }
-            Err(_) => {}
         }
     }
 

@@ -35,17 +35,23 @@ pub enum ClusterCmd {
 pub enum ClusterEvent {
     /// The result was in Redis.
     Found { key: Key, output: Arc<str> },
-    /// This broker holds the claim for job `gen`: evaluate.
-    Claimed { key: Key, gen: Gen },
-    /// Another broker holds the claim; wait for its completion.
-    Waiting { key: Key, gen: Gen },
+    /// This broker holds the claim for job `gen` (its token is `claim`): evaluate.
+    Claimed { key: Key, gen: Gen, claim: Arc<str> },
+    /// Another broker holds the claim `holder`; wait for its completion.
+    Waiting {
+        key: Key,
+        gen: Gen,
+        holder: Arc<str>,
+    },
     /// Redis is away: evaluate job `gen` here as a lone broker.
     Local { key: Key, gen: Gen },
-    /// Job `gen`, waiting, now holds the claim (the claimant's lease expired).
-    Takeover { key: Key, gen: Gen },
-    /// A broker finished `key` (published), or a failure was stored.
+    /// Job `gen`, waiting, now holds the claim `claim` (the claimant's lease expired).
+    Takeover { key: Key, gen: Gen, claim: Arc<str> },
+    /// A broker finished `key` under the claim `claim` (published; None:
+    /// evaluated without a claim, or read from the store).
     Done {
         key: Key,
         outcome: Result<Arc<str>, EvalError>,
+        claim: Option<Arc<str>>,
     },
 }

@@ -311,6 +311,8 @@ struct Job {
     input_len: usize,
     /// This broker holds the cluster's claim for this job.
     claimed: bool,
+    /// The claim this job holds, or waits on (another broker's).
+    claim: Option<Arc<str>>,
     deadline: Option<Instant>,
     queued_at: Instant,
     worker: Option<Arc<str>>,
@@ -597,6 +599,7 @@ impl Core {
                 input_len: input.len(),
                 input: Some(input),
                 claimed: false,
+                claim: None,
                 deadline: None,
                 queued_at: now,
                 worker: None,
@@ -1071,11 +1074,10 @@ impl Core {
 
     fn cluster_event(&mut self, event: ClusterEvent, now: Instant) {
         match event {
-            ClusterEvent::Claimed { key, gen } | ClusterEvent::Takeover { key, gen } => {
-                self.settle(key, gen, true, now)
-            }
-            ClusterEvent::Local { key, gen } => self.settle(key, gen, false, now),
-            ClusterEvent::Waiting { key, gen } => {
+            ClusterEvent::Claimed { key, gen, claim }
+            | ClusterEvent::Takeover { key, gen, claim } => self.settle(key, gen, Some(claim), now),
+            ClusterEvent::Local { key, gen } => self.settle(key, gen, None, now),
+            ClusterEvent::Waiting { key, gen, holder } => {
                 let Some(job) = self.job_mut(gen) else {
                     return self
                         .effects
@@ -1083,6 +1085,7 @@ impl Core {
                 };
                 if job.phase == Phase::Asking {
                     job.phase = Phase::Waiting;
+                    job.claim = Some(holder);
                     let evaluator = job.evaluator;
                     let wait = self.config.fns[evaluator]
                         .timeout
@@ -1097,7 +1100,21 @@ impl Core {
                 });
                 self.outcome_from_cluster(key, Ok(output));
             }
-            ClusterEvent::Done { key, outcome } => {
+            ClusterEvent::Done {
+                key,
+                outcome,
+                claim,
+            } => {
+                // A failure under another claim than the one this job holds
+                // or waits on is an earlier job's: it does not end this one.
+                let stale = outcome.is_err()
+                    && self
+                        .job(&key)
+                        .and_then(|j| j.claim.as_ref())
+                        .is_some_and(|mine| claim.as_ref() != Some(mine));
+                if stale {
+                    return;
+                }
                 self.effects.push_back(Effect::Cache {
                     key,
                     outcome: outcome.clone(),
@@ -1109,7 +1126,8 @@ impl Core {
 
     /// Job `gen` runs here: it leaves the cluster's hands and is queued.
     /// Without such a job, a claim taken for it is given back.
-    fn settle(&mut self, key: Key, gen: Gen, claimed: bool, now: Instant) {
+    fn settle(&mut self, key: Key, gen: Gen, claim: Option<Arc<str>>, now: Instant) {
+        let claimed = claim.is_some();
         let Some(job) = self
             .job_mut(gen)
             .filter(|j| matches!(j.phase, Phase::Asking | Phase::Waiting))
@@ -1122,6 +1140,7 @@ impl Core {
             return self.effects.push_back(Effect::Cluster(cmd));
         };
         job.claimed = claimed;
+        job.claim = claim;
         let (evaluator, len) = (job.evaluator, job.input_len);
         if let Some(message) = self.queue_full(evaluator, len) {
             return self.busy(key, message);

@@ -1,0 +1,1058 @@
+//! Deterministic simulation of the coordination core.
+//!
+//! Several brokers' cores, driven exactly as the hub drives one (apply an
+//! input, perform every effect, apply what the effects bring back), run
+//! against model executors (jobs finish, fail, hang, lose their worker), a
+//! model of each broker's cluster task over a model Redis (claims with
+//! leases, a result store, pub/sub with loss, delay and reordering; Redis
+//! down and up; a broker paused past its lease), and model sessions
+//! (submit, subscribe, get, cancel, close). Everything comes from one
+//! seeded RNG on a virtual clock, in one thread, so a seed replays exactly.
+//!
+//! After every step the invariants are checked:
+//! 1. every request gets exactly one outcome, or its session closes;
+//! 2. at quiescence nothing is left: no entry, job, timer, session record,
+//!    held claim or key waited on;
+//! 3. without faults (or a cluster inbox overflowing, which runs a job
+//!    locally as Redis being away does) each key is evaluated
+//!    (successfully) at most once across all brokers;
+//! 4. a submit is answered within its timeout plus two leases (the time to
+//!    notice a silent claimant and take over), unless its broker was paused;
+//! 5. no panic, and the wait table stays within its bounds.
+//!
+//! `HERD_SIM_SEED=n` replays one seed (printed on failure);
+//! `HERD_SIM_SEEDS` (default 200) and `HERD_SIM_STEPS` (default 2000) set
+//! how many runs and how long. A soak of a million steps and more:
+//! `HERD_SIM_SEEDS=500 HERD_SIM_STEPS=4000 cargo test --release --test sim`.
+
+use herd::core::{
+    ClusterCmd, ClusterEvent, Core, CoreConfig, Effect, FnLimits, Gen, Input, Reply, Source,
+};
+use herd::error::{ErrorCode, EvalError};
+use herd::Key;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TIMEOUT_MS: u64 = 200;
+const LEASE_MS: u64 = 300;
+const KEYS: usize = 10;
+const MAX_PENDING: usize = 6;
+const QUEUE_CAPACITY: usize = 5;
+const THREADS: usize = 2;
+/// The cluster task's inbox: past this, an `Acquire` runs locally and
+/// other commands wait in the driver's backlog, as in the hub.
+const CLUSTER_INBOX: usize = 4;
+
+#[derive(Debug, Clone)]
+enum Ev {
+    /// A model session on this broker does something.
+    Op,
+    /// A model executor ends a job.
+    ExecDone {
+        evaluator: usize,
+        gen: Gen,
+        key: Key,
+        outcome: Outcome,
+    },
+    /// The cluster task handles the next command of its inbox.
+    ClusterRun,
+    /// A pub/sub notice reaches this broker.
+    Notice {
+        key: Key,
+        outcome: Result<Arc<str>, EvalError>,
+        claim: Option<Arc<str>>,
+    },
+    /// The cluster task's renewal tick (every third: the re-check).
+    Tick(u64),
+    /// A fault starts or ends.
+    Fault,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Done(Result<Arc<str>, EvalError>),
+    /// The worker went away; its task goes back to the queue.
+    Requeued,
+}
+
+struct Exec {
+    /// Threads (or worker slots) free.
+    free: usize,
+    queue: VecDeque<(Gen, Key)>,
+    running: HashMap<Gen, Key>,
+    /// Jobs taken back from a worker: their late outcome is dropped.
+    revoked: HashSet<Gen>,
+    abandon_running: bool,
+}
+
+#[derive(Default)]
+struct ClusterTask {
+    inbox: VecDeque<ClusterCmd>,
+    busy: bool,
+    held: HashMap<Key, (Gen, u64)>,
+    waiting: HashMap<Key, Gen>,
+}
+
+struct Broker {
+    core: Core,
+    cache: HashMap<Key, Arc<str>>,
+    exec: Vec<Exec>,
+    cluster: ClusterTask,
+    backlog: VecDeque<ClusterCmd>,
+    sessions: Vec<u64>,
+    paused_until: u64,
+    pauses: u64,
+    /// Jobs offered to this broker's executors.
+    offered: HashSet<Gen>,
+}
+
+#[derive(Default)]
+struct Redis {
+    up: bool,
+    results: HashMap<Key, Arc<str>>,
+    /// key → (token, expires at)
+    claims: HashMap<Key, (u64, u64)>,
+    next_token: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Req {
+    key: Key,
+    since: u64,
+    /// A submit that waits (not a subscription): bound by invariant 4.
+    bounded: bool,
+    /// The broker's pause count when it was made.
+    pauses: u64,
+    answered_accepted: bool,
+}
+
+struct Sim {
+    seed: u64,
+    rng: StdRng,
+    base: Instant,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), (usize, Ev)>,
+    brokers: Vec<Broker>,
+    redis: Redis,
+    keys: Vec<(Key, usize)>,
+    pending: HashMap<(usize, u64, String), Req>,
+    next_session: u64,
+    next_req: u64,
+    /// Faults on: Redis down, slow, notices lost or late, brokers paused, workers lost.
+    faults: bool,
+    slow: bool,
+    lossy: bool,
+    quiescing: bool,
+    /// A cluster inbox overflowed (a job ran locally, as under a fault).
+    overloaded: bool,
+    evaluations: HashMap<Key, u32>,
+    trace: VecDeque<String>,
+}
+
+fn limits() -> CoreConfig {
+    let fns = ["threads", "remote"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| FnLimits {
+            name: (*name).into(),
+            timeout: Duration::from_millis(TIMEOUT_MS),
+            queue_capacity: QUEUE_CAPACITY,
+            queue_bytes: 64 * QUEUE_CAPACITY,
+            abandon_running: i == 1,
+        })
+        .collect();
+    CoreConfig {
+        fns,
+        max_pending: MAX_PENDING,
+        clustered: true,
+        lease: Duration::from_millis(LEASE_MS),
+        preview_chars: 16,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, brokers: usize, clustered: bool, faults: bool) -> Sim {
+        let mut config = limits();
+        config.clustered = clustered;
+        let brokers = (0..brokers)
+            .map(|_| Broker {
+                core: Core::new(config.clone()),
+                cache: HashMap::new(),
+                exec: (0..2)
+                    .map(|i| Exec {
+                        free: THREADS,
+                        queue: VecDeque::new(),
+                        running: HashMap::new(),
+                        revoked: HashSet::new(),
+                        abandon_running: i == 1,
+                    })
+                    .collect(),
+                cluster: ClusterTask::default(),
+                backlog: VecDeque::new(),
+                sessions: Vec::new(),
+                paused_until: 0,
+                pauses: 0,
+                offered: HashSet::new(),
+            })
+            .collect();
+        let keys = (0..KEYS)
+            .map(|i| {
+                let evaluator = i % 2;
+                let name = ["threads", "remote"][evaluator];
+                (
+                    Key::derive(name, format!("{{\"n\":{i}}}").as_bytes()),
+                    evaluator,
+                )
+            })
+            .collect();
+        let mut sim = Sim {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            base: Instant::now(),
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            brokers,
+            redis: Redis {
+                up: true,
+                ..Redis::default()
+            },
+            keys,
+            pending: HashMap::new(),
+            next_session: 1,
+            next_req: 1,
+            faults,
+            slow: false,
+            lossy: false,
+            quiescing: false,
+            overloaded: false,
+            evaluations: HashMap::new(),
+            trace: VecDeque::new(),
+        };
+        for b in 0..sim.brokers.len() {
+            for _ in 0..3 {
+                let at = sim.rng.random_range(0..20);
+                sim.at(at, b, Ev::Op);
+            }
+            if clustered {
+                sim.at(LEASE_MS / 3, b, Ev::Tick(1));
+            }
+        }
+        if faults {
+            let at = sim.rng.random_range(100..400);
+            sim.at(at, 0, Ev::Fault);
+        }
+        sim
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn at(&mut self, after: u64, broker: usize, ev: Ev) {
+        self.seq += 1;
+        self.events
+            .insert((self.now + after, self.seq), (broker, ev));
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() >= env("HERD_SIM_TRACE", 60) as usize {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("[{} ms] {line}", self.now));
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let trace: Vec<&String> = self.trace.iter().collect();
+        panic!(
+            "simulation seed {} failed at {} ms: {what}\nreplay: HERD_SIM_SEED={} cargo test --test sim\nlast steps:\n{}",
+            self.seed,
+            self.now,
+            self.seed,
+            trace.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    /// One step: the earliest event or deadline. False when nothing is left.
+    fn step(&mut self) -> bool {
+        let next_event = self.events.keys().next().map(|(t, _)| *t);
+        let next_timer = (0..self.brokers.len())
+            .filter_map(|b| {
+                let at = self.brokers[b].core.poll_timeout()?;
+                let ms = at.duration_since(self.base).as_millis() as u64;
+                Some((ms.max(self.brokers[b].paused_until), b))
+            })
+            .min();
+        match (next_event, next_timer) {
+            (None, None) => return false,
+            (Some(e), Some((t, b))) if t < e => self.timer(t, b),
+            (None, Some((t, b))) => self.timer(t, b),
+            _ => {
+                let ((t, seq), (b, ev)) = self.events.pop_first().expect("an event");
+                self.now = self.now.max(t);
+                if self.brokers[b].paused_until > self.now {
+                    // A paused broker does nothing; its events wait.
+                    let until = self.brokers[b].paused_until;
+                    self.events.insert((until, seq), (b, ev));
+                    return true;
+                }
+                self.event(b, ev);
+            }
+        }
+        self.check();
+        true
+    }
+
+    fn timer(&mut self, t: u64, b: usize) {
+        self.now = self.now.max(t);
+        let now = self.instant(self.now);
+        self.note(format!("b{b} deadline"));
+        self.brokers[b].core.handle_timeout(now);
+        self.settle(b);
+    }
+
+    fn event(&mut self, b: usize, ev: Ev) {
+        match ev {
+            Ev::Op => {
+                if !self.quiescing {
+                    self.op(b);
+                    let after = self.rng.random_range(1..15);
+                    self.at(after, b, Ev::Op);
+                }
+            }
+            Ev::ExecDone {
+                evaluator,
+                gen,
+                key,
+                outcome,
+            } => self.exec_done(b, evaluator, gen, key, outcome),
+            Ev::ClusterRun => self.cluster_run(b),
+            Ev::Notice {
+                key,
+                outcome,
+                claim,
+            } => {
+                self.note(format!("b{b} notice {} claim {claim:?}", short(&key)));
+                let event = ClusterEvent::Done {
+                    key,
+                    outcome,
+                    claim,
+                };
+                self.apply(b, Input::Cluster(event));
+            }
+            Ev::Tick(n) => {
+                self.renew(b);
+                if n % 3 == 0 {
+                    self.recheck(b);
+                }
+                if !(self.quiescing && self.quiet()) {
+                    self.at(LEASE_MS / 3, b, Ev::Tick(n + 1));
+                }
+            }
+            Ev::Fault => {
+                if !self.quiescing {
+                    self.fault();
+                    let after = self.rng.random_range(50..600);
+                    self.at(after, 0, Ev::Fault);
+                }
+            }
+        }
+    }
+
+    /// Nothing is left to do but ticks.
+    fn quiet(&self) -> bool {
+        self.events
+            .values()
+            .all(|(_, ev)| matches!(ev, Ev::Tick(_)))
+            && self.brokers.iter().all(|b| b.core.poll_timeout().is_none())
+    }
+
+    fn fault(&mut self) {
+        match self.rng.random_range(0..5) {
+            0 => {
+                self.redis.up = !self.redis.up;
+                self.note(format!("fault: redis up={}", self.redis.up));
+            }
+            1 => {
+                self.slow = !self.slow;
+                self.note(format!("fault: slow={}", self.slow));
+            }
+            2 => {
+                self.lossy = !self.lossy;
+                self.note(format!("fault: lossy pub/sub={}", self.lossy));
+            }
+            3 => {
+                let b = self.rng.random_range(0..self.brokers.len());
+                let pause = self.rng.random_range(LEASE_MS / 2..LEASE_MS * 3);
+                self.brokers[b].paused_until = self.now + pause;
+                self.brokers[b].pauses += 1;
+                self.note(format!("fault: b{b} paused {pause} ms"));
+            }
+            _ => {
+                // Redis restarts empty.
+                self.redis.results.clear();
+                self.redis.claims.clear();
+                self.note("fault: redis restarted empty".into());
+            }
+        }
+    }
+
+    fn req_id(&mut self) -> String {
+        self.next_req += 1;
+        format!("r{}", self.next_req)
+    }
+
+    fn op(&mut self, b: usize) {
+        if self.brokers[b].sessions.is_empty() || self.rng.random_bool(0.05) {
+            let s = self.next_session;
+            self.next_session += 1;
+            self.brokers[b].sessions.push(s);
+        }
+        let sessions = &self.brokers[b].sessions;
+        let session = sessions[self.rng.random_range(0..sessions.len())];
+        let (key, evaluator) = self.keys[self.rng.random_range(0..self.keys.len())];
+        let id = self.req_id();
+        let roll = self.rng.random_range(0..100);
+        let pauses = self.brokers[b].pauses;
+        let now = self.now;
+        let req = move |bounded| Req {
+            key,
+            since: now,
+            bounded,
+            pauses,
+            answered_accepted: false,
+        };
+        match roll {
+            0..55 => {
+                let wait = roll >= 5;
+                if let Some(output) = self.brokers[b].cache.get(&key) {
+                    self.note(format!(
+                        "b{b} s{session} submit {} hit {output}",
+                        short(&key)
+                    ));
+                    return;
+                }
+                self.note(format!(
+                    "b{b} s{session} submit {} wait={wait}",
+                    short(&key)
+                ));
+                self.pending.insert((b, session, id.clone()), req(wait));
+                self.apply(
+                    b,
+                    Input::Submit {
+                        session,
+                        id: Some(id.into()),
+                        key,
+                        evaluator,
+                        input: format!("{{\"n\":{}}}", short(&key)).into(),
+                        wait,
+                        draining: false,
+                    },
+                );
+            }
+            55..65 => {
+                if self.brokers[b].cache.contains_key(&key) {
+                    return;
+                }
+                self.note(format!("b{b} s{session} subscribe {}", short(&key)));
+                self.pending.insert((b, session, id.clone()), req(false));
+                self.apply(
+                    b,
+                    Input::Subscribe {
+                        session,
+                        id: Some(id.into()),
+                        key,
+                    },
+                );
+            }
+            65..72 => self.apply(
+                b,
+                Input::Get {
+                    session,
+                    id: Some(id.into()),
+                    key,
+                },
+            ),
+            72..90 => {
+                self.note(format!("b{b} s{session} cancel {}", short(&key)));
+                self.pending
+                    .retain(|(pb, ps, _), r| !(*pb == b && *ps == session && r.key == key));
+                self.apply(
+                    b,
+                    Input::Cancel {
+                        session,
+                        id: Some(id.into()),
+                        key,
+                    },
+                );
+            }
+            _ => {
+                self.note(format!("b{b} s{session} closes"));
+                self.close_session(b, session);
+            }
+        }
+    }
+
+    fn close_session(&mut self, b: usize, session: u64) {
+        self.brokers[b].sessions.retain(|s| *s != session);
+        self.pending
+            .retain(|(pb, ps, _), _| !(*pb == b && *ps == session));
+        self.apply(b, Input::SessionClosed { session });
+    }
+
+    fn apply(&mut self, b: usize, input: Input) {
+        let now = self.instant(self.now);
+        self.brokers[b].core.apply(input, now);
+        self.settle(b);
+    }
+
+    /// Performs every effect, as the hub does, applying what comes back.
+    fn settle(&mut self, b: usize) {
+        let mut follow_ups = Vec::new();
+        loop {
+            while let Some(effect) = self.brokers[b].core.poll() {
+                self.perform(b, effect, &mut follow_ups);
+            }
+            if follow_ups.is_empty() {
+                break;
+            }
+            let now = self.instant(self.now);
+            for input in std::mem::take(&mut follow_ups) {
+                self.brokers[b].core.apply(input, now);
+            }
+        }
+        self.flush_backlog(b);
+    }
+
+    fn answered(&mut self, b: usize, session: u64, id: &Option<Box<str>>, what: &str) {
+        let id = id.as_deref().unwrap_or("").to_string();
+        if self.pending.remove(&(b, session, id.clone())).is_none() {
+            self.fail(&format!(
+                "b{b} s{session} {id}: an outcome ({what}) for a request that has none pending (twice, or after its cancel or close)"
+            ));
+        }
+    }
+
+    fn perform(&mut self, b: usize, effect: Effect, follow_ups: &mut Vec<Input>) {
+        match effect {
+            Effect::Reply { session, id, reply } => match reply {
+                Reply::Accepted { .. } => {
+                    let key = (b, session, id.as_deref().unwrap_or("").to_string());
+                    match self.pending.get_mut(&key) {
+                        Some(r) if r.bounded => {
+                            if r.answered_accepted {
+                                self.fail("two accepted frames for one submit");
+                            }
+                            r.answered_accepted = true;
+                        }
+                        Some(_) => {
+                            self.pending.remove(&key);
+                        }
+                        None => self.fail("accepted for an unknown submit"),
+                    }
+                }
+                Reply::Subscribed { key, .. } => {
+                    let id = id.as_deref().unwrap_or("").to_string();
+                    let twice = self.pending.iter().any(|((pb, ps, pid), r)| {
+                        *pb == b && *ps == session && *pid != id && r.key == key && !r.bounded
+                    });
+                    if twice {
+                        // A repeated subscription: the first one waits.
+                        self.pending.remove(&(b, session, id));
+                    }
+                }
+                Reply::Rejected { code, message } => {
+                    self.note(format!("b{b} s{session} rejected {code}: {message}"));
+                    if code != ErrorCode::Busy {
+                        self.fail(&format!("unexpected rejection {code}"));
+                    }
+                    self.answered(b, session, &id, "rejected");
+                }
+                Reply::Status { .. } | Reply::Cancelled { .. } => {}
+            },
+            Effect::Deliver(d) => {
+                self.note(format!(
+                    "b{b} deliver {} to {} ({:?}, {})",
+                    short(&d.key),
+                    d.waiters.len(),
+                    d.source,
+                    match &d.outcome {
+                        Ok(o) => o.to_string(),
+                        Err(e) => e.code().to_string(),
+                    }
+                ));
+                for w in &d.waiters {
+                    self.answered(b, w.session, &w.id, "result");
+                }
+                if let (Err(EvalError::Timeout(m)), Source::Cluster) = (&d.outcome, d.source) {
+                    let _ = m;
+                }
+            }
+            Effect::Busy { waiters, .. } => {
+                for w in &waiters {
+                    self.answered(b, w.session, &w.id, "busy");
+                }
+            }
+            Effect::Offer {
+                evaluator,
+                key,
+                gen,
+                ..
+            } => {
+                self.note(format!("b{b} offer {} g{gen}", short(&key)));
+                self.brokers[b].offered.insert(gen);
+                self.brokers[b].exec[evaluator].queue.push_back((gen, key));
+                self.start_jobs(b, evaluator, follow_ups);
+            }
+            Effect::Withdraw {
+                evaluator,
+                gen,
+                overran,
+            } => {
+                self.note(format!("b{b} withdraw g{gen} overran={overran}"));
+                let exec = &mut self.brokers[b].exec[evaluator];
+                exec.queue.retain(|(g, _)| *g != gen);
+                if exec.running.contains_key(&gen) && (exec.abandon_running || overran) {
+                    // A worker is sent revoke; an overrunning thread is replaced by a spare.
+                    exec.running.remove(&gen);
+                    exec.free += 1;
+                    if exec.abandon_running {
+                        exec.revoked.insert(gen);
+                    }
+                }
+                self.start_jobs(b, evaluator, follow_ups);
+            }
+            Effect::Cache { key, outcome } => {
+                if let Ok(output) = outcome {
+                    self.brokers[b].cache.insert(key, output);
+                }
+            }
+            Effect::Cluster(cmd) => {
+                if let ClusterCmd::Finished { gen, .. } = &cmd {
+                    if !self.brokers[b].offered.contains(gen) {
+                        self.fail(&format!(
+                            "b{b} publishes an outcome of job g{gen}, which it never evaluated (another broker's claim)"
+                        ));
+                    }
+                }
+                let broker = &mut self.brokers[b];
+                if !broker.backlog.is_empty() || broker.cluster.inbox.len() >= CLUSTER_INBOX {
+                    match cmd {
+                        ClusterCmd::Acquire { key, gen } => {
+                            // Overload: this key may be evaluated here and elsewhere.
+                            self.overloaded = true;
+                            self.note(format!("b{b} cluster inbox full: g{gen} runs locally"));
+                            follow_ups.push(Input::Cluster(ClusterEvent::Local { key, gen }))
+                        }
+                        ClusterCmd::Lookup { .. } => {}
+                        cmd => broker.backlog.push_back(cmd),
+                    }
+                    return;
+                }
+                broker.cluster.inbox.push_back(cmd);
+                self.kick_cluster(b);
+            }
+        }
+    }
+
+    fn flush_backlog(&mut self, b: usize) {
+        let broker = &mut self.brokers[b];
+        while broker.cluster.inbox.len() < CLUSTER_INBOX {
+            let Some(cmd) = broker.backlog.pop_front() else {
+                break;
+            };
+            broker.cluster.inbox.push_back(cmd);
+        }
+        self.kick_cluster(b);
+    }
+
+    fn kick_cluster(&mut self, b: usize) {
+        if !self.brokers[b].cluster.busy && !self.brokers[b].cluster.inbox.is_empty() {
+            self.brokers[b].cluster.busy = true;
+            let latency = self.redis_latency();
+            self.at(latency, b, Ev::ClusterRun);
+        }
+    }
+
+    fn redis_latency(&mut self) -> u64 {
+        if !self.redis.up {
+            // The command waits out redis_timeout_ms.
+            return 50;
+        }
+        if self.slow {
+            self.rng.random_range(5..60)
+        } else {
+            self.rng.random_range(0..3)
+        }
+    }
+
+    fn start_jobs(&mut self, b: usize, evaluator: usize, follow_ups: &mut Vec<Input>) {
+        loop {
+            let exec = &mut self.brokers[b].exec[evaluator];
+            if exec.free == 0 {
+                return;
+            }
+            let Some((gen, key)) = exec.queue.pop_front() else {
+                return;
+            };
+            exec.free -= 1;
+            exec.running.insert(gen, key);
+            follow_ups.push(Input::Started {
+                gen,
+                worker: (evaluator == 1).then(|| Arc::from("worker")),
+            });
+            let roll = self.rng.random_range(0..100);
+            let outcome = match roll {
+                0..8 => Some(Outcome::Done(Err(EvalError::Failed("boom".into())))),
+                8..12 => None,
+                12..16 if self.faults && evaluator == 1 => Some(Outcome::Requeued),
+                16..18 if self.faults && evaluator == 1 => {
+                    Some(Outcome::Done(Err(EvalError::Failed("worker lost".into()))))
+                }
+                _ => Some(Outcome::Done(Ok(format!("\"v{}\"", short(&key)).into()))),
+            };
+            if let Some(outcome) = outcome {
+                let took = self.rng.random_range(5..TIMEOUT_MS / 3);
+                self.at(
+                    took,
+                    b,
+                    Ev::ExecDone {
+                        evaluator,
+                        gen,
+                        key,
+                        outcome,
+                    },
+                );
+            }
+        }
+    }
+
+    fn exec_done(&mut self, b: usize, evaluator: usize, gen: Gen, key: Key, outcome: Outcome) {
+        let exec = &mut self.brokers[b].exec[evaluator];
+        if exec.revoked.remove(&gen) {
+            return;
+        }
+        let was_running = exec.running.remove(&gen).is_some();
+        if was_running {
+            exec.free += 1;
+        }
+        match outcome {
+            Outcome::Requeued => {
+                if !was_running {
+                    return;
+                }
+                self.note(format!("b{b} worker lost, g{gen} requeued"));
+                self.brokers[b].exec[evaluator].queue.push_front((gen, key));
+                self.apply(b, Input::Requeued { gen });
+                let mut follow_ups = Vec::new();
+                self.start_jobs(b, evaluator, &mut follow_ups);
+                let now = self.instant(self.now);
+                for input in follow_ups {
+                    self.brokers[b].core.apply(input, now);
+                }
+                self.settle(b);
+            }
+            Outcome::Done(outcome) => {
+                if outcome.is_ok() {
+                    *self.evaluations.entry(key).or_default() += 1;
+                }
+                self.note(format!(
+                    "b{b} finished {} g{gen} ok={}",
+                    short(&key),
+                    outcome.is_ok()
+                ));
+                self.apply(
+                    b,
+                    Input::Finished {
+                        key,
+                        gen,
+                        outcome,
+                        eval_ms: 1.0,
+                    },
+                );
+                let mut follow_ups = Vec::new();
+                self.start_jobs(b, evaluator, &mut follow_ups);
+                let now = self.instant(self.now);
+                for input in follow_ups {
+                    self.brokers[b].core.apply(input, now);
+                }
+                self.settle(b);
+            }
+        }
+    }
+
+    /// The model cluster task: one command, as `cluster.rs` handles it.
+    fn cluster_run(&mut self, b: usize) {
+        self.brokers[b].cluster.busy = false;
+        let Some(cmd) = self.brokers[b].cluster.inbox.pop_front() else {
+            return;
+        };
+        self.flush_backlog(b);
+        let now = self.now;
+        let up = self.redis.up;
+        match cmd {
+            ClusterCmd::Acquire { key, gen } => {
+                let event = match self.acquire(b, key, gen) {
+                    None => ClusterEvent::Local { key, gen },
+                    Some(Acquired::Found(output)) => ClusterEvent::Found { key, output },
+                    Some(Acquired::Claimed(claim)) => ClusterEvent::Claimed { key, gen, claim },
+                    Some(Acquired::Held(holder)) => {
+                        self.brokers[b].cluster.waiting.insert(key, gen);
+                        ClusterEvent::Waiting { key, gen, holder }
+                    }
+                };
+                self.note(format!("b{b} cluster {event:?}"));
+                self.apply(b, Input::Cluster(event));
+            }
+            ClusterCmd::Lookup { key } => {
+                if let Some(output) = self.redis.results.get(&key).filter(|_| up).cloned() {
+                    self.apply(b, Input::Cluster(ClusterEvent::Found { key, output }));
+                }
+            }
+            ClusterCmd::Finished { key, gen, outcome } => {
+                let claim = match self.brokers[b].cluster.held.get(&key) {
+                    Some((g, token)) if *g == gen => Some(Arc::from(token.to_string())),
+                    _ => None,
+                };
+                if up {
+                    if let Ok(output) = &outcome {
+                        self.redis.results.insert(key, Arc::clone(output));
+                    }
+                    for other in 0..self.brokers.len() {
+                        if self.lossy && self.rng.random_bool(0.3) {
+                            continue;
+                        }
+                        let delay = if self.lossy {
+                            self.rng.random_range(0..LEASE_MS)
+                        } else {
+                            self.rng.random_range(0..3)
+                        };
+                        let notice = Ev::Notice {
+                            key,
+                            outcome: outcome.clone(),
+                            claim: claim.clone(),
+                        };
+                        self.at(delay, other, notice);
+                    }
+                }
+                self.release(b, key, gen);
+            }
+            ClusterCmd::Forget { key, gen } => {
+                if self.brokers[b].cluster.waiting.get(&key) == Some(&gen) {
+                    self.brokers[b].cluster.waiting.remove(&key);
+                }
+            }
+            ClusterCmd::Release { key, gen } => self.release(b, key, gen),
+        }
+        let _ = now;
+        self.kick_cluster(b);
+    }
+
+    fn acquire(&mut self, b: usize, key: Key, gen: Gen) -> Option<Acquired> {
+        if !self.redis.up {
+            return None;
+        }
+        if let Some(output) = self.redis.results.get(&key) {
+            return Some(Acquired::Found(Arc::clone(output)));
+        }
+        let free = self
+            .redis
+            .claims
+            .get(&key)
+            .is_none_or(|(_, expires)| *expires <= self.now);
+        if free {
+            self.redis.next_token += 1;
+            let token = self.redis.next_token;
+            self.redis.claims.insert(key, (token, self.now + LEASE_MS));
+            self.brokers[b].cluster.held.insert(key, (gen, token));
+            Some(Acquired::Claimed(token.to_string().into()))
+        } else {
+            let holder = self.redis.claims.get(&key).map(|(t, _)| *t).unwrap_or(0);
+            Some(Acquired::Held(holder.to_string().into()))
+        }
+    }
+
+    fn release(&mut self, b: usize, key: Key, gen: Gen) {
+        let held = &mut self.brokers[b].cluster.held;
+        if held.get(&key).is_some_and(|(g, _)| *g == gen) {
+            let (_, token) = held.remove(&key).expect("just found");
+            if self.redis.up
+                && self
+                    .redis
+                    .claims
+                    .get(&key)
+                    .is_some_and(|(t, _)| *t == token)
+            {
+                self.redis.claims.remove(&key);
+            }
+        }
+    }
+
+    fn renew(&mut self, b: usize) {
+        if !self.redis.up {
+            return;
+        }
+        let held: Vec<(Key, u64)> = self.brokers[b]
+            .cluster
+            .held
+            .iter()
+            .map(|(k, (_, t))| (*k, *t))
+            .collect();
+        for (key, token) in held {
+            match self.redis.claims.get_mut(&key) {
+                Some((t, expires)) if *t == token && *expires > self.now => {
+                    *expires = self.now + LEASE_MS
+                }
+                _ => {
+                    self.brokers[b].cluster.held.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn recheck(&mut self, b: usize) {
+        let waiting: Vec<(Key, Gen)> = self.brokers[b]
+            .cluster
+            .waiting
+            .iter()
+            .map(|(k, g)| (*k, *g))
+            .collect();
+        for (key, gen) in waiting {
+            let event = match self.acquire(b, key, gen) {
+                None => Some(ClusterEvent::Local { key, gen }),
+                Some(Acquired::Found(output)) => Some(ClusterEvent::Found { key, output }),
+                Some(Acquired::Claimed(claim)) => Some(ClusterEvent::Takeover { key, gen, claim }),
+                Some(Acquired::Held(_)) => None,
+            };
+            if let Some(event) = event {
+                self.brokers[b].cluster.waiting.remove(&key);
+                self.note(format!("b{b} recheck {event:?}"));
+                self.apply(b, Input::Cluster(event));
+            }
+        }
+    }
+
+    fn check(&mut self) {
+        let bound = TIMEOUT_MS + 2 * LEASE_MS + 100;
+        let late = self.pending.iter().find(|((b, _, _), r)| {
+            r.bounded
+                && r.pauses == self.brokers[*b].pauses
+                && self.now > r.since + bound
+                && self.brokers[*b].paused_until <= r.since
+        });
+        if let Some(((b, s, id), r)) = late {
+            let what = format!(
+                "b{b} s{s} {id}: a submit of {} made at {} ms is unanswered after {bound} ms",
+                short(&r.key),
+                r.since
+            );
+            self.fail(&what);
+        }
+        for (i, broker) in self.brokers.iter().enumerate() {
+            let counts = broker.core.counts();
+            let sessions = broker.sessions.len().max(counts.sessions);
+            if counts.entries > sessions * MAX_PENDING + KEYS {
+                self.fail(&format!(
+                    "b{i}: the wait table outgrew its bounds: {counts:?}"
+                ));
+            }
+            if counts.queued > 2 * QUEUE_CAPACITY + THREADS {
+                self.fail(&format!("b{i}: queues outgrew queue_capacity: {counts:?}"));
+            }
+        }
+        if !self.faults && !self.overloaded {
+            if let Some((key, n)) = self.evaluations.iter().find(|(_, n)| **n > 1) {
+                let what = format!("without faults, {} was evaluated {n} times", short(key));
+                self.fail(&what);
+            }
+        }
+    }
+
+    /// Closes every session, ends faults and runs until nothing is left.
+    fn quiesce(&mut self) {
+        self.quiescing = true;
+        self.redis.up = true;
+        self.slow = false;
+        self.lossy = false;
+        for b in 0..self.brokers.len() {
+            for session in self.brokers[b].sessions.clone() {
+                self.close_session(b, session);
+            }
+        }
+        let mut steps = 0;
+        while self.step() {
+            steps += 1;
+            if steps > 200_000 {
+                self.fail("no quiescence after 200000 steps");
+            }
+        }
+        if !self.pending.is_empty() {
+            self.fail(&format!("requests left unanswered: {:?}", self.pending));
+        }
+        for (i, broker) in self.brokers.iter().enumerate() {
+            let counts = broker.core.counts();
+            if counts != Default::default() {
+                self.fail(&format!("b{i}: left at quiescence: {counts:?}"));
+            }
+            if !broker.cluster.held.is_empty() || !broker.cluster.waiting.is_empty() {
+                self.fail(&format!(
+                    "b{i}: cluster task holds {} claims and waits on {} keys at quiescence",
+                    broker.cluster.held.len(),
+                    broker.cluster.waiting.len()
+                ));
+            }
+            if !broker.backlog.is_empty() {
+                self.fail(&format!("b{i}: cluster backlog left at quiescence"));
+            }
+        }
+    }
+}
+
+enum Acquired {
+    Found(Arc<str>),
+    Claimed(Arc<str>),
+    Held(Arc<str>),
+}
+
+fn short(key: &Key) -> String {
+    key.to_hex()[..6].to_string()
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let brokers = rng.random_range(1..=3);
+    let clustered = brokers > 1 || rng.random_bool(0.5);
+    let faults = clustered && rng.random_bool(0.6);
+    let mut sim = Sim::new(seed, brokers, clustered, faults);
+    for _ in 0..steps {
+        if !sim.step() {
+            break;
+        }
+    }
+    sim.quiesce();
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn the_core_keeps_its_invariants_under_simulated_faults() {
+    let steps = env("HERD_SIM_STEPS", 2000) as usize;
+    if let Ok(seed) = std::env::var("HERD_SIM_SEED") {
+        let seed = seed.parse().expect("HERD_SIM_SEED is a number");
+        return run(seed, steps);
+    }
+    let seeds = env("HERD_SIM_SEEDS", 200);
+    let first = env("HERD_SIM_FIRST_SEED", 0);
+    for seed in first..first + seeds {
+        run(seed, steps);
+    }
+}
