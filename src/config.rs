@@ -461,9 +461,157 @@ impl Config {
         }
     }
 
+    /// Rejects numbers past what the broker can represent or mean: every
+    /// time, size and count has an upper bound, named in the message.
+    fn check_ranges(&self) -> Result<(), HerdError> {
+        const WEEK_MS: u128 = 7 * 86_400_000;
+        const DECADE_S: u128 = 10 * 365 * 86_400;
+        const GIB: u128 = 1 << 30;
+        const TIB: u128 = 1 << 40;
+        const COUNT: u128 = 1 << 24;
+        let l = &self.limits;
+        let c = &self.cluster;
+        let mut checks: Vec<(String, u128, u128)> = vec![
+            (
+                "limits.max_connections".into(),
+                l.max_connections as u128,
+                COUNT,
+            ),
+            (
+                "limits.max_frame_bytes".into(),
+                l.max_frame_bytes as u128,
+                GIB,
+            ),
+            ("limits.max_pending".into(), l.max_pending as u128, COUNT),
+            (
+                "limits.outbound_queue".into(),
+                l.outbound_queue as u128,
+                COUNT,
+            ),
+            (
+                "limits.outbound_bytes".into(),
+                l.outbound_bytes as u128,
+                4 * GIB,
+            ),
+            (
+                "limits.write_timeout_ms".into(),
+                l.write_timeout_ms.into(),
+                WEEK_MS,
+            ),
+            ("limits.heartbeat_ms".into(), l.heartbeat_ms.into(), WEEK_MS),
+            (
+                "limits.drain_timeout_s".into(),
+                l.drain_timeout_s.into(),
+                WEEK_MS / 1000,
+            ),
+            (
+                "limits.close_timeout_ms".into(),
+                l.close_timeout_ms.into(),
+                WEEK_MS,
+            ),
+            (
+                "limits.header_timeout_ms".into(),
+                l.header_timeout_ms.into(),
+                WEEK_MS,
+            ),
+            ("limits.hub_queue".into(), l.hub_queue as u128, COUNT),
+            (
+                "limits.ws_read_buffer".into(),
+                l.ws_read_buffer as u128,
+                GIB,
+            ),
+            (
+                "limits.ws_write_buffer".into(),
+                l.ws_write_buffer as u128,
+                GIB,
+            ),
+            (
+                "limits.ws_max_write_buffer".into(),
+                l.ws_max_write_buffer as u128,
+                4 * GIB,
+            ),
+            ("limits.write_batch".into(), l.write_batch as u128, COUNT),
+            (
+                "limits.key_memo_entries".into(),
+                l.key_memo_entries as u128,
+                COUNT,
+            ),
+            (
+                "limits.key_memo_max_input_bytes".into(),
+                l.key_memo_max_input_bytes as u128,
+                GIB,
+            ),
+            ("cache.max_bytes".into(), self.cache.max_bytes.into(), TIB),
+            ("cache.ttl_s".into(), self.cache.ttl_s.into(), DECADE_S),
+            (
+                "cache.error_ttl_s".into(),
+                self.cache.error_ttl_s.into(),
+                DECADE_S,
+            ),
+            ("cluster.lease_ms".into(), c.lease_ms.into(), WEEK_MS),
+            (
+                "cluster.result_ttl_s".into(),
+                c.result_ttl_s.into(),
+                DECADE_S,
+            ),
+            (
+                "cluster.redis_timeout_ms".into(),
+                c.redis_timeout_ms.into(),
+                WEEK_MS,
+            ),
+            (
+                "dashboard.max_watchers".into(),
+                self.dashboard.max_watchers as u128,
+                COUNT,
+            ),
+        ];
+        for e in &self.evaluators {
+            let n = |key: &str| format!("evaluator {:?}: {key}", e.name);
+            checks.extend([
+                (n("threads"), e.threads as u128, 4096),
+                (n("timeout_ms"), e.timeout_ms.into(), WEEK_MS),
+                (n("queue_capacity"), e.queue_capacity as u128, COUNT),
+                (n("queue_bytes"), e.queue_bytes as u128, 64 * GIB),
+                (
+                    n("spare_threads"),
+                    e.spare_threads.unwrap_or(0) as u128,
+                    4096,
+                ),
+                (
+                    n("max_sleep_ms"),
+                    e.max_sleep_ms.unwrap_or(0).into(),
+                    WEEK_MS,
+                ),
+                (n("max_input_bytes"), e.max_input_bytes as u128, GIB),
+                (n("grace_ms"), e.grace_ms.into(), WEEK_MS),
+                (n("max_output_bytes"), e.max_output_bytes as u128, GIB),
+                (
+                    n("restart_backoff_ms"),
+                    e.restart_backoff_ms.into(),
+                    WEEK_MS,
+                ),
+                (
+                    n("restart_backoff_max_ms"),
+                    e.restart_backoff_max_ms.into(),
+                    WEEK_MS,
+                ),
+                (n("unhealthy_after"), e.unhealthy_after.into(), COUNT),
+                (n("stderr_line_bytes"), e.stderr_line_bytes as u128, GIB),
+                (n("max_attempts"), e.max_attempts.into(), 1000),
+            ]);
+        }
+        match checks.into_iter().find(|(_, value, max)| value > max) {
+            Some((key, value, max)) => Err(HerdError::Config(format!(
+                "{key} is {value}; it may be at most {max}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Rejects configurations that cannot work, with a message naming the key.
     pub fn validate(&self) -> Result<(), HerdError> {
         let bad = |msg: String| Err(HerdError::Config(msg));
+        self.check_ranges()?;
         let l = &self.limits;
         if l.max_connections == 0 {
             return bad("limits.max_connections must be at least 1".into());
@@ -640,6 +788,29 @@ mod tests {
         let twice =
             "[[evaluator]]\nfn=\"a\"\nkind=\"echo\"\n[[evaluator]]\nfn=\"a\"\nkind=\"echo\"\n";
         assert!(Config::from_toml(twice).is_err());
+    }
+
+    #[test]
+    fn numbers_past_their_bounds_are_rejected_by_name() {
+        let cases = [
+            (
+                "[[evaluator]]\nfn=\"a\"\nkind=\"echo\"\ntimeout_ms = 100000000000\n",
+                "timeout_ms",
+            ),
+            ("[cache]\nttl_s = 18446744073709551615\n", "cache.ttl_s"),
+            (
+                "[[evaluator]]\nfn=\"a\"\nkind=\"echo\"\nmax_output_bytes = 18446744073709551615\n",
+                "max_output_bytes",
+            ),
+            (
+                "[cluster]\nlease_ms = 18446744073709551615\n",
+                "cluster.lease_ms",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = Config::from_toml(text).unwrap_err().to_string();
+            assert!(error.contains(key) && error.contains("at most"), "{error}");
+        }
     }
 
     #[test]

@@ -328,7 +328,7 @@ fn worker_loop(thread: usize, crew: &Crew) {
                 worker = crew.factory.make(thread);
                 Err(EvalError::Failed(format!(
                     "evaluator panicked: {}",
-                    panic_message(panic.as_ref())
+                    crate::error::panic_message(panic.as_ref())
                 )))
             }
         };
@@ -356,15 +356,5 @@ fn worker_loop(thread: usize, crew: &Crew) {
                 return;
             }
         }
-    }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
     }
 }

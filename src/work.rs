@@ -15,7 +15,7 @@ use crate::worker::{serve, Task, WorkerOptions, WorkerStats};
 use serde_json::Value;
 use std::future::Future;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Mutex};
@@ -46,9 +46,11 @@ pub async fn run(args: WorkArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
     config.timeout_ms = args.timeout_ms;
     let metrics = Metrics::new();
     let health = Arc::new(Health::new(&args.fn_name, &metrics));
-    let factory = ProcessFactory::new(&config, health)?;
+    let factory = Arc::new(ProcessFactory::new(&config, health)?);
     // Free children wait here; a blocking thread takes one per task and
-    // puts it back itself, so a task the broker revokes keeps its child.
+    // puts it back itself. A task the broker revokes leaves its child to
+    // finish (or be killed at --timeout-ms) and discarded, and a fresh child
+    // takes its place at once: the broker gives that slot a new task now.
     let (free_tx, free_rx) = mpsc::channel::<Box<dyn Worker>>(args.concurrency);
     for i in 0..args.concurrency {
         let mut child = factory.make(i);
@@ -60,6 +62,7 @@ pub async fn run(args: WorkArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
     let handler = move |task: Task| {
         let (free_tx, free_rx, fn_name) =
             (free_tx.clone(), Arc::clone(&free_rx), Arc::clone(&fn_name));
+        let factory = Arc::clone(&factory);
         async move {
             let key = Key::parse(&task.key).ok_or("the task's key is not a key")?;
             let task = EvalTask {
@@ -73,13 +76,22 @@ pub async fn run(args: WorkArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
                 .recv()
                 .await
                 .ok_or("the worker is stopping")?;
+            let slot = Arc::new(ChildSlot::default());
+            let revoked = Revoked {
+                slot: Arc::clone(&slot),
+                factory,
+                free: free_tx.clone(),
+            };
             let outcome = tokio::task::spawn_blocking(move || {
                 let outcome = child.run(&task);
-                let _ = free_tx.blocking_send(child);
+                if slot.finish() {
+                    let _ = free_tx.blocking_send(child);
+                }
                 outcome
             })
             .await
             .map_err(|e| format!("the task's thread failed: {e}"))?;
+            drop(revoked);
             match outcome {
                 Ok(text) => serde_json::from_str::<Value>(&text)
                     .map_err(|e| format!("the program's output is not JSON: {e}")),
@@ -111,6 +123,55 @@ pub async fn run(args: WorkArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
     }
     served?;
     Ok(())
+}
+
+/// Who ends a child's task first: the child (it goes back to the free
+/// children) or a revoke (it is discarded when it ends).
+#[derive(Default)]
+struct ChildSlot {
+    state: AtomicU8,
+}
+
+const RUNNING: u8 = 0;
+const FINISHED: u8 = 1;
+const REVOKED: u8 = 2;
+
+impl ChildSlot {
+    /// The child finished first: true if it goes back to the free children.
+    fn finish(&self) -> bool {
+        self.state
+            .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The task was revoked first: true if its child is to be replaced.
+    fn revoke(&self) -> bool {
+        self.state
+            .compare_exchange(RUNNING, REVOKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Dropped with a task's handler: if the child has not finished, the task
+/// was revoked (its handler aborted), and a fresh child joins the free ones.
+struct Revoked {
+    slot: Arc<ChildSlot>,
+    factory: Arc<ProcessFactory>,
+    free: mpsc::Sender<Box<dyn Worker>>,
+}
+
+impl Drop for Revoked {
+    fn drop(&mut self) {
+        if !self.slot.revoke() {
+            return;
+        }
+        let (factory, free) = (Arc::clone(&self.factory), self.free.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut child = factory.make(0);
+            child.prepare();
+            let _ = free.try_send(child);
+        });
+    }
 }
 
 /// One line on stderr: tasks done and failed, and the rate.

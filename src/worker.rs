@@ -158,6 +158,7 @@ where
     }
     let mut running: JoinSet<(String, Result<Value, String>)> = JoinSet::new();
     let mut handles: HashMap<String, AbortHandle> = HashMap::new();
+    let mut ids: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut draining = false;
     loop {
         if draining && running.is_empty() {
@@ -170,8 +171,25 @@ where
                     return Ok(Ended::Stopped);
                 }
             }
-            finished = running.join_next(), if !running.is_empty() => {
-                let Some(Ok((task, outcome))) = finished else { continue };
+            finished = running.join_next_with_id(), if !running.is_empty() => {
+                let (task, outcome) = match finished {
+                    Some(Ok((id, (task, outcome)))) => {
+                        ids.remove(&id);
+                        (task, outcome)
+                    }
+                    // A handler that panicked fails its task; the broker's
+                    // slot is given back at once, not at its timeout.
+                    Some(Err(error)) if error.is_panic() => {
+                        let Some(task) = ids.remove(&error.id()) else { continue };
+                        let message = crate::error::panic_message(error.into_panic().as_ref());
+                        (task, Err(format!("the worker's handler panicked: {message}")))
+                    }
+                    Some(Err(error)) => {
+                        ids.remove(&error.id());
+                        continue;
+                    }
+                    None => continue,
+                };
                 handles.remove(&task);
                 let frame = match outcome {
                     Ok(output) => {
@@ -212,7 +230,9 @@ where
                             let outcome = handler(task).await;
                             (id, outcome)
                         });
-                        handles.insert(frame["task"].as_str().unwrap_or_default().to_string(), handle);
+                        let task = frame["task"].as_str().unwrap_or_default().to_string();
+                        ids.insert(handle.id(), task.clone());
+                        handles.insert(task, handle);
                     }
                     Some("revoke") => {
                         if let Some(handle) = frame["task"].as_str().and_then(|t| handles.remove(t)) {

@@ -503,3 +503,115 @@ async fn the_agents_benchmark_spreads_over_a_cluster_and_sums_its_figures() {
         b.stop().await;
     }
 }
+
+/// Sends SIGSTOP or SIGCONT to a process.
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stalled_and_every_queue_full_each_submit_is_answered() {
+    // Redis is paused, so each cluster command waits out redis_timeout_ms
+    // and the cluster task's inbox (hub_queue) fills; the evaluation queue
+    // holds one job. Every submit still gets its answer, and the broker
+    // keeps serving.
+    let mut redis = Redis::start().await;
+    let toml = format!(
+        "[limits]\nhub_queue = 2\n{}",
+        redis.config(
+            "stalled",
+            "redis_timeout_ms = 200\n[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\nqueue_capacity = 1\n"
+        )
+    );
+    let server = broker_with(&toml).await;
+    let pid = redis.child.as_ref().unwrap().id();
+    signal(pid, "-STOP");
+    let mut agent = server.client().await;
+    let total = 12;
+    for n in 0..total {
+        agent
+            .send(json!({"op": "submit", "id": n, "input": {"sleep_ms": 50, "stalled": n}}))
+            .await;
+    }
+    let mut answered = std::collections::HashMap::new();
+    while answered.len() < total {
+        let frame = agent.recv().await;
+        match frame["type"].as_str().unwrap() {
+            "accepted" => {}
+            "result" | "error" => {
+                let id = frame["id"].as_u64().unwrap();
+                assert!(
+                    answered.insert(id, frame.clone()).is_none(),
+                    "two answers for {id}: {frame}"
+                );
+                if frame["type"] == "error" {
+                    assert_eq!(frame["code"], "busy", "{frame}");
+                }
+            }
+            other => panic!("unexpected {other}: {frame}"),
+        }
+    }
+    let pong = agent.request(json!({"op": "ping", "id": "p"})).await;
+    assert_eq!(pong["type"], "pong");
+    signal(pid, "-CONT");
+    server.settled_stats().await;
+    server.stop().await;
+    redis.stop();
+}
+
+const REMOTE_EMBED: &str = r#"
+[[evaluator]]
+fn = "embed"
+kind = "remote"
+timeout_ms = 1500
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
+    // B waits on A's claim from before A's worker starts the task. B's own
+    // wait is not a deadline for A: A's agent gets the result its worker
+    // computed within A's timeout, and so does B's.
+    let redis = Redis::start().await;
+    let a = broker_with(&redis.config("a", REMOTE_EMBED)).await;
+    let b = broker_with(&redis.config("b", REMOTE_EMBED)).await;
+    let input = json!({"fenced": "timer"});
+    let key = key_of("embed", &input);
+    let mut on_a = a.client().await;
+    on_a.send(json!({"op": "submit", "id": "a", "fn": "embed", "input": input}))
+        .await;
+    on_a.recv_type("accepted").await;
+    a.wait_inflight(&key, "queued").await;
+    let mut on_b = b.client().await;
+    on_b.send(json!({"op": "submit", "id": "b", "fn": "embed", "input": input}))
+        .await;
+    on_b.recv_type("accepted").await;
+    b.wait_inflight(&key, "queued").await;
+    // The worker arrives late: A's job starts 400 ms after B began to wait.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let mut worker = a.client().await;
+    let r = worker
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
+        .await;
+    assert_eq!(r["type"], "serving");
+    let task = worker.recv_type("task").await;
+    // Hold the task past B's submit + timeout_ms, within A's own deadline.
+    if let Some(frame) = worker
+        .try_recv(std::time::Duration::from_millis(1300))
+        .await
+    {
+        panic!("the worker was told {frame} while its task was within its deadline");
+    }
+    worker
+        .send(json!({"op": "complete", "task": task["task"], "output": {"done": true}}))
+        .await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["output"]["done"], true, "{r}");
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["output"]["done"], true, "{r}");
+    a.stop().await;
+    b.stop().await;
+}

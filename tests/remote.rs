@@ -486,3 +486,117 @@ fn the_shipped_remote_config_parses() {
         .iter()
         .any(|e| e.name == "embed" && e.kind == herd::config::EvaluatorKind::Remote));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_reads_is_never_closed_by_dispatch() {
+    // More tasks queued than the worker's outbound queue holds frames: the
+    // broker offers what the queue can take and more as the worker drains.
+    let server = TestServer::start(config(
+        r#"
+[limits]
+outbound_queue = 64
+[[evaluator]]
+fn = "embed"
+kind = "remote"
+timeout_ms = 20000
+queue_capacity = 1000
+"#,
+    ))
+    .await;
+    let mut agent = server.client().await;
+    let total = 100;
+    for n in 0..total {
+        let r = agent
+            .request(json!({"op": "submit", "id": n, "fn": "embed", "wait": false, "input": {"flow": n}}))
+            .await;
+        assert_eq!(r["type"], "accepted", "{r}");
+    }
+    let mut worker = raw_worker(&server, "embed", 64).await;
+    for _ in 0..total {
+        let task = worker.recv().await;
+        assert_eq!(
+            task["type"], "task",
+            "the worker was closed or sent something else: {task}"
+        );
+        worker
+            .send(json!({"op": "complete", "task": task["task"], "output": {"ok": task["input"]["flow"]}}))
+            .await;
+    }
+    server.settled_stats().await;
+    for n in 0..total {
+        let key = key_of("embed", &json!({"flow": n}));
+        let r = agent.request(json!({"op": "get", "key": key})).await;
+        assert_eq!(r["state"], "done", "{r}");
+    }
+    server.settled_stats().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_task_at_once() {
+    let server = TestServer::start(config(TWO_FNS)).await;
+    let worker = ApiWorker::start(&server.url(), "embed", 1, |task: Task| async move {
+        if task.input["panic"] == true {
+            panic!("the handler gave up");
+        }
+        Ok(json!({"echo": task.input}))
+    });
+    server
+        .wait_metric("herd_remote_workers{fn=\"embed\"}", |v| v == 1.0)
+        .await;
+    let mut agent = server.client().await;
+    agent
+        .send(json!({"op": "submit", "id": 1, "fn": "embed", "input": {"panic": true}}))
+        .await;
+    let r = agent.recv_type("result").await;
+    assert_eq!(r["error"]["code"], "eval_failed", "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("panicked"),
+        "{r}"
+    );
+    // The slot is free again: the next task runs on the same worker.
+    agent
+        .send(json!({"op": "submit", "id": 2, "fn": "embed", "input": {"panic": false}}))
+        .await;
+    let r = agent.recv_type("result").await;
+    assert_eq!(r["output"]["echo"]["panic"], false, "{r}");
+    worker.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_work_gives_a_revoked_task_s_slot_a_fresh_child() {
+    // The broker's deadline (2 s) is shorter than the child's (5 s): the task
+    // sent after a revoke must not wait for the revoked task's child.
+    let server = TestServer::start(config(
+        r#"
+[[evaluator]]
+fn = "embed"
+kind = "remote"
+timeout_ms = 2000
+"#,
+    ))
+    .await;
+    let work = herd_work(&server.url(), "embed", 1);
+    server
+        .wait_metric("herd_remote_workers{fn=\"embed\"}", |v| v == 1.0)
+        .await;
+    let mut agent = server.client().await;
+    let hang = json!({"mode": "hang"});
+    agent
+        .send(json!({"op": "submit", "id": 1, "fn": "embed", "input": hang}))
+        .await;
+    agent.recv_type("accepted").await;
+    let key = key_of("embed", &hang);
+    server.wait_inflight(&key, "running").await;
+    let r = agent.request(json!({"op": "cancel", "key": key})).await;
+    assert_eq!(r["type"], "cancelled");
+    server.settled_stats().await;
+    agent
+        .send(json!({"op": "submit", "id": 2, "fn": "embed", "input": {"mode": "ok", "after": "revoke"}}))
+        .await;
+    let r = agent.recv_type("result").await;
+    assert_eq!(r["output"]["fn"], "embed", "{r}");
+    terminate(work).await;
+    server.stop().await;
+}
