@@ -37,12 +37,12 @@ async fn main() -> anyhow::Result<()> {
             match Handshake::check(&request) {
                 Err(error) => error.into_response(),
                 Ok(handshake) => {
-                    let config = herd::session::websocket_config(&limits);
+                    let config = herd::server::session::websocket_config(&limits);
                     let response: Response = handshake.accept(
                         &mut request,
                         &tasks,
                         config,
-                        move |ws| async move { herd::session::echo(ws, &limits).await },
+                        move |ws| async move { herd::server::session::echo(ws, &limits).await },
                         |error| eprintln!("upgrade failed: {error}"),
                     );
                     response

@@ -23,13 +23,13 @@ use crate::core::{
     Reply, Source,
 };
 use crate::error::{ErrorCode, EvalError};
+use crate::exec::pool::{EvaluatorTable, Pool, PoolEvent};
+use crate::exec::remote::Remote;
 use crate::exec::{Executors, Report};
 use crate::key::Key;
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, SessionId};
-use crate::pool::{EvaluatorTable, Pool, PoolEvent};
 use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId};
-use crate::remote::Remote;
 use bytes::Bytes;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};

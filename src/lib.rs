@@ -41,33 +41,20 @@
 //! - the worker side: [`worker`] (serve a remote fn from Rust) and [`work`]
 //!   (`herd work`: any JSON-lines program as a remote worker).
 
-pub mod auth;
-pub mod bench;
-pub mod broker;
 pub mod cache;
-pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod error;
-pub mod eval;
 pub mod exec;
 pub mod hub;
 pub mod key;
 pub mod memo;
 pub mod metrics;
 pub mod outbox;
-pub mod pool;
-pub mod process;
 pub mod protocol;
-pub mod remote;
 pub mod server;
-pub mod session;
-pub mod snapshot;
-pub mod web;
-pub mod work;
-pub mod worker;
 
 pub use config::Config;
 pub use error::HerdError;

@@ -115,15 +115,15 @@ struct BenchArgs {
 #[derive(Subcommand)]
 enum Scenario {
     /// S1: agents submitting a Zipf mix with many identical requests.
-    Agents(herd::bench::agents::AgentsArgs),
+    Agents(herd::client::bench::agents::AgentsArgs),
     /// S2: a cold key submitted by every session at once.
-    Burst(herd::bench::burst::BurstArgs),
+    Burst(herd::client::bench::burst::BurstArgs),
     /// S3: the cache-hit path.
-    Hits(herd::bench::hits::HitsArgs),
+    Hits(herd::client::bench::hits::HitsArgs),
     /// S4: one result, many subscribers.
-    Fanout(herd::bench::fanout::FanoutArgs),
+    Fanout(herd::client::bench::fanout::FanoutArgs),
     /// S5: many idle sessions.
-    Idle(herd::bench::idle::IdleArgs),
+    Idle(herd::client::bench::idle::IdleArgs),
 }
 
 #[derive(Args)]
@@ -232,7 +232,7 @@ fn raise_fd_limit() {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use herd::bench::{self, Target};
+    use herd::client::bench::{self, Target};
     raise_fd_limit();
     let target = Target {
         urls: args.target.url,
@@ -270,8 +270,8 @@ fn first_url(urls: Vec<String>) -> String {
     urls.into_iter().next().unwrap_or_default()
 }
 
-fn target(args: TargetArgs) -> herd::cli::Target {
-    herd::cli::Target {
+fn target(args: TargetArgs) -> herd::client::cli::Target {
+    herd::client::cli::Target {
         url: first_url(args.url),
         token: args.token,
     }
@@ -319,7 +319,7 @@ fn main() {
             command,
         } => {
             init_tracing(LogFormat::Text);
-            let args = herd::work::WorkArgs {
+            let args = herd::client::work::WorkArgs {
                 url: first_url(target.url),
                 token: target.token,
                 fn_name,
@@ -327,7 +327,7 @@ fn main() {
                 timeout_ms,
                 command,
             };
-            report(runtime.block_on(herd::work::run(args, shutdown_signal())))
+            report(runtime.block_on(herd::client::work::run(args, shutdown_signal())))
         }
         Command::Submit {
             target: t,
@@ -335,21 +335,23 @@ fn main() {
             nowait,
             concurrency,
             input,
-        } => runtime.block_on(herd::cli::submit(
+        } => runtime.block_on(herd::client::cli::submit(
             &target(t),
             &fn_name,
             nowait,
             &input,
             concurrency,
         )),
-        Command::Get { target: t, key } => runtime.block_on(herd::cli::get(&target(t), &key)),
+        Command::Get { target: t, key } => {
+            runtime.block_on(herd::client::cli::get(&target(t), &key))
+        }
         Command::Subscribe { target: t, keys } => {
-            runtime.block_on(herd::cli::subscribe(&target(t), &keys))
+            runtime.block_on(herd::client::cli::subscribe(&target(t), &keys))
         }
         Command::Watch {
             target: t,
             interval_ms,
-        } => runtime.block_on(herd::cli::watch(&target(t), interval_ms)),
+        } => runtime.block_on(herd::client::cli::watch(&target(t), interval_ms)),
     };
     drop(runtime);
     std::process::exit(code)

@@ -4,7 +4,6 @@
 //! object is read from the same metrics, so the two views cannot disagree.
 
 use crate::cache::ResultCache;
-use crate::pool::EvaluatorTable;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -232,13 +231,16 @@ impl Metrics {
     }
 
     /// Refreshes the cache gauges and returns the snapshot figures
-    /// (counters summed over `evaluators`).
-    pub fn stats(&self, cache: &ResultCache, evaluators: &EvaluatorTable) -> Stats {
+    /// (counters summed over `evaluators`: each fn's name, metrics and health).
+    pub fn stats<'a, I>(&self, cache: &ResultCache, evaluators: I) -> Stats
+    where
+        I: Iterator<Item = (&'a str, &'a FnMetrics, &'static str)> + Clone,
+    {
         let (entries, bytes) = cache.usage();
         self.cache_entries.set(entries as i64);
         self.cache_bytes.set(bytes as i64);
         let sum = |f: fn(&FnMetrics) -> &Counter| -> u64 {
-            evaluators.iter().map(|e| f(&e.metrics).get()).sum()
+            evaluators.clone().map(|(_, m, _)| f(m).get()).sum()
         };
         Stats {
             connections: self.connections.get(),
@@ -255,8 +257,7 @@ impl Metrics {
             cache_bytes: bytes,
             cache_max_bytes: cache.max_bytes(),
             evaluators: evaluators
-                .iter()
-                .map(|e| (e.name.to_string(), e.health.status()))
+                .map(|(name, _, health)| (name.to_string(), health))
                 .collect(),
             cluster: self
                 .cluster_mode
@@ -272,7 +273,10 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self, cache: &ResultCache, evaluators: &EvaluatorTable) -> String {
+    pub fn render<'a, I>(&self, cache: &ResultCache, evaluators: I) -> String
+    where
+        I: Iterator<Item = (&'a str, &'a FnMetrics, &'static str)> + Clone,
+    {
         self.stats(cache, evaluators);
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

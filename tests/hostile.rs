@@ -375,7 +375,7 @@ async fn a_dropped_connection_is_counted_as_1006() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_registered_while_sessions_close_closes_too() {
-    let broker = herd::broker::Broker::start(config(BASIC)).unwrap();
+    let broker = herd::server::broker::Broker::start(config(BASIC)).unwrap();
     broker.close_sessions(1001);
     let late = Arc::new(herd::outbox::SessionCtl::new(
         broker.next_session_id(),

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{config, key_of, Client, TestServer};
-use herd::worker::{serve, Task, WorkerOptions, WorkerStats};
+use herd::client::worker::{serve, Task, WorkerOptions, WorkerStats};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -480,7 +480,7 @@ fn the_shipped_remote_config_parses() {
     std::env::set_var("HERD_AGENT_TOKEN", "a");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/remote.toml");
     let config = herd::Config::load(&path).unwrap();
-    herd::auth::Gate::new(&config).unwrap();
+    herd::server::auth::Gate::new(&config).unwrap();
     assert!(config
         .evaluators
         .iter()

@@ -54,5 +54,5 @@ async fn a_client_that_never_reads_is_closed_with_4001_in_bounded_memory() {
 }
 
 fn rss_kib() -> u64 {
-    herd::bench::rss_kib(std::process::id()).expect("VmRSS of this process")
+    herd::client::bench::rss_kib(std::process::id()).expect("VmRSS of this process")
 }

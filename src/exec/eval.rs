@@ -5,7 +5,7 @@
 //! child process, for `process` evaluators) and runs one task at a time.
 
 use crate::config::{EvaluatorConfig, EvaluatorKind};
-use crate::error::{EvalError, HerdError};
+use crate::error::EvalError;
 use crate::key::Key;
 use crate::metrics::{fn_label, Metrics};
 use prometheus_client::metrics::counter::Counter;
@@ -38,24 +38,16 @@ pub trait WorkerFactory: Send + Sync {
     fn make(&self, thread: usize) -> Box<dyn Worker>;
 }
 
-/// The factory for an evaluator's configuration.
-pub fn factory(
-    config: &EvaluatorConfig,
-    health: Arc<Health>,
-) -> Result<Arc<dyn WorkerFactory>, HerdError> {
+/// The factory of a builtin evaluator (`simulate`, `echo`); None for the
+/// other kinds.
+pub fn builtin_factory(config: &EvaluatorConfig) -> Option<Arc<dyn WorkerFactory>> {
     match config.kind {
-        EvaluatorKind::Simulate => Ok(Arc::new(Builtin(Simulate {
+        EvaluatorKind::Simulate => Some(Arc::new(Builtin(Simulate {
             max_output_bytes: config.max_output_bytes,
             max_sleep_ms: config.max_sleep_ms(),
         }))),
-        EvaluatorKind::Echo => Ok(Arc::new(Builtin(Echo))),
-        EvaluatorKind::Process => Ok(Arc::new(crate::process::ProcessFactory::new(
-            config, health,
-        )?)),
-        EvaluatorKind::Remote => Err(HerdError::Evaluator {
-            name: config.name.clone(),
-            message: "a remote evaluator runs on worker sessions, not on threads".into(),
-        }),
+        EvaluatorKind::Echo => Some(Arc::new(Builtin(Echo))),
+        EvaluatorKind::Process | EvaluatorKind::Remote => None,
     }
 }
 

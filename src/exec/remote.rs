@@ -16,9 +16,9 @@
 //!   with one more attempt, until `max_attempts`.
 
 use crate::config::EvaluatorConfig;
+use crate::exec::pool::Job;
 use crate::key::Key;
 use crate::outbox::{Outbox, SessionId};
-use crate::pool::Job;
 use crate::protocol::{unix_ms, FrameWriter};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};

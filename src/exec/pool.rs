@@ -17,9 +17,9 @@
 //! Each queue is bounded twice: `queue_capacity` jobs and `queue_bytes`
 //! bytes of input.
 
-use crate::config::EvaluatorConfig;
+use crate::config::{EvaluatorConfig, EvaluatorKind};
 use crate::error::{EvalError, HerdError};
-use crate::eval::{factory, Health, Task, WorkerFactory};
+use crate::exec::eval::{builtin_factory, Health, Task, WorkerFactory};
 use crate::key::Key;
 use crate::metrics::{FnMetrics, Metrics};
 use std::collections::HashMap;
@@ -146,6 +146,13 @@ impl EvaluatorTable {
 
     pub fn get(&self, index: usize) -> &EvaluatorSpec {
         &self.specs[index]
+    }
+
+    /// Each fn's name, metrics and health, for the figures.
+    pub fn figures(&self) -> impl Iterator<Item = (&str, &FnMetrics, &'static str)> + Clone {
+        self.specs
+            .iter()
+            .map(|e| (&*e.name, &e.metrics, e.health.status()))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &EvaluatorSpec> {
@@ -287,6 +294,25 @@ impl Pool {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+/// The factory for an evaluator's configuration.
+fn factory(
+    config: &EvaluatorConfig,
+    health: Arc<Health>,
+) -> Result<Arc<dyn WorkerFactory>, HerdError> {
+    if let Some(builtin) = builtin_factory(config) {
+        return Ok(builtin);
+    }
+    match config.kind {
+        EvaluatorKind::Process => Ok(Arc::new(crate::exec::process::ProcessFactory::new(
+            config, health,
+        )?)),
+        _ => Err(HerdError::Evaluator {
+            name: config.name.clone(),
+            message: "a remote evaluator runs on worker sessions, not on threads".into(),
+        }),
     }
 }
 

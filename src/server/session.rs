@@ -7,19 +7,19 @@
 //! (`feed`, then one `flush`), sends heartbeats, and closes the session with
 //! the code chosen by whoever asked first.
 
-use crate::auth::{Identity, ServeRight};
-use crate::broker::Broker;
 use crate::config::{Limits, Role};
 use crate::error::ErrorCode;
+use crate::exec::pool::EvaluatorSpec;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
 use crate::outbox::{close, Frame, Outbox, SessionCtl};
-use crate::pool::EvaluatorSpec;
 use crate::protocol::{
     error_frame, parse_input, parse_request, unix_ms, FrameWriter, Op, ReqId, DRAINING_MESSAGE,
     PROTOCOL_VERSION,
 };
-use crate::snapshot::WatchMsg;
+use crate::server::auth::{Identity, ServeRight};
+use crate::server::broker::Broker;
+use crate::server::snapshot::WatchMsg;
 use futures::future::{Fuse, FutureExt};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};

@@ -4,17 +4,17 @@
 //! registry, the hub's inbox and the snapshot renderer's; the wait table is
 //! not here (the hub task owns it alone).
 
-use crate::auth::Gate;
 use crate::cache::ResultCache;
 use crate::cluster::{Cluster, ClusterHealth};
 use crate::config::Config;
 use crate::error::HerdError;
+use crate::exec::pool::{EvaluatorTable, Pool};
 use crate::hub::{Hub, HubInputs, HubMsg};
 use crate::memo::KeyMemo;
 use crate::metrics::Metrics;
 use crate::outbox::{SessionCtl, SessionId};
-use crate::pool::{EvaluatorTable, Pool};
-use crate::snapshot::{Renderer, WatchMsg};
+use crate::server::auth::Gate;
+use crate::server::snapshot::{Renderer, WatchMsg};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,7 +112,7 @@ impl Broker {
             events: events_rx,
             cluster: cluster_events,
         };
-        let hub_task = tokio::spawn(hub.run(inputs, hub_stop.clone()));
+        let hub_task = tokio::spawn(supervised(hub.run(inputs, hub_stop.clone())));
         let (watch_tx, watch_rx) = mpsc::channel(config.limits.hub_queue);
         let renderer = Renderer::new(
             &config,
@@ -122,7 +122,7 @@ impl Broker {
             Arc::clone(&evaluators),
         );
         tokio::spawn(renderer.run(watch_rx, hub_stop.clone()));
-        let ws_config = crate::session::websocket_config(&config.limits);
+        let ws_config = crate::server::session::websocket_config(&config.limits);
         let memo = KeyMemo::new(
             config.limits.key_memo_entries,
             config.limits.key_memo_max_input_bytes,
@@ -214,6 +214,23 @@ impl Broker {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Runs the hub; if it panics, says so in one line and ends the process
+/// (exit status 70): a broker whose hub is gone answers nothing, so it
+/// must not go on answering `/healthz`.
+async fn supervised(hub: impl std::future::Future<Output = Pool>) -> Pool {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(hub).catch_unwind().await {
+        Ok(pool) => pool,
+        Err(panic) => {
+            tracing::error!(
+                panic = %crate::error::panic_message(panic.as_ref()),
+                "the hub's task panicked; exiting"
+            );
+            std::process::exit(70);
         }
     }
 }

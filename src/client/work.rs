@@ -3,15 +3,15 @@
 //!
 //! It starts `concurrency` children through the same code as a `process`
 //! evaluator (so a child that crashes, garbles or hangs is replaced the same
-//! way), serves one fn with [`crate::worker::serve`], and hands each task to
+//! way), serves one fn with [`crate::client::worker::serve`], and hands each task to
 //! a free child. On a terminal it keeps one progress line up to date.
 
+use crate::client::worker::{serve, Task, WorkerOptions, WorkerStats};
 use crate::config::{EvaluatorConfig, EvaluatorKind};
-use crate::eval::{Health, Task as EvalTask, Worker, WorkerFactory};
+use crate::exec::eval::{Health, Task as EvalTask, Worker, WorkerFactory};
+use crate::exec::process::ProcessFactory;
 use crate::key::{canonical_json, Key};
 use crate::metrics::Metrics;
-use crate::process::ProcessFactory;
-use crate::worker::{serve, Task, WorkerOptions, WorkerStats};
 use serde_json::Value;
 use std::future::Future;
 use std::io::{IsTerminal, Write};

@@ -7,12 +7,17 @@
 //! the driver applies to the core: started, requeued (a worker went away),
 //! finished (a lost worker is a finish with an error), refused.
 
+pub mod eval;
+pub mod pool;
+pub mod process;
+pub mod remote;
+
 use crate::core::Gen;
 use crate::error::EvalError;
+use crate::exec::pool::{Job, JobCtl, Pool, PoolEvent, QueueFull};
+use crate::exec::remote::{Orphan, Remote};
 use crate::key::Key;
 use crate::outbox::{Outbox, SessionId};
-use crate::pool::{Job, JobCtl, Pool, PoolEvent, QueueFull};
-use crate::remote::{Orphan, Remote};
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -7,13 +7,17 @@
 //! way finish and their results are delivered, then sessions close with
 //! 1001; every step is bounded by `limits.drain_timeout_s`.
 
-use crate::auth::Refusal;
-use crate::broker::Broker;
+pub mod auth;
+pub mod broker;
+pub mod session;
+pub mod snapshot;
+pub mod web;
+
 use crate::config::{Config, TlsConfig};
 use crate::error::HerdError;
 use crate::outbox::close;
-use crate::session;
-use crate::web;
+use crate::server::auth::Refusal;
+use crate::server::broker::Broker;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -220,7 +224,9 @@ async fn metrics(State(broker): State<Arc<Broker>>, request: Request) -> Respons
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        broker.metrics.render(&broker.cache, &broker.evaluators),
+        broker
+            .metrics
+            .render(&broker.cache, broker.evaluators.figures()),
     )
         .into_response()
 }

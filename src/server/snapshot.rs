@@ -11,10 +11,10 @@
 use crate::cache::ResultCache;
 use crate::config::Config;
 use crate::error::ErrorCode;
+use crate::exec::pool::EvaluatorTable;
 use crate::hub::{HubMsg, HubView};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, SessionId};
-use crate::pool::EvaluatorTable;
 use crate::protocol::{error_frame, unix_ms, FrameWriter, ReqId, MIN_WATCH_INTERVAL_MS};
 use bytes::Bytes;
 use serde::Serialize;
@@ -188,7 +188,7 @@ impl Renderer {
                 worker: row.worker.as_deref(),
             })
             .collect();
-        let stats = self.metrics.stats(&self.cache, &self.evaluators);
+        let stats = self.metrics.stats(&self.cache, self.evaluators.figures());
         FrameWriter::tail(1024)
             .uint("at_ms", unix_ms())
             .raw("stats", &to_json(&stats))

@@ -9,17 +9,17 @@ const FILES: &[(&str, &str, &[u8])] = &[
     (
         "/index.html",
         "text/html; charset=utf-8",
-        include_bytes!("../web/index.html"),
+        include_bytes!("../../web/index.html"),
     ),
     (
         "/app.js",
         "text/javascript; charset=utf-8",
-        include_bytes!("../web/app.js"),
+        include_bytes!("../../web/app.js"),
     ),
     (
         "/style.css",
         "text/css; charset=utf-8",
-        include_bytes!("../web/style.css"),
+        include_bytes!("../../web/style.css"),
     ),
 ];
 

@@ -21,7 +21,7 @@
 
 use crate::config::EvaluatorConfig;
 use crate::error::{EvalError, HerdError};
-use crate::eval::{Health, Task, Worker, WorkerFactory};
+use crate::exec::eval::{Health, Task, Worker, WorkerFactory};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -16,6 +16,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
+pub mod cli;
+pub mod work;
+pub mod worker;
+
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
