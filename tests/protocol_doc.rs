@@ -28,20 +28,28 @@ fn first_cells(doc: &str, title: &str) -> BTreeSet<String> {
 }
 
 /// Every string literal that follows `marker` in the sources under src/
-/// (the client side, which only reads frames, excluded).
+/// (the client side, src/client/, which only reads frames, excluded).
 fn literals_after(marker: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if !name.ends_with(".rs") || name == "client.rs" || name == "cli.rs" {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        for piece in text.split(marker).skip(1) {
-            if let Some(end) = piece.find('"') {
-                found.insert(piece[..end].trim_end_matches('\\').to_string());
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                if name != "client" {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            if !name.ends_with(".rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for piece in text.split(marker).skip(1) {
+                if let Some(end) = piece.find('"') {
+                    found.insert(piece[..end].trim_end_matches('\\').to_string());
+                }
             }
         }
     }
