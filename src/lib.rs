@@ -19,27 +19,24 @@
 //!               session writer ──ws──▶ agent             (one writer per session)
 //! ```
 //!
-//! Modules, in the order a request meets them:
-//! - [`server`]: the port (HTTP routes, WebSocket upgrade) and shutdown;
-//! - [`session`]: one connection's reader and writer;
-//! - [`protocol`]: request parsing and frame writing;
+//! Folders, in the order a request meets them:
+//! - [`server`]: the port (HTTP routes, WebSocket upgrade), auth, shutdown,
+//!   the state every part shares ([`server::broker`]), one connection's
+//!   reader and writer ([`server::session`]) and dashboard snapshots;
+//! - [`protocol`]: request parsing and frame writing; [`outbox`]: a
+//!   session's outbound queue, byte budget and close signal;
 //! - [`key`]: canonical JSON and key derivation; [`memo`]: raw inputs to keys;
 //! - [`cache`]: the bounded results cache;
-//! - [`hub`]: the wait table, owned by one task;
-//! - [`pool`], [`eval`] and [`process`]: evaluator threads, the builtin
-//!   evaluators, and programs plugged in as evaluators;
-//! - [`remote`]: worker sessions as the pool of `remote` evaluators;
-//! - [`cluster`]: brokers sharing one Redis (claims, a second cache level,
-//!   completions over pub/sub);
-//! - [`outbox`]: a session's outbound queue, byte budget and close signal;
-//! - [`snapshot`]: dashboard snapshots, rendered once per tick for every watcher;
-//! - [`broker`]: the state every part shares; [`metrics`]: its figures;
-//! - [`auth`]: tokens, roles and the origin check;
-//! - [`config`] and [`error`];
-//! - the client side: [`client`] (a Rust client), [`cli`] (the `herd`
-//!   client subcommands) and [`bench`] (the benchmark scenarios);
-//! - the worker side: [`worker`] (serve a remote fn from Rust) and [`work`]
-//!   (`herd work`: any JSON-lines program as a remote worker).
+//! - [`core`]: the wait table and every key's lifecycle, a state machine
+//!   that does no I/O; [`hub`]: the one task that drives it and performs
+//!   its effects;
+//! - [`exec`]: one executor boundary for evaluator threads (builtin and
+//!   process evaluators) and remote worker sessions;
+//! - [`cluster`]: the Redis task of brokers sharing one Redis (claims, a
+//!   second cache level, completions over pub/sub);
+//! - [`metrics`], [`config`] and [`error`];
+//! - [`client`]: the client side: a Rust client, the `herd` client
+//!   subcommands, the benchmark scenarios, a worker API and `herd work`.
 
 pub mod cache;
 pub mod client;

@@ -38,6 +38,7 @@
 //! | `Queued`, `Running` | deadline | (none) | every waiter `eval_timeout`; cache; cluster `Finished`; executor `Withdraw` | timer, claim, slot, holds |
 //! | `Asking`, `Waiting` | deadline | (none) | every waiter `eval_timeout` (never published: the claim is not ours); cluster `Forget` | timer, claim if any, holds |
 //! | any | `Found` / `Done` from the cluster | (none) | every waiter the outcome; cache | `Withdraw`, claim (`Release`), timer, holds |
+//! | any with a claim | `Done` failure under another claim | unchanged | nobody (an earlier job's failure) | |
 //! | `Queued`, `Refused` by the executor | | (none) | every waiter `busy` | claim, timer, holds |
 //! | any | last waiter leaves, no `wait:false` hold | (none), or kept | | see below |
 //!
