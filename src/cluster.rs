@@ -165,16 +165,30 @@ pub struct Cluster {
     /// Makes Redis Cluster connections (when `redis_cluster` is set).
     cluster_client: Option<ClusterClient>,
     client: redis::Client,
-    /// Claims this broker holds: key → (the job holding it, claim value).
-    held: HashMap<Key, (Gen, String)>,
-    /// Keys this broker waits on another broker for, and the job waiting.
-    waiting: HashMap<Key, Gen>,
+    /// Claims this broker holds: key → the job holding it.
+    held: HashMap<Key, Held>,
+    /// Keys this broker waits on another broker for: the job waiting, and
+    /// how long a claim taken over for it may be kept.
+    waiting: HashMap<Key, (Gen, Duration)>,
+    /// This process's part of every claim value: two brokers given the same
+    /// `node` name still never hold the same claim value.
+    run: String,
     next_claim: u64,
     result_ttl_s: u64,
     error_ttl_s: u64,
     acquire: Script,
     renew: Script,
     release: Script,
+}
+
+/// A claim this broker holds.
+struct Held {
+    /// The job it is for.
+    gen: Gen,
+    /// Its value in Redis (the fencing token).
+    value: String,
+    /// Renewed until then at most.
+    until: tokio::time::Instant,
 }
 
 /// What [`ACQUIRE`] found.
@@ -201,8 +215,9 @@ impl Cluster {
         health: Arc<ClusterHealth>,
     ) -> Result<Cluster, crate::HerdError> {
         let url = config.redis.clone().unwrap_or_default();
-        let client = redis::Client::open(url.as_str())
-            .map_err(|e| crate::HerdError::Config(format!("cluster.redis {url:?}: {e}")))?;
+        let client = redis::Client::open(url.as_str()).map_err(|e| {
+            crate::HerdError::Config(format!("cluster.redis {:?}: {e}", redacted(&url)))
+        })?;
         let timeout = Some(Duration::from_millis(config.redis_timeout_ms));
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(timeout)
@@ -230,13 +245,10 @@ impl Cluster {
             conn,
             client,
             held: HashMap::new(),
+            run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             waiting: HashMap::new(),
             next_claim: 0,
-            result_ttl_s: if config.result_ttl_s > 0 {
-                config.result_ttl_s
-            } else {
-                cache.ttl_s
-            },
+            result_ttl_s: config.result_ttl_s,
             error_ttl_s: cache.error_ttl_s,
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
@@ -327,8 +339,8 @@ impl Cluster {
 
     async fn apply(&mut self, cmd: ClusterCmd) {
         match cmd {
-            ClusterCmd::Acquire { key, gen } => {
-                let event = match self.acquire(&key, gen).await {
+            ClusterCmd::Acquire { key, gen, hold } => {
+                let event = match self.acquire(&key, gen, hold).await {
                     None => ClusterEvent::Local { key, gen },
                     Some(Acquired::Stored(Ok(output))) => ClusterEvent::Found { key, output },
                     Some(Acquired::Stored(Err(error))) => ClusterEvent::Done {
@@ -338,7 +350,7 @@ impl Cluster {
                     },
                     Some(Acquired::Claimed(claim)) => ClusterEvent::Claimed { key, gen, claim },
                     Some(Acquired::Held(holder)) => {
-                        self.waiting.insert(key, gen);
+                        self.waiting.insert(key, (gen, hold));
                         ClusterEvent::Waiting { key, gen, holder }
                     }
                 };
@@ -359,7 +371,7 @@ impl Cluster {
             }
             ClusterCmd::Finished { key, gen, outcome } => self.finished(key, gen, outcome).await,
             ClusterCmd::Forget { key, gen } => {
-                if self.waiting.get(&key) == Some(&gen) {
+                if self.waiting.get(&key).is_some_and(|(g, _)| *g == gen) {
                     self.waiting.remove(&key);
                 }
             }
@@ -377,9 +389,9 @@ impl Cluster {
 
     /// The stored outcome of `key`, or else a claim on it; None when Redis
     /// cannot be asked.
-    async fn acquire(&mut self, key: &Key, gen: Gen) -> Option<Acquired> {
+    async fn acquire(&mut self, key: &Key, gen: Gen, hold: Duration) -> Option<Acquired> {
         self.next_claim += 1;
-        let value = format!("{}:{}", self.node, self.next_claim);
+        let value = format!("{}:{}:{}", self.node, self.run, self.next_claim);
         let (result, claim) = (self.key("result", key), self.key("claim", key));
         let lease = self.config.lease_ms;
         let mut conn = self.conn().await?;
@@ -402,7 +414,13 @@ impl Cluster {
                 .and_then(|s| s.outcome())
                 .map(Acquired::Stored),
             2 => {
-                self.held.insert(*key, (gen, value.clone()));
+                let until = tokio::time::Instant::now() + hold;
+                let held = Held {
+                    gen,
+                    value: value.clone(),
+                    until,
+                };
+                self.held.insert(*key, held);
                 Some(Acquired::Claimed(value.into()))
             }
             _ => Some(Acquired::Held(stored.into())),
@@ -410,10 +428,21 @@ impl Cluster {
     }
 
     async fn renew_claims(&mut self) {
+        // A claim is kept no longer than its job can live: past that the
+        // job ended here without a word reaching this task, and the claim
+        // is left to expire.
+        let now = tokio::time::Instant::now();
+        self.held.retain(|key, held| {
+            let keep = held.until > now;
+            if !keep {
+                tracing::warn!(key = %key, "cluster: a claim outlived its job's deadline; letting it expire");
+            }
+            keep
+        });
         let claims: Vec<(Key, String)> = self
             .held
             .iter()
-            .map(|(k, (_, v))| (*k, v.clone()))
+            .map(|(k, held)| (*k, held.value.clone()))
             .collect();
         for (key, value) in claims {
             let name = self.key("claim", &key);
@@ -441,9 +470,13 @@ impl Cluster {
 
     /// Looks again at every key waited on: delivered, taken over, or local.
     async fn recheck(&mut self) {
-        let keys: Vec<(Key, Gen)> = self.waiting.iter().map(|(k, g)| (*k, *g)).collect();
-        for (key, gen) in keys {
-            let event = match self.acquire(&key, gen).await {
+        let keys: Vec<(Key, Gen, Duration)> = self
+            .waiting
+            .iter()
+            .map(|(k, (g, h))| (*k, *g, *h))
+            .collect();
+        for (key, gen, hold) in keys {
+            let event = match self.acquire(&key, gen, hold).await {
                 // Redis went away: evaluate here rather than wait.
                 None => Some(ClusterEvent::Local { key, gen }),
                 Some(Acquired::Stored(Ok(output))) => Some(ClusterEvent::Found { key, output }),
@@ -478,16 +511,16 @@ impl Cluster {
         // The notice names the claim it was computed under, so a broker
         // waiting on a later claim of the key ignores an earlier failure.
         let claim = match self.held.get(&key) {
-            Some((g, value)) if *g == gen => format!(
+            Some(held) if held.gen == gen => format!(
                 ",\"claim\":{}",
-                serde_json::to_string(value).expect("a string serializes")
+                serde_json::to_string(&held.value).expect("a string serializes")
             ),
             _ => String::new(),
         };
         let notice = format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]);
         let channel = self.channel();
         let Some(conn) = self.conn().await else {
-            if self.held.get(&key).is_some_and(|(g, _)| *g == gen) {
+            if self.held.get(&key).is_some_and(|h| h.gen == gen) {
                 self.held.remove(&key);
             }
             return;
@@ -520,8 +553,8 @@ impl Cluster {
 
     /// Deletes the claim job `gen` holds on `key`, if it is still ours.
     async fn release_claim(&mut self, key: &Key, gen: Gen) {
-        if self.held.get(key).is_some_and(|(g, _)| *g == gen) {
-            let (_, value) = self.held.remove(key).expect("just found");
+        if self.held.get(key).is_some_and(|h| h.gen == gen) {
+            let value = self.held.remove(key).expect("just found").value;
             let name = self.key("claim", key);
             let Some(mut conn) = self.conn().await else {
                 return;
@@ -590,5 +623,35 @@ async fn listen(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(retry_ms)) => {}
         }
+    }
+}
+
+/// A Redis URL fit to print: its password (and user) replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let host_start = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_start].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_are_never_printed() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redacted("redis://user:pw@host/"), "redis://***@host/");
+        assert_eq!(
+            redacted("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
     }
 }

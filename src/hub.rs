@@ -552,7 +552,7 @@ impl Hub {
             cmd
         };
         match cmd {
-            ClusterCmd::Acquire { key, gen } => self
+            ClusterCmd::Acquire { key, gen, .. } => self
                 .follow_ups
                 .push(Input::Cluster(ClusterEvent::Local { key, gen })),
             ClusterCmd::Lookup { .. } => {}

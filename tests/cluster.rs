@@ -77,7 +77,7 @@ impl Redis {
     /// A broker config in this cluster, with `extra` evaluators.
     fn config(&self, node: &str, extra: &str) -> String {
         format!(
-            "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nlease_ms = 1000\n{extra}",
+            "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nlease_ms = 1000\nredis_timeout_ms = 500\n{extra}",
             self.url()
         )
     }
@@ -521,11 +521,9 @@ async fn with_redis_stalled_and_every_queue_full_each_submit_is_answered() {
     // keeps serving.
     let mut redis = Redis::start().await;
     let toml = format!(
-        "[limits]\nhub_queue = 2\n{}",
-        redis.config(
-            "stalled",
-            "redis_timeout_ms = 200\n[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\nqueue_capacity = 1\n"
-        )
+        "[limits]\nhub_queue = 2\n[cluster]\nredis = \"{}\"\nlease_ms = 1000\nredis_timeout_ms = 200\n{}",
+        redis.url(),
+        "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\nqueue_capacity = 1\n"
     );
     let server = broker_with(&toml).await;
     let pid = redis.child.as_ref().unwrap().id();

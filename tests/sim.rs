@@ -642,7 +642,7 @@ impl Sim {
                 let broker = &mut self.brokers[b];
                 if !broker.backlog.is_empty() || broker.cluster.inbox.len() >= CLUSTER_INBOX {
                     match cmd {
-                        ClusterCmd::Acquire { key, gen } => {
+                        ClusterCmd::Acquire { key, gen, .. } => {
                             // Overload: this key may be evaluated here and elsewhere.
                             self.overloaded = true;
                             self.note(format!("b{b} cluster inbox full: g{gen} runs locally"));
@@ -795,7 +795,7 @@ impl Sim {
         let now = self.now;
         let up = self.redis.up;
         match cmd {
-            ClusterCmd::Acquire { key, gen } => {
+            ClusterCmd::Acquire { key, gen, .. } => {
                 let event = match self.acquire(b, key, gen) {
                     None => ClusterEvent::Local { key, gen },
                     Some(Acquired::Found(output)) => ClusterEvent::Found { key, output },

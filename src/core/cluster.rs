@@ -15,7 +15,13 @@ use super::Gen;
 #[derive(Debug, Clone)]
 pub enum ClusterCmd {
     /// Job `gen` of `key` starts here: find its result in Redis or claim it.
-    Acquire { key: Key, gen: Gen },
+    /// A claim taken for it is renewed for at most `hold` (the job's
+    /// timeout plus one lease): past that the job has ended for certain.
+    Acquire {
+        key: Key,
+        gen: Gen,
+        hold: std::time::Duration,
+    },
     /// A subscription to a key nobody evaluates here: look in Redis.
     Lookup { key: Key },
     /// Job `gen` was evaluated here: store, publish, release its claim.

@@ -608,11 +608,12 @@ impl Core {
                 wanted: Vec::new(),
             });
             if clustered {
-                let limits = &self.config.fns[evaluator];
-                let at = now.checked_add(limits.timeout.saturating_add(self.config.lease));
-                self.set_deadline(gen, at);
+                let timeout = self.config.fns[evaluator].timeout;
+                let hold = timeout.saturating_add(self.config.lease);
+                self.set_deadline(gen, now.checked_add(hold));
+                let hold = hold.saturating_add(timeout);
                 self.effects
-                    .push_back(Effect::Cluster(ClusterCmd::Acquire { key, gen }));
+                    .push_back(Effect::Cluster(ClusterCmd::Acquire { key, gen, hold }));
             } else {
                 self.queue(gen, now);
             }
