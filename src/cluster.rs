@@ -39,7 +39,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,16 +49,26 @@ use tokio_util::sync::CancellationToken;
 /// Whether the cluster is reachable; shared with metrics and snapshots.
 #[derive(Debug)]
 pub struct ClusterHealth {
+    /// Commands answer (claims, look-ups, stores).
     up: AtomicBool,
     gauge: prometheus_client::metrics::gauge::Gauge,
+    /// The completion channel's subscription is live (it answers pings).
+    pubsub: AtomicBool,
+    pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl ClusterHealth {
-    pub fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+    pub fn new(
+        gauge: prometheus_client::metrics::gauge::Gauge,
+        pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         gauge.set(0);
+        pubsub_gauge.set(0);
         ClusterHealth {
             up: AtomicBool::new(false),
             gauge,
+            pubsub: AtomicBool::new(false),
+            pubsub_gauge,
         }
     }
 
@@ -73,7 +83,18 @@ impl ClusterHealth {
         self.gauge.set(i64::from(up));
     }
 
-    /// `ok` or `degraded`.
+    fn set_pubsub(&self, up: bool) {
+        if self.pubsub.swap(up, Ordering::AcqRel) != up {
+            if up {
+                tracing::info!("cluster: subscribed to the completion channel");
+            } else {
+                tracing::warn!("cluster: the completion channel's subscription is down; keys waited on are looked up every lease");
+            }
+        }
+        self.pubsub_gauge.set(i64::from(up));
+    }
+
+    /// `ok` or `degraded` (commands do not answer).
     pub fn status(&self) -> &'static str {
         if self.up.load(Ordering::Acquire) {
             "ok"
@@ -170,6 +191,11 @@ pub struct Cluster {
     /// Keys this broker waits on another broker for: the job waiting, and
     /// how long a claim taken over for it may be kept.
     waiting: HashMap<Key, (Gen, Duration)>,
+    /// The breaker: open while Redis is away (see [`Cluster::call`]).
+    open: bool,
+    /// Keys subscribed to here with nobody evaluating them here: looked up
+    /// at every re-check (a notice may be lost).
+    looked: HashSet<Key>,
     /// This process's part of every claim value: two brokers given the same
     /// `node` name still never hold the same claim value.
     run: String,
@@ -179,6 +205,7 @@ pub struct Cluster {
     acquire: Script,
     renew: Script,
     release: Script,
+    store: Script,
 }
 
 /// A claim this broker holds.
@@ -203,6 +230,9 @@ enum Acquired {
 /// The result if stored, else a claim if free: one round trip, and no
 /// second evaluation when a result lands between a look and a claim.
 const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, redis.call('GET', KEYS[2]) or ''}";
+/// Stores a result (KEYS[1]) if the claim (KEYS[2]) is still ARGV[1], or
+/// if no result is stored: the fencing of a claimant that lost its claim.
+const STORE: &str = "if (ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1]) or redis.call('EXISTS', KEYS[1]) == 0 then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end return 1 end return 0";
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
@@ -245,6 +275,9 @@ impl Cluster {
             conn,
             client,
             held: HashMap::new(),
+            looked: HashSet::new(),
+            // Closed by the first probe, at the task's first tick.
+            open: true,
             run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             waiting: HashMap::new(),
             next_claim: 0,
@@ -253,6 +286,7 @@ impl Cluster {
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
+            store: Script::new(STORE),
         })
     }
 
@@ -271,29 +305,59 @@ impl Cluster {
     /// Runs until `stop` is cancelled or the hub is gone.
     pub async fn run(mut self, mut inbox: mpsc::Receiver<ClusterCmd>, stop: CancellationToken) {
         tracing::info!(node = %self.node, "cluster mode");
-        let listener = tokio::spawn(listen(
-            self.client.clone(),
-            self.channel(),
-            self.hub.clone(),
-            Arc::clone(&self.health),
-            self.config.lease_ms,
-            stop.clone(),
-        ));
         let lease = Duration::from_millis(self.config.lease_ms);
+        let resubscribed = Arc::new(tokio::sync::Notify::new());
+        let listener = Listener {
+            client: self.client.clone(),
+            channel: self.channel(),
+            hub: self.hub.clone(),
+            health: Arc::clone(&self.health),
+            ping: lease / 3,
+            timeout: Duration::from_millis(self.config.redis_timeout_ms),
+            resubscribed: Arc::clone(&resubscribed),
+        };
+        let listener = tokio::spawn(listen(listener, stop.clone()));
         let mut renew = tokio::time::interval(lease / 3);
         let mut recheck = tokio::time::interval(lease);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A probe runs beside the commands, so an away Redis never holds
+        // them up: while the breaker is open each command is answered at once.
+        let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
+        let mut batch = Vec::with_capacity(256);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                cmd = inbox.recv() => match cmd {
-                    Some(cmd) => self.apply(cmd).await,
-                    None => break,
-                },
-                _ = renew.tick() => self.renew_claims().await,
+                n = inbox.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for cmd in batch.drain(..) {
+                        self.apply(cmd).await;
+                    }
+                }
+                _ = renew.tick() => {
+                    if !self.open {
+                        self.renew_claims().await;
+                    } else if probe.is_none() {
+                        probe = self.probe().await;
+                    }
+                }
+                back = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                    probe = None;
+                    if matches!(back, Ok(true)) {
+                        self.open = false;
+                        self.health.set(true);
+                        // Back from degraded mode: whatever waits is looked at again.
+                        self.recheck().await;
+                    }
+                }
                 _ = recheck.tick() => self.recheck().await,
+                _ = resubscribed.notified() => self.recheck().await,
             }
+        }
+        if let Some(probe) = probe {
+            probe.abort();
         }
         listener.abort();
     }
@@ -315,10 +379,16 @@ impl Cluster {
     }
 
     /// Runs a Redis command under the configured timeout, recording health.
+    /// While the breaker is open (a command failed and no probe has
+    /// succeeded since) nothing is sent: the caller hears "away" at once,
+    /// so in degraded mode no command waits out `redis_timeout_ms`.
     async fn call<T>(
         &mut self,
         op: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
+        if self.open {
+            return None;
+        }
         let limit = Duration::from_millis(self.config.redis_timeout_ms);
         match tokio::time::timeout(limit, op).await {
             Ok(Ok(value)) => {
@@ -327,14 +397,32 @@ impl Cluster {
             }
             Ok(Err(error)) => {
                 tracing::debug!(%error, "cluster: Redis command failed");
-                self.health.set(false);
+                self.trip();
                 None
             }
             Err(_) => {
-                self.health.set(false);
+                self.trip();
                 None
             }
         }
+    }
+
+    /// Opens the breaker: Redis counts as away until a probe answers.
+    fn trip(&mut self) {
+        self.open = true;
+        self.health.set(false);
+    }
+
+    /// With the breaker open, one PING (in a task of its own) decides
+    /// whether Redis is back.
+    async fn probe(&mut self) -> Option<tokio::task::JoinHandle<bool>> {
+        let limit = Duration::from_millis(self.config.redis_timeout_ms);
+        let mut conn = self.conn().await?;
+        Some(tokio::spawn(async move {
+            let ping = redis::cmd("PING");
+            let pong = tokio::time::timeout(limit, ping.query_async::<String>(&mut conn)).await;
+            matches!(pong, Ok(Ok(_)))
+        }))
     }
 
     async fn apply(&mut self, cmd: ClusterCmd) {
@@ -356,18 +444,14 @@ impl Cluster {
                 };
                 self.tell(event).await;
             }
-            ClusterCmd::Lookup { key } => {
-                if let Ok(Some(outcome)) = self.find(&key).await {
-                    let event = match outcome {
-                        Ok(output) => ClusterEvent::Found { key, output },
-                        Err(error) => ClusterEvent::Done {
-                            key,
-                            outcome: Err(error),
-                            claim: None,
-                        },
-                    };
-                    self.tell(event).await;
+            ClusterCmd::Lookup { key } => match self.find(&key).await {
+                Ok(Some(outcome)) => self.tell(found(key, outcome)).await,
+                _ => {
+                    self.looked.insert(key);
                 }
+            },
+            ClusterCmd::Unlook { key } => {
+                self.looked.remove(&key);
             }
             ClusterCmd::Finished { key, gen, outcome } => self.finished(key, gen, outcome).await,
             ClusterCmd::Forget { key, gen } => {
@@ -468,8 +552,20 @@ impl Cluster {
         }
     }
 
-    /// Looks again at every key waited on: delivered, taken over, or local.
+    /// Looks again at every key waited on: delivered, taken over, or local;
+    /// and at every key subscribed to.
     async fn recheck(&mut self) {
+        let looked: Vec<Key> = self.looked.iter().copied().collect();
+        for key in looked {
+            match self.find(&key).await {
+                Ok(Some(outcome)) => {
+                    self.looked.remove(&key);
+                    self.tell(found(key, outcome)).await;
+                }
+                Ok(None) => {}
+                Err(()) => break,
+            }
+        }
         let keys: Vec<(Key, Gen, Duration)> = self
             .waiting
             .iter()
@@ -518,6 +614,10 @@ impl Cluster {
             _ => String::new(),
         };
         let notice = format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]);
+        let token = match self.held.get(&key) {
+            Some(held) if held.gen == gen => held.value.clone(),
+            _ => String::new(),
+        };
         let channel = self.channel();
         let Some(conn) = self.conn().await else {
             if self.held.get(&key).is_some_and(|h| h.gen == gen) {
@@ -525,29 +625,43 @@ impl Cluster {
             }
             return;
         };
-        // Two commands, not a pipeline: on a Redis Cluster the result's slot
-        // and the channel are served apart.
+        // Stored only while this job holds the claim, or when no result is
+        // stored yet: a claimant whose lease ran out and was taken over
+        // never overwrites the result of the broker that took it over.
+        let mut stored_here = false;
         if keep {
-            let mut set = redis::cmd("SET");
-            set.arg(&name).arg(&stored);
-            if ttl > 0 {
-                set.arg("EX").arg(ttl);
-            }
+            let script = self.store.clone();
+            let claim_name = self.key("claim", &key);
             let mut c = conn.clone();
-            let _: Option<()> = self
-                .call(async move { set.query_async(&mut c).await })
+            let written: Option<i64> = self
+                .call(async move {
+                    script
+                        .key(name)
+                        .key(claim_name)
+                        .arg(token)
+                        .arg(stored)
+                        .arg(ttl)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await;
+            stored_here = written == Some(1);
+        }
+        // Two commands, not a pipeline: on a Redis Cluster the result's slot
+        // and the channel are served apart. A success that found another
+        // result stored is not published: that one was.
+        if outcome.is_err() || stored_here {
+            let mut c = conn.clone();
+            let _: Option<i64> = self
+                .call(async move {
+                    redis::cmd("PUBLISH")
+                        .arg(&channel)
+                        .arg(&notice)
+                        .query_async(&mut c)
+                        .await
+                })
                 .await;
         }
-        let mut c = conn.clone();
-        let _: Option<i64> = self
-            .call(async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&notice)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
         self.release_claim(&key, gen).await;
     }
 
@@ -568,29 +682,55 @@ impl Cluster {
 }
 
 /// Keeps one subscription to the completion channel, re-subscribing after
-/// Redis comes back, and hands every notice to the hub.
-async fn listen(
+/// it drops, and hands every notice to the hub. The subscription is pinged
+/// every `ping` (a connection that is open but dead counts as down after
+/// `timeout`); after each (re)subscription `resubscribed` is notified, so
+/// the cluster task looks again at every key waited on (notices sent while
+/// the subscription was down are lost).
+struct Listener {
     client: redis::Client,
     channel: String,
     hub: mpsc::Sender<ClusterEvent>,
     health: Arc<ClusterHealth>,
-    retry_ms: u64,
-    stop: CancellationToken,
-) {
+    ping: Duration,
+    timeout: Duration,
+    resubscribed: Arc<tokio::sync::Notify>,
+}
+
+async fn listen(listener: Listener, stop: CancellationToken) {
     use futures::StreamExt;
+    let Listener {
+        client,
+        channel,
+        hub,
+        health,
+        ping,
+        timeout,
+        resubscribed,
+    } = listener;
     loop {
         let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
+            sink.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
         };
-        match tokio::time::timeout(Duration::from_millis(retry_ms), subscribed).await {
-            Ok(Ok(pubsub)) => {
-                health.set(true);
-                let mut messages = pubsub.into_on_message();
+        match tokio::time::timeout(timeout, subscribed).await {
+            Ok(Ok((mut sink, mut messages))) => {
+                health.set_pubsub(true);
+                resubscribed.notify_one();
+                let mut pings = tokio::time::interval(ping);
+                pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                pings.tick().await;
                 loop {
                     let message = tokio::select! {
                         _ = stop.cancelled() => return,
+                        _ = pings.tick() => {
+                            let pong = tokio::time::timeout(timeout, sink.ping::<String>()).await;
+                            if matches!(pong, Ok(Ok(_))) {
+                                continue;
+                            }
+                            break;
+                        }
                         m = messages.next() => m,
                     };
                     let Some(message) = message else { break };
@@ -615,14 +755,26 @@ async fn listen(
                         return;
                     }
                 }
-                health.set(false);
+                health.set_pubsub(false);
             }
-            _ => health.set(false),
+            _ => health.set_pubsub(false),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(retry_ms)) => {}
+            _ = tokio::time::sleep(timeout) => {}
         }
+    }
+}
+
+/// The event for an outcome read from the store.
+fn found(key: Key, outcome: Result<Arc<str>, EvalError>) -> ClusterEvent {
+    match outcome {
+        Ok(output) => ClusterEvent::Found { key, output },
+        Err(error) => ClusterEvent::Done {
+            key,
+            outcome: Err(error),
+            claim: None,
+        },
     }
 }
 

@@ -555,7 +555,6 @@ impl Hub {
             ClusterCmd::Acquire { key, gen, .. } => self
                 .follow_ups
                 .push(Input::Cluster(ClusterEvent::Local { key, gen })),
-            ClusterCmd::Lookup { .. } => {}
             cmd => self.backlog.push_back(cmd),
         }
     }

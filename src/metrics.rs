@@ -73,6 +73,7 @@ pub struct Metrics {
     pub snapshots_rendered: Counter,
     /// 1 while the cluster's Redis answers, 0 while degraded (cluster mode only).
     pub cluster_up: Gauge,
+    pub cluster_pubsub_up: Gauge,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
 }
@@ -202,6 +203,12 @@ impl Metrics {
                 r,
                 "cluster_up",
                 "1 while the cluster's Redis answers, 0 while the broker serves in local mode",
+                Gauge::default(),
+            ),
+            cluster_pubsub_up: registered(
+                r,
+                "cluster_pubsub_up",
+                "1 while the subscription to the completion channel is live (it answers pings)",
                 Gauge::default(),
             ),
             cluster_mode: std::sync::atomic::AtomicBool::new(false),

@@ -613,3 +613,145 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
     a.stop().await;
     b.stop().await;
 }
+
+const REMOTE_SLOW: &str = r#"
+[[evaluator]]
+fn = "embed"
+kind = "remote"
+timeout_ms = 20000
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
+    // A claims a key and is paused past its lease; B takes it over, every
+    // pub/sub connection is killed, and B's worker answers "b". A, resumed
+    // without B's notice, hears "a" from its own worker: the result in
+    // Redis stays B's, which every later reader gets.
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, a_addr) = serve_child(&dir, &redis.config("a", REMOTE_SLOW));
+    let b = broker_with(&redis.config("b", REMOTE_SLOW)).await;
+    let a_url = format!("ws://{a_addr}/ws");
+    let input = json!({"fenced": "store"});
+    let key = key_of("embed", &input);
+    let mut worker_a = Client::connect(&a_url).await;
+    let r = worker_a
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
+        .await;
+    assert_eq!(r["type"], "serving");
+    let mut on_a = Client::connect(&a_url).await;
+    on_a.send(json!({"op": "submit", "id": "a", "fn": "embed", "input": input}))
+        .await;
+    let task_a = worker_a.recv_type("task").await;
+    let mut worker_b = b.client().await;
+    let r = worker_b
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
+        .await;
+    assert_eq!(r["type"], "serving");
+    let mut on_b = b.client().await;
+    on_b.send(json!({"op": "submit", "id": "b", "fn": "embed", "input": input}))
+        .await;
+    on_b.recv_type("accepted").await;
+    signal(a.id(), "-STOP");
+    // B takes the key over once A's lease has run out.
+    let task_b = worker_b.recv_type("task").await;
+    let killed = redis_cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed.trim().parse::<u32>().unwrap() >= 2, "{killed}");
+    worker_b
+        .send(json!({"op": "complete", "task": task_b["task"], "output": {"by": "b"}}))
+        .await;
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "b", "{r}");
+    signal(a.id(), "-CONT");
+    worker_a
+        .send(json!({"op": "complete", "task": task_a["task"], "output": {"by": "a"}}))
+        .await;
+    on_a.recv_type("result").await;
+    // A has dealt with its worker's answer once its job has left its table.
+    let mut watch = Client::connect(&a_url).await;
+    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
+    loop {
+        let snap = watch.recv_type("snapshot").await;
+        if snap["stats"]["wait_table"] == 0 && snap["stats"]["running"] == 0 {
+            break;
+        }
+    }
+    let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
+    assert!(stored.contains("\"b\""), "Redis holds {stored}");
+    let c = broker_with(&redis.config("c", REMOTE_SLOW)).await;
+    let mut on_c = c.client().await;
+    let r = on_c
+        .request(json!({"op": "submit", "id": "c", "fn": "embed", "input": input}))
+        .await;
+    let r = if r["type"] == "accepted" {
+        on_c.recv_type("result").await
+    } else {
+        r
+    };
+    assert_eq!(r["output"]["by"], "b", "{r}");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_is_served_although_its_notice_was_lost() {
+    // Every pub/sub connection is killed while A evaluates, so B misses A's
+    // notice; B looks its subscribed key up again and serves it from Redis.
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let input = json!({"sleep_ms": 300, "notice": "lost"});
+    let key = key_of("default", &input);
+    let mut on_b = b.client().await;
+    let r = on_b
+        .request(json!({"op": "subscribe", "id": "s", "key": key}))
+        .await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    let mut on_a = a.client().await;
+    on_a.send(json!({"op": "submit", "id": "a", "input": input}))
+        .await;
+    a.wait_inflight(&key, "running").await;
+    let killed = redis_cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed.trim().parse::<u32>().unwrap() >= 2, "{killed}");
+    assert_eq!(on_a.recv_type("result").await["id"], "a");
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["id"], "s", "{r}");
+    assert_eq!(r["source"], "cluster", "{r}");
+    b.wait_metric("herd_cluster_pubsub_up", |v| v == 1.0).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_paused_new_keys_run_at_once_not_one_timeout_each() {
+    // Once a command has timed out, the breaker answers "away" at once: 30
+    // new keys are evaluated side by side, not one per redis_timeout_ms.
+    let redis = Redis::start().await;
+    let server = broker(&redis, "alone").await;
+    let pid = redis.child.as_ref().unwrap().id();
+    signal(pid, "-STOP");
+    let mut agent = server.client().await;
+    let total = 30;
+    for n in 0..total {
+        agent
+            .send(json!({"op": "submit", "id": n, "input": {"sleep_ms": 300, "paused": n}}))
+            .await;
+    }
+    // Side by side: most of them run at once (16 threads).
+    server
+        .wait_stats(|s| s["running"].as_u64() >= Some(10))
+        .await;
+    let mut results = 0;
+    while results < total {
+        let frame = agent.recv().await;
+        if frame["type"] == "result" {
+            assert_eq!(frame["source"], "eval", "{frame}");
+            results += 1;
+        }
+    }
+    server.wait_metric("herd_cluster_up", |v| v == 0.0).await;
+    signal(pid, "-CONT");
+    server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    server.stop().await;
+}

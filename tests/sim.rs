@@ -94,6 +94,7 @@ struct ClusterTask {
     busy: bool,
     held: HashMap<Key, (Gen, u64)>,
     waiting: HashMap<Key, Gen>,
+    looked: HashSet<Key>,
 }
 
 struct Broker {
@@ -648,7 +649,6 @@ impl Sim {
                             self.note(format!("b{b} cluster inbox full: g{gen} runs locally"));
                             follow_ups.push(Input::Cluster(ClusterEvent::Local { key, gen }))
                         }
-                        ClusterCmd::Lookup { .. } => {}
                         cmd => broker.backlog.push_back(cmd),
                     }
                     return;
@@ -809,9 +809,17 @@ impl Sim {
                 self.apply(b, Input::Cluster(event));
             }
             ClusterCmd::Lookup { key } => {
-                if let Some(output) = self.redis.results.get(&key).filter(|_| up).cloned() {
-                    self.apply(b, Input::Cluster(ClusterEvent::Found { key, output }));
+                match self.redis.results.get(&key).filter(|_| up).cloned() {
+                    Some(output) => {
+                        self.apply(b, Input::Cluster(ClusterEvent::Found { key, output }));
+                    }
+                    None => {
+                        self.brokers[b].cluster.looked.insert(key);
+                    }
                 }
+            }
+            ClusterCmd::Unlook { key } => {
+                self.brokers[b].cluster.looked.remove(&key);
             }
             ClusterCmd::Finished { key, gen, outcome } => {
                 let claim = match self.brokers[b].cluster.held.get(&key) {
@@ -915,6 +923,15 @@ impl Sim {
     }
 
     fn recheck(&mut self, b: usize) {
+        if self.redis.up {
+            let looked: Vec<Key> = self.brokers[b].cluster.looked.iter().copied().collect();
+            for key in looked {
+                if let Some(output) = self.redis.results.get(&key).cloned() {
+                    self.brokers[b].cluster.looked.remove(&key);
+                    self.apply(b, Input::Cluster(ClusterEvent::Found { key, output }));
+                }
+            }
+        }
         let waiting: Vec<(Key, Gen)> = self.brokers[b]
             .cluster
             .waiting
@@ -998,11 +1015,14 @@ impl Sim {
             if counts != Default::default() {
                 self.fail(&format!("b{i}: left at quiescence: {counts:?}"));
             }
-            if !broker.cluster.held.is_empty() || !broker.cluster.waiting.is_empty() {
+            let cluster = &broker.cluster;
+            if !cluster.held.is_empty() || !cluster.waiting.is_empty() || !cluster.looked.is_empty()
+            {
                 self.fail(&format!(
-                    "b{i}: cluster task holds {} claims and waits on {} keys at quiescence",
-                    broker.cluster.held.len(),
-                    broker.cluster.waiting.len()
+                    "b{i}: cluster task holds {} claims, waits on {} keys and looks up {} at quiescence",
+                    cluster.held.len(),
+                    cluster.waiting.len(),
+                    cluster.looked.len()
                 ));
             }
             if !broker.backlog.is_empty() {

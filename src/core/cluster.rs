@@ -22,8 +22,11 @@ pub enum ClusterCmd {
         gen: Gen,
         hold: std::time::Duration,
     },
-    /// A subscription to a key nobody evaluates here: look in Redis.
+    /// A subscription to a key nobody evaluates here: look in Redis, now
+    /// and at every re-check, until found or `Unlook`.
     Lookup { key: Key },
+    /// Nobody here waits on `key` any more: stop looking it up.
+    Unlook { key: Key },
     /// Job `gen` was evaluated here: store, publish, release its claim.
     Finished {
         key: Key,

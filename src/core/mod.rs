@@ -326,6 +326,8 @@ struct Job {
 struct Entry {
     waiters: Vec<Waiter>,
     job: Option<Job>,
+    /// The cluster task looks this key up for its subscribers.
+    looked: bool,
 }
 
 #[derive(Default)]
@@ -714,7 +716,12 @@ impl Core {
             );
         }
         if new_entry && self.config.clustered {
-            // The result may be in the cluster's store already.
+            // The result may be in the cluster's store already, or land
+            // there while a notice is lost: the cluster task looks until
+            // the entry goes.
+            if let Some(entry) = self.table.get_mut(&key) {
+                entry.looked = true;
+            }
             self.effects
                 .push_back(Effect::Cluster(ClusterCmd::Lookup { key }));
         }
@@ -732,6 +739,7 @@ impl Core {
             Some(Entry {
                 waiters,
                 job: Some(job),
+                ..
             }) => Reply::Status {
                 key,
                 state: if job.phase == Phase::Running {
@@ -804,7 +812,7 @@ impl Core {
             return;
         }
         let Some(job) = &entry.job else {
-            self.table.remove(&key);
+            self.remove_entry(key);
             return;
         };
         if !job.wanted.is_empty() {
@@ -831,8 +839,18 @@ impl Core {
                 });
             }
             self.end_job(key);
-            self.table.remove(&key);
+            self.remove_entry(key);
         }
+    }
+
+    /// Removes the entry of `key`; the cluster task stops looking it up.
+    fn remove_entry(&mut self, key: Key) -> Option<Entry> {
+        let entry = self.table.remove(&key)?;
+        if entry.looked {
+            self.effects
+                .push_back(Effect::Cluster(ClusterCmd::Unlook { key }));
+        }
+        Some(entry)
     }
 
     /// Takes a wait on `key` from the session's count; forgets the session at zero.
@@ -897,7 +915,7 @@ impl Core {
     /// Removes the entry of `key` and hands back its waiters, releasing
     /// what they held.
     fn take_waiters(&mut self, key: Key) -> Vec<Waiter> {
-        let Some(entry) = self.table.remove(&key) else {
+        let Some(entry) = self.remove_entry(key) else {
             return Vec::new();
         };
         for waiter in &entry.waiters {

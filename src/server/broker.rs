@@ -83,7 +83,10 @@ impl Broker {
         let cluster = match &config.cluster.redis {
             Some(_) => {
                 metrics.cluster_mode.store(true, Ordering::Relaxed);
-                let health = Arc::new(ClusterHealth::new(metrics.cluster_up.clone()));
+                let health = Arc::new(ClusterHealth::new(
+                    metrics.cluster_up.clone(),
+                    metrics.cluster_pubsub_up.clone(),
+                ));
                 let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
                 let task = Cluster::new(&config.cluster, &config.cache, events_tx, health)?;
                 let (tx, rx) = mpsc::channel(config.limits.hub_queue);
