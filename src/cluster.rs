@@ -191,6 +191,10 @@ pub struct Cluster {
     /// Keys this broker waits on another broker for: the job waiting, and
     /// how long a claim taken over for it may be kept.
     waiting: HashMap<Key, (Gen, Duration)>,
+    /// The longest stored result or notice taken from Redis: the largest
+    /// `max_output_bytes` of any fn, plus room for the envelope. Anything
+    /// longer is ignored (a result is then evaluated here).
+    max_stored: usize,
     /// The breaker: open while Redis is away (see [`Cluster::call`]).
     open: bool,
     /// Keys subscribed to here with nobody evaluating them here: looked up
@@ -238,9 +242,11 @@ const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redi
 
 impl Cluster {
     /// Prepares the task (no connection is made yet: Redis may be away).
+    /// `max_output` is the largest `max_output_bytes` of any fn.
     pub fn new(
         config: &ClusterConfig,
         cache: &CacheConfig,
+        max_output: usize,
         hub: mpsc::Sender<ClusterEvent>,
         health: Arc<ClusterHealth>,
     ) -> Result<Cluster, crate::HerdError> {
@@ -276,6 +282,7 @@ impl Cluster {
             client,
             held: HashMap::new(),
             looked: HashSet::new(),
+            max_stored: max_output.saturating_add(64 * 1024),
             // Closed by the first probe, at the task's first tick.
             open: true,
             run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
@@ -315,6 +322,7 @@ impl Cluster {
             ping: lease / 3,
             timeout: Duration::from_millis(self.config.redis_timeout_ms),
             resubscribed: Arc::clone(&resubscribed),
+            max_stored: self.max_stored,
         };
         let listener = tokio::spawn(listen(listener, stop.clone()));
         let mut renew = tokio::time::interval(lease / 3);
@@ -468,7 +476,10 @@ impl Cluster {
         let name = self.key("result", key);
         let mut conn = self.conn().await.ok_or(())?;
         let stored: Option<String> = self.call(conn.get(name)).await.ok_or(())?;
-        Ok(stored.and_then(|text| serde_json::from_str::<Stored>(&text).ok()?.outcome()))
+        let max = self.max_stored;
+        Ok(stored
+            .filter(|text| text.len() <= max)
+            .and_then(|text| serde_json::from_str::<Stored>(&text).ok()?.outcome()))
     }
 
     /// The stored outcome of `key`, or else a claim on it; None when Redis
@@ -493,6 +504,7 @@ impl Cluster {
             })
             .await?;
         match what {
+            1 if stored.len() > self.max_stored => None,
             1 => serde_json::from_str::<Stored>(&stored)
                 .ok()
                 .and_then(|s| s.outcome())
@@ -695,6 +707,7 @@ struct Listener {
     ping: Duration,
     timeout: Duration,
     resubscribed: Arc<tokio::sync::Notify>,
+    max_stored: usize,
 }
 
 async fn listen(listener: Listener, stop: CancellationToken) {
@@ -707,6 +720,7 @@ async fn listen(listener: Listener, stop: CancellationToken) {
         ping,
         timeout,
         resubscribed,
+        max_stored,
     } = listener;
     loop {
         let subscribed = async {
@@ -737,6 +751,9 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                     let Ok(text) = message.get_payload::<String>() else {
                         continue;
                     };
+                    if text.len() > max_stored {
+                        continue;
+                    }
                     let Ok(notice) = serde_json::from_str::<Stored>(&text) else {
                         continue;
                     };

@@ -755,3 +755,62 @@ async fn with_redis_paused_new_keys_run_at_once_not_one_timeout_each() {
     server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_caches_only_the_results_someone_there_waited_for() {
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let mut agent = a.client().await;
+    let unwanted = json!({"sleep_ms": 10, "wanted": false});
+    let r = agent
+        .request(json!({"op": "submit", "id": 1, "input": unwanted}))
+        .await;
+    assert_eq!(r["type"], "accepted");
+    assert_eq!(agent.recv_type("result").await["id"], 1);
+    // A later notice on the same channel: once B's subscriber has it, B
+    // has handled the first one too.
+    let wanted = json!({"sleep_ms": 10, "wanted": true});
+    let mut on_b = b.client().await;
+    let s = on_b
+        .request(json!({"op": "subscribe", "id": "s", "key": key_of("default", &wanted)}))
+        .await;
+    assert_eq!(s["type"], "subscribed");
+    agent
+        .send(json!({"op": "submit", "id": 2, "input": wanted}))
+        .await;
+    assert_eq!(on_b.recv_type("result").await["id"], "s");
+    let r = on_b
+        .request(json!({"op": "get", "key": key_of("default", &unwanted)}))
+        .await;
+    assert_eq!(r["state"], "unknown", "{r}");
+    assert_eq!(b.settled_stats().await["cache_entries"], 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_value_in_redis_is_not_served() {
+    // Whatever wrote it, a stored result larger than any fn may output is
+    // not taken from Redis: the key is evaluated here.
+    let redis = Redis::start().await;
+    let server = broker_with(&redis.config(
+        "strict",
+        "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nmax_output_bytes = 1024\n",
+    ))
+    .await;
+    let input = json!({"sleep_ms": 10, "planted": true});
+    let key = key_of("default", &input);
+    let planted = format!("{{\"output\":\"{}\"}}", "x".repeat(100_000));
+    let set = redis_cli(
+        redis.port,
+        &["SET", &format!("herd:result:{{{key}}}"), &planted],
+    );
+    assert!(set.contains("OK"), "{set}");
+    let mut agent = server.client().await;
+    agent
+        .send(json!({"op": "submit", "id": 1, "input": input}))
+        .await;
+    let r = agent.recv_type("result").await;
+    assert_eq!(r["source"], "eval", "{r}");
+    server.stop().await;
+}

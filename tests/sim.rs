@@ -21,7 +21,7 @@
 //! 5. no panic, and the wait table stays within its bounds.
 //!
 //! `HERD_SIM_SEED=n` replays one seed (printed on failure);
-//! `HERD_SIM_SEEDS` (default 200) and `HERD_SIM_STEPS` (default 2000) set
+//! `HERD_SIM_SEEDS` (default 1000) and `HERD_SIM_STEPS` (default 2000) set
 //! how many runs and how long. A soak of a million steps and more:
 //! `HERD_SIM_SEEDS=500 HERD_SIM_STEPS=4000 cargo test --release --test sim`.
 
@@ -1070,7 +1070,7 @@ fn the_core_keeps_its_invariants_under_simulated_faults() {
         let seed = seed.parse().expect("HERD_SIM_SEED is a number");
         return run(seed, steps);
     }
-    let seeds = env("HERD_SIM_SEEDS", 200);
+    let seeds = env("HERD_SIM_SEEDS", 1000);
     let first = env("HERD_SIM_FIRST_SEED", 0);
     for seed in first..first + seeds {
         run(seed, steps);

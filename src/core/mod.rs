@@ -1113,11 +1113,16 @@ impl Core {
                     self.set_deadline(gen, now.checked_add(wait));
                 }
             }
+            // Another broker's outcome is cached here only when someone
+            // here waits for it: a broker does not hold every result of
+            // the cluster.
             ClusterEvent::Found { key, output } => {
-                self.effects.push_back(Effect::Cache {
-                    key,
-                    outcome: Ok(Arc::clone(&output)),
-                });
+                if self.table.contains_key(&key) {
+                    self.effects.push_back(Effect::Cache {
+                        key,
+                        outcome: Ok(Arc::clone(&output)),
+                    });
+                }
                 self.outcome_from_cluster(key, Ok(output));
             }
             ClusterEvent::Done {
@@ -1132,7 +1137,7 @@ impl Core {
                         .job(&key)
                         .and_then(|j| j.claim.as_ref())
                         .is_some_and(|mine| claim.as_ref() != Some(mine));
-                if stale {
+                if stale || !self.table.contains_key(&key) {
                     return;
                 }
                 self.effects.push_back(Effect::Cache {

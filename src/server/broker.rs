@@ -88,7 +88,18 @@ impl Broker {
                     metrics.cluster_pubsub_up.clone(),
                 ));
                 let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
-                let task = Cluster::new(&config.cluster, &config.cache, events_tx, health)?;
+                let max_output = evaluator_configs
+                    .iter()
+                    .map(|e| e.max_output_bytes)
+                    .max()
+                    .unwrap_or(0);
+                let task = Cluster::new(
+                    &config.cluster,
+                    &config.cache,
+                    max_output,
+                    events_tx,
+                    health,
+                )?;
                 let (tx, rx) = mpsc::channel(config.limits.hub_queue);
                 tokio::spawn(task.run(rx, hub_stop.clone()));
                 Some((tx, events_rx))
