@@ -111,6 +111,9 @@ struct Stored<'a> {
     key: Option<&'a str>,
     #[serde(default)]
     claim: Option<&'a str>,
+    /// The output was too large for the notice: it is in the store.
+    #[serde(default)]
+    stored: bool,
     #[serde(borrow, default)]
     output: Option<&'a RawValue>,
     #[serde(default)]
@@ -195,6 +198,8 @@ pub struct Cluster {
     /// `max_output_bytes` of any fn, plus room for the envelope. Anything
     /// longer is ignored (a result is then evaluated here).
     max_stored: usize,
+    /// `notice_inline_bytes`.
+    notice_inline: usize,
     /// The breaker: open while Redis is away (see [`Cluster::call`]).
     open: bool,
     /// Keys subscribed to here with nobody evaluating them here: looked up
@@ -283,6 +288,7 @@ impl Cluster {
             held: HashMap::new(),
             looked: HashSet::new(),
             max_stored: max_output.saturating_add(64 * 1024),
+            notice_inline: config.notice_inline_bytes,
             // Closed by the first probe, at the task's first tick.
             open: true,
             run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
@@ -625,7 +631,14 @@ impl Cluster {
             ),
             _ => String::new(),
         };
-        let notice = format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]);
+        // A large output stays out of the notice: only brokers with
+        // waiters for it read it from Redis.
+        let notice = match &outcome {
+            Ok(output) if output.len() > self.notice_inline => {
+                format!("{{\"key\":\"{}\"{claim},\"stored\":true}}", key.to_hex())
+            }
+            _ => format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]),
+        };
         let token = match self.held.get(&key) {
             Some(held) if held.gen == gen => held.value.clone(),
             _ => String::new(),
@@ -757,9 +770,13 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                     let Ok(notice) = serde_json::from_str::<Stored>(&text) else {
                         continue;
                     };
-                    let (Some(key), Some(outcome)) =
-                        (notice.key.and_then(Key::parse), notice.outcome())
-                    else {
+                    let Some(key) = notice.key.and_then(Key::parse) else {
+                        continue;
+                    };
+                    let Some(outcome) = notice.outcome() else {
+                        if notice.stored && hub.send(ClusterEvent::Stored { key }).await.is_err() {
+                            return;
+                        }
                         continue;
                     };
                     let claim = notice.claim.map(Arc::from);

@@ -244,6 +244,9 @@ pub struct ClusterConfig {
     pub result_ttl_s: u64,
     /// How long one Redis command may take before Redis counts as away.
     pub redis_timeout_ms: u64,
+    /// Outputs up to this many bytes travel inside the completion notice;
+    /// a larger one is read from Redis by the brokers that wait for it.
+    pub notice_inline_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -256,6 +259,7 @@ impl Default for ClusterConfig {
             lease_ms: 5_000,
             result_ttl_s: 86_400,
             redis_timeout_ms: 1_000,
+            notice_inline_bytes: 4096,
         }
     }
 }
@@ -558,6 +562,11 @@ impl Config {
                 "cluster.redis_timeout_ms".into(),
                 c.redis_timeout_ms.into(),
                 WEEK_MS,
+            ),
+            (
+                "cluster.notice_inline_bytes".into(),
+                c.notice_inline_bytes as u128,
+                GIB,
             ),
             (
                 "dashboard.max_watchers".into(),

@@ -814,3 +814,30 @@ async fn an_oversized_value_in_redis_is_not_served() {
     assert_eq!(r["source"], "eval", "{r}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_output_reaches_another_broker_s_waiters_from_redis() {
+    // Past notice_inline_bytes the notice names the key only; the broker
+    // with a subscriber reads the output from Redis.
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let input = json!({"sleep_ms": 200, "output_bytes": 20_000, "large": true});
+    let key = key_of("default", &input);
+    let mut on_b = b.client().await;
+    let s = on_b
+        .request(json!({"op": "subscribe", "id": "s", "key": key}))
+        .await;
+    assert_eq!(s["state"], "unknown");
+    let mut agent = a.client().await;
+    agent
+        .send(json!({"op": "submit", "id": 1, "input": input}))
+        .await;
+    let evaluated = agent.recv_type("result").await;
+    assert_eq!(evaluated["source"], "eval");
+    assert!(evaluated["output"].to_string().len() > 4096);
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["source"], "cluster", "{r}");
+    assert_eq!(r["output"], evaluated["output"]);
+    a.stop().await;
+    b.stop().await;
+}

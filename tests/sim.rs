@@ -62,7 +62,8 @@ enum Ev {
     /// A pub/sub notice reaches this broker.
     Notice {
         key: Key,
-        outcome: Result<Arc<str>, EvalError>,
+        /// None: the output is only in the store (too large for a notice).
+        outcome: Option<Result<Arc<str>, EvalError>>,
         claim: Option<Arc<str>>,
     },
     /// The cluster task's renewal tick (every third: the re-check).
@@ -338,10 +339,13 @@ impl Sim {
                 claim,
             } => {
                 self.note(format!("b{b} notice {} claim {claim:?}", short(&key)));
-                let event = ClusterEvent::Done {
-                    key,
-                    outcome,
-                    claim,
+                let event = match outcome {
+                    Some(outcome) => ClusterEvent::Done {
+                        key,
+                        outcome,
+                        claim,
+                    },
+                    None => ClusterEvent::Stored { key },
                 };
                 self.apply(b, Input::Cluster(event));
             }
@@ -830,6 +834,8 @@ impl Sim {
                     if let Ok(output) = &outcome {
                         self.redis.results.insert(key, Arc::clone(output));
                     }
+                    // Some outputs are "large": the notice names the key only.
+                    let inline = outcome.is_err() || self.rng.random_bool(0.7);
                     for other in 0..self.brokers.len() {
                         if self.lossy && self.rng.random_bool(0.3) {
                             continue;
@@ -841,7 +847,7 @@ impl Sim {
                         };
                         let notice = Ev::Notice {
                             key,
-                            outcome: outcome.clone(),
+                            outcome: inline.then(|| outcome.clone()),
                             claim: claim.clone(),
                         };
                         self.at(delay, other, notice);

@@ -56,6 +56,9 @@ pub enum ClusterEvent {
     Local { key: Key, gen: Gen },
     /// Job `gen`, waiting, now holds the claim `claim` (the claimant's lease expired).
     Takeover { key: Key, gen: Gen, claim: Arc<str> },
+    /// A broker stored a result of `key` too large for its notice: read it
+    /// from Redis if anyone here waits for it.
+    Stored { key: Key },
     /// A broker finished `key` under the claim `claim` (published; None:
     /// evaluated without a claim, or read from the store).
     Done {

@@ -39,6 +39,7 @@
 //! | `Asking`, `Waiting` | deadline | (none) | every waiter `eval_timeout` (never published: the claim is not ours); cluster `Forget` | timer, claim if any, holds |
 //! | any | `Found` / `Done` from the cluster | (none) | every waiter the outcome; cache | `Withdraw`, claim (`Release`), timer, holds |
 //! | any with a claim | `Done` failure under another claim | unchanged | nobody (an earlier job's failure) | |
+//! | any | `Stored` (a large output, not in the notice) | unchanged | cluster `Lookup`, which brings `Found` | |
 //! | `Queued`, `Refused` by the executor | | (none) | every waiter `busy` | claim, timer, holds |
 //! | any | last waiter leaves, no `wait:false` hold | (none), or kept | | see below |
 //!
@@ -1124,6 +1125,13 @@ impl Core {
                     });
                 }
                 self.outcome_from_cluster(key, Ok(output));
+            }
+            ClusterEvent::Stored { key } => {
+                if let Some(entry) = self.table.get_mut(&key) {
+                    entry.looked = true;
+                    self.effects
+                        .push_back(Effect::Cluster(ClusterCmd::Lookup { key }));
+                }
             }
             ClusterEvent::Done {
                 key,
