@@ -55,12 +55,15 @@ pub struct ClusterHealth {
     /// The completion channel's subscription is live (it answers pings).
     pubsub: AtomicBool,
     pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Keys claimed here after their claimant's lease ran out.
+    takeovers: prometheus_client::metrics::counter::Counter,
 }
 
 impl ClusterHealth {
     pub fn new(
         gauge: prometheus_client::metrics::gauge::Gauge,
         pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
+        takeovers: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         gauge.set(0);
         pubsub_gauge.set(0);
@@ -69,6 +72,7 @@ impl ClusterHealth {
             gauge,
             pubsub: AtomicBool::new(false),
             pubsub_gauge,
+            takeovers,
         }
     }
 
@@ -601,6 +605,7 @@ impl Cluster {
                 }),
                 Some(Acquired::Claimed(claim)) => {
                     tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
+                    self.health.takeovers.inc();
                     Some(ClusterEvent::Takeover { key, gen, claim })
                 }
                 Some(Acquired::Held(_)) => None,

@@ -74,6 +74,7 @@ pub struct Metrics {
     /// 1 while the cluster's Redis answers, 0 while degraded (cluster mode only).
     pub cluster_up: Gauge,
     pub cluster_pubsub_up: Gauge,
+    pub cluster_takeovers: Counter,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
 }
@@ -210,6 +211,12 @@ impl Metrics {
                 "cluster_pubsub_up",
                 "1 while the subscription to the completion channel is live (it answers pings)",
                 Gauge::default(),
+            ),
+            cluster_takeovers: registered(
+                r,
+                "cluster_takeovers",
+                "Keys this broker claimed after their claimant's lease ran out",
+                Counter::default(),
             ),
             cluster_mode: std::sync::atomic::AtomicBool::new(false),
             snapshots_rendered: registered(

@@ -447,6 +447,9 @@ async fn when_the_claimant_dies_another_broker_takes_over() {
     assert_eq!(r["id"], "w");
     assert_eq!(r["source"], "eval", "{r}");
     assert_eq!(survivor.settled_stats().await["evaluations"], 1);
+    survivor
+        .wait_metric("herd_cluster_takeovers_total", |v| v == 1.0)
+        .await;
     survivor.stop().await;
 }
 

@@ -86,6 +86,7 @@ impl Broker {
                 let health = Arc::new(ClusterHealth::new(
                     metrics.cluster_up.clone(),
                     metrics.cluster_pubsub_up.clone(),
+                    metrics.cluster_takeovers.clone(),
                 ));
                 let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
                 let max_output = evaluator_configs
