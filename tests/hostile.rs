@@ -558,3 +558,48 @@ threads = 16
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_queued_jobs_do_not_hold_the_queue() {
+    // Jobs cancelled while queued leave the queue's count at once, although
+    // their threads have not yet skipped them: new jobs are taken.
+    let server = TestServer::start(config(
+        r#"
+[[evaluator]]
+fn = "default"
+kind = "simulate"
+threads = 1
+queue_capacity = 2
+"#,
+    ))
+    .await;
+    let mut c = server.client().await;
+    let blocker = json!({"sleep_ms": 500, "n": "blocker"});
+    c.send(json!({"op": "submit", "wait": false, "input": blocker}))
+        .await;
+    c.recv_type("accepted").await;
+    server
+        .wait_inflight(&key_of("default", &blocker), "running")
+        .await;
+    for n in 0..2 {
+        let r = c
+            .request(json!({"op": "submit", "id": n, "input": {"sleep_ms": 10, "doomed": n}}))
+            .await;
+        assert_eq!(r["type"], "accepted", "{r}");
+        let key = key_of("default", &json!({"sleep_ms": 10, "doomed": n}));
+        let r = c.request(json!({"op": "cancel", "key": key})).await;
+        assert_eq!(r["type"], "cancelled", "{r}");
+    }
+    for n in 0..2 {
+        let r = c
+            .request(json!({"op": "submit", "id": 10 + n, "input": {"sleep_ms": 10, "fresh": n}}))
+            .await;
+        assert_eq!(r["type"], "accepted", "{r}");
+    }
+    for _ in 0..2 {
+        let r = c.recv_type("result").await;
+        assert!(r["output"].is_object() || r["output"].is_string(), "{r}");
+    }
+    server.settled_stats().await;
+    server.stop().await;
+}

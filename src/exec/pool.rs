@@ -15,7 +15,9 @@
 //! then ends, so the pool is back to its size.
 //!
 //! Each queue is bounded twice: `queue_capacity` jobs and `queue_bytes`
-//! bytes of input.
+//! bytes of input, counted by the core (`crate::core`) for the jobs it has
+//! offered and not seen start; the channel itself holds twice that, room
+//! for withdrawn jobs that wait to be skipped.
 
 use crate::config::{EvaluatorConfig, EvaluatorKind};
 use crate::error::{EvalError, HerdError};
@@ -204,7 +206,11 @@ impl Pool {
             }
             let health = Arc::clone(&table.get(index).health);
             let factory = factory(config, Arc::clone(&health))?;
-            let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
+            // The core admits at most queue_capacity jobs (queue_bytes of
+            // input) at once; a job it withdraws stays in the channel until
+            // a thread skips it, so the channel holds twice that.
+            let (tx, rx) =
+                crossbeam_channel::bounded::<Job>(config.queue_capacity.saturating_mul(2));
             let crew = Arc::new(Crew {
                 evaluator: index,
                 name: config.name.as_str().into(),
@@ -224,7 +230,8 @@ impl Pool {
                 })?;
                 pool.threads.push(handle);
             }
-            pool.queues.push(Some((tx, config.queue_bytes)));
+            pool.queues
+                .push(Some((tx, config.queue_bytes.saturating_mul(2))));
             pool.crews.push(Some(crew));
         }
         Ok(pool)
