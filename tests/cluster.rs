@@ -564,12 +564,10 @@ async fn with_redis_stalled_and_every_queue_full_each_submit_is_answered() {
     redis.stop();
 }
 
-const REMOTE_EMBED: &str = r#"
-[[evaluator]]
-fn = "embed"
-kind = "remote"
-timeout_ms = 1500
-"#;
+/// A remote fn `embed` with the given timeout.
+fn remote_embed(timeout_ms: u64) -> String {
+    format!("[[evaluator]]\nfn = \"embed\"\nkind = \"remote\"\ntimeout_ms = {timeout_ms}\n")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
@@ -577,8 +575,8 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
     // wait is not a deadline for A: A's agent gets the result its worker
     // computed within A's timeout, and so does B's.
     let redis = Redis::start().await;
-    let a = broker_with(&redis.config("a", REMOTE_EMBED)).await;
-    let b = broker_with(&redis.config("b", REMOTE_EMBED)).await;
+    let a = broker_with(&redis.config("a", &remote_embed(1500))).await;
+    let b = broker_with(&redis.config("b", &remote_embed(1500))).await;
     let input = json!({"fenced": "timer"});
     let key = key_of("embed", &input);
     let mut on_a = a.client().await;
@@ -617,13 +615,6 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
     b.stop().await;
 }
 
-const REMOTE_SLOW: &str = r#"
-[[evaluator]]
-fn = "embed"
-kind = "remote"
-timeout_ms = 20000
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     // A claims a key and is paused past its lease; B takes it over, every
@@ -632,8 +623,8 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     // Redis stays B's, which every later reader gets.
     let redis = Redis::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut a, a_addr) = serve_child(&dir, &redis.config("a", REMOTE_SLOW));
-    let b = broker_with(&redis.config("b", REMOTE_SLOW)).await;
+    let (mut a, a_addr) = serve_child(&dir, &redis.config("a", &remote_embed(20_000)));
+    let b = broker_with(&redis.config("b", &remote_embed(20_000))).await;
     let a_url = format!("ws://{a_addr}/ws");
     let input = json!({"fenced": "store"});
     let key = key_of("embed", &input);
@@ -681,7 +672,7 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     }
     let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
     assert!(stored.contains("\"b\""), "Redis holds {stored}");
-    let c = broker_with(&redis.config("c", REMOTE_SLOW)).await;
+    let c = broker_with(&redis.config("c", &remote_embed(20_000))).await;
     let mut on_c = c.client().await;
     let r = on_c
         .request(json!({"op": "submit", "id": "c", "fn": "embed", "input": input}))

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{config, key_of, TestServer, BASIC};
+use common::{config, key_of, Client, TestServer, BASIC};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -205,13 +205,7 @@ queue_bytes = 4096
     ))
     .await;
     let mut c = server.client().await;
-    let blocker = json!({"sleep_ms": 400, "n": "blocker"});
-    c.send(json!({"op": "submit", "wait": false, "input": blocker}))
-        .await;
-    c.recv_type("accepted").await;
-    server
-        .wait_inflight(&key_of("default", &blocker), "running")
-        .await;
+    occupy_the_thread(&server, &mut c, 400).await;
     let pad = "x".repeat(1500);
     for n in 0..2 {
         let r = c
@@ -574,13 +568,7 @@ queue_capacity = 2
     ))
     .await;
     let mut c = server.client().await;
-    let blocker = json!({"sleep_ms": 500, "n": "blocker"});
-    c.send(json!({"op": "submit", "wait": false, "input": blocker}))
-        .await;
-    c.recv_type("accepted").await;
-    server
-        .wait_inflight(&key_of("default", &blocker), "running")
-        .await;
+    occupy_the_thread(&server, &mut c, 500).await;
     for n in 0..2 {
         let r = c
             .request(json!({"op": "submit", "id": n, "input": {"sleep_ms": 10, "doomed": n}}))
@@ -602,4 +590,16 @@ queue_capacity = 2
     }
     server.settled_stats().await;
     server.stop().await;
+}
+
+/// Submits (without waiting) an evaluation of `sleep_ms` and returns once
+/// it runs: a one-thread evaluator is then busy for that long.
+async fn occupy_the_thread(server: &TestServer, c: &mut Client, sleep_ms: u64) {
+    let blocker = json!({"sleep_ms": sleep_ms, "n": "blocker"});
+    c.send(json!({"op": "submit", "wait": false, "input": blocker}))
+        .await;
+    c.recv_type("accepted").await;
+    server
+        .wait_inflight(&key_of("default", &blocker), "running")
+        .await;
 }
