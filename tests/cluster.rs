@@ -575,8 +575,8 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
     // wait is not a deadline for A: A's agent gets the result its worker
     // computed within A's timeout, and so does B's.
     let redis = Redis::start().await;
-    let a = broker_with(&redis.config("a", &remote_embed(1500))).await;
-    let b = broker_with(&redis.config("b", &remote_embed(1500))).await;
+    let a = broker_with(&redis.config("a", &remote_embed(2500))).await;
+    let b = broker_with(&redis.config("b", &remote_embed(2500))).await;
     let input = json!({"fenced": "timer"});
     let key = key_of("embed", &input);
     let mut on_a = a.client().await;
@@ -589,8 +589,8 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
         .await;
     on_b.recv_type("accepted").await;
     b.wait_inflight(&key, "queued").await;
-    // The worker arrives late: A's job starts 400 ms after B began to wait.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // The worker arrives late: A's job starts 800 ms after B began to wait.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     let mut worker = a.client().await;
     let r = worker
         .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
@@ -599,7 +599,7 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
     let task = worker.recv_type("task").await;
     // Hold the task past B's submit + timeout_ms, within A's own deadline.
     if let Some(frame) = worker
-        .try_recv(std::time::Duration::from_millis(1300))
+        .try_recv(std::time::Duration::from_millis(2000))
         .await
     {
         panic!("the worker was told {frame} while its task was within its deadline");
