@@ -835,3 +835,66 @@ async fn a_large_output_reaches_another_broker_s_waiters_from_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_claimant_s_failure_neither_ends_the_takeover_nor_strands_the_key() {
+    // A is paused past its lease and B takes the key over. A resumes and its
+    // worker fails: that failure was computed under A's old claim, so B's
+    // job goes on; B's worker answers, B's claim is released, and the key
+    // is answered at once afterwards, with no claim left behind.
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, a_addr) = serve_child(&dir, &redis.config("a", &remote_embed(20_000)));
+    let b = broker_with(&redis.config("b", &remote_embed(20_000))).await;
+    let a_url = format!("ws://{a_addr}/ws");
+    let input = json!({"leaked": "claim"});
+    let key = key_of("embed", &input);
+    let mut worker_a = Client::connect(&a_url).await;
+    let r = worker_a
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
+        .await;
+    assert_eq!(r["type"], "serving");
+    let mut on_a = Client::connect(&a_url).await;
+    on_a.send(json!({"op": "submit", "id": "a", "fn": "embed", "input": input}))
+        .await;
+    let task_a = worker_a.recv_type("task").await;
+    let mut worker_b = b.client().await;
+    let r = worker_b
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
+        .await;
+    assert_eq!(r["type"], "serving");
+    let mut on_b = b.client().await;
+    on_b.send(json!({"op": "submit", "id": "b", "fn": "embed", "input": input}))
+        .await;
+    on_b.recv_type("accepted").await;
+    signal(a.id(), "-STOP");
+    let task_b = worker_b.recv_type("task").await;
+    signal(a.id(), "-CONT");
+    worker_a
+        .send(json!({"op": "complete", "task": task_a["task"], "error": "a gave up"}))
+        .await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["error"]["code"], "eval_failed", "{r}");
+    // B's waiter is not told A's failure: its answer is B's worker's.
+    worker_b
+        .send(json!({"op": "complete", "task": task_b["task"], "output": {"by": "b"}}))
+        .await;
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "b", "{r}");
+    b.settled_stats().await;
+    let claim = redis_cli(redis.port, &["EXISTS", &format!("herd:claim:{{{key}}}")]);
+    assert_eq!(claim.trim(), "0", "a claim is left on the key");
+    let mut again = Client::connect(&a_url).await;
+    let r = again
+        .request(json!({"op": "submit", "id": "again", "fn": "embed", "input": input}))
+        .await;
+    let r = if r["type"] == "accepted" {
+        again.recv_type("result").await
+    } else {
+        r
+    };
+    assert_eq!(r["output"]["by"], "b", "{r}");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    b.stop().await;
+}
