@@ -52,7 +52,7 @@ pub struct ClusterHealth {
     /// Commands answer (claims, look-ups, stores).
     up: AtomicBool,
     gauge: prometheus_client::metrics::gauge::Gauge,
-    /// The completion channel's subscription is live (it answers pings).
+    /// The completion channel's subscription is live.
     pubsub: AtomicBool,
     pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
     /// Keys claimed here after their claimant's lease ran out.
@@ -329,7 +329,6 @@ impl Cluster {
             channel: self.channel(),
             hub: self.hub.clone(),
             health: Arc::clone(&self.health),
-            ping: lease / 3,
             timeout: Duration::from_millis(self.config.redis_timeout_ms),
             resubscribed: Arc::clone(&resubscribed),
             max_stored: self.max_stored,
@@ -712,17 +711,14 @@ impl Cluster {
 }
 
 /// Keeps one subscription to the completion channel, re-subscribing after
-/// it drops, and hands every notice to the hub. The subscription is pinged
-/// every `ping` (a connection that is open but dead counts as down after
-/// `timeout`); after each (re)subscription `resubscribed` is notified, so
-/// the cluster task looks again at every key waited on (notices sent while
-/// the subscription was down are lost).
+/// it drops, and hands every notice to the hub. After each (re)subscription
+/// `resubscribed` is notified, so the cluster task looks again at every key
+/// waited on (notices sent while the subscription was down are lost).
 struct Listener {
     client: redis::Client,
     channel: String,
     hub: mpsc::Sender<ClusterEvent>,
     health: Arc<ClusterHealth>,
-    ping: Duration,
     timeout: Duration,
     resubscribed: Arc<tokio::sync::Notify>,
     max_stored: usize,
@@ -735,7 +731,6 @@ async fn listen(listener: Listener, stop: CancellationToken) {
         channel,
         hub,
         health,
-        ping,
         timeout,
         resubscribed,
         max_stored,
@@ -747,22 +742,12 @@ async fn listen(listener: Listener, stop: CancellationToken) {
             Ok::<_, redis::RedisError>((sink, stream))
         };
         match tokio::time::timeout(timeout, subscribed).await {
-            Ok(Ok((mut sink, mut messages))) => {
+            Ok(Ok((_sink, mut messages))) => {
                 health.set_pubsub(true);
                 resubscribed.notify_one();
-                let mut pings = tokio::time::interval(ping);
-                pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                pings.tick().await;
                 loop {
                     let message = tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = pings.tick() => {
-                            let pong = tokio::time::timeout(timeout, sink.ping::<String>()).await;
-                            if matches!(pong, Ok(Ok(_))) {
-                                continue;
-                            }
-                            break;
-                        }
                         m = messages.next() => m,
                     };
                     let Some(message) = message else { break };

@@ -209,7 +209,7 @@ impl Metrics {
             cluster_pubsub_up: registered(
                 r,
                 "cluster_pubsub_up",
-                "1 while the subscription to the completion channel is live (it answers pings)",
+                "1 while the subscription to the completion channel is live",
                 Gauge::default(),
             ),
             cluster_takeovers: registered(

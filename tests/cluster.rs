@@ -898,3 +898,19 @@ async fn a_resumed_claimant_s_failure_neither_ends_the_takeover_nor_strands_the_
     a.wait().unwrap();
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_subscription_stays_up() {
+    // herd_cluster_pubsub_up is watched over several times the lease: with
+    // Redis healthy it never drops (a drop loses notices).
+    let redis = Redis::start().await;
+    let server = broker(&redis, "steady").await;
+    server
+        .wait_metric("herd_cluster_pubsub_up", |v| v == 1.0)
+        .await;
+    for _ in 0..30 {
+        assert_eq!(server.metric("herd_cluster_pubsub_up").await, Some(1.0));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
