@@ -589,8 +589,10 @@ async fn a_waiting_broker_never_fails_a_key_another_broker_computes() {
         .await;
     on_b.recv_type("accepted").await;
     b.wait_inflight(&key, "queued").await;
-    // The worker arrives late: A's job starts 800 ms after B began to wait.
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    // The worker arrives late: A's job starts once B has waited 800 ms
+    // (B's own snapshot says so).
+    b.wait_inflight_row(&key, |row| row["age_ms"].as_u64() >= Some(800))
+        .await;
     let mut worker = a.client().await;
     let r = worker
         .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
@@ -901,16 +903,36 @@ async fn a_resumed_claimant_s_failure_neither_ends_the_takeover_nor_strands_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_subscription_stays_up() {
-    // herd_cluster_pubsub_up is watched over several times the lease: with
-    // Redis healthy it never drops (a drop loses notices).
+    // With Redis healthy, the broker's one subscription is never dropped
+    // and made again (a drop loses notices): Redis reports the same pub/sub
+    // connection until it has lived three times the lease.
     let redis = Redis::start().await;
     let server = broker(&redis, "steady").await;
     server
         .wait_metric("herd_cluster_pubsub_up", |v| v == 1.0)
         .await;
-    for _ in 0..30 {
-        assert_eq!(server.metric("herd_cluster_pubsub_up").await, Some(1.0));
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let pubsub = || {
+        let list = redis_cli(redis.port, &["CLIENT", "LIST", "TYPE", "pubsub"]);
+        let field = |line: &str, name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .map(str::to_string)
+        };
+        let line = list.lines().next().unwrap_or_default().to_string();
+        (field(&line, "id="), field(&line, "age="))
+    };
+    let (first, _) = pubsub();
+    assert!(first.is_some(), "no pub/sub connection");
+    // Each snapshot (every 100 ms) is a moment to look at Redis again.
+    let mut watch = server.client().await;
+    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
+    loop {
+        watch.recv_type("snapshot").await;
+        let (id, age) = pubsub();
+        assert_eq!(id, first, "the subscription was dropped and made again");
+        if age.and_then(|a| a.parse::<u64>().ok()) >= Some(3) {
+            break;
+        }
     }
     server.stop().await;
 }

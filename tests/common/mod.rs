@@ -124,21 +124,24 @@ impl TestServer {
 
     /// Waits until a snapshot shows `key` in flight in `state` ("queued" or "running").
     pub async fn wait_inflight(&self, key: &str, state: &str) {
+        self.wait_inflight_row(key, |row| row["state"] == state)
+            .await;
+    }
+
+    /// Waits until a snapshot's in-flight row of `key` satisfies `done`.
+    pub async fn wait_inflight_row(&self, key: &str, done: impl Fn(&Value) -> bool) {
         let mut c = self.client().await;
         c.send(json!({"op": "watch", "interval_ms": 100})).await;
         let deadline = tokio::time::Instant::now() + FRAME_WAIT;
         loop {
             let snap = c.recv_type("snapshot").await;
             let inflight = snap["inflight"].as_array().cloned().unwrap_or_default();
-            if inflight
-                .iter()
-                .any(|e| e["key"] == key && e["state"] == state)
-            {
+            if inflight.iter().any(|e| e["key"] == key && done(e)) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{key} never showed as {state}: {snap}"
+                "{key} never showed as expected: {snap}"
             );
         }
     }
