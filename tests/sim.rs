@@ -25,9 +25,7 @@
 //! how many runs and how long. A soak of a million steps and more:
 //! `HERD_SIM_SEEDS=500 HERD_SIM_STEPS=4000 cargo test --release --test sim`.
 
-use herd::core::{
-    ClusterCmd, ClusterEvent, Core, CoreConfig, Effect, FnLimits, Gen, Input, Reply, Source,
-};
+use herd::core::{ClusterCmd, ClusterEvent, Core, CoreConfig, Effect, FnLimits, Gen, Input, Reply};
 use herd::error::{ErrorCode, EvalError};
 use herd::Key;
 use rand::rngs::StdRng;
@@ -593,9 +591,6 @@ impl Sim {
                 for w in &d.waiters {
                     self.answered(b, w.session, &w.id, "result");
                 }
-                if let (Err(EvalError::Timeout(m)), Source::Cluster) = (&d.outcome, d.source) {
-                    let _ = m;
-                }
             }
             Effect::Busy { waiters, .. } => {
                 for w in &waiters {
@@ -735,6 +730,17 @@ impl Sim {
         }
     }
 
+    /// Starts queued jobs on the executor's free threads, as its reports.
+    fn refill(&mut self, b: usize, evaluator: usize) {
+        let mut follow_ups = Vec::new();
+        self.start_jobs(b, evaluator, &mut follow_ups);
+        let now = self.instant(self.now);
+        for input in follow_ups {
+            self.brokers[b].core.apply(input, now);
+        }
+        self.settle(b);
+    }
+
     fn exec_done(&mut self, b: usize, evaluator: usize, gen: Gen, key: Key, outcome: Outcome) {
         let exec = &mut self.brokers[b].exec[evaluator];
         if exec.revoked.remove(&gen) {
@@ -752,13 +758,7 @@ impl Sim {
                 self.note(format!("b{b} worker lost, g{gen} requeued"));
                 self.brokers[b].exec[evaluator].queue.push_front((gen, key));
                 self.apply(b, Input::Requeued { gen });
-                let mut follow_ups = Vec::new();
-                self.start_jobs(b, evaluator, &mut follow_ups);
-                let now = self.instant(self.now);
-                for input in follow_ups {
-                    self.brokers[b].core.apply(input, now);
-                }
-                self.settle(b);
+                self.refill(b, evaluator);
             }
             Outcome::Done(outcome) => {
                 if outcome.is_ok() {
@@ -778,13 +778,7 @@ impl Sim {
                         eval_ms: 1.0,
                     },
                 );
-                let mut follow_ups = Vec::new();
-                self.start_jobs(b, evaluator, &mut follow_ups);
-                let now = self.instant(self.now);
-                for input in follow_ups {
-                    self.brokers[b].core.apply(input, now);
-                }
-                self.settle(b);
+                self.refill(b, evaluator);
             }
         }
     }
@@ -796,7 +790,6 @@ impl Sim {
             return;
         };
         self.flush_backlog(b);
-        let now = self.now;
         let up = self.redis.up;
         match cmd {
             ClusterCmd::Acquire { key, gen, .. } => {
@@ -862,7 +855,6 @@ impl Sim {
             }
             ClusterCmd::Release { key, gen } => self.release(b, key, gen),
         }
-        let _ = now;
         self.kick_cluster(b);
     }
 

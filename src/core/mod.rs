@@ -404,11 +404,6 @@ impl Core {
         }
     }
 
-    /// The phase of a key's job, if it has one.
-    pub fn phase(&self, key: &Key) -> Option<Phase> {
-        Some(self.table.get(key)?.job.as_ref()?.phase.clone())
-    }
-
     /// Waits a session holds (for its bound).
     pub fn held_by(&self, session: SessionId) -> usize {
         self.sessions.get(&session).map_or(0, |s| s.total)

@@ -324,11 +324,6 @@ impl Remote {
         }
     }
 
-    /// Whether job `gen` is with a worker (not queued).
-    pub fn is_sent(&self, gen: u64) -> bool {
-        self.by_gen.contains_key(&gen)
-    }
-
     /// The session ended: it serves nothing more, and its tasks go back to
     /// the front of their queues, or fail once out of attempts. Returns
     /// what became of each, and the evaluators it served.
