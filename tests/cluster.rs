@@ -623,34 +623,21 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     // pub/sub connection is killed, and B's worker answers "b". A, resumed
     // without B's notice, hears "a" from its own worker: the result in
     // Redis stays B's, which every later reader gets.
-    let redis = Redis::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut a, a_addr) = serve_child(&dir, &redis.config("a", &remote_embed(20_000)));
-    let b = broker_with(&redis.config("b", &remote_embed(20_000))).await;
-    let a_url = format!("ws://{a_addr}/ws");
     let input = json!({"fenced": "store"});
     let key = key_of("embed", &input);
-    let mut worker_a = Client::connect(&a_url).await;
-    let r = worker_a
-        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
-        .await;
-    assert_eq!(r["type"], "serving");
-    let mut on_a = Client::connect(&a_url).await;
-    on_a.send(json!({"op": "submit", "id": "a", "fn": "embed", "input": input}))
-        .await;
-    let task_a = worker_a.recv_type("task").await;
-    let mut worker_b = b.client().await;
-    let r = worker_b
-        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
-        .await;
-    assert_eq!(r["type"], "serving");
-    let mut on_b = b.client().await;
-    on_b.send(json!({"op": "submit", "id": "b", "fn": "embed", "input": input}))
-        .await;
-    on_b.recv_type("accepted").await;
-    signal(a.id(), "-STOP");
-    // B takes the key over once A's lease has run out.
-    let task_b = worker_b.recv_type("task").await;
+    let Takeover {
+        redis,
+        mut a,
+        a_url,
+        b,
+        mut worker_a,
+        task_a,
+        mut on_a,
+        mut worker_b,
+        task_b,
+        mut on_b,
+        _dir,
+    } = Takeover::start(&input).await;
     let killed = redis_cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
     assert!(killed.trim().parse::<u32>().unwrap() >= 2, "{killed}");
     worker_b
@@ -676,14 +663,11 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     assert!(stored.contains("\"b\""), "Redis holds {stored}");
     let c = broker_with(&redis.config("c", &remote_embed(20_000))).await;
     let mut on_c = c.client().await;
-    let r = on_c
-        .request(json!({"op": "submit", "id": "c", "fn": "embed", "input": input}))
-        .await;
-    let r = if r["type"] == "accepted" {
-        on_c.recv_type("result").await
-    } else {
-        r
-    };
+    let r = answer(
+        &mut on_c,
+        json!({"op": "submit", "id": "c", "fn": "embed", "input": input}),
+    )
+    .await;
     assert_eq!(r["output"]["by"], "b", "{r}");
     a.kill().unwrap();
     a.wait().unwrap();
@@ -844,33 +828,21 @@ async fn a_resumed_claimant_s_failure_neither_ends_the_takeover_nor_strands_the_
     // worker fails: that failure was computed under A's old claim, so B's
     // job goes on; B's worker answers, B's claim is released, and the key
     // is answered at once afterwards, with no claim left behind.
-    let redis = Redis::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut a, a_addr) = serve_child(&dir, &redis.config("a", &remote_embed(20_000)));
-    let b = broker_with(&redis.config("b", &remote_embed(20_000))).await;
-    let a_url = format!("ws://{a_addr}/ws");
     let input = json!({"leaked": "claim"});
     let key = key_of("embed", &input);
-    let mut worker_a = Client::connect(&a_url).await;
-    let r = worker_a
-        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
-        .await;
-    assert_eq!(r["type"], "serving");
-    let mut on_a = Client::connect(&a_url).await;
-    on_a.send(json!({"op": "submit", "id": "a", "fn": "embed", "input": input}))
-        .await;
-    let task_a = worker_a.recv_type("task").await;
-    let mut worker_b = b.client().await;
-    let r = worker_b
-        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
-        .await;
-    assert_eq!(r["type"], "serving");
-    let mut on_b = b.client().await;
-    on_b.send(json!({"op": "submit", "id": "b", "fn": "embed", "input": input}))
-        .await;
-    on_b.recv_type("accepted").await;
-    signal(a.id(), "-STOP");
-    let task_b = worker_b.recv_type("task").await;
+    let Takeover {
+        redis,
+        mut a,
+        a_url,
+        b,
+        mut worker_a,
+        task_a,
+        mut on_a,
+        mut worker_b,
+        task_b,
+        mut on_b,
+        _dir,
+    } = Takeover::start(&input).await;
     signal(a.id(), "-CONT");
     worker_a
         .send(json!({"op": "complete", "task": task_a["task"], "error": "a gave up"}))
@@ -887,14 +859,11 @@ async fn a_resumed_claimant_s_failure_neither_ends_the_takeover_nor_strands_the_
     let claim = redis_cli(redis.port, &["EXISTS", &format!("herd:claim:{{{key}}}")]);
     assert_eq!(claim.trim(), "0", "a claim is left on the key");
     let mut again = Client::connect(&a_url).await;
-    let r = again
-        .request(json!({"op": "submit", "id": "again", "fn": "embed", "input": input}))
-        .await;
-    let r = if r["type"] == "accepted" {
-        again.recv_type("result").await
-    } else {
-        r
-    };
+    let r = answer(
+        &mut again,
+        json!({"op": "submit", "id": "again", "fn": "embed", "input": input}),
+    )
+    .await;
     assert_eq!(r["output"]["by"], "b", "{r}");
     a.kill().unwrap();
     a.wait().unwrap();
@@ -935,4 +904,77 @@ async fn a_healthy_subscription_stays_up() {
         }
     }
     server.stop().await;
+}
+
+/// The answer to a submit: its `result` (a cache hit, or after `accepted`).
+async fn answer(client: &mut Client, submit: Value) -> Value {
+    let r = client.request(submit).await;
+    if r["type"] == "accepted" {
+        client.recv_type("result").await
+    } else {
+        r
+    }
+}
+
+/// A key claimed by broker A (a child process), paused past its lease, and
+/// taken over by broker B: each broker has a worker holding the key's task
+/// and an agent waiting on it. A is still paused.
+struct Takeover {
+    redis: Redis,
+    _dir: tempfile::TempDir,
+    a: Child,
+    a_url: String,
+    b: TestServer,
+    worker_a: Client,
+    task_a: Value,
+    on_a: Client,
+    worker_b: Client,
+    task_b: Value,
+    on_b: Client,
+}
+
+impl Takeover {
+    async fn start(input: &Value) -> Takeover {
+        let redis = Redis::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, a_addr) = serve_child(&dir, &redis.config("a", &remote_embed(20_000)));
+        let b = broker_with(&redis.config("b", &remote_embed(20_000))).await;
+        let a_url = format!("ws://{a_addr}/ws");
+        let mut worker_a = Client::connect(&a_url).await;
+        serve_embed(&mut worker_a).await;
+        let mut on_a = Client::connect(&a_url).await;
+        on_a.send(json!({"op": "submit", "id": "a", "fn": "embed", "input": input}))
+            .await;
+        let task_a = worker_a.recv_type("task").await;
+        let mut worker_b = b.client().await;
+        serve_embed(&mut worker_b).await;
+        let mut on_b = b.client().await;
+        on_b.send(json!({"op": "submit", "id": "b", "fn": "embed", "input": input}))
+            .await;
+        on_b.recv_type("accepted").await;
+        signal(a.id(), "-STOP");
+        // B takes the key over once A's lease has run out.
+        let task_b = worker_b.recv_type("task").await;
+        Takeover {
+            redis,
+            _dir: dir,
+            a,
+            a_url,
+            b,
+            worker_a,
+            task_a,
+            on_a,
+            worker_b,
+            task_b,
+            on_b,
+        }
+    }
+}
+
+/// Serves `embed` with one slot on this session.
+async fn serve_embed(worker: &mut Client) {
+    let r = worker
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 1}))
+        .await;
+    assert_eq!(r["type"], "serving");
 }
