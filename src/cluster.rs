@@ -628,12 +628,16 @@ impl Cluster {
         let name = self.key("result", &key);
         // The notice names the claim it was computed under, so a broker
         // waiting on a later claim of the key ignores an earlier failure.
-        let claim = match self.held.get(&key) {
-            Some(held) if held.gen == gen => format!(
-                ",\"claim\":{}",
-                serde_json::to_string(&held.value).expect("a string serializes")
-            ),
+        let token = match self.held.get(&key) {
+            Some(held) if held.gen == gen => held.value.clone(),
             _ => String::new(),
+        };
+        let claim = match token.as_str() {
+            "" => String::new(),
+            value => format!(
+                ",\"claim\":{}",
+                serde_json::to_string(value).expect("a string serializes")
+            ),
         };
         // A large output stays out of the notice: only brokers with
         // waiters for it read it from Redis.
@@ -642,10 +646,6 @@ impl Cluster {
                 format!("{{\"key\":\"{}\"{claim},\"stored\":true}}", key.to_hex())
             }
             _ => format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]),
-        };
-        let token = match self.held.get(&key) {
-            Some(held) if held.gen == gen => held.value.clone(),
-            _ => String::new(),
         };
         let channel = self.channel();
         let Some(conn) = self.conn().await else {

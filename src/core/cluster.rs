@@ -39,6 +39,18 @@ pub enum ClusterCmd {
     Release { key: Key, gen: Gen },
 }
 
+impl ClusterCmd {
+    /// Job `gen` is done with the cluster: its claim given up if it holds
+    /// one, else its wait on another broker's ended.
+    pub fn let_go(key: Key, gen: Gen, claimed: bool) -> ClusterCmd {
+        if claimed {
+            ClusterCmd::Release { key, gen }
+        } else {
+            ClusterCmd::Forget { key, gen }
+        }
+    }
+}
+
 /// What the cluster task tells the core.
 #[derive(Debug, Clone)]
 pub enum ClusterEvent {

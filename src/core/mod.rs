@@ -990,11 +990,7 @@ impl Core {
             Phase::Asking | Phase::Waiting => {}
         }
         if self.config.clustered {
-            let cmd = if claimed {
-                ClusterCmd::Release { key, gen }
-            } else {
-                ClusterCmd::Forget { key, gen }
-            };
+            let cmd = ClusterCmd::let_go(key, gen, claimed);
             self.effects.push_back(Effect::Cluster(cmd));
         }
         self.end_job(key);
@@ -1077,11 +1073,7 @@ impl Core {
                     "no outcome within {ms} ms plus one lease (timeout_ms of fn {:?}, cluster.lease_ms): the broker evaluating it did not answer",
                     &*limits.name
                 ));
-                let cmd = if job.claimed {
-                    ClusterCmd::Release { key, gen }
-                } else {
-                    ClusterCmd::Forget { key, gen }
-                };
+                let cmd = ClusterCmd::let_go(key, gen, job.claimed);
                 self.effects.push_back(Effect::Cluster(cmd));
                 self.deliver(key, Some(job.evaluator), Err(error), Source::Cluster);
             }
@@ -1160,11 +1152,7 @@ impl Core {
             .job_mut(gen)
             .filter(|j| matches!(j.phase, Phase::Asking | Phase::Waiting))
         else {
-            let cmd = if claimed {
-                ClusterCmd::Release { key, gen }
-            } else {
-                ClusterCmd::Forget { key, gen }
-            };
+            let cmd = ClusterCmd::let_go(key, gen, claimed);
             return self.effects.push_back(Effect::Cluster(cmd));
         };
         job.claimed = claimed;
