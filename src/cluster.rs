@@ -329,6 +329,7 @@ impl Cluster {
             channel: self.channel(),
             hub: self.hub.clone(),
             health: Arc::clone(&self.health),
+            ping: lease / 3,
             timeout: Duration::from_millis(self.config.redis_timeout_ms),
             resubscribed: Arc::clone(&resubscribed),
             max_stored: self.max_stored,
@@ -711,14 +712,18 @@ impl Cluster {
 }
 
 /// Keeps one subscription to the completion channel, re-subscribing after
-/// it drops, and hands every notice to the hub. After each (re)subscription
-/// `resubscribed` is notified, so the cluster task looks again at every key
-/// waited on (notices sent while the subscription was down are lost).
+/// it drops, and hands every notice to the hub. The subscription is pinged
+/// every `ping`: one that is open but silent (a dead peer, a stalled proxy)
+/// counts as down after `timeout` and is made again. After each
+/// (re)subscription `resubscribed` is notified, so the cluster task looks
+/// again at every key waited on (notices sent while the subscription was
+/// down are lost).
 struct Listener {
     client: redis::Client,
     channel: String,
     hub: mpsc::Sender<ClusterEvent>,
     health: Arc<ClusterHealth>,
+    ping: Duration,
     timeout: Duration,
     resubscribed: Arc<tokio::sync::Notify>,
     max_stored: usize,
@@ -731,6 +736,7 @@ async fn listen(listener: Listener, stop: CancellationToken) {
         channel,
         hub,
         health,
+        ping,
         timeout,
         resubscribed,
         max_stored,
@@ -742,12 +748,25 @@ async fn listen(listener: Listener, stop: CancellationToken) {
             Ok::<_, redis::RedisError>((sink, stream))
         };
         match tokio::time::timeout(timeout, subscribed).await {
-            Ok(Ok((_sink, mut messages))) => {
+            Ok(Ok((mut sink, mut messages))) => {
                 health.set_pubsub(true);
                 resubscribed.notify_one();
+                let mut pings = tokio::time::interval(ping);
+                pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                pings.tick().await;
                 loop {
                     let message = tokio::select! {
                         _ = stop.cancelled() => return,
+                        _ = pings.tick() => {
+                            // On a subscribed connection Redis answers a
+                            // PING with the array ["pong", ""], not +PONG.
+                            let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                            if matches!(pong, Ok(Ok(_))) {
+                                continue;
+                            }
+                            tracing::debug!("cluster: the completion channel did not answer a ping");
+                            break;
+                        }
                         m = messages.next() => m,
                     };
                     let Some(message) = message else { break };

@@ -906,6 +906,141 @@ async fn a_healthy_subscription_stays_up() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_noticed_and_made_again() {
+    // B reaches Redis through a relay that goes silent on B's subscription:
+    // the socket stays open and carries nothing, as with a dead peer. B's
+    // ping goes unanswered, its pub/sub health drops, it subscribes again,
+    // and its subscriber gets the result A published meanwhile.
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    let b = broker_with(
+        &redis
+            .config("b", SIMULATE)
+            .replace(&redis.url(), &relay.url()),
+    )
+    .await;
+    b.wait_metric("herd_cluster_pubsub_up", |v| v == 1.0).await;
+    let a = broker(&redis, "a").await;
+    let input = json!({"sleep_ms": 50, "subscription": "silent"});
+    let key = key_of("default", &input);
+    let mut on_b = b.client().await;
+    let r = on_b
+        .request(json!({"op": "subscribe", "id": "s", "key": key}))
+        .await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    relay.silence_subscriptions();
+    let mut on_a = a.client().await;
+    let r = answer(
+        &mut on_a,
+        json!({"op": "submit", "id": "a", "input": input}),
+    )
+    .await;
+    assert_eq!(r["type"], "result", "{r}");
+    b.wait_metric("herd_cluster_pubsub_up", |v| v == 0.0).await;
+    b.wait_metric("herd_cluster_pubsub_up", |v| v == 1.0).await;
+    assert!(relay.subscriptions() >= 2, "B never subscribed again");
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["id"], "s", "{r}");
+    assert_eq!(r["source"], "cluster", "{r}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A TCP relay to a redis-server that can go silent on the connections
+/// that have subscribed to something: they stay open and carry nothing.
+struct Relay {
+    port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<RelayConn>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Default)]
+struct RelayConn {
+    subscribed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(redis_port: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = std::sync::Arc::clone(&conns);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    continue;
+                };
+                let conn = RelayConn::default();
+                all.lock().unwrap().push(conn.clone());
+                let (client_rx, client_tx) = client.into_split();
+                let (server_rx, server_tx) = server.into_split();
+                tokio::spawn(pump(client_rx, server_tx, conn.clone(), true));
+                tokio::spawn(pump(server_rx, client_tx, conn, false));
+            }
+        });
+        Relay { port, conns, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// From now on, nothing passes on a connection that has subscribed.
+    fn silence_subscriptions(&self) {
+        use std::sync::atomic::Ordering;
+        for conn in self.conns.lock().unwrap().iter() {
+            if conn.subscribed.load(Ordering::SeqCst) {
+                conn.silent.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// How many connections have subscribed.
+    fn subscriptions(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|c| c.subscribed.load(Ordering::SeqCst))
+            .count()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies one direction of a relayed connection; a silent connection's
+/// bytes are read and dropped (its socket stays open).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    conn: RelayConn,
+    to_redis: bool,
+) {
+    use std::sync::atomic::Ordering;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to_redis && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
+            conn.subscribed.store(true, Ordering::SeqCst);
+        }
+        if conn.silent.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The answer to a submit: its `result` (a cache hit, or after `accepted`).
 async fn answer(client: &mut Client, submit: Value) -> Value {
     let r = client.request(submit).await;
