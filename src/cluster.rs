@@ -13,10 +13,11 @@
 //!   evaluate here, as a lone broker would).
 //! - Claims held are renewed every `lease_ms / 3` while their evaluation
 //!   runs; [`ClusterCmd::Finished`] stores the result (outputs for
-//!   `result_ttl_s`, failures only for `error_ttl_s`), publishes the outcome
-//!   on `<prefix>done`, and releases the claim if it is still ours
-//!   (compare-and-delete, so a claim taken over after our lease expired is
-//!   never deleted by us).
+//!   `result_ttl_s`, failures only for `error_ttl_s`) if the claim is still
+//!   ours or no result is stored, publishes the outcome on `<prefix>done`
+//!   with the claim it was computed under, and releases the claim if it is
+//!   still ours (compare-and-delete, so a claim taken over after our lease
+//!   expired is never deleted by us).
 //! - One subscription per broker to `<prefix>done` brings every completion
 //!   to the hub ([`ClusterEvent::Done`]); the hub delivers those it has
 //!   waiters for.
@@ -24,6 +25,12 @@
 //!   result found is delivered, an expired claim is taken over (the claimant
 //!   died), and with Redis away the broker evaluates locally. Nobody waits
 //!   forever.
+//!
+//! Commands for different keys run side by side on one multiplexed
+//! connection (a slow round trip holds up only its own key); commands for
+//! one key run in the order the hub sent them. Each tick's renewals go out
+//! together. A breaker answers "away" at once while Redis does not answer,
+//! and one probe at a time decides when it is back.
 //!
 //! Every key is hash-tagged (`{<key>}`) so its claim and result live on one
 //! Redis Cluster shard.
@@ -39,7 +46,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -182,6 +189,51 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// One piece of Redis I/O (a round trip, or a few in order for one key),
+/// run beside the others on the multiplexed connection.
+type Io = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>>;
+
+/// What a piece of I/O brings back to the task.
+struct Done {
+    /// Redis answered every command (else the breaker trips).
+    answered: bool,
+    reply: Reply,
+}
+
+enum Reply {
+    /// What [`ACQUIRE`] found for job `gen` (None: Redis did not answer);
+    /// `recheck`: the key was waited on, and a claim now is a takeover.
+    Acquired {
+        key: Key,
+        gen: Gen,
+        hold: Duration,
+        value: String,
+        recheck: bool,
+        found: Option<(i64, String)>,
+    },
+    /// The stored outcome of a key subscribed to (None: absent or unread).
+    Looked { key: Key, found: Option<String> },
+    /// Job `gen`'s outcome was stored, published and its claim released.
+    Finished { key: Key },
+    /// A claim was given up.
+    Released { key: Key },
+    /// This tick's renewals: the claims found lost (taken over).
+    Renewed { lost: Vec<(Key, String)> },
+}
+
+impl Reply {
+    /// The key whose next command waits for this one.
+    fn key(&self) -> Option<Key> {
+        match self {
+            Reply::Acquired { key, .. }
+            | Reply::Looked { key, .. }
+            | Reply::Finished { key }
+            | Reply::Released { key } => Some(*key),
+            Reply::Renewed { .. } => None,
+        }
+    }
+}
+
 /// The cluster task's state.
 pub struct Cluster {
     config: ClusterConfig,
@@ -198,13 +250,19 @@ pub struct Cluster {
     /// Keys this broker waits on another broker for: the job waiting, and
     /// how long a claim taken over for it may be kept.
     waiting: HashMap<Key, (Gen, Duration)>,
+    /// Keys with I/O under way, and the commands for them that wait their
+    /// turn: commands for one key run in order, commands for different
+    /// keys side by side.
+    busy: HashMap<Key, VecDeque<ClusterCmd>>,
+    /// This tick's renewals are under way.
+    renewing: bool,
     /// The longest stored result or notice taken from Redis: the largest
     /// `max_output_bytes` of any fn, plus room for the envelope. Anything
     /// longer is ignored (a result is then evaluated here).
     max_stored: usize,
     /// `notice_inline_bytes`.
     notice_inline: usize,
-    /// The breaker: open while Redis is away (see [`Cluster::call`]).
+    /// The breaker: open while Redis is away (see [`Cluster::trip`]).
     open: bool,
     /// Keys subscribed to here with nobody evaluating them here: looked up
     /// at every re-check (a notice may be lost).
@@ -231,15 +289,6 @@ struct Held {
     until: tokio::time::Instant,
 }
 
-/// What [`ACQUIRE`] found.
-enum Acquired {
-    Stored(Result<Arc<str>, EvalError>),
-    /// Claimed, with this claim value (its fencing token).
-    Claimed(Arc<str>),
-    /// Another broker holds the claim with this value.
-    Held(Arc<str>),
-}
-
 /// The result if stored, else a claim if free: one round trip, and no
 /// second evaluation when a result lands between a look and a claim.
 const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, redis.call('GET', KEYS[2]) or ''}";
@@ -248,6 +297,21 @@ const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1,
 const STORE: &str = "if (ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1]) or redis.call('EXISTS', KEYS[1]) == 0 then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end return 1 end return 0";
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// A Redis call under `limit`; None when it failed or took longer.
+async fn timed<T>(
+    limit: Duration,
+    op: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Option<T> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "cluster: Redis command failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
 
 impl Cluster {
     /// Prepares the task (no connection is made yet: Redis may be away).
@@ -291,6 +355,8 @@ impl Cluster {
             client,
             held: HashMap::new(),
             looked: HashSet::new(),
+            busy: HashMap::new(),
+            renewing: false,
             max_stored: max_output.saturating_add(64 * 1024),
             notice_inline: config.notice_inline_bytes,
             // Closed by the first probe, at the task's first tick.
@@ -315,12 +381,17 @@ impl Cluster {
         format!("{}done", self.config.prefix)
     }
 
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.config.redis_timeout_ms)
+    }
+
     async fn tell(&self, event: ClusterEvent) {
         let _ = self.hub.send(event).await;
     }
 
     /// Runs until `stop` is cancelled or the hub is gone.
     pub async fn run(mut self, mut inbox: mpsc::Receiver<ClusterCmd>, stop: CancellationToken) {
+        use futures::StreamExt;
         tracing::info!(node = %self.node, "cluster mode");
         let lease = Duration::from_millis(self.config.lease_ms);
         let resubscribed = Arc::new(tokio::sync::Notify::new());
@@ -330,7 +401,7 @@ impl Cluster {
             hub: self.hub.clone(),
             health: Arc::clone(&self.health),
             ping: lease / 3,
-            timeout: Duration::from_millis(self.config.redis_timeout_ms),
+            timeout: self.limit(),
             resubscribed: Arc::clone(&resubscribed),
             max_stored: self.max_stored,
         };
@@ -342,6 +413,7 @@ impl Cluster {
         // A probe runs beside the commands, so an away Redis never holds
         // them up: while the breaker is open each command is answered at once.
         let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
+        let mut io = futures::stream::FuturesUnordered::<Io>::new();
         let mut batch = Vec::with_capacity(256);
         loop {
             tokio::select! {
@@ -351,12 +423,15 @@ impl Cluster {
                         break;
                     }
                     for cmd in batch.drain(..) {
-                        self.apply(cmd).await;
+                        self.begin(cmd, &mut io).await;
                     }
                 }
+                Some(done) = io.next(), if !io.is_empty() => self.done(done, &mut io).await,
                 _ = renew.tick() => {
                     if !self.open {
-                        self.renew_claims().await;
+                        if let Some(renewals) = self.renewals().await {
+                            io.push(renewals);
+                        }
                     } else if probe.is_none() {
                         probe = self.probe().await;
                     }
@@ -367,11 +442,11 @@ impl Cluster {
                         self.open = false;
                         self.health.set(true);
                         // Back from degraded mode: whatever waits is looked at again.
-                        self.recheck().await;
+                        self.recheck(&mut io).await;
                     }
                 }
-                _ = recheck.tick() => self.recheck().await,
-                _ = resubscribed.notified() => self.recheck().await,
+                _ = recheck.tick() => self.recheck(&mut io).await,
+                _ = resubscribed.notified() => self.recheck(&mut io).await,
             }
         }
         if let Some(probe) = probe {
@@ -384,11 +459,10 @@ impl Cluster {
     async fn conn(&mut self) -> Option<Conn> {
         if self.conn.is_none() {
             let client = self.cluster_client.as_ref()?;
-            let limit = Duration::from_millis(self.config.redis_timeout_ms);
-            match tokio::time::timeout(limit, client.get_async_connection()).await {
+            match tokio::time::timeout(self.limit(), client.get_async_connection()).await {
                 Ok(Ok(conn)) => self.conn = Some(Conn::Cluster(conn)),
                 _ => {
-                    self.health.set(false);
+                    self.trip();
                     return None;
                 }
             }
@@ -396,33 +470,15 @@ impl Cluster {
         self.conn.clone()
     }
 
-    /// Runs a Redis command under the configured timeout, recording health.
-    /// While the breaker is open (a command failed and no probe has
-    /// succeeded since) nothing is sent: the caller hears "away" at once,
-    /// so in degraded mode no command waits out `redis_timeout_ms`.
-    async fn call<T>(
-        &mut self,
-        op: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Option<T> {
+    /// A connection to send on, or None while the breaker is open (a
+    /// command failed and no probe has succeeded since): the caller then
+    /// answers "away" at once, so in degraded mode nothing waits out
+    /// `redis_timeout_ms`.
+    async fn usable(&mut self) -> Option<Conn> {
         if self.open {
             return None;
         }
-        let limit = Duration::from_millis(self.config.redis_timeout_ms);
-        match tokio::time::timeout(limit, op).await {
-            Ok(Ok(value)) => {
-                self.health.set(true);
-                Some(value)
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "cluster: Redis command failed");
-                self.trip();
-                None
-            }
-            Err(_) => {
-                self.trip();
-                None
-            }
-        }
+        self.conn().await
     }
 
     /// Opens the breaker: Redis counts as away until a probe answers.
@@ -434,7 +490,7 @@ impl Cluster {
     /// With the breaker open, one PING (in a task of its own) decides
     /// whether Redis is back.
     async fn probe(&mut self) -> Option<tokio::task::JoinHandle<bool>> {
-        let limit = Duration::from_millis(self.config.redis_timeout_ms);
+        let limit = self.limit();
         let mut conn = self.conn().await?;
         Some(tokio::spawn(async move {
             let ping = redis::cmd("PING");
@@ -443,97 +499,201 @@ impl Cluster {
         }))
     }
 
-    async fn apply(&mut self, cmd: ClusterCmd) {
+    /// Takes a command: started at once unless its key has I/O under way,
+    /// in which case it waits its turn.
+    async fn begin(&mut self, cmd: ClusterCmd, io: &mut futures::stream::FuturesUnordered<Io>) {
+        let key = cmd.key();
+        if let Some(queue) = self.busy.get_mut(&key) {
+            queue.push_back(cmd);
+            return;
+        }
+        if let Some(work) = self.dispatch(cmd).await {
+            self.busy.insert(key, VecDeque::new());
+            io.push(work);
+        }
+    }
+
+    /// I/O came back: its effect on the state and the hub, then the next
+    /// command waiting for its key.
+    async fn done(&mut self, done: Done, io: &mut futures::stream::FuturesUnordered<Io>) {
+        if !done.answered {
+            self.trip();
+        } else if !self.open {
+            self.health.set(true);
+        }
+        let key = done.reply.key();
+        self.reply(done.reply).await;
+        let Some(key) = key else { return };
+        while let Some(cmd) = self.busy.get_mut(&key).and_then(VecDeque::pop_front) {
+            if let Some(work) = self.dispatch(cmd).await {
+                io.push(work);
+                return;
+            }
+        }
+        self.busy.remove(&key);
+    }
+
+    /// Starts a command's I/O, or carries it out at once when it needs
+    /// none (or Redis is away).
+    async fn dispatch(&mut self, cmd: ClusterCmd) -> Option<Io> {
         match cmd {
             ClusterCmd::Acquire { key, gen, hold } => {
-                let event = match self.acquire(&key, gen, hold).await {
-                    None => ClusterEvent::Local { key, gen },
-                    Some(Acquired::Stored(Ok(output))) => ClusterEvent::Found { key, output },
-                    Some(Acquired::Stored(Err(error))) => ClusterEvent::Done {
-                        key,
-                        outcome: Err(error),
-                        claim: None,
-                    },
-                    Some(Acquired::Claimed(claim)) => ClusterEvent::Claimed { key, gen, claim },
-                    Some(Acquired::Held(holder)) => {
-                        self.waiting.insert(key, (gen, hold));
-                        ClusterEvent::Waiting { key, gen, holder }
-                    }
-                };
-                self.tell(event).await;
+                let work = self.acquire(key, gen, hold, false).await;
+                if work.is_none() {
+                    self.tell(ClusterEvent::Local { key, gen }).await;
+                }
+                work
             }
-            ClusterCmd::Lookup { key } => match self.find(&key).await {
-                Ok(Some(outcome)) => self.tell(found(key, outcome)).await,
-                _ => {
+            ClusterCmd::Lookup { key } => {
+                let work = self.lookup(key).await;
+                if work.is_none() {
                     self.looked.insert(key);
                 }
-            },
+                work
+            }
             ClusterCmd::Unlook { key } => {
                 self.looked.remove(&key);
+                None
             }
             ClusterCmd::Finished { key, gen, outcome } => self.finished(key, gen, outcome).await,
             ClusterCmd::Forget { key, gen } => {
                 if self.waiting.get(&key).is_some_and(|(g, _)| *g == gen) {
                     self.waiting.remove(&key);
                 }
+                None
             }
-            ClusterCmd::Release { key, gen } => self.release_claim(&key, gen).await,
+            ClusterCmd::Release { key, gen } => self.release_claim(key, gen).await,
         }
     }
 
-    /// The stored outcome of `key`: Err(()) when Redis cannot be asked.
-    async fn find(&mut self, key: &Key) -> Result<Option<Result<Arc<str>, EvalError>>, ()> {
-        let name = self.key("result", key);
-        let mut conn = self.conn().await.ok_or(())?;
-        let stored: Option<String> = self.call(conn.get(name)).await.ok_or(())?;
-        let max = self.max_stored;
-        Ok(stored
-            .filter(|text| text.len() <= max)
-            .and_then(|text| serde_json::from_str::<Stored>(&text).ok()?.outcome()))
+    /// Carries out what came back from Redis.
+    async fn reply(&mut self, reply: Reply) {
+        match reply {
+            Reply::Acquired {
+                key,
+                gen,
+                hold,
+                value,
+                recheck,
+                found,
+            } => {
+                let event = match found {
+                    // Redis went away: evaluate here rather than wait.
+                    None => Some(ClusterEvent::Local { key, gen }),
+                    Some((1, stored)) => Some(match self.parse(&stored) {
+                        Some(outcome) => found_event(key, outcome),
+                        None => ClusterEvent::Local { key, gen },
+                    }),
+                    Some((2, _)) => {
+                        let until = tokio::time::Instant::now() + hold;
+                        let claim: Arc<str> = value.as_str().into();
+                        self.held.insert(key, Held { gen, value, until });
+                        Some(if recheck {
+                            tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
+                            self.health.takeovers.inc();
+                            ClusterEvent::Takeover { key, gen, claim }
+                        } else {
+                            ClusterEvent::Claimed { key, gen, claim }
+                        })
+                    }
+                    Some((_, holder)) if !recheck => {
+                        self.waiting.insert(key, (gen, hold));
+                        Some(ClusterEvent::Waiting {
+                            key,
+                            gen,
+                            holder: holder.into(),
+                        })
+                    }
+                    // Still claimed: keep waiting.
+                    Some(_) => None,
+                };
+                if let Some(event) = event {
+                    if recheck {
+                        self.waiting.remove(&key);
+                    }
+                    self.tell(event).await;
+                }
+            }
+            Reply::Looked { key, found } => match found.and_then(|text| self.parse(&text)) {
+                Some(outcome) => {
+                    self.looked.remove(&key);
+                    self.tell(found_event(key, outcome)).await;
+                }
+                None => {
+                    self.looked.insert(key);
+                }
+            },
+            Reply::Finished { .. } | Reply::Released { .. } => {}
+            Reply::Renewed { lost } => {
+                self.renewing = false;
+                for (key, value) in lost {
+                    // The lease ran out and another broker claimed the key.
+                    if self.held.get(&key).is_some_and(|h| h.value == value) {
+                        self.held.remove(&key);
+                    }
+                }
+            }
+        }
     }
 
-    /// The stored outcome of `key`, or else a claim on it; None when Redis
-    /// cannot be asked.
-    async fn acquire(&mut self, key: &Key, gen: Gen, hold: Duration) -> Option<Acquired> {
+    /// A stored result or notice read from Redis, unless too long or not
+    /// one of ours.
+    fn parse(&self, text: &str) -> Option<Result<Arc<str>, EvalError>> {
+        if text.len() > self.max_stored {
+            return None;
+        }
+        serde_json::from_str::<Stored>(text).ok()?.outcome()
+    }
+
+    /// Looks for the stored outcome of `key`, else claims it for job `gen`.
+    async fn acquire(&mut self, key: Key, gen: Gen, hold: Duration, recheck: bool) -> Option<Io> {
+        let mut conn = self.usable().await?;
         self.next_claim += 1;
         let value = format!("{}:{}:{}", self.node, self.run, self.next_claim);
-        let (result, claim) = (self.key("result", key), self.key("claim", key));
-        let lease = self.config.lease_ms;
-        let mut conn = self.conn().await?;
+        let (result, claim) = (self.key("result", &key), self.key("claim", &key));
+        let (lease, limit) = (self.config.lease_ms, self.limit());
         let script = self.acquire.clone();
-        let claim_value = value.clone();
-        let (what, stored): (i64, String) = self
-            .call(async move {
-                script
-                    .key(result)
-                    .key(claim)
-                    .arg(claim_value)
-                    .arg(lease)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        match what {
-            1 if stored.len() > self.max_stored => None,
-            1 => serde_json::from_str::<Stored>(&stored)
-                .ok()
-                .and_then(|s| s.outcome())
-                .map(Acquired::Stored),
-            2 => {
-                let until = tokio::time::Instant::now() + hold;
-                let held = Held {
+        Some(Box::pin(async move {
+            let mut invocation = script.key(result);
+            invocation.key(claim).arg(&value).arg(lease);
+            let found: Option<(i64, String)> =
+                timed(limit, invocation.invoke_async(&mut conn)).await;
+            Done {
+                answered: found.is_some(),
+                reply: Reply::Acquired {
+                    key,
                     gen,
-                    value: value.clone(),
-                    until,
-                };
-                self.held.insert(*key, held);
-                Some(Acquired::Claimed(value.into()))
+                    hold,
+                    value,
+                    recheck,
+                    found,
+                },
             }
-            _ => Some(Acquired::Held(stored.into())),
-        }
+        }))
     }
 
-    async fn renew_claims(&mut self) {
+    /// Reads the stored outcome of `key`.
+    async fn lookup(&mut self, key: Key) -> Option<Io> {
+        let mut conn = self.usable().await?;
+        let (name, limit) = (self.key("result", &key), self.limit());
+        Some(Box::pin(async move {
+            let found: Option<Option<String>> = timed(limit, conn.get(name)).await;
+            Done {
+                answered: found.is_some(),
+                reply: Reply::Looked {
+                    key,
+                    found: found.flatten(),
+                },
+            }
+        }))
+    }
+
+    /// Renews every claim held, all sent together (one round trip on the
+    /// multiplexed connection); None while the last tick's are under way.
+    async fn renewals(&mut self) -> Option<Io> {
+        if self.renewing {
+            return None;
+        }
         // A claim is kept no longer than its job can live: past that the
         // job ended here without a word reaching this task, and the claim
         // is left to expire.
@@ -545,79 +705,93 @@ impl Cluster {
             }
             keep
         });
-        let claims: Vec<(Key, String)> = self
+        if self.held.is_empty() {
+            return None;
+        }
+        let conn = self.usable().await?;
+        let claims: Vec<(Key, String, String)> = self
             .held
             .iter()
-            .map(|(k, held)| (*k, held.value.clone()))
+            .map(|(k, held)| (*k, self.key("claim", k), held.value.clone()))
             .collect();
-        for (key, value) in claims {
-            let name = self.key("claim", &key);
-            let Some(mut conn) = self.conn().await else {
-                return;
-            };
-            let script = self.renew.clone();
-            let lease = self.config.lease_ms;
-            let renewed: Option<i64> = self
-                .call(async move {
-                    script
-                        .key(name)
-                        .arg(value)
-                        .arg(lease)
-                        .invoke_async(&mut conn)
-                        .await
-                })
-                .await;
-            if renewed == Some(0) {
-                // The lease ran out and another broker claimed the key.
-                self.held.remove(&key);
+        let (lease, limit, script) = (self.config.lease_ms, self.limit(), self.renew.clone());
+        self.renewing = true;
+        Some(Box::pin(async move {
+            let renewals = claims.into_iter().map(|(key, name, value)| {
+                let (mut conn, script) = (conn.clone(), script.clone());
+                async move {
+                    let mut invocation = script.key(name);
+                    invocation.arg(&value).arg(lease);
+                    let renewed: Option<i64> =
+                        timed(limit, invocation.invoke_async(&mut conn)).await;
+                    (key, value, renewed)
+                }
+            });
+            let renewed = futures::future::join_all(renewals).await;
+            let answered = renewed.iter().all(|(_, _, r)| r.is_some());
+            let lost = renewed
+                .into_iter()
+                .filter(|(_, _, r)| *r == Some(0))
+                .map(|(key, value, _)| (key, value))
+                .collect();
+            Done {
+                answered,
+                reply: Reply::Renewed { lost },
             }
-        }
+        }))
     }
 
-    /// Looks again at every key waited on: delivered, taken over, or local;
-    /// and at every key subscribed to.
-    async fn recheck(&mut self) {
-        let looked: Vec<Key> = self.looked.iter().copied().collect();
+    /// Looks again at every key waited on (delivered, taken over, or
+    /// local) and at every key subscribed to, all side by side; a key with
+    /// I/O under way is left to its own.
+    async fn recheck(&mut self, io: &mut futures::stream::FuturesUnordered<Io>) {
+        let looked: Vec<Key> = self
+            .looked
+            .iter()
+            .filter(|k| !self.busy.contains_key(*k))
+            .copied()
+            .collect();
         for key in looked {
-            match self.find(&key).await {
-                Ok(Some(outcome)) => {
-                    self.looked.remove(&key);
-                    self.tell(found(key, outcome)).await;
-                }
-                Ok(None) => {}
-                Err(()) => break,
-            }
+            let Some(work) = self.lookup(key).await else {
+                break;
+            };
+            self.busy.insert(key, VecDeque::new());
+            io.push(work);
         }
         let keys: Vec<(Key, Gen, Duration)> = self
             .waiting
             .iter()
+            .filter(|(k, _)| !self.busy.contains_key(*k))
             .map(|(k, (g, h))| (*k, *g, *h))
             .collect();
         for (key, gen, hold) in keys {
-            let event = match self.acquire(&key, gen, hold).await {
-                // Redis went away: evaluate here rather than wait.
-                None => Some(ClusterEvent::Local { key, gen }),
-                Some(Acquired::Stored(Ok(output))) => Some(ClusterEvent::Found { key, output }),
-                Some(Acquired::Stored(Err(error))) => Some(ClusterEvent::Done {
-                    key,
-                    outcome: Err(error),
-                    claim: None,
-                }),
-                Some(Acquired::Claimed(claim)) => {
-                    tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
-                    self.health.takeovers.inc();
-                    Some(ClusterEvent::Takeover { key, gen, claim })
+            match self.acquire(key, gen, hold, true).await {
+                Some(work) => {
+                    self.busy.insert(key, VecDeque::new());
+                    io.push(work);
                 }
-                Some(Acquired::Held(_)) => None,
-            };
-            if let Some(event) = event {
-                self.waiting.remove(&key);
-                self.tell(event).await;
+                None => {
+                    // Redis is away: evaluate here rather than wait.
+                    self.waiting.remove(&key);
+                    self.tell(ClusterEvent::Local { key, gen }).await;
+                }
             }
         }
     }
 
-    async fn finished(&mut self, key: Key, gen: Gen, outcome: Result<Arc<str>, EvalError>) {
+    /// Stores and publishes the outcome of job `gen` and gives up its claim.
+    async fn finished(
+        &mut self,
+        key: Key,
+        gen: Gen,
+        outcome: Result<Arc<str>, EvalError>,
+    ) -> Option<Io> {
+        // The claim leaves `held` now: it is released below, not renewed.
+        let token = match self.held.get(&key) {
+            Some(held) if held.gen == gen => self.held.remove(&key).map(|h| h.value),
+            _ => None,
+        };
+        let conn = self.usable().await?;
         let (stored, ttl) = match &outcome {
             Ok(output) => (format!("{{\"output\":{output}}}"), self.result_ttl_s),
             Err(error) => (
@@ -626,16 +800,11 @@ impl Cluster {
             ),
         };
         let keep = outcome.is_ok() || self.error_ttl_s > 0;
-        let name = self.key("result", &key);
         // The notice names the claim it was computed under, so a broker
         // waiting on a later claim of the key ignores an earlier failure.
-        let token = match self.held.get(&key) {
-            Some(held) if held.gen == gen => held.value.clone(),
-            _ => String::new(),
-        };
-        let claim = match token.as_str() {
-            "" => String::new(),
-            value => format!(
+        let claim = match &token {
+            None => String::new(),
+            Some(value) => format!(
                 ",\"claim\":{}",
                 serde_json::to_string(value).expect("a string serializes")
             ),
@@ -648,66 +817,68 @@ impl Cluster {
             }
             _ => format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]),
         };
-        let channel = self.channel();
-        let Some(conn) = self.conn().await else {
-            if self.held.get(&key).is_some_and(|h| h.gen == gen) {
-                self.held.remove(&key);
+        let (result_name, claim_name) = (self.key("result", &key), self.key("claim", &key));
+        let (channel, limit) = (self.channel(), self.limit());
+        let (store, release) = (self.store.clone(), self.release.clone());
+        Some(Box::pin(async move {
+            let mut answered = true;
+            // Stored only while this job holds the claim, or when no result
+            // is stored yet: a claimant whose lease ran out and was taken
+            // over never overwrites the result of the broker that took it
+            // over.
+            let mut stored_here = false;
+            if keep {
+                let mut c = conn.clone();
+                let mut invocation = store.key(&result_name);
+                invocation
+                    .key(&claim_name)
+                    .arg(token.as_deref().unwrap_or(""))
+                    .arg(&stored)
+                    .arg(ttl);
+                let written: Option<i64> = timed(limit, invocation.invoke_async(&mut c)).await;
+                answered &= written.is_some();
+                stored_here = written == Some(1);
             }
-            return;
-        };
-        // Stored only while this job holds the claim, or when no result is
-        // stored yet: a claimant whose lease ran out and was taken over
-        // never overwrites the result of the broker that took it over.
-        let mut stored_here = false;
-        if keep {
-            let script = self.store.clone();
-            let claim_name = self.key("claim", &key);
-            let mut c = conn.clone();
-            let written: Option<i64> = self
-                .call(async move {
-                    script
-                        .key(name)
-                        .key(claim_name)
-                        .arg(token)
-                        .arg(stored)
-                        .arg(ttl)
-                        .invoke_async(&mut c)
-                        .await
-                })
-                .await;
-            stored_here = written == Some(1);
-        }
-        // Two commands, not a pipeline: on a Redis Cluster the result's slot
-        // and the channel are served apart. A success that found another
-        // result stored is not published: that one was.
-        if outcome.is_err() || stored_here {
-            let mut c = conn.clone();
-            let _: Option<i64> = self
-                .call(async move {
-                    redis::cmd("PUBLISH")
-                        .arg(&channel)
-                        .arg(&notice)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await;
-        }
-        self.release_claim(&key, gen).await;
+            // Two commands, not a pipeline: on a Redis Cluster the result's
+            // slot and the channel are served apart. A success that found
+            // another result stored is not published: that one was.
+            if answered && (outcome.is_err() || stored_here) {
+                let mut c = conn.clone();
+                let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
+                let sent: Option<i64> = timed(limit, publish.query_async(&mut c)).await;
+                answered &= sent.is_some();
+            }
+            if let Some(value) = token.filter(|_| answered) {
+                let mut c = conn.clone();
+                let mut invocation = release.key(&claim_name);
+                invocation.arg(value);
+                let released: Option<i64> = timed(limit, invocation.invoke_async(&mut c)).await;
+                answered &= released.is_some();
+            }
+            Done {
+                answered,
+                reply: Reply::Finished { key },
+            }
+        }))
     }
 
     /// Deletes the claim job `gen` holds on `key`, if it is still ours.
-    async fn release_claim(&mut self, key: &Key, gen: Gen) {
-        if self.held.get(key).is_some_and(|h| h.gen == gen) {
-            let value = self.held.remove(key).expect("just found").value;
-            let name = self.key("claim", key);
-            let Some(mut conn) = self.conn().await else {
-                return;
-            };
-            let script = self.release.clone();
-            let _: Option<i64> = self
-                .call(async move { script.key(name).arg(value).invoke_async(&mut conn).await })
-                .await;
+    async fn release_claim(&mut self, key: Key, gen: Gen) -> Option<Io> {
+        if self.held.get(&key).is_none_or(|h| h.gen != gen) {
+            return None;
         }
+        let value = self.held.remove(&key).expect("just found").value;
+        let mut conn = self.usable().await?;
+        let (name, limit, script) = (self.key("claim", &key), self.limit(), self.release.clone());
+        Some(Box::pin(async move {
+            let mut invocation = script.key(name);
+            invocation.arg(value);
+            let released: Option<i64> = timed(limit, invocation.invoke_async(&mut conn)).await;
+            Done {
+                answered: released.is_some(),
+                reply: Reply::Released { key },
+            }
+        }))
     }
 }
 
@@ -810,7 +981,7 @@ async fn listen(listener: Listener, stop: CancellationToken) {
 }
 
 /// The event for an outcome read from the store.
-fn found(key: Key, outcome: Result<Arc<str>, EvalError>) -> ClusterEvent {
+fn found_event(key: Key, outcome: Result<Arc<str>, EvalError>) -> ClusterEvent {
     match outcome {
         Ok(output) => ClusterEvent::Found { key, output },
         Err(error) => ClusterEvent::Done {

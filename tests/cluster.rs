@@ -947,18 +947,86 @@ async fn a_silent_subscription_is_noticed_and_made_again() {
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_are_claimed_side_by_side_not_one_round_trip_each() {
+    // Redis's answers to commands are held back by a relay: ten new keys'
+    // claims all go out before the first answer comes back (one slow
+    // round trip never queues the others), and then all ten are claimed,
+    // evaluated and stored.
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    let config = redis
+        .config("b", SIMULATE)
+        .replace(&redis.url(), &relay.url())
+        .replace("redis_timeout_ms = 500", "redis_timeout_ms = 900");
+    let server = broker_with(&config).await;
+    let mut agent = server.client().await;
+    let inputs: Vec<Value> = (0..10)
+        .map(|n| json!({"sleep_ms": 0, "side_by_side": n}))
+        .collect();
+    let before = relay.requests(b"EVALSHA");
+    relay.hold_answers(true);
+    for (n, input) in inputs.iter().enumerate() {
+        agent
+            .send(json!({"op": "submit", "id": n, "input": input}))
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+    loop {
+        let sent = relay.sent.notified();
+        if relay.requests(b"EVALSHA") >= before + inputs.len() {
+            break;
+        }
+        let more = tokio::time::timeout_at(deadline, sent).await;
+        assert!(
+            more.is_ok(),
+            "the claims were sent one round trip at a time"
+        );
+    }
+    relay.hold_answers(false);
+    for _ in &inputs {
+        let r = agent.recv_type("result").await;
+        assert!(r["output"].is_object(), "{r}");
+    }
+    for input in &inputs {
+        let key = key_of("default", input);
+        let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
+        assert!(
+            stored.contains("output"),
+            "{input} was not stored: {stored}"
+        );
+    }
+    server.stop().await;
+}
+
 /// A TCP relay to a redis-server that can go silent on the connections
 /// that have subscribed to something: they stay open and carry nothing.
+/// It can also hold back Redis's answers on the other connections, and
+/// counts the commands sent.
 struct Relay {
     port: u16,
     conns: std::sync::Arc<std::sync::Mutex<Vec<RelayConn>>>,
+    gate: std::sync::Arc<Gate>,
+    /// Every request relayed to Redis, in order.
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Notified after each request relayed.
+    sent: std::sync::Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Default)]
+struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+#[derive(Clone)]
 struct RelayConn {
     subscribed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    gate: std::sync::Arc<Gate>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    sent: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Relay {
@@ -966,13 +1034,27 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let gate = std::sync::Arc::new(Gate::default());
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sent = std::sync::Arc::new(tokio::sync::Notify::new());
         let all = std::sync::Arc::clone(&conns);
+        let template = RelayConn {
+            subscribed: Default::default(),
+            silent: Default::default(),
+            gate: std::sync::Arc::clone(&gate),
+            log: std::sync::Arc::clone(&log),
+            sent: std::sync::Arc::clone(&sent),
+        };
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
                     continue;
                 };
-                let conn = RelayConn::default();
+                let conn = RelayConn {
+                    subscribed: Default::default(),
+                    silent: Default::default(),
+                    ..template.clone()
+                };
                 all.lock().unwrap().push(conn.clone());
                 let (client_rx, client_tx) = client.into_split();
                 let (server_rx, server_tx) = server.into_split();
@@ -980,7 +1062,31 @@ impl Relay {
                 tokio::spawn(pump(server_rx, client_tx, conn, false));
             }
         });
-        Relay { port, conns, task }
+        Relay {
+            port,
+            conns,
+            gate,
+            log,
+            sent,
+            task,
+        }
+    }
+
+    /// Holds back (or lets through again) Redis's answers on connections
+    /// that have not subscribed.
+    fn hold_answers(&self, hold: bool) {
+        self.gate
+            .closed
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+        if !hold {
+            self.gate.opened.notify_waiters();
+        }
+    }
+
+    /// How many requests relayed so far contain `command`.
+    fn requests(&self, command: &[u8]) -> usize {
+        let log = self.log.lock().unwrap();
+        log.windows(command.len()).filter(|w| *w == command).count()
     }
 
     fn url(&self) -> String {
@@ -1025,18 +1131,34 @@ async fn pump(
     use std::sync::atomic::Ordering;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        while !to_redis
+            && conn.gate.closed.load(Ordering::SeqCst)
+            && !conn.subscribed.load(Ordering::SeqCst)
+        {
+            let opened = conn.gate.opened.notified();
+            if !conn.gate.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            opened.await;
+        }
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if to_redis && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
-            conn.subscribed.store(true, Ordering::SeqCst);
+        if to_redis {
+            if buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
+                conn.subscribed.store(true, Ordering::SeqCst);
+            }
+            conn.log.lock().unwrap().extend_from_slice(&buf[..n]);
         }
         if conn.silent.load(Ordering::SeqCst) {
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if to_redis {
+            conn.sent.notify_waiters();
         }
     }
 }

@@ -40,6 +40,18 @@ pub enum ClusterCmd {
 }
 
 impl ClusterCmd {
+    /// The key the command is about.
+    pub fn key(&self) -> Key {
+        match self {
+            ClusterCmd::Acquire { key, .. }
+            | ClusterCmd::Lookup { key }
+            | ClusterCmd::Unlook { key }
+            | ClusterCmd::Finished { key, .. }
+            | ClusterCmd::Forget { key, .. }
+            | ClusterCmd::Release { key, .. } => *key,
+        }
+    }
+
     /// Job `gen` is done with the cluster: its claim given up if it holds
     /// one, else its wait on another broker's ended.
     pub fn let_go(key: Key, gen: Gen, claimed: bool) -> ClusterCmd {
