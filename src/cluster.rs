@@ -213,8 +213,15 @@ enum Reply {
     },
     /// The stored outcome of a key subscribed to (None: absent or unread).
     Looked { key: Key, found: Option<String> },
-    /// Job `gen`'s outcome was stored, published and its claim released.
-    Finished { key: Key },
+    /// Job `gen`'s outcome was stored, published and its claim released;
+    /// with `confirm`, `stored` is another broker's result found stored
+    /// instead.
+    Finished {
+        key: Key,
+        gen: Gen,
+        confirm: bool,
+        stored: Option<String>,
+    },
     /// A claim was given up.
     Released { key: Key },
     /// This tick's renewals: the claims found lost (taken over).
@@ -227,7 +234,7 @@ impl Reply {
         match self {
             Reply::Acquired { key, .. }
             | Reply::Looked { key, .. }
-            | Reply::Finished { key }
+            | Reply::Finished { key, .. }
             | Reply::Released { key } => Some(*key),
             Reply::Renewed { .. } => None,
         }
@@ -555,7 +562,24 @@ impl Cluster {
                 self.looked.remove(&key);
                 None
             }
-            ClusterCmd::Finished { key, gen, outcome } => self.finished(key, gen, outcome).await,
+            ClusterCmd::Finished {
+                key,
+                gen,
+                outcome,
+                confirm,
+            } => {
+                let work = self.finished(key, gen, outcome, confirm).await;
+                if work.is_none() && confirm {
+                    // Redis is away: nothing else can have been stored.
+                    let verdict = ClusterEvent::Verdict {
+                        key,
+                        gen,
+                        stored: None,
+                    };
+                    self.tell(verdict).await;
+                }
+                work
+            }
             ClusterCmd::Forget { key, gen } => {
                 if self.waiting.get(&key).is_some_and(|(g, _)| *g == gen) {
                     self.waiting.remove(&key);
@@ -623,6 +647,15 @@ impl Cluster {
                     self.looked.insert(key);
                 }
             },
+            Reply::Finished {
+                key,
+                gen,
+                confirm: true,
+                stored,
+            } => {
+                let stored = stored.and_then(|text| self.parse(&text));
+                self.tell(ClusterEvent::Verdict { key, gen, stored }).await;
+            }
             Reply::Finished { .. } | Reply::Released { .. } => {}
             Reply::Renewed { lost } => {
                 self.renewing = false;
@@ -779,12 +812,14 @@ impl Cluster {
         }
     }
 
-    /// Stores and publishes the outcome of job `gen` and gives up its claim.
+    /// Stores and publishes the outcome of job `gen` and gives up its claim;
+    /// with `confirm`, reads the result stored instead of it, if any.
     async fn finished(
         &mut self,
         key: Key,
         gen: Gen,
         outcome: Result<Arc<str>, EvalError>,
+        confirm: bool,
     ) -> Option<Io> {
         // The claim leaves `held` now: it is released below, not renewed.
         let token = match self.held.get(&key) {
@@ -839,10 +874,18 @@ impl Cluster {
                 answered &= written.is_some();
                 stored_here = written == Some(1);
             }
+            // The result that stands instead of this one, when asked.
+            let mut instead = None;
+            if confirm && answered && !stored_here {
+                let mut c = conn.clone();
+                let found: Option<Option<String>> = timed(limit, c.get(&result_name)).await;
+                answered &= found.is_some();
+                instead = found.flatten();
+            }
             // Two commands, not a pipeline: on a Redis Cluster the result's
-            // slot and the channel are served apart. A success that found
+            // slot and the channel are served apart. An outcome that found
             // another result stored is not published: that one was.
-            if answered && (outcome.is_err() || stored_here) {
+            if answered && instead.is_none() && (outcome.is_err() || stored_here) {
                 let mut c = conn.clone();
                 let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
                 let sent: Option<i64> = timed(limit, publish.query_async(&mut c)).await;
@@ -857,7 +900,12 @@ impl Cluster {
             }
             Done {
                 answered,
-                reply: Reply::Finished { key },
+                reply: Reply::Finished {
+                    key,
+                    gen,
+                    confirm,
+                    stored: instead,
+                },
             }
         }))
     }

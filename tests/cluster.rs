@@ -379,7 +379,31 @@ async fn without_redis_brokers_serve_alone_and_rejoin() {
 }
 
 /// `herd serve` as a child process in the cluster; returns it and its address.
-fn serve_child(dir: &tempfile::TempDir, toml: &str) -> (Child, String) {
+/// A broker process, killed when dropped (a failed test leaves none
+/// behind holding the test runner's output open).
+struct Broker(Child);
+
+impl std::ops::Deref for Broker {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Broker {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_child(dir: &tempfile::TempDir, toml: &str) -> (Broker, String) {
     let path = dir.path().join("broker.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
@@ -404,7 +428,7 @@ fn serve_child(dir: &tempfile::TempDir, toml: &str) -> (Child, String) {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (Broker(child), addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -622,7 +646,7 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     // A claims a key and is paused past its lease; B takes it over, every
     // pub/sub connection is killed, and B's worker answers "b". A, resumed
     // without B's notice, hears "a" from its own worker: the result in
-    // Redis stays B's, which every later reader gets.
+    // Redis stays B's, which A's own waiter and every later reader get.
     let input = json!({"fenced": "store"});
     let key = key_of("embed", &input);
     let Takeover {
@@ -649,7 +673,9 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
     worker_a
         .send(json!({"op": "complete", "task": task_a["task"], "output": {"by": "a"}}))
         .await;
-    on_a.recv_type("result").await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "b", "A's waiter and Redis disagree: {r}");
+    assert_eq!(r["source"], "cluster", "{r}");
     // A has dealt with its worker's answer once its job has left its table.
     let mut watch = Client::connect(&a_url).await;
     watch.send(json!({"op": "watch", "interval_ms": 100})).await;
@@ -1179,7 +1205,7 @@ async fn answer(client: &mut Client, submit: Value) -> Value {
 struct Takeover {
     redis: Redis,
     _dir: tempfile::TempDir,
-    a: Child,
+    a: Broker,
     a_url: String,
     b: TestServer,
     worker_a: Client,

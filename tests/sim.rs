@@ -712,7 +712,11 @@ impl Sim {
                 16..18 if self.faults && evaluator == 1 => {
                     Some(Outcome::Done(Err(EvalError::Failed("worker lost".into()))))
                 }
-                _ => Some(Outcome::Done(Ok(format!("\"v{}\"", short(&key)).into()))),
+                _ => Some(Outcome::Done(Ok(format!(
+                    "\"v{}-b{b}g{gen}\"",
+                    short(&key)
+                )
+                .into()))),
             };
             if let Some(outcome) = outcome {
                 let took = self.rng.random_range(5..TIMEOUT_MS / 3);
@@ -818,18 +822,39 @@ impl Sim {
             ClusterCmd::Unlook { key } => {
                 self.brokers[b].cluster.looked.remove(&key);
             }
-            ClusterCmd::Finished { key, gen, outcome } => {
+            ClusterCmd::Finished {
+                key,
+                gen,
+                outcome,
+                confirm,
+            } => {
                 let claim = match self.brokers[b].cluster.held.get(&key) {
-                    Some((g, token)) if *g == gen => Some(Arc::from(token.to_string())),
+                    Some((g, token)) if *g == gen => Some(*token),
                     _ => None,
                 };
+                let mut instead = None;
                 if up {
-                    if let Ok(output) = &outcome {
+                    // Stored while the claim is this job's, or when no
+                    // result is stored yet (the fenced STORE).
+                    let holder = claim.is_some_and(|token| {
+                        self.redis
+                            .claims
+                            .get(&key)
+                            .is_some_and(|(t, expires)| *t == token && *expires > self.now)
+                    });
+                    let stored_here =
+                        (holder || !self.redis.results.contains_key(&key)) && outcome.is_ok();
+                    if stored_here {
+                        let output = outcome.as_ref().expect("checked");
                         self.redis.results.insert(key, Arc::clone(output));
+                    } else if confirm {
+                        instead = self.redis.results.get(&key).cloned();
                     }
+                    let claim = claim.map(|token| Arc::from(token.to_string()));
                     // Some outputs are "large": the notice names the key only.
                     let inline = outcome.is_err() || self.rng.random_bool(0.7);
-                    for other in 0..self.brokers.len() {
+                    let publish = instead.is_none() && (outcome.is_err() || stored_here);
+                    for other in (0..self.brokers.len()).filter(|_| publish) {
                         if self.lossy && self.rng.random_bool(0.3) {
                             continue;
                         }
@@ -845,6 +870,14 @@ impl Sim {
                         };
                         self.at(delay, other, notice);
                     }
+                }
+                if confirm {
+                    let stored = instead.map(Ok);
+                    self.note(format!("b{b} verdict {} g{gen} {stored:?}", short(&key)));
+                    self.apply(
+                        b,
+                        Input::Cluster(ClusterEvent::Verdict { key, gen, stored }),
+                    );
                 }
                 self.release(b, key, gen);
             }

@@ -28,10 +28,13 @@ pub enum ClusterCmd {
     /// Nobody here waits on `key` any more: stop looking it up.
     Unlook { key: Key },
     /// Job `gen` was evaluated here: store, publish, release its claim.
+    /// `confirm`: its waiters wait for [`ClusterEvent::Verdict`] (its claim
+    /// may have run out, and another broker's result been stored first).
     Finished {
         key: Key,
         gen: Gen,
         outcome: Result<Arc<str>, EvalError>,
+        confirm: bool,
     },
     /// Job `gen` no longer waits on another broker: stop looking at it.
     Forget { key: Key, gen: Gen },
@@ -83,6 +86,15 @@ pub enum ClusterEvent {
     /// A broker stored a result of `key` too large for its notice: read it
     /// from Redis if anyone here waits for it.
     Stored { key: Key },
+    /// The answer to a `Finished` with `confirm`: `stored` is another
+    /// broker's result, stored first, which stands instead of job `gen`'s
+    /// outcome; None: job `gen`'s outcome stands (stored, or Redis could
+    /// not say).
+    Verdict {
+        key: Key,
+        gen: Gen,
+        stored: Option<Result<Arc<str>, EvalError>>,
+    },
     /// A broker finished `key` under the claim `claim` (published; None:
     /// evaluated without a claim, or read from the store).
     Done {

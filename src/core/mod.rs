@@ -35,6 +35,9 @@
 //! | `Queued` | `Started` | `Running` | | timer reset to timeout |
 //! | `Running` | `Requeued` (worker gone) | `Queued` | | |
 //! | `Queued`, `Running` | `Finished` | (none) | every waiter the outcome; cache; cluster `Finished` | timer, claim (by `Finished`), holds |
+//! | `Queued`, `Running` with a claim asked for half a lease ago or more | `Finished` | `Storing` | cluster `Finished` (confirm) | slot, running count |
+//! | `Storing` | `Verdict` (or its own notice) | (none) | every waiter the result that stands (another broker's if stored first); cache | timer, holds |
+//! | `Storing` | deadline (one lease) | (none) | every waiter its own outcome; cache | timer, holds |
 //! | `Queued`, `Running` | deadline | (none) | every waiter `eval_timeout`; cache; cluster `Finished`; executor `Withdraw` | timer, claim, slot, holds |
 //! | `Asking`, `Waiting` | deadline | (none) | every waiter `eval_timeout` (never published: the claim is not ours); cluster `Forget` | timer, claim if any, holds |
 //! | any | `Found` / `Done` from the cluster | (none) | every waiter the outcome; cache | `Withdraw`, claim (`Release`), timer, holds |
@@ -163,6 +166,10 @@ pub enum Phase {
     Queued,
     /// Running on its executor.
     Running,
+    /// Evaluated here under a claim that may have lapsed (the job outlived
+    /// half a lease): its outcome waits for Redis's word on whose result
+    /// stands ([`ClusterEvent::Verdict`]).
+    Storing,
 }
 
 /// A key's state, as reported to clients.
@@ -321,6 +328,18 @@ struct Job {
     preview: Arc<str>,
     /// Sessions whose `wait:false` submit asked for this job.
     wanted: Vec<SessionId>,
+    /// In `Storing`: this broker's outcome and its evaluation time.
+    evaluated: Option<(Result<Arc<str>, EvalError>, f64)>,
+}
+
+impl Job {
+    /// The state reported to clients.
+    fn state(&self) -> KeyState {
+        match self.phase {
+            Phase::Running | Phase::Storing => KeyState::Running,
+            _ => KeyState::Queued,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -424,7 +443,7 @@ impl Core {
             .map(|(key, entry, job)| InflightRow {
                 key: *key,
                 evaluator: job.evaluator,
-                running: job.phase == Phase::Running,
+                running: job.state() == KeyState::Running,
                 waiters: entry.waiters.len(),
                 worker: job.worker.clone(),
                 queued_at: job.queued_at,
@@ -471,7 +490,7 @@ impl Core {
                 gen,
                 outcome,
                 eval_ms,
-            } => self.finished(key, gen, outcome, eval_ms),
+            } => self.finished(key, gen, outcome, eval_ms, now),
             Input::Refused { gen, reason } => {
                 if let Some(key) = self.by_gen.get(&gen).copied() {
                     self.busy(key, reason);
@@ -604,6 +623,7 @@ impl Core {
                 worker: None,
                 preview,
                 wanted: Vec::new(),
+                evaluated: None,
             });
             if clustered {
                 let timeout = self.config.fns[evaluator].timeout;
@@ -621,11 +641,7 @@ impl Core {
             .get_mut(&key)
             .expect("the entry was just made or found");
         let job = entry.job.as_mut().expect("a job was just made or found");
-        let state = if job.phase == Phase::Running {
-            KeyState::Running
-        } else {
-            KeyState::Queued
-        };
+        let state = job.state();
         let waiters = entry.waiters.len() + usize::from(wait);
         if !wait && holds_new {
             job.wanted.push(session);
@@ -689,11 +705,7 @@ impl Core {
             };
             return self.reply(session, id, reply);
         }
-        let state = match self.job(&key) {
-            Some(job) if job.phase == Phase::Running => KeyState::Running,
-            Some(_) => KeyState::Queued,
-            None => KeyState::Unknown,
-        };
+        let state = self.job(&key).map_or(KeyState::Unknown, Job::state);
         self.reply(session, id.clone(), Reply::Subscribed { key, state });
         let new_entry = !self.table.contains_key(&key);
         if !repeated {
@@ -738,11 +750,7 @@ impl Core {
                 ..
             }) => Reply::Status {
                 key,
-                state: if job.phase == Phase::Running {
-                    KeyState::Running
-                } else {
-                    KeyState::Queued
-                },
+                state: job.state(),
                 waiters: waiters.len(),
                 age_ms: now.saturating_duration_since(job.queued_at).as_millis() as u64,
             },
@@ -815,7 +823,7 @@ impl Core {
             return;
         }
         let abandon = match job.phase {
-            Phase::Asking => false,
+            Phase::Asking | Phase::Storing => false,
             Phase::Waiting => true,
             _ if job.claimed => false,
             Phase::Queued => true,
@@ -900,7 +908,7 @@ impl Core {
                 self.queues[job.evaluator].1 -= job.input_len;
             }
             Phase::Running => self.running -= 1,
-            Phase::Asking | Phase::Waiting => {}
+            Phase::Asking | Phase::Waiting | Phase::Storing => {}
         }
         for session in std::mem::take(&mut job.wanted) {
             self.release_hold(session, job.gen);
@@ -937,7 +945,14 @@ impl Core {
         self.set_deadline(gen, at);
     }
 
-    fn finished(&mut self, key: Key, gen: Gen, outcome: Result<Arc<str>, EvalError>, eval_ms: f64) {
+    fn finished(
+        &mut self,
+        key: Key,
+        gen: Gen,
+        outcome: Result<Arc<str>, EvalError>,
+        eval_ms: f64,
+        now: Instant,
+    ) {
         let current = self.table.get(&key).map(|e| {
             e.job
                 .as_ref()
@@ -945,6 +960,9 @@ impl Core {
         });
         let is_current = matches!(&current, Some(Some((g, _, p)))
             if *g == gen && matches!(p, Phase::Queued | Phase::Running));
+        if is_current && self.claim_may_have_lapsed(key, now) {
+            return self.store_first(key, gen, outcome, eval_ms, now);
+        }
         // Cache first: a miss racing this completion then finds the result.
         if outcome.is_ok() || is_current {
             self.effects.push_back(Effect::Cache {
@@ -957,6 +975,7 @@ impl Core {
                         key,
                         gen,
                         outcome: outcome.clone(),
+                        confirm: false,
                     }));
             }
         }
@@ -977,6 +996,78 @@ impl Core {
         }
     }
 
+    /// Whether the claim the job of `key` holds may have run out: it was
+    /// asked for more than half a lease ago (a claim lives at least one
+    /// lease from the moment it is asked for, longer when renewed; half
+    /// leaves room for clocks that run at different rates). Until then the
+    /// job's outcome is certainly the cluster's, and is delivered at once.
+    fn claim_may_have_lapsed(&self, key: Key, now: Instant) -> bool {
+        self.job(&key).is_some_and(|job| {
+            job.claimed && now.saturating_duration_since(job.queued_at) >= self.config.lease / 2
+        })
+    }
+
+    /// Job `gen` was evaluated here, under a claim that may have lapsed:
+    /// its outcome waits until Redis has said whether another broker's
+    /// result was stored first (which its waiters then get instead), for
+    /// one lease at most.
+    fn store_first(
+        &mut self,
+        key: Key,
+        gen: Gen,
+        outcome: Result<Arc<str>, EvalError>,
+        eval_ms: f64,
+        now: Instant,
+    ) {
+        let Some(job) = self.job_mut(gen) else {
+            return;
+        };
+        let (evaluator, len, phase) = (job.evaluator, job.input_len, job.phase.clone());
+        job.phase = Phase::Storing;
+        job.worker = None;
+        job.evaluated = Some((outcome.clone(), eval_ms));
+        match phase {
+            Phase::Queued => {
+                self.queues[evaluator].0 -= 1;
+                self.queues[evaluator].1 -= len;
+            }
+            Phase::Running => self.running -= 1,
+            _ => {}
+        }
+        self.set_deadline(gen, now.checked_add(self.config.lease));
+        self.effects
+            .push_back(Effect::Cluster(ClusterCmd::Finished {
+                key,
+                gen,
+                outcome,
+                confirm: true,
+            }));
+    }
+
+    /// Redis's word on job `gen`'s outcome: `stored`, another broker's
+    /// result, stands instead of it; None: its own stands.
+    fn verdict(&mut self, key: Key, gen: Gen, stored: Option<Result<Arc<str>, EvalError>>) {
+        if !self
+            .job(&key)
+            .is_some_and(|j| j.gen == gen && j.phase == Phase::Storing)
+        {
+            return;
+        }
+        let Some(mut job) = self.end_job(key) else {
+            return;
+        };
+        let (own, eval_ms) = job.evaluated.take().expect("a storing job has its outcome");
+        let (outcome, source) = match stored {
+            Some(stored) => (stored, Source::Cluster),
+            None => (own, Source::Eval { eval_ms }),
+        };
+        self.effects.push_back(Effect::Cache {
+            key,
+            outcome: outcome.clone(),
+        });
+        self.deliver(key, Some(job.evaluator), outcome, source);
+    }
+
     /// Ends a job whose outcome came from elsewhere: taken back from its
     /// executor, its claim given up, the cluster told to stop waiting.
     fn release_job(&mut self, key: Key, gen: Gen, evaluator: usize, phase: &Phase) {
@@ -987,7 +1078,7 @@ impl Core {
                 gen,
                 overran: false,
             }),
-            Phase::Asking | Phase::Waiting => {}
+            Phase::Asking | Phase::Waiting | Phase::Storing => {}
         }
         if self.config.clustered {
             let cmd = ClusterCmd::let_go(key, gen, claimed);
@@ -1057,6 +1148,7 @@ impl Core {
                             key,
                             gen,
                             outcome: Err(error.clone()),
+                            confirm: false,
                         }));
                 }
                 let eval_ms = ms as f64;
@@ -1066,6 +1158,15 @@ impl Core {
                     Err(error),
                     Source::Eval { eval_ms },
                 );
+            }
+            Phase::Storing => {
+                // Redis did not say in time: this broker's own outcome stands.
+                let (outcome, eval_ms) = job.evaluated.expect("a storing job has its outcome");
+                self.effects.push_back(Effect::Cache {
+                    key,
+                    outcome: outcome.clone(),
+                });
+                self.deliver(key, Some(job.evaluator), outcome, Source::Eval { eval_ms });
             }
             Phase::Asking | Phase::Waiting => {
                 // Not ours to publish: only this broker's waiters are told.
@@ -1120,11 +1221,20 @@ impl Core {
                         .push_back(Effect::Cluster(ClusterCmd::Lookup { key }));
                 }
             }
+            ClusterEvent::Verdict { key, gen, stored } => self.verdict(key, gen, stored),
             ClusterEvent::Done {
                 key,
                 outcome,
                 claim,
             } => {
+                // This broker's own notice, ahead of Redis's verdict on it:
+                // it was stored, so its own outcome stands.
+                let own = self
+                    .job(&key)
+                    .filter(|j| j.phase == Phase::Storing && claim.is_some() && j.claim == claim);
+                if let Some(gen) = own.map(|j| j.gen) {
+                    return self.verdict(key, gen, None);
+                }
                 // A failure under another claim than the one this job holds
                 // or waits on is an earlier job's: it does not end this one.
                 let stale = outcome.is_err()
