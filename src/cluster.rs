@@ -226,6 +226,8 @@ enum Reply {
     Released { key: Key },
     /// This tick's renewals: the claims found lost (taken over).
     Renewed { lost: Vec<(Key, String)> },
+    /// An idle tick's PING (health only).
+    Pinged,
 }
 
 impl Reply {
@@ -236,7 +238,7 @@ impl Reply {
             | Reply::Looked { key, .. }
             | Reply::Finished { key, .. }
             | Reply::Released { key } => Some(*key),
-            Reply::Renewed { .. } => None,
+            Reply::Renewed { .. } | Reply::Pinged => None,
         }
     }
 }
@@ -438,6 +440,12 @@ impl Cluster {
                     if !self.open {
                         if let Some(renewals) = self.renewals().await {
                             io.push(renewals);
+                        } else if io.is_empty() {
+                            // Nothing to say to Redis: a PING keeps the
+                            // health figure true while the broker is idle.
+                            if let Some(ping) = self.ping().await {
+                                io.push(ping);
+                            }
                         }
                     } else if probe.is_none() {
                         probe = self.probe().await;
@@ -656,7 +664,7 @@ impl Cluster {
                 let stored = stored.and_then(|text| self.parse(&text));
                 self.tell(ClusterEvent::Verdict { key, gen, stored }).await;
             }
-            Reply::Finished { .. } | Reply::Released { .. } => {}
+            Reply::Finished { .. } | Reply::Released { .. } | Reply::Pinged => {}
             Reply::Renewed { lost } => {
                 self.renewing = false;
                 for (key, value) in lost {
@@ -770,6 +778,20 @@ impl Cluster {
             Done {
                 answered,
                 reply: Reply::Renewed { lost },
+            }
+        }))
+    }
+
+    /// A PING on the command connection, for health.
+    async fn ping(&mut self) -> Option<Io> {
+        let mut conn = self.usable().await?;
+        let limit = self.limit();
+        Some(Box::pin(async move {
+            let ping = redis::cmd("PING");
+            let pong: Option<String> = timed(limit, ping.query_async(&mut conn)).await;
+            Done {
+                answered: pong.is_some(),
+                reply: Reply::Pinged,
             }
         }))
     }

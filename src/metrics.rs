@@ -107,6 +107,14 @@ pub struct Stats {
     /// Cluster mode only: `ok`, or `degraded` while Redis is away.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<&'static str>,
+    /// Cluster mode only: `ok` while the completion channel's subscription
+    /// answers, else `down` (notices are then found by re-checks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_pubsub: Option<&'static str>,
+    /// Cluster mode only: keys claimed here after their claimant's lease
+    /// ran out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub takeovers: Option<u64>,
 }
 
 impl Default for Metrics {
@@ -256,6 +264,7 @@ impl Metrics {
         let sum = |f: fn(&FnMetrics) -> &Counter| -> u64 {
             evaluators.clone().map(|(_, m, _)| f(m).get()).sum()
         };
+        let clustered = self.cluster_mode.load(std::sync::atomic::Ordering::Relaxed);
         Stats {
             connections: self.connections.get(),
             submits: sum(|m| &m.submits),
@@ -273,16 +282,21 @@ impl Metrics {
             evaluators: evaluators
                 .map(|(name, _, health)| (name.to_string(), health))
                 .collect(),
-            cluster: self
-                .cluster_mode
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .then(|| {
-                    if self.cluster_up.get() == 1 {
-                        "ok"
-                    } else {
-                        "degraded"
-                    }
-                }),
+            cluster: clustered.then(|| {
+                if self.cluster_up.get() == 1 {
+                    "ok"
+                } else {
+                    "degraded"
+                }
+            }),
+            cluster_pubsub: clustered.then(|| {
+                if self.cluster_pubsub_up.get() == 1 {
+                    "ok"
+                } else {
+                    "down"
+                }
+            }),
+            takeovers: clustered.then(|| self.cluster_takeovers.get()),
         }
     }
 

@@ -3,9 +3,10 @@
 //! `artifacts/` (kept by CI).
 //!
 //! Needs `/usr/bin/chromium` and `npm ci --prefix tests/browser`. Without
-//! them build.rs marks both tests ignored (cargo's summary says "2
-//! ignored"); `.ci/run` installs both and sets HERD_REQUIRE_BROWSER=1, so
-//! there the tests always run and a missing browser fails them.
+//! them build.rs marks these tests ignored (cargo's summary counts them
+//! as ignored); `.ci/run` installs both and sets HERD_REQUIRE_BROWSER=1, so
+//! there the tests always run and a missing browser fails them. The
+//! cluster page test also needs `redis-server`.
 
 mod common;
 
@@ -129,4 +130,108 @@ async fn a_viewer_sees_the_broker_go_away() {
     let seen = reader.join().unwrap();
     assert!(status.success(), "{seen:?}");
     assert!(seen.contains(&"DISCONNECTED".to_string()), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    herd_no_browser,
+    ignore = "needs /usr/bin/chromium and `npm ci --prefix tests/browser`"
+)]
+async fn a_clustered_broker_s_page_shows_its_pub_sub_health() {
+    require_browser();
+    let redis = RedisServer::start();
+    let server = TestServer::start(config(&format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:{}/\"\nlease_ms = 1000\nredis_timeout_ms = 500\n{BASIC}",
+        redis.port
+    )))
+    .await;
+    server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    let options = json!({
+        "mode": "cluster",
+        "base": format!("http://{}", server.addr),
+        "screenshot": artifact("dashboard-cluster-pubsub-down.png"),
+    });
+    let mut child = node(&options).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            seen.push(line);
+        }
+        seen
+    });
+    assert_eq!(next_line(&mut rx).await.as_deref(), Some("CONNECTED"));
+    redis.signal("-STOP");
+    assert_eq!(next_line(&mut rx).await.as_deref(), Some("DOWN"));
+    redis.signal("-CONT");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let seen = reader.join().unwrap();
+    assert!(status.success(), "{seen:?}");
+    assert!(seen.contains(&"OK".to_string()), "{seen:?}");
+    server.stop().await;
+}
+
+/// The page's next line, within 30 s.
+async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Option<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A redis-server of the test's own on a free port, killed when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) is installed");
+        let deadline = std::time::Instant::now() + common::FRAME_WAIT;
+        loop {
+            let pong = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "ping"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&pong.stdout).contains("PONG") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+        }
+        RedisServer { child, port }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -102,6 +102,15 @@ function render(snap) {
   $("f-cache-entries").textContent = fmtInt(s.cache_entries) + " entries of " + fmtBytes(s.cache_max_bytes || 0);
   $("f-cache-fill").style.width = s.cache_max_bytes ? (100 * s.cache_bytes / s.cache_max_bytes).toFixed(2) + "%" : "0";
 
+  // Cluster mode only: Redis's health, the completion channel's, takeovers.
+  $("f-cluster-box").hidden = !s.cluster;
+  if (s.cluster) {
+    $("f-cluster").textContent = s.cluster;
+    $("f-cluster").dataset.state = s.cluster;
+    $("f-cluster-pubsub").textContent = "pub/sub " + s.cluster_pubsub + " · " + fmtInt(s.takeovers || 0) + " takeovers";
+    $("f-cluster-pubsub").dataset.state = s.cluster_pubsub;
+  }
+
   renderInflight(snap.inflight);
   renderRecent(snap.recent);
   drawChart();

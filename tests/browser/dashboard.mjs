@@ -7,6 +7,9 @@
 //   waiter count, that it leaves when done, and that the counters move.
 // mode "disconnect": opens the page, prints CONNECTED, and waits until the
 //   page shows that the broker went away (the Rust test stops it).
+// mode "cluster": opens a clustered broker's page, prints CONNECTED once it
+//   shows Redis and pub/sub ok, DOWN once it shows both down (the Rust test
+//   pauses Redis; the broker is idle), and OK once both are ok again.
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
 
@@ -38,7 +41,21 @@ try {
   // Snapshots arrive: the connection count is rendered.
   await page.waitForFunction(() => document.getElementById("f-connections").textContent !== "–", null, { timeout: TIMEOUT });
 
-  if (opts.mode === "disconnect") {
+  if (opts.mode === "cluster") {
+    // The cluster figure shows Redis's health and the completion channel's.
+    const shows = (id, text) => page.waitForFunction(
+      ([id, text]) => document.getElementById(id).textContent.includes(text), [id, text], { timeout: TIMEOUT });
+    await shows("f-cluster", "ok");
+    await shows("f-cluster-pubsub", "pub/sub ok");
+    console.log("CONNECTED");
+    await shows("f-cluster-pubsub", "pub/sub down");
+    await shows("f-cluster", "degraded");
+    if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
+    console.log("DOWN");
+    await shows("f-cluster-pubsub", "pub/sub ok");
+    await shows("f-cluster", "ok");
+    console.log("OK");
+  } else if (opts.mode === "disconnect") {
     console.log("CONNECTED");
     await page.waitForSelector('#link[data-state="disconnected"]', { timeout: TIMEOUT });
     const text = await page.textContent("#link");
