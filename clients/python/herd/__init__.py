@@ -14,6 +14,7 @@ from ._client import (
     Busy,
     Cancelled,
     Closed,
+    ClosedByBroker,
     EvalError,
     Herd,
     HerdError,
@@ -21,6 +22,7 @@ from ._client import (
     Result,
     ShuttingDown,
     Status,
+    TooLarge,
     connect,
 )
 from ._keys import canonical_json, key
@@ -33,6 +35,7 @@ __all__ = [
     "Cancelled",
     "Client",
     "Closed",
+    "ClosedByBroker",
     "EvalError",
     "Herd",
     "HerdError",
@@ -40,6 +43,7 @@ __all__ = [
     "Result",
     "ShuttingDown",
     "Status",
+    "TooLarge",
     "aserve",
     "canonical_json",
     "connect",

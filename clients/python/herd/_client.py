@@ -34,6 +34,18 @@ class Refused(HerdError):
         self.code, self.message = code, message
 
 
+class TooLarge(HerdError):
+    """The request is larger than the broker takes (its `max_frame_bytes`,
+    from `hello`): refused here, before it is sent (the broker would close
+    the session with 1009)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the request is {size} bytes; the broker takes frames of at most {limit} bytes (max_frame_bytes)"
+        )
+        self.size, self.limit = size, limit
+
+
 class Busy(Refused):
     """A limit was reached (`busy`); trying again later may succeed."""
 
@@ -48,6 +60,24 @@ class Cancelled(HerdError):
 
 class Closed(HerdError):
     """The connection is closed (the client was closed, or reconnecting is off)."""
+
+
+class ClosedByBroker(Closed):
+    """The broker closed the session for a reason that would recur if the
+    requests in flight were sent again: 1009 (a frame larger than
+    `max_frame_bytes`) or 1008 (policy, such as an expired token). Those
+    requests fail with this instead of being re-sent."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        what = {1009: "a frame was larger than its max_frame_bytes", 1008: "policy violation"}[code]
+        super().__init__(f"the broker closed the session with {code} ({what}): {reason or 'no reason given'}")
+        self.code, self.reason = code, reason
+
+
+# Close codes after which re-sending the requests in flight would only be
+# refused again: they fail instead. After 1008 (policy) the client does not
+# reconnect either.
+_NOT_RETRIED = (1008, 1009)
 
 
 @dataclass
@@ -161,12 +191,22 @@ class Herd:
     async def _run(self) -> None:
         delay = 0.1
         while not self._closed:
+            code, reason = None, ""
             try:
                 async for message in self._ws:
                     self._route(json.loads(message))
-            except websockets.ConnectionClosed:
-                pass
+            except websockets.ConnectionClosed as e:
+                if e.rcvd is not None:
+                    code, reason = e.rcvd.code, e.rcvd.reason
             self._ready.clear()
+            if code in _NOT_RETRIED:
+                failed = ClosedByBroker(code, reason)
+                for pending in self._pending.values():
+                    pending.fail(failed)
+                self._pending.clear()
+                if code == 1008:
+                    self._closed = True
+                    break
             if self._closed or not self.reconnect:
                 break
             while not self._closed:
@@ -209,11 +249,16 @@ class Herd:
             raise Closed("the client is closed")
         request_id = next(self._ids)
         frame["id"] = request_id
+        text = json.dumps(frame)
+        limit = self.hello.get("limits", {}).get("max_frame_bytes")
+        size = len(text.encode())
+        if limit and size > limit:
+            raise TooLarge(size, limit)
         pending = _Pending(frame, key, until, stream)
         self._pending[request_id] = pending
         if self._ready.is_set():
             try:
-                await self._ws.send(json.dumps(frame))
+                await self._ws.send(text)
             except websockets.ConnectionClosed:
                 pass  # re-sent on reconnect
         return request_id, pending

@@ -90,6 +90,28 @@ def test_errors_are_typed(make_broker):
     run(main())
 
 
+def test_an_oversized_request_fails_at_once_and_is_never_resent(make_broker):
+    broker = make_broker("[limits]\nmax_frame_bytes = 4096\n" + BASIC)
+
+    async def main():
+        async with herd.connect(broker.url) as h:
+            with pytest.raises(herd.TooLarge) as refused:
+                await h.submit({"blob": "x" * 8192})
+            assert refused.value.limit == 4096 and "max_frame_bytes" in str(refused.value)
+            assert await h.ping() > 0
+            # Past the client's own check (as a client with a stale hello
+            # would be), the broker closes with 1009: the call fails naming
+            # it, once, and the session comes back for the next request.
+            h.hello["limits"]["max_frame_bytes"] = None
+            with pytest.raises(herd.ClosedByBroker) as closed:
+                await asyncio.wait_for(h.submit({"blob": "y" * 8192}), 30)
+            assert closed.value.code == 1009
+            assert await asyncio.wait_for(h.submit([1], fn="echo"), 30) == [1]
+            assert (await stats(h))["submits"] == 1
+
+    run(main())
+
+
 def test_a_thousand_submits_on_one_session(broker):
     async def main():
         async with herd.connect(broker.url) as h:
