@@ -5,7 +5,7 @@
 
 use crate::error::HerdError;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -430,6 +430,36 @@ impl EvaluatorConfig {
     }
 }
 
+/// A TOML error as one line that says where: `line L, column C, in
+/// [[evaluator]] #N: <what>: `<the offending line>``.
+fn located(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let Some(span) = error.span() else {
+        return message.to_string();
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .chars()
+        .count()
+        + 1;
+    let offending = text.lines().nth(line - 1).unwrap_or("").trim();
+    // The table the line is in: its header, numbered for an array of tables.
+    let mut table = String::new();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for header in text.lines().take(line).map(str::trim) {
+        if let Some(name) = header.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
+            let n = counts.entry(name).or_default();
+            *n += 1;
+            table = format!(", in [[{name}]] #{n}");
+        } else if let Some(name) = header.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            table = format!(", in [{name}]");
+        }
+    }
+    format!("line {line}, column {column}{table}: {message}: `{offending}`")
+}
+
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, HerdError> {
@@ -446,7 +476,7 @@ impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, HerdError> {
         let config: Config =
-            toml::from_str(text).map_err(|e| HerdError::Config(e.message().to_string()))?;
+            toml::from_str(text).map_err(|e| HerdError::Config(located(text, &e)))?;
         config.validate()?;
         Ok(config)
     }

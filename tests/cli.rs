@@ -416,6 +416,29 @@ async fn errors_are_one_clear_line_with_the_right_exit_code() {
     assert!(lines[0].contains("unknown field"), "{stderr}");
     assert!(!stderr.contains("backtrace"), "{stderr}");
 
+    // A config error says where: line, column, table, and the line itself.
+    let located = [
+        (
+            "[limits]\nmax_pending = 10\n[[evaluator]]\nfn = \"a\"\nkind = \"echo\"\n[[evaluator]]\nfn = \"b\"\ntimeout_ms = \"30s\"\n",
+            ["line 8", "[[evaluator]] #2", "timeout_ms = \"30s\""],
+        ),
+        (
+            "[limits]\nmax_pending = 10\nmax_frame_bytes = big\n",
+            ["line 3", "[limits]", "max_frame_bytes = big"],
+        ),
+    ];
+    for (text, says) in located {
+        std::fs::write(&bad, text).unwrap();
+        let out = run_plain(&["serve", "--config", bad.to_str().unwrap()], &[]).await;
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("herd:")).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        for part in says {
+            assert!(lines[0].contains(part), "{part} missing from {stderr}");
+        }
+    }
+
     // The page's URL instead of /ws: said so, with the way out.
     let server = TestServer::start(common::config(&format!(
         "[limits]\nmax_frame_bytes = 4096\n[[token]]\nname = \"a\"\nrole = \"agent\"\nsecret = \"s3cret\"\n{}",
