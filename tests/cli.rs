@@ -512,3 +512,27 @@ async fn hits_against_redis_says_when_no_redis_server_answers() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_ends_its_session_with_a_close_frame() {
+    // submit, get and subscribe each close with 1000; none leaves the broker
+    // to log an abnormal closure (1006).
+    let server = TestServer::basic().await;
+    let input = r#"{"sleep_ms": 1, "closes": "cleanly"}"#;
+    let out = run(&server, &["submit", input], None).await;
+    assert!(out.status.success(), "{out:?}");
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = printed["key"].as_str().unwrap().to_string();
+    let out = run(&server, &["get", &key], None).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&server, &["subscribe", &key], None).await;
+    assert!(out.status.success(), "{out:?}");
+    server
+        .wait_metric("herd_closes_total{code=\"1000\"}", |v| v == 3.0)
+        .await;
+    assert_eq!(
+        server.metric("herd_closes_total{code=\"1006\"}").await,
+        None
+    );
+    server.stop().await;
+}

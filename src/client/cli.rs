@@ -94,6 +94,18 @@ pub async fn submit(
         Ok(c) => c,
         Err(code) => return code,
     };
+    let code = submit_all(&client, fn_name, nowait, input, concurrency).await;
+    client.close().await;
+    code
+}
+
+async fn submit_all(
+    client: &Client,
+    fn_name: &str,
+    nowait: bool,
+    input: &str,
+    concurrency: usize,
+) -> i32 {
     if input != "-" {
         let value: Value = match serde_json::from_str(input) {
             Ok(v) => v,
@@ -102,7 +114,7 @@ pub async fn submit(
                 return EXIT_USAGE;
             }
         };
-        let (line, code) = submit_one(&client, fn_name, nowait, value).await;
+        let (line, code) = submit_one(client, fn_name, nowait, value).await;
         print_line(&line);
         return code;
     }
@@ -161,6 +173,12 @@ pub async fn get(target: &Target, key: &str) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let code = get_one(&client, key).await;
+    client.close().await;
+    code
+}
+
+async fn get_one(client: &Client, key: &str) -> i32 {
     match client.get(key).await {
         Ok(Status::Done(o)) => {
             let mut v = output_json(&o);
@@ -216,6 +234,8 @@ pub async fn subscribe(target: &Target, keys: &[String]) -> i32 {
             }
         }
     }
+    drop(waits);
+    client.close().await;
     worst
 }
 

@@ -127,6 +127,8 @@ pub struct ClientOptions {
 /// Delay before the first reconnect attempt; doubles up to [`RECONNECT_MAX`].
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How long [`Client::close`] waits for the broker's answering close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -155,7 +157,8 @@ struct Pending {
 enum Command {
     Request(u64, Pending),
     Forget(u64, String),
-    Close,
+    /// Close the connection (with a close frame), then answer.
+    Close(oneshot::Sender<()>),
 }
 
 /// A connection to a herd broker; clone it to share it.
@@ -348,9 +351,13 @@ impl Client {
         ))
     }
 
-    /// Closes the connection; calls still waiting fail with `Closed`.
+    /// Closes the connection with a close frame (code 1000) and returns
+    /// once it is closed; calls still waiting fail with `Closed`.
     pub async fn close(&self) {
-        let _ = self.inner.commands.send(Command::Close).await;
+        let (done, closed) = oneshot::channel();
+        if self.inner.commands.send(Command::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
     }
 }
 
@@ -512,7 +519,7 @@ struct Driver {
 
 enum Ended {
     /// The caller closed the client (or dropped every handle).
-    ByCaller,
+    ByCaller(Option<oneshot::Sender<()>>),
     /// The connection was lost, with the close code if one came.
     Lost(Option<u16>, String),
 }
@@ -521,9 +528,16 @@ impl Driver {
     async fn run(mut self, mut socket: Socket) {
         loop {
             match self.serve(&mut socket).await {
-                Ended::ByCaller => {
+                Ended::ByCaller(done) => {
                     let _ = socket.close(None).await;
+                    // The broker's close frame in answer, then the end of
+                    // the stream: the close handshake is complete.
+                    let drained = async { while let Some(Ok(_)) = socket.next().await {} };
+                    let _ = tokio::time::timeout(CLOSE_WAIT, drained).await;
                     self.fail_all(closed("client closed"));
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                     return;
                 }
                 Ended::Lost(code, reason) => {
@@ -555,7 +569,7 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     Some(Command::Request(id, p)) => { self.pending.insert(id, p); continue; }
                     Some(Command::Forget(id, _)) => { self.pending.remove(&id); continue; }
-                    Some(Command::Close) | None => {
+                    Some(Command::Close(_)) | None => {
                         self.fail_all(closed("client closed"));
                         return None;
                     }
@@ -600,7 +614,8 @@ impl Driver {
                             return Ended::Lost(None, "send failed".into());
                         }
                     }
-                    Some(Command::Close) | None => return Ended::ByCaller,
+                    Some(Command::Close(done)) => return Ended::ByCaller(Some(done)),
+                    None => return Ended::ByCaller(None),
                 },
                 message = socket.next() => match message {
                     Some(Ok(Message::Text(text))) => self.route(&text),
