@@ -126,13 +126,31 @@ enum Scenario {
     Idle(herd::client::bench::idle::IdleArgs),
 }
 
+/// `host:port` resolved to one address (IPv4 first, as `localhost` is
+/// usually meant).
+fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{e} (expected host:port, such as 127.0.0.1:7878 or localhost:7878)"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{text} resolves to no address"))
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Configuration file (TOML). Without it, config/herd.toml is read when present.
     #[arg(long, env = "HERD_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on, overriding the config's `listen` (port 0 picks a free one).
-    #[arg(long)]
+    /// Address to listen on, overriding the config's `listen`: `host:port`,
+    /// where host is an IP address or a name such as `localhost` (port 0
+    /// picks a free one).
+    #[arg(long, value_parser = listen_addr)]
     listen: Option<SocketAddr>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

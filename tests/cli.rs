@@ -461,18 +461,49 @@ async fn errors_are_one_clear_line_with_the_right_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"));
 
-    // A broker that closes the session: the code and its meaning, no Debug output.
-    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(10_000));
-    let out = run_plain(
-        &["submit", "--url", &server.url(), "--token", "s3cret", &big],
-        &[],
-    )
-    .await;
-    let said = String::from_utf8_lossy(&out.stdout);
+    // An input larger than the broker takes, on stdin: refused before it is
+    // sent, naming the limit, as a refusal (exit 1) with a protocol code.
+    let big = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(10_000));
+    let out = tokio::task::spawn_blocking({
+        let url = server.url();
+        move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+                .args(["submit", "--url", &url, "--token", "s3cret", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(big.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["error"]["code"], "bad_request", "{said}");
+    let message = said["error"]["message"].as_str().unwrap();
     assert!(
-        said.contains("code 1009: frame larger than max_frame_bytes"),
+        message.contains("max_frame_bytes") && message.contains("4096"),
         "{said}"
     );
+
+    // An http:// URL: told to use ws://, with the path.
+    let http = format!("http://{}/", server.addr);
+    let out = run_plain(&["get", "--url", &http, "--token", "s3cret", "k"], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("use ws://{}/ws", server.addr)),
+        "{stderr}"
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
     assert!(!said.contains("Some("), "{said}");
     server.stop().await;
 }

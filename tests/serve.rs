@@ -16,10 +16,14 @@ struct Served {
 
 impl Served {
     fn start(args: &[&str]) -> Served {
+        Served::listening("127.0.0.1:0", args)
+    }
+
+    fn listening(listen: &str, args: &[&str]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
             .arg("serve")
             .args(args)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", listen, "--log-format", "json"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stderr(Stdio::piped())
             .spawn()
@@ -68,6 +72,16 @@ impl Served {
             .unwrap();
         assert!(status.success());
     }
+}
+
+#[tokio::test]
+async fn listen_takes_a_host_name() {
+    let served = Served::listening("localhost:0", &[]);
+    let addr = served.addr();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let r = result_of(&addr, json!({"op": "submit", "fn": "echo", "input": [1]})).await;
+    assert_eq!(r["output"], json!([1]), "{r}");
+    served.terminate();
 }
 
 /// Sends one request on a fresh session and returns its `result` frame.

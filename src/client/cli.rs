@@ -62,6 +62,8 @@ fn error_json(key: Option<&str>, e: &ClientError) -> Value {
         ClientError::EvalTimeout { message, .. } => ("eval_timeout", message.clone()),
         ClientError::Busy(m) => ("busy", m.clone()),
         ClientError::Rejected { code, message } => (code.as_str(), message.clone()),
+        // The broker would refuse it (closing with 1009): a bad request.
+        e @ ClientError::TooLarge { .. } => ("bad_request", e.to_string()),
         other => ("client_error", other.to_string()),
     };
     let key = match e {

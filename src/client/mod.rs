@@ -68,6 +68,10 @@ pub enum ClientError {
         status: u16,
         message: String,
     },
+    /// The request is larger than the broker takes (its `max_frame_bytes`,
+    /// from `hello`): refused here, before it is sent.
+    #[error("the request is {size} bytes; the broker takes frames of at most {limit} bytes (max_frame_bytes)")]
+    TooLarge { size: usize, limit: usize },
     /// The broker said something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -225,11 +229,19 @@ impl Client {
             _ => None,
         };
         request["id"] = json!(id);
+        let frame = request.to_string();
+        let limit = self.inner.hello["limits"]["max_frame_bytes"].as_u64();
+        if let Some(limit) = limit.filter(|l| frame.len() as u64 > *l) {
+            return Err(ClientError::TooLarge {
+                size: frame.len(),
+                limit: limit as usize,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             kind,
             key,
-            frame: request.to_string(),
+            frame,
             reply: ReplyTo::Once(tx),
         };
         self.inner
@@ -480,6 +492,21 @@ pub async fn open(url: &str, token: Option<&str>) -> Result<(Socket, Value), Cli
         url: url.to_string(),
         message,
     };
+    if let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    {
+        let scheme = if url.starts_with("https") {
+            "wss"
+        } else {
+            "ws"
+        };
+        let rest = rest.trim_end_matches('/');
+        let path = if rest.ends_with("/ws") { "" } else { "/ws" };
+        return Err(connect_error(format!(
+            "herd is reached over WebSocket: use {scheme}://{rest}{path} (ws:// or wss://, not http://)"
+        )));
+    }
     let mut request = url
         .into_client_request()
         .map_err(|e| connect_error(e.to_string()))?;
