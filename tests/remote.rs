@@ -412,6 +412,55 @@ fn herd_work(url: &str, fn_name: &str, concurrency: usize) -> std::process::Chil
         .unwrap()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_work_off_a_terminal_says_what_it_serves() {
+    // With stderr not a terminal (a service, a pipe), herd work logs that it
+    // connected and what it serves, at what concurrency.
+    let server = TestServer::start(config(TWO_FNS)).await;
+    let mut work = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "work",
+            "--url",
+            &server.url(),
+            "--fn",
+            "embed",
+            "--concurrency",
+            "3",
+        ])
+        .args(["--", "python3", &test_worker()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = work.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("serving")) {
+        let line = rx
+            .recv_timeout(common::FRAME_WAIT)
+            .unwrap_or_else(|_| panic!("herd work said only {seen:?}"));
+        seen.push(line);
+    }
+    let serving = seen.last().unwrap();
+    assert!(
+        serving.contains("\"embed\"") && serving.contains('3'),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|l| l.contains("connected")), "{seen:?}");
+    terminate(work).await;
+    server.stop().await;
+}
+
 async fn terminate(mut child: std::process::Child) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

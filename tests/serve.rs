@@ -224,6 +224,8 @@ async fn a_long_stderr_line_from_a_child_is_cut() {
     let answered = result_of(&addr, json!({"op": "submit", "input": {"n": 1}})).await;
     assert_eq!(answered["output"], 1);
     let logged = served.next("worker stderr");
+    // A program's own stderr is ordinary output, not a warning.
+    assert_eq!(logged["level"], "INFO", "{logged}");
     let message = logged["fields"]["message"].as_str().unwrap();
     assert!(message.len() < 1200, "{} bytes logged", message.len());
     assert!(message.contains("99000 more bytes dropped"), "{message}");

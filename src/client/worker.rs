@@ -104,9 +104,16 @@ where
             _ = &mut stop => return Ok(()),
         };
         let mut socket = match opened {
-            Ok((socket, _hello)) => socket,
+            Ok((socket, _hello)) => {
+                tracing::info!(url, "connected");
+                socket
+            }
             Err(error @ ClientError::Refused { .. }) => return Err(error),
-            Err(_) => {
+            Err(error) => {
+                // Said once per outage, not at every attempt.
+                if delay == options.reconnect_first {
+                    tracing::warn!(url, %error, "cannot connect; retrying with backoff");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(jitter(delay)) => {}
                     _ = &mut stop => return Ok(()),
@@ -121,7 +128,13 @@ where
                 let _ = socket.close(None).await;
                 return Ok(());
             }
-            Ended::Lost => delay = options.reconnect_first,
+            Ended::Lost => {
+                tracing::warn!(
+                    url,
+                    "connection lost; reconnecting (tasks in hand are re-queued by the broker)"
+                );
+                delay = options.reconnect_first;
+            }
         }
     }
 }
@@ -240,12 +253,20 @@ where
                             stats.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
+                    Some("serving") => {
+                        tracing::info!(
+                            fn_name,
+                            concurrency = options.concurrency,
+                            "serving: tasks of fn {fn_name:?}, at most {} at once",
+                            options.concurrency
+                        );
+                    }
                     Some("error") if frame["id"] == "serve" => {
                         let code = frame["code"].as_str().unwrap_or_default().to_string();
                         let message = frame["message"].as_str().unwrap_or_default().to_string();
                         return Err(ClientError::Rejected { code, message });
                     }
-                    // `serving`, `stale_task` (an outcome the broker no longer wants), pongs.
+                    // `stale_task` (an outcome the broker no longer wants), pongs.
                     _ => {}
                 }
             }

@@ -454,12 +454,12 @@ fn forward_stderr(stderr: impl Read, limit: usize, evaluator: &str, pid: u32) {
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
         if dropped > 0 {
-            warn!(
+            info!(
                 evaluator,
                 pid, "worker stderr: {text} [… {dropped} more bytes dropped]"
             );
         } else {
-            warn!(evaluator, pid, "worker stderr: {text}");
+            info!(evaluator, pid, "worker stderr: {text}");
         }
     }
 }
