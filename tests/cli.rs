@@ -138,6 +138,34 @@ async fn watch_prints_live_lines() {
     assert_eq!(lines.len(), 3);
     assert!(lines[0].starts_with("conns 1 | submits 0"), "{}", lines[0]);
     server.stop().await;
+
+    // A remote fn no worker serves is the first thing said.
+    let server = TestServer::start(common::config(&format!(
+        "{}[[evaluator]]\nfn = \"embed\"\nkind = \"remote\"\n",
+        common::BASIC
+    )))
+    .await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["watch", "--interval-ms", "100"])
+        .env("HERD_URL", server.url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(line.starts_with("fn embed: no_workers | conns 1"), "{line}");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -294,7 +294,22 @@ fn watch_parts(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> Vec<Strin
     } else {
         0.0
     };
-    vec![
+    // What needs attention comes first: an evaluator not ok (unhealthy, or
+    // a remote fn no worker serves), a cluster degraded.
+    let mut parts: Vec<String> = s["evaluators"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, health)| health.as_str() != Some("ok"))
+        .map(|(name, health)| format!("fn {name}: {}", health.as_str().unwrap_or("?")))
+        .collect();
+    if s["cluster"].as_str().is_some_and(|c| c != "ok") {
+        parts.push("cluster degraded".to_string());
+    }
+    if s["cluster_pubsub"].as_str().is_some_and(|c| c != "ok") {
+        parts.push("cluster pub/sub down".to_string());
+    }
+    parts.extend([
         format!("conns {}", n("connections")),
         format!("submits {submits} ({rate:.0}/s)"),
         format!("hits {hit_rate:.1}%"),
@@ -311,7 +326,8 @@ fn watch_parts(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> Vec<Strin
             n("cache_entries"),
             n("cache_bytes") as f64 / (1024.0 * 1024.0)
         ),
-    ]
+    ]);
+    parts
 }
 
 /// As many of `parts` as fit in `width` columns, joined with ` | `.
