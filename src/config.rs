@@ -760,6 +760,12 @@ impl Config {
                     e.name
                 ));
             }
+            if e.kind == EvaluatorKind::Process && e.restart_backoff_ms == 0 {
+                return bad(format!(
+                    "evaluator {:?}: restart_backoff_ms must be at least 1 (a starting program is watched at that interval)",
+                    e.name
+                ));
+            }
         }
         let mut token_names = HashSet::new();
         for t in &self.tokens {

@@ -160,6 +160,45 @@ async fn a_child_that_hangs_is_killed_at_its_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_dies_at_start_up_shows_unhealthy_without_a_task() {
+    // No task comes: the broker restarts the program on its backoff
+    // schedule by itself, and health says so once it keeps dying; when it
+    // can start again, health comes back, still without a task.
+    let fx = Fixture::new();
+    std::fs::write(fx.path("fail-at-start"), "").unwrap();
+    let server = TestServer::start(fx.config(
+        "threads = 1\nrestart_backoff_ms = 50\nrestart_backoff_max_ms = 200\nunhealthy_after = 3",
+    ))
+    .await;
+    server
+        .wait_metric("herd_evaluator_healthy{fn=\"py\"}", |v| v == 0.0)
+        .await;
+    let (_, ready) = server.http_get("/readyz").await;
+    assert!(ready.contains("evaluator py unhealthy"), "{ready}");
+    assert!(fx.lines("pids").len() >= 3, "restarted without a task");
+    std::fs::remove_file(fx.path("fail-at-start")).unwrap();
+    // A program that starts and stays up is healthy once it answers.
+    let mut c = server.client().await;
+    let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+    loop {
+        let r = submit(&mut c, json!({"mode": "ok", "back": true})).await;
+        if r["output"].is_object() {
+            break;
+        }
+        // Refused during a backoff; each submit is a round trip.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {r}"
+        );
+    }
+    server
+        .wait_metric("herd_evaluator_healthy{fn=\"py\"}", |v| v == 1.0)
+        .await;
+    server.stop().await;
+    fx.assert_no_children_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_failing_at_start_up_backs_off_and_recovers() {
     let fx = Fixture::new();
     std::fs::write(fx.path("fail-at-start"), "").unwrap();

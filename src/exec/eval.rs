@@ -31,6 +31,14 @@ pub trait Worker: Send {
 
     /// Evaluates `task`; the output is JSON text.
     fn run(&mut self, task: &Task) -> Result<String, EvalError>;
+
+    /// Looks after the worker while no task comes (a process worker
+    /// notices a program that died and starts it again on its backoff
+    /// schedule); returns how long to wait for a task before calling it
+    /// again, or None to wait for a task alone.
+    fn tend(&mut self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Makes the worker of each pool thread of one evaluator.

@@ -335,7 +335,18 @@ fn worker_loop(thread: usize, crew: &Crew) {
     let mut worker = crew.factory.make(thread);
     worker.prepare();
     let evaluator = crew.evaluator;
-    while let Ok(job) = crew.jobs.recv() {
+    loop {
+        let job = match worker.tend() {
+            Some(wait) => match crew.jobs.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            },
+            None => match crew.jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
         crew.queued_bytes
             .fetch_sub(job.input.len(), Ordering::AcqRel);
         if job.ctl.is_cancelled() {

@@ -90,6 +90,7 @@ impl WorkerFactory for ProcessFactory {
             child: None,
             early_deaths: 0,
             next_start: None,
+            started_at: None,
         })
     }
 }
@@ -129,6 +130,8 @@ struct ProcessWorker {
     early_deaths: u32,
     /// No new child before this instant (backoff after early deaths).
     next_start: Option<Instant>,
+    /// When the current child was started.
+    started_at: Option<Instant>,
 }
 
 #[derive(Deserialize)]
@@ -144,8 +147,9 @@ impl ProcessWorker {
             let now = Instant::now();
             if now < at {
                 return Err(EvalError::Failed(format!(
-                    "evaluator {:?} is unhealthy: its worker keeps exiting at start-up; next restart in {} ms",
+                    "evaluator {:?}: its worker exited at start-up {} times in a row; next restart in {} ms",
                     self.spec.name,
+                    self.early_deaths,
                     (at - now).as_millis()
                 )));
             }
@@ -202,6 +206,7 @@ impl ProcessWorker {
         }
         debug!(evaluator = %spec.name, pid, "worker started");
         self.child = Some(running);
+        self.started_at = Some(Instant::now());
         Ok(())
     }
 
@@ -273,6 +278,39 @@ impl Worker for ProcessWorker {
     fn prepare(&mut self) {
         if let Err(error) = self.start() {
             warn!(evaluator = %self.spec.name, error = error.message(), "worker did not start");
+        }
+    }
+
+    /// While idle: a child that died before answering anything counts as a
+    /// start-up death and is started again when its backoff allows, so a
+    /// program that cannot start shows unhealthy without a task to reveal
+    /// it. A child that has not answered yet is looked at again after as
+    /// long as it has lived (at least `restart_backoff_ms`, at most
+    /// `restart_backoff_max_ms`); one that has answered, not at all.
+    fn tend(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if let Some(running) = self.child.as_mut() {
+            if running.answered {
+                return None;
+            }
+            if matches!(running.child.try_wait(), Ok(None)) {
+                // Looked at less often the longer it lives.
+                let lived = self.started_at.map_or(Duration::ZERO, |at| now - at);
+                return Some(lived.clamp(
+                    self.spec.backoff,
+                    self.spec.backoff_max.max(self.spec.backoff),
+                ));
+            }
+            self.discard("exited at start-up");
+        }
+        match self.next_start {
+            Some(at) if now < at => Some(at - now),
+            _ => {
+                if let Err(error) = self.start() {
+                    debug!(evaluator = %self.spec.name, error = error.message(), "worker did not start");
+                }
+                Some(self.spec.backoff)
+            }
         }
     }
 
