@@ -39,6 +39,7 @@ use crate::config::{CacheConfig, ClusterConfig};
 use crate::core::{ClusterCmd, ClusterEvent, Gen};
 use crate::error::EvalError;
 use crate::key::Key;
+use crate::metrics::{Metrics, Totals};
 use crate::protocol::eval_error_json;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
@@ -228,6 +229,8 @@ enum Reply {
     Renewed { lost: Vec<(Key, String)> },
     /// An idle tick's PING (health only).
     Pinged,
+    /// Every live broker's counters summed (None: not all could be read).
+    Totals(Option<Totals>),
 }
 
 impl Reply {
@@ -238,7 +241,7 @@ impl Reply {
             | Reply::Looked { key, .. }
             | Reply::Finished { key, .. }
             | Reply::Released { key } => Some(*key),
-            Reply::Renewed { .. } | Reply::Pinged => None,
+            Reply::Renewed { .. } | Reply::Pinged | Reply::Totals(_) => None,
         }
     }
 }
@@ -265,6 +268,12 @@ pub struct Cluster {
     busy: HashMap<Key, VecDeque<ClusterCmd>>,
     /// This tick's renewals are under way.
     renewing: bool,
+    /// This broker's own counters, published for the cluster's totals.
+    local: Box<dyn Fn() -> Totals + Send + Sync>,
+    /// Where the cluster's totals go (snapshots read them).
+    metrics: Arc<Metrics>,
+    /// The last exchange of totals is under way.
+    totals_pending: bool,
     /// The longest stored result or notice taken from Redis: the largest
     /// `max_output_bytes` of any fn, plus room for the envelope. Anything
     /// longer is ignored (a result is then evaluated here).
@@ -331,6 +340,8 @@ impl Cluster {
         max_output: usize,
         hub: mpsc::Sender<ClusterEvent>,
         health: Arc<ClusterHealth>,
+        metrics: Arc<Metrics>,
+        local: Box<dyn Fn() -> Totals + Send + Sync>,
     ) -> Result<Cluster, crate::HerdError> {
         let url = config.redis.clone().unwrap_or_default();
         let client = redis::Client::open(url.as_str()).map_err(|e| {
@@ -366,6 +377,9 @@ impl Cluster {
             looked: HashSet::new(),
             busy: HashMap::new(),
             renewing: false,
+            local,
+            metrics,
+            totals_pending: false,
             max_stored: max_output.saturating_add(64 * 1024),
             notice_inline: config.notice_inline_bytes,
             // Closed by the first probe, at the task's first tick.
@@ -460,7 +474,15 @@ impl Cluster {
                         self.recheck(&mut io).await;
                     }
                 }
-                _ = recheck.tick() => self.recheck(&mut io).await,
+                _ = recheck.tick() => {
+                    self.recheck(&mut io).await;
+                    if self.open {
+                        // Away: the cluster's figures are unknown.
+                        *self.metrics.cluster_totals.lock().expect("not poisoned") = None;
+                    } else if let Some(exchange) = self.exchange_totals().await {
+                        io.push(exchange);
+                    }
+                }
                 _ = resubscribed.notified() => self.recheck(&mut io).await,
             }
         }
@@ -665,6 +687,10 @@ impl Cluster {
                 self.tell(ClusterEvent::Verdict { key, gen, stored }).await;
             }
             Reply::Finished { .. } | Reply::Released { .. } | Reply::Pinged => {}
+            Reply::Totals(totals) => {
+                self.totals_pending = false;
+                *self.metrics.cluster_totals.lock().expect("not poisoned") = totals;
+            }
             Reply::Renewed { lost } => {
                 self.renewing = false;
                 for (key, value) in lost {
@@ -778,6 +804,91 @@ impl Cluster {
             Done {
                 answered,
                 reply: Reply::Renewed { lost },
+            }
+        }))
+    }
+
+    /// Publishes this broker's counters (`<prefix>broker:<node>:<run>`,
+    /// kept three leases, listed in the sorted set `<prefix>brokers` by
+    /// time) and reads every live broker's, for the cluster's totals.
+    async fn exchange_totals(&mut self) -> Option<Io> {
+        if self.totals_pending {
+            return None;
+        }
+        let conn = self.usable().await?;
+        let own = serde_json::to_string(&(self.local)()).expect("totals serialize");
+        let prefix = self.config.prefix.clone();
+        let member = format!("{}:{}", self.node, self.run);
+        let keep_ms = self.config.lease_ms.saturating_mul(3);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let (limit, max) = (self.limit(), self.max_stored);
+        self.totals_pending = true;
+        Some(Box::pin(async move {
+            let set = format!("{prefix}brokers");
+            let mut c = conn.clone();
+            let mine = redis::pipe()
+                .cmd("SET")
+                .arg(format!("{prefix}broker:{member}"))
+                .arg(&own)
+                .arg("PX")
+                .arg(keep_ms)
+                .ignore()
+                .to_owned();
+            let stored: Option<()> = timed(limit, mine.query_async(&mut c)).await;
+            let listed: Option<Vec<String>> = match stored {
+                None => None,
+                Some(()) => {
+                    let cutoff = now_ms.saturating_sub(keep_ms);
+                    let update = redis::pipe()
+                        .cmd("ZADD")
+                        .arg(&set)
+                        .arg(now_ms)
+                        .arg(&member)
+                        .ignore()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&set)
+                        .arg("-inf")
+                        .arg(cutoff)
+                        .ignore()
+                        .cmd("ZRANGE")
+                        .arg(&set)
+                        .arg(0)
+                        .arg(-1)
+                        .to_owned();
+                    let listed: Option<(Vec<String>,)> =
+                        timed(limit, update.query_async(&mut c)).await;
+                    listed.map(|(members,)| members)
+                }
+            };
+            let Some(members) = listed else {
+                return Done {
+                    answered: false,
+                    reply: Reply::Totals(None),
+                };
+            };
+            let reads = members.iter().map(|member| {
+                let (mut c, name) = (conn.clone(), format!("{prefix}broker:{member}"));
+                async move { timed(limit, c.get::<_, Option<String>>(name)).await }
+            });
+            let mut totals = Totals::default();
+            let mut answered = true;
+            for read in futures::future::join_all(reads).await {
+                match read {
+                    None => answered = false,
+                    Some(Some(text)) if text.len() <= max => {
+                        if let Ok(theirs) = serde_json::from_str::<Totals>(&text) {
+                            totals.add(&theirs);
+                        }
+                    }
+                    // Gone (that broker stopped) or not ours.
+                    Some(_) => {}
+                }
+            }
+            Done {
+                answered,
+                reply: Reply::Totals(answered.then_some(totals)),
             }
         }))
     }

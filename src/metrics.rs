@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
@@ -77,12 +77,43 @@ pub struct Metrics {
     pub cluster_takeovers: Counter,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
+    /// The cluster's totals, as the cluster task last read them.
+    pub cluster_totals: std::sync::Mutex<Option<Totals>>,
 }
 
 /// Registers `metric` under `name` and hands it back.
 fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
     registry.register(name, help, metric.clone());
     metric
+}
+
+/// Counters summed over brokers: one broker's own, or the whole
+/// cluster's (every broker publishes its own to Redis).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Brokers counted.
+    pub brokers: u64,
+    pub connections: u64,
+    pub submits: u64,
+    pub cache_hits: u64,
+    pub evaluations: u64,
+    pub coalesced: u64,
+    pub failures: u64,
+    pub timeouts: u64,
+}
+
+impl Totals {
+    /// Adds `other`'s figures to these.
+    pub fn add(&mut self, other: &Totals) {
+        self.brokers += other.brokers;
+        self.connections += other.connections;
+        self.submits += other.submits;
+        self.cache_hits += other.cache_hits;
+        self.evaluations += other.evaluations;
+        self.coalesced += other.coalesced;
+        self.failures += other.failures;
+        self.timeouts += other.timeouts;
+    }
 }
 
 /// The `stats` object of a `snapshot` frame.
@@ -115,6 +146,11 @@ pub struct Stats {
     /// ran out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub takeovers: Option<u64>,
+    /// Cluster mode only: every live broker's counters summed, as last
+    /// read from Redis (refreshed every `lease_ms`; absent while Redis is
+    /// away).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_totals: Option<Totals>,
 }
 
 impl Default for Metrics {
@@ -227,6 +263,7 @@ impl Metrics {
                 Counter::default(),
             ),
             cluster_mode: std::sync::atomic::AtomicBool::new(false),
+            cluster_totals: std::sync::Mutex::new(None),
             snapshots_rendered: registered(
                 r,
                 "snapshots_rendered",
@@ -297,6 +334,29 @@ impl Metrics {
                 }
             }),
             takeovers: clustered.then(|| self.cluster_takeovers.get()),
+            cluster_totals: clustered
+                .then(|| self.cluster_totals.lock().expect("not poisoned").clone())
+                .flatten(),
+        }
+    }
+
+    /// This broker's own counters, as one broker's [`Totals`].
+    pub fn totals<'a, I>(&self, evaluators: I) -> Totals
+    where
+        I: Iterator<Item = (&'a str, &'a FnMetrics, &'static str)> + Clone,
+    {
+        let sum = |f: fn(&FnMetrics) -> &Counter| -> u64 {
+            evaluators.clone().map(|(_, m, _)| f(m).get()).sum()
+        };
+        Totals {
+            brokers: 1,
+            connections: self.connections.get().max(0) as u64,
+            submits: sum(|m| &m.submits),
+            cache_hits: sum(|m| &m.cache_hits),
+            evaluations: sum(|m| &m.evaluations),
+            coalesced: sum(|m| &m.coalesced),
+            failures: sum(|m| &m.failures),
+            timeouts: sum(|m| &m.timeouts),
         }
     }
 

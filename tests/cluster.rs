@@ -1189,6 +1189,34 @@ async fn pump(
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_broker_shows_the_whole_cluster_s_figures() {
+    // A submit on A: B's snapshots sum both brokers' counters (from Redis),
+    // while B's own counters stay its own.
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let mut on_a = a.client().await;
+    let r = answer(
+        &mut on_a,
+        json!({"op": "submit", "id": 1, "input": {"sleep_ms": 1, "totals": 1}}),
+    )
+    .await;
+    assert_eq!(r["type"], "result", "{r}");
+    let mut watch = b.client().await;
+    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
+    loop {
+        let snap = watch.recv_type("snapshot").await;
+        let totals = &snap["stats"]["cluster_totals"];
+        if totals["brokers"] == 2 && totals["evaluations"] == 1 {
+            assert_eq!(totals["submits"], 1, "{snap}");
+            assert_eq!(snap["stats"]["submits"], 0, "{snap}");
+            break;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The answer to a submit: its `result` (a cache hit, or after `accepted`).
 async fn answer(client: &mut Client, submit: Value) -> Value {
     let r = client.request(submit).await;

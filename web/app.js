@@ -108,6 +108,11 @@ function render(snap) {
     $("f-cluster").textContent = s.cluster;
     $("f-cluster").dataset.state = s.cluster;
     $("f-cluster-pubsub").textContent = "pub/sub " + s.cluster_pubsub + " · " + fmtInt(s.takeovers || 0) + " takeovers";
+    // Every broker's counters summed, from Redis.
+    const t = s.cluster_totals;
+    $("f-cluster-totals").textContent = t
+      ? fmtInt(t.brokers) + (t.brokers === 1 ? " broker: " : " brokers: ") + fmtInt(t.submits) + " submits, " + fmtInt(t.evaluations) + " evaluations"
+      : "";
     $("f-cluster-pubsub").dataset.state = s.cluster_pubsub;
   }
 

@@ -309,6 +309,16 @@ fn watch_parts(snapshot: &Value, previous: &mut Option<(u64, u64)>) -> Vec<Strin
     if s["cluster_pubsub"].as_str().is_some_and(|c| c != "ok") {
         parts.push("cluster pub/sub down".to_string());
     }
+    let cluster = &s["cluster_totals"];
+    if cluster.is_object() {
+        let c = |k: &str| cluster[k].as_u64().unwrap_or(0);
+        parts.push(format!(
+            "cluster: {} brokers, submits {}, evals {}",
+            c("brokers"),
+            c("submits"),
+            c("evaluations")
+        ));
+    }
     parts.extend([
         format!("conns {}", n("connections")),
         format!("submits {submits} ({rate:.0}/s)"),

@@ -94,12 +94,18 @@ impl Broker {
                     .map(|e| e.max_output_bytes)
                     .max()
                     .unwrap_or(0);
+                let local = {
+                    let (metrics, evaluators) = (Arc::clone(&metrics), Arc::clone(&evaluators));
+                    Box::new(move || metrics.totals(evaluators.figures()))
+                };
                 let task = Cluster::new(
                     &config.cluster,
                     &config.cache,
                     max_output,
                     events_tx,
                     health,
+                    Arc::clone(&metrics),
+                    local,
                 )?;
                 let (tx, rx) = mpsc::channel(config.limits.hub_queue);
                 tokio::spawn(task.run(rx, hub_stop.clone()));

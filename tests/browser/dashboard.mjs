@@ -47,6 +47,7 @@ try {
       ([id, text]) => document.getElementById(id).textContent.includes(text), [id, text], { timeout: TIMEOUT });
     await shows("f-cluster", "ok");
     await shows("f-cluster-pubsub", "pub/sub ok");
+    await shows("f-cluster-totals", "1 broker:");
     console.log("CONNECTED");
     await shows("f-cluster-pubsub", "pub/sub down");
     await shows("f-cluster", "degraded");
