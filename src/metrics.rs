@@ -298,18 +298,16 @@ impl Metrics {
         let (entries, bytes) = cache.usage();
         self.cache_entries.set(entries as i64);
         self.cache_bytes.set(bytes as i64);
-        let sum = |f: fn(&FnMetrics) -> &Counter| -> u64 {
-            evaluators.clone().map(|(_, m, _)| f(m).get()).sum()
-        };
+        let own = self.totals(evaluators.clone());
         let clustered = self.cluster_mode.load(std::sync::atomic::Ordering::Relaxed);
         Stats {
             connections: self.connections.get(),
-            submits: sum(|m| &m.submits),
-            cache_hits: sum(|m| &m.cache_hits),
-            evaluations: sum(|m| &m.evaluations),
-            coalesced: sum(|m| &m.coalesced),
-            failures: sum(|m| &m.failures),
-            timeouts: sum(|m| &m.timeouts),
+            submits: own.submits,
+            cache_hits: own.cache_hits,
+            evaluations: own.evaluations,
+            coalesced: own.coalesced,
+            failures: own.failures,
+            timeouts: own.timeouts,
             queued: self.queued.get(),
             running: self.running.get(),
             wait_table: self.wait_table.get(),
