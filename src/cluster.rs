@@ -39,8 +39,8 @@ use crate::config::{CacheConfig, ClusterConfig};
 use crate::core::{ClusterCmd, ClusterEvent, Gen};
 use crate::error::EvalError;
 use crate::key::Key;
-use crate::metrics::{Metrics, Totals};
-use crate::protocol::eval_error_json;
+use crate::metrics::{BrokerFigures, Metrics, Totals};
+use crate::protocol::{eval_error_json, unix_ms};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -229,8 +229,9 @@ enum Reply {
     Renewed { lost: Vec<(Key, String)> },
     /// An idle tick's PING (health only).
     Pinged,
-    /// Every live broker's counters summed (None: not all could be read).
-    Totals(Option<Totals>),
+    /// Every live broker's figures and their counters summed (None: not
+    /// all could be read).
+    Totals(Option<(Totals, Vec<BrokerFigures>)>),
 }
 
 impl Reply {
@@ -274,6 +275,10 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// The last exchange of totals is under way.
     totals_pending: bool,
+    /// Results found in Redis rather than evaluated here.
+    l2_hits: u64,
+    /// When this task started (Unix ms).
+    started_ms: u64,
     /// The longest stored result or notice taken from Redis: the largest
     /// `max_output_bytes` of any fn, plus room for the envelope. Anything
     /// longer is ignored (a result is then evaluated here).
@@ -380,6 +385,8 @@ impl Cluster {
             local,
             metrics,
             totals_pending: false,
+            l2_hits: 0,
+            started_ms: unix_ms(),
             max_stored: max_output.saturating_add(64 * 1024),
             notice_inline: config.notice_inline_bytes,
             // Closed by the first probe, at the task's first tick.
@@ -635,7 +642,10 @@ impl Cluster {
                     // Redis went away: evaluate here rather than wait.
                     None => Some(ClusterEvent::Local { key, gen }),
                     Some((1, stored)) => Some(match self.parse(&stored) {
-                        Some(outcome) => found_event(key, outcome),
+                        Some(outcome) => {
+                            self.l2_hits += 1;
+                            found_event(key, outcome)
+                        }
                         None => ClusterEvent::Local { key, gen },
                     }),
                     Some((2, _)) => {
@@ -670,6 +680,7 @@ impl Cluster {
             }
             Reply::Looked { key, found } => match found.and_then(|text| self.parse(&text)) {
                 Some(outcome) => {
+                    self.l2_hits += 1;
                     self.looked.remove(&key);
                     self.tell(found_event(key, outcome)).await;
                 }
@@ -816,13 +827,20 @@ impl Cluster {
             return None;
         }
         let conn = self.usable().await?;
-        let own = serde_json::to_string(&(self.local)()).expect("totals serialize");
+        let mine = BrokerFigures {
+            node: self.node.clone(),
+            up_since_ms: self.started_ms,
+            pubsub: self.health.pubsub.load(Ordering::Acquire),
+            claims: self.held.len() as u64,
+            takeovers: self.health.takeovers.get(),
+            l2_hits: self.l2_hits,
+            counters: (self.local)(),
+        };
+        let own = serde_json::to_string(&mine).expect("figures serialize");
         let prefix = self.config.prefix.clone();
         let member = format!("{}:{}", self.node, self.run);
         let keep_ms = self.config.lease_ms.saturating_mul(3);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = unix_ms();
         let (limit, max) = (self.limit(), self.max_stored);
         self.totals_pending = true;
         Some(Box::pin(async move {
@@ -873,22 +891,25 @@ impl Cluster {
                 async move { timed(limit, c.get::<_, Option<String>>(name)).await }
             });
             let mut totals = Totals::default();
+            let mut brokers = Vec::new();
             let mut answered = true;
             for read in futures::future::join_all(reads).await {
                 match read {
                     None => answered = false,
                     Some(Some(text)) if text.len() <= max => {
-                        if let Ok(theirs) = serde_json::from_str::<Totals>(&text) {
-                            totals.add(&theirs);
+                        if let Ok(theirs) = serde_json::from_str::<BrokerFigures>(&text) {
+                            totals.add(&theirs.counters);
+                            brokers.push(theirs);
                         }
                     }
                     // Gone (that broker stopped) or not ours.
                     Some(_) => {}
                 }
             }
+            brokers.sort_by(|a, b| a.node.cmp(&b.node));
             Done {
                 answered,
-                reply: Reply::Totals(answered.then_some(totals)),
+                reply: Reply::Totals(answered.then_some((totals, brokers))),
             }
         }))
     }

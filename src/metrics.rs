@@ -77,8 +77,9 @@ pub struct Metrics {
     pub cluster_takeovers: Counter,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
-    /// The cluster's totals, as the cluster task last read them.
-    pub cluster_totals: std::sync::Mutex<Option<Totals>>,
+    /// The cluster's totals and its brokers, as the cluster task last
+    /// read them.
+    pub cluster_totals: std::sync::Mutex<Option<(Totals, Vec<BrokerFigures>)>>,
 }
 
 /// Registers `metric` under `name` and hands it back.
@@ -116,6 +117,26 @@ impl Totals {
     }
 }
 
+/// One broker of a cluster, as it publishes itself to Redis.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BrokerFigures {
+    /// Its `cluster.node` name.
+    pub node: String,
+    /// When it started (Unix ms).
+    pub up_since_ms: u64,
+    /// Its completion channel's subscription answers.
+    pub pubsub: bool,
+    /// Claims it holds (keys it is evaluating for the cluster).
+    pub claims: u64,
+    /// Keys it claimed after their claimant's lease ran out.
+    pub takeovers: u64,
+    /// Results it found in Redis rather than evaluating.
+    pub l2_hits: u64,
+    /// Its own counters (`brokers` is 1).
+    #[serde(flatten)]
+    pub counters: Totals,
+}
+
 /// The `stats` object of a `snapshot` frame.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
@@ -151,6 +172,10 @@ pub struct Stats {
     /// away).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_totals: Option<Totals>,
+    /// Cluster mode only: every live broker, by node name, as last read
+    /// from Redis (empty while Redis is away).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_brokers: Option<Vec<BrokerFigures>>,
 }
 
 impl Default for Metrics {
@@ -300,6 +325,9 @@ impl Metrics {
         self.cache_bytes.set(bytes as i64);
         let own = self.totals(evaluators.clone());
         let clustered = self.cluster_mode.load(std::sync::atomic::Ordering::Relaxed);
+        let cluster = clustered
+            .then(|| self.cluster_totals.lock().expect("not poisoned").clone())
+            .flatten();
         Stats {
             connections: self.connections.get(),
             submits: own.submits,
@@ -332,9 +360,8 @@ impl Metrics {
                 }
             }),
             takeovers: clustered.then(|| self.cluster_takeovers.get()),
-            cluster_totals: clustered
-                .then(|| self.cluster_totals.lock().expect("not poisoned").clone())
-                .flatten(),
+            cluster_totals: cluster.as_ref().map(|(totals, _)| totals.clone()),
+            cluster_brokers: clustered.then(|| cluster.map(|(_, b)| b).unwrap_or_default()),
         }
     }
 

@@ -146,10 +146,24 @@ async fn a_clustered_broker_s_page_shows_its_pub_sub_health() {
     )))
     .await;
     server.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    // A second broker on the same Redis evaluates one key.
+    let other = TestServer::start(config(&format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:{}/\"\nlease_ms = 1000\nredis_timeout_ms = 500\n{BASIC}",
+        redis.port
+    )))
+    .await;
+    other.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    let mut agent = other.client().await;
+    let r = agent
+        .request(json!({"op": "submit", "id": 1, "input": {"sleep_ms": 1, "page": "cluster"}}))
+        .await;
+    assert_eq!(r["type"], "accepted", "{r}");
+    agent.recv_type("result").await;
     let options = json!({
         "mode": "cluster",
         "base": format!("http://{}", server.addr),
         "screenshot": artifact("dashboard-cluster-pubsub-down.png"),
+        "clusterScreenshot": artifact("dashboard-cluster.png"),
     });
     let mut child = node(&options).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -173,6 +187,7 @@ async fn a_clustered_broker_s_page_shows_its_pub_sub_health() {
     assert!(status.success(), "{seen:?}");
     assert!(seen.contains(&"OK".to_string()), "{seen:?}");
     server.stop().await;
+    other.stop().await;
 }
 
 /// The page's next line, within 30 s.

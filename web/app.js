@@ -116,6 +116,7 @@ function render(snap) {
     $("f-cluster-pubsub").dataset.state = s.cluster_pubsub;
   }
 
+  renderCluster(s.cluster_brokers);
   renderInflight(snap.inflight);
   renderRecent(snap.recent);
   drawChart();
@@ -165,6 +166,28 @@ function renderInflight(rows) {
     preview.title = r.input_preview;
   });
   $("inflight-count").textContent = rows.length ? "(" + rows.length + ")" : "";
+}
+
+// Cluster mode only: every live broker, as each last published itself.
+function renderCluster(brokers) {
+  $("cluster-box").hidden = !brokers;
+  if (!brokers) return;
+  const fresh = document.createDocumentFragment();
+  for (const b of brokers) {
+    const tr = document.createElement("tr");
+    tr.dataset.node = b.node;
+    cell(tr, b.node, "node");
+    cell(tr, new Date(b.up_since_ms).toLocaleString());
+    cell(tr, b.pubsub ? "ok" : "down", b.pubsub ? "ok" : "failed");
+    cell(tr, fmtInt(b.claims), "num");
+    cell(tr, fmtInt(b.takeovers), "num");
+    cell(tr, fmtInt(b.l2_hits), "num");
+    cell(tr, fmtInt(b.submits), "num submits");
+    cell(tr, fmtInt(b.evaluations), "num evaluations");
+    fresh.appendChild(tr);
+  }
+  document.querySelector("#cluster tbody").replaceChildren(fresh);
+  $("cluster-count").textContent = "(" + brokers.length + ")";
 }
 
 function renderRecent(rows) {

@@ -8,7 +8,8 @@
 // mode "disconnect": opens the page, prints CONNECTED, and waits until the
 //   page shows that the broker went away (the Rust test stops it).
 // mode "cluster": opens a clustered broker's page, prints CONNECTED once it
-//   shows Redis and pub/sub ok, DOWN once it shows both down (the Rust test
+//   shows Redis and pub/sub ok and both brokers in its cluster table, with
+//   totals that add up, DOWN once it shows both down (the Rust test
 //   pauses Redis; the broker is idle), and OK once both are ok again.
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -47,7 +48,12 @@ try {
       ([id, text]) => document.getElementById(id).textContent.includes(text), [id, text], { timeout: TIMEOUT });
     await shows("f-cluster", "ok");
     await shows("f-cluster-pubsub", "pub/sub ok");
-    await shows("f-cluster-totals", "1 broker:");
+    // Both brokers are listed, and the totals add up their counters.
+    await page.waitForFunction(() => document.querySelectorAll("#cluster tbody tr").length === 2, null, { timeout: TIMEOUT });
+    await shows("f-cluster-totals", "2 brokers: 1 submits, 1 evaluations");
+    const evals = await page.$$eval("#cluster tbody td.evaluations", (tds) => tds.map((td) => Number(td.textContent)));
+    if (evals.reduce((a, b) => a + b, 0) !== 1) fail("per-broker evaluations: " + evals);
+    if (opts.clusterScreenshot) await page.screenshot({ path: opts.clusterScreenshot, fullPage: true });
     console.log("CONNECTED");
     await shows("f-cluster-pubsub", "pub/sub down");
     await shows("f-cluster", "degraded");
