@@ -210,6 +210,9 @@ pub struct DashboardConfig {
     pub input_preview_chars: usize,
     /// Sessions watching at once; a further `watch` gets `busy`.
     pub max_watchers: usize,
+    /// Seconds of per-second counters kept for a page that opens later
+    /// (sent with a watch's first snapshot).
+    pub history_s: usize,
 }
 
 impl Default for DashboardConfig {
@@ -219,6 +222,7 @@ impl Default for DashboardConfig {
             snapshot_recent: 50,
             input_preview_chars: 120,
             max_watchers: 64,
+            history_s: 300,
         }
     }
 }
@@ -602,6 +606,11 @@ impl Config {
                 "dashboard.max_watchers".into(),
                 self.dashboard.max_watchers as u128,
                 COUNT,
+            ),
+            (
+                "dashboard.history_s".into(),
+                self.dashboard.history_s as u128,
+                86_400,
             ),
         ];
         for e in &self.evaluators {

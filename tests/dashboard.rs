@@ -190,6 +190,54 @@ async fn a_clustered_broker_s_page_shows_its_pub_sub_health() {
     other.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    herd_no_browser,
+    ignore = "needs /usr/bin/chromium and `npm ci --prefix tests/browser`"
+)]
+async fn a_page_opened_after_a_burst_shows_it() {
+    require_browser();
+    let server = TestServer::basic().await;
+    let burst = 300;
+    let mut agent = server.client().await;
+    for n in 0..burst {
+        agent
+            .send(json!({"op": "submit", "id": n, "fn": "echo", "input": {"burst": n}}))
+            .await;
+    }
+    for _ in 0..burst {
+        agent.recv_type("result").await;
+    }
+    // The broker samples its counters once a second: a watch's first
+    // snapshot carries them, once a sample after the burst is taken; the
+    // snapshots after it do not.
+    loop {
+        let mut watch = server.client().await;
+        watch.send(json!({"op": "watch", "interval_ms": 100})).await;
+        let first = watch.recv_type("snapshot").await;
+        let samples = first["history"].as_array().expect("history").clone();
+        let second = watch.recv_type("snapshot").await;
+        assert!(second.get("history").is_none(), "{second}");
+        if samples.last().is_some_and(|s| s[1] == burst) && samples[0][1] == 0 {
+            break;
+        }
+    }
+    let options = json!({
+        "mode": "history",
+        "base": format!("http://{}", server.addr),
+        "minRate": 50,
+        "screenshot": artifact("dashboard-history.png"),
+    });
+    let out = run_to_end(node(&options)).await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.stop().await;
+}
+
 /// The page's next line, within 30 s.
 async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Option<String> {
     tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())

@@ -70,9 +70,27 @@ function fmtBytes(n) {
 function fmtMs(ms) { return ms >= 10000 ? (ms / 1000).toFixed(1) + " s" : Math.round(ms) + " ms"; }
 function pct(part, whole) { return whole > 0 ? (100 * part / whole).toFixed(1) + "%" : "–"; }
 
+// A watch's first snapshot carries the broker's recent history:
+// [at_ms, submits, cache_hits, evaluations] once a second.
+function loadHistory(samples) {
+  history = [];
+  for (let i = 1; i < samples.length; i++) {
+    const [t0, s0, h0, e0] = samples[i - 1];
+    const [t1, s1, h1, e1] = samples[i];
+    const dt = (t1 - t0) / 1000;
+    if (dt <= 0) continue;
+    pushHistory(t1, {
+      submits: Math.max(0, s1 - s0) / dt,
+      hits: Math.max(0, h1 - h0) / dt,
+      evals: Math.max(0, e1 - e0) / dt,
+    });
+  }
+}
+
 function render(snap) {
   const s = snap.stats;
   received = performance.now();
+  if (snap.history) loadHistory(snap.history);
   let rates = { submits: 0, hits: 0, evals: 0 };
   if (previous && snap.at_ms > previous.at) {
     const dt = (snap.at_ms - previous.at) / 1000;

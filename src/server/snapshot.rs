@@ -43,6 +43,8 @@ struct Watcher {
     interval: Duration,
     outbox: Outbox,
     next: Instant,
+    /// Its first snapshot, which carries the history, is still to come.
+    fresh: bool,
 }
 
 #[derive(Serialize)]
@@ -67,6 +69,10 @@ pub struct Renderer {
     evaluators: Arc<EvaluatorTable>,
     watchers: HashMap<SessionId, Watcher>,
     max_watchers: usize,
+    /// `[at_ms, submits, cache_hits, evaluations]` once a second, the
+    /// last `dashboard.history_s` of them.
+    history: std::collections::VecDeque<[u64; 4]>,
+    history_len: usize,
 }
 
 /// The message of a `busy` answer beyond `dashboard.max_watchers`.
@@ -87,6 +93,8 @@ impl Renderer {
             evaluators,
             watchers: HashMap::new(),
             max_watchers: config.dashboard.max_watchers,
+            history: std::collections::VecDeque::with_capacity(config.dashboard.history_s),
+            history_len: config.dashboard.history_s,
         }
     }
 
@@ -94,9 +102,12 @@ impl Renderer {
     pub async fn run(mut self, mut inbox: mpsc::Receiver<WatchMsg>, stop: CancellationToken) {
         let mut ticks = tokio::time::interval(Duration::from_millis(MIN_WATCH_INTERVAL_MS));
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut samples = tokio::time::interval(Duration::from_secs(1));
+        samples.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = samples.tick(), if self.history_len > 0 => self.sample(),
                 msg = inbox.recv() => match msg {
                     Some(msg) => self.apply(msg),
                     None => break,
@@ -129,6 +140,7 @@ impl Renderer {
                         interval,
                         outbox,
                         next: Instant::now(),
+                        fresh: true,
                     },
                 );
             }
@@ -149,14 +161,32 @@ impl Renderer {
         if self.hub.send(HubMsg::View { reply }).await.is_err() {
             return false;
         }
-        let Ok(view) = view.await else {
+        let Ok(mut view) = view.await else {
             return false;
         };
-        let tail = Bytes::from(self.render(view));
+        view.inflight.sort_unstable_by_key(|row| row.queued_at);
+        let history = self
+            .watchers
+            .values()
+            .any(|w| w.fresh && w.next <= horizon)
+            .then(|| {
+                let samples: Vec<&[u64; 4]> = self.history.iter().collect();
+                to_json(&samples)
+            });
+        let tail = Bytes::from(self.render(&view, None));
+        // A first snapshot carries the history as well.
+        let first = history.map(|h| Bytes::from(self.render(&view, Some(&h))));
         self.metrics.snapshots_rendered.inc();
         let mut anonymous: Option<Frame> = None;
         for w in self.watchers.values_mut().filter(|w| w.next <= horizon) {
             w.next = now + w.interval;
+            if std::mem::take(&mut w.fresh) {
+                if let Some(first) = &first {
+                    let head = FrameWriter::new("snapshot").id(&w.id).open();
+                    w.outbox.push(Frame::split(head, first.clone()));
+                    continue;
+                }
+            }
             let frame = match &w.id {
                 Some(_) => {
                     Frame::split(FrameWriter::new("snapshot").id(&w.id).open(), tail.clone())
@@ -172,9 +202,19 @@ impl Renderer {
         true
     }
 
-    /// The members of a snapshot after its `type` and `id`, closing brace included.
-    fn render(&self, mut view: HubView) -> String {
-        view.inflight.sort_unstable_by_key(|row| row.queued_at);
+    /// Records this second's counters, keeping the last `history_s`.
+    fn sample(&mut self) {
+        let t = self.metrics.totals(self.evaluators.figures());
+        if self.history.len() == self.history_len {
+            self.history.pop_front();
+        }
+        self.history
+            .push_back([unix_ms(), t.submits, t.cache_hits, t.evaluations]);
+    }
+
+    /// The members of a snapshot after its `type` and `id`, closing brace
+    /// included; `history` (JSON) is added to a watcher's first.
+    fn render(&self, view: &HubView, history: Option<&str>) -> String {
         let inflight: Vec<Inflight> = view
             .inflight
             .iter()
@@ -189,12 +229,15 @@ impl Renderer {
             })
             .collect();
         let stats = self.metrics.stats(&self.cache, self.evaluators.figures());
-        FrameWriter::tail(1024)
+        let frame = FrameWriter::tail(1024)
             .uint("at_ms", unix_ms())
             .raw("stats", &to_json(&stats))
             .raw("inflight", &to_json(&inflight))
-            .raw("recent", &to_json(&view.recent))
-            .finish()
+            .raw("recent", &to_json(&view.recent));
+        match history {
+            Some(history) => frame.raw("history", history).finish(),
+            None => frame.finish(),
+        }
     }
 }
 

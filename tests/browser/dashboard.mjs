@@ -7,6 +7,8 @@
 //   waiter count, that it leaves when done, and that the counters move.
 // mode "disconnect": opens the page, prints CONNECTED, and waits until the
 //   page shows that the broker went away (the Rust test stops it).
+// mode "history": opens the page after a burst and checks that the chart
+//   shows it (the broker sends its recent history with the first snapshot).
 // mode "cluster": opens a clustered broker's page, prints CONNECTED once it
 //   shows Redis and pub/sub ok and both brokers in its cluster table, with
 //   totals that add up, DOWN once it shows both down (the Rust test
@@ -42,7 +44,16 @@ try {
   // Snapshots arrive: the connection count is rendered.
   await page.waitForFunction(() => document.getElementById("f-connections").textContent !== "–", null, { timeout: TIMEOUT });
 
-  if (opts.mode === "cluster") {
+  if (opts.mode === "history") {
+    // The chart shows the burst that happened before the page opened.
+    await page.waitForFunction(
+      (min) => parseFloat(document.getElementById("chart-max").textContent.replace(/[^0-9.]/g, "")) >= min,
+      opts.minRate, { timeout: TIMEOUT });
+    const points = await page.getAttribute("#chart polyline.s-submits", "points");
+    if (!points || points.split(" ").length < 2) fail("the chart has no line: " + points);
+    if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
+    console.log("OK");
+  } else if (opts.mode === "cluster") {
     // The cluster figure shows Redis's health and the completion channel's.
     const shows = (id, text) => page.waitForFunction(
       ([id, text]) => document.getElementById(id).textContent.includes(text), [id, text], { timeout: TIMEOUT });
