@@ -97,6 +97,9 @@ pub struct Waiter {
 pub struct HubView {
     pub inflight: Vec<InflightRow>,
     pub recent: Vec<Recent>,
+    /// Worker sessions and remote fns' queues.
+    pub workers: Vec<crate::exec::remote::WorkerRow>,
+    pub queues: Vec<crate::exec::remote::QueueRow>,
 }
 
 /// A completed evaluation, for the dashboard.
@@ -412,9 +415,12 @@ impl Hub {
                 });
             }
             HubMsg::View { reply } => {
+                let (workers, queues) = self.exec.remote().view(self.snapshot_inflight);
                 let _ = reply.send(HubView {
                     inflight: self.core.view(now(), self.snapshot_inflight),
                     recent: self.recent.iter().cloned().collect(),
+                    workers,
+                    queues,
                 });
             }
             HubMsg::SessionClosed { session } => {

@@ -238,6 +238,52 @@ async fn a_page_opened_after_a_burst_shows_it() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    herd_no_browser,
+    ignore = "needs /usr/bin/chromium and `npm ci --prefix tests/browser`"
+)]
+async fn a_worker_s_row_comes_when_it_serves_and_goes_when_it_leaves() {
+    require_browser();
+    let server = TestServer::start(config(&format!(
+        "{BASIC}[[evaluator]]\nfn = \"embed\"\nkind = \"remote\"\n"
+    )))
+    .await;
+    let options = json!({
+        "mode": "workers",
+        "base": format!("http://{}", server.addr),
+        "fn": "embed",
+        "concurrency": 3,
+        "screenshot": artifact("dashboard-workers.png"),
+    });
+    let mut child = node(&options).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            seen.push(line);
+        }
+        seen
+    });
+    assert_eq!(next_line(&mut rx).await.as_deref(), Some("READY"));
+    let mut worker = server.client().await;
+    let r = worker
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 3}))
+        .await;
+    assert_eq!(r["type"], "serving", "{r}");
+    assert_eq!(next_line(&mut rx).await.as_deref(), Some("SEEN"));
+    drop(worker);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let seen = reader.join().unwrap();
+    assert!(status.success(), "{seen:?}");
+    assert!(seen.contains(&"OK".to_string()), "{seen:?}");
+    server.stop().await;
+}
+
 /// The page's next line, within 30 s.
 async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Option<String> {
     tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())

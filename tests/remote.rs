@@ -413,6 +413,51 @@ fn herd_work(url: &str, fn_name: &str, concurrency: usize) -> std::process::Chil
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_list_workers_and_remote_queues() {
+    // One worker serves embed (concurrency 2) and completes one task; one
+    // more task waits while rank has no worker: the snapshot says each.
+    let server = TestServer::start(config(TWO_FNS)).await;
+    let mut worker = server.client().await;
+    let r = worker
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 2}))
+        .await;
+    assert_eq!(r["type"], "serving", "{r}");
+    let mut agent = server.client().await;
+    agent
+        .send(json!({"op": "submit", "id": 1, "fn": "embed", "input": {"n": 1}}))
+        .await;
+    let task = worker.recv_type("task").await;
+    worker
+        .send(json!({"op": "complete", "task": task["task"], "output": 1}))
+        .await;
+    agent.recv_type("result").await;
+    agent
+        .send(json!({"op": "submit", "id": 2, "fn": "rank", "input": {"n": 2}, "wait": false}))
+        .await;
+    agent.recv_type("accepted").await;
+    let mut watch = server.client().await;
+    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
+    loop {
+        let snap = watch.recv_type("snapshot").await;
+        let w = &snap["workers"][0];
+        let rank = snap["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["fn"] == "rank")
+            .cloned();
+        if w["done"] == 1 && rank.as_ref().is_some_and(|q| q["queued"] == 1) {
+            assert_eq!(w["fns"], json!(["embed"]), "{snap}");
+            assert_eq!(w["concurrency"], 2, "{snap}");
+            assert_eq!(w["in_flight"], 0, "{snap}");
+            assert_eq!(rank.unwrap()["workers"], 0, "{snap}");
+            break;
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herd_work_off_a_terminal_says_what_it_serves() {
     // With stderr not a terminal (a service, a pipe), herd work logs that it
     // connected and what it serves, at what concurrency.

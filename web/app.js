@@ -135,6 +135,7 @@ function render(snap) {
   }
 
   renderCluster(s.cluster_brokers);
+  renderWorkers(snap.workers || [], snap.queues || []);
   renderInflight(snap.inflight);
   renderRecent(snap.recent);
   drawChart();
@@ -184,6 +185,38 @@ function renderInflight(rows) {
     preview.title = r.input_preview;
   });
   $("inflight-count").textContent = rows.length ? "(" + rows.length + ")" : "";
+}
+
+// Remote fns only: each one's queue, and the worker sessions serving.
+function renderWorkers(workers, queues) {
+  $("workers-box").hidden = queues.length === 0;
+  const qs = document.createDocumentFragment();
+  for (const q of queues) {
+    const tr = document.createElement("tr");
+    tr.dataset.fn = q.fn;
+    cell(tr, q.fn);
+    cell(tr, fmtInt(q.queued), "num");
+    cell(tr, fmtInt(q.workers), "num");
+    cell(tr, q.workers ? "ok" : "no_workers", q.workers ? "ok" : "failed health");
+    qs.appendChild(tr);
+  }
+  document.querySelector("#queues tbody").replaceChildren(qs);
+  const ws = document.createDocumentFragment();
+  for (const w of workers) {
+    const tr = document.createElement("tr");
+    tr.dataset.worker = w.name;
+    cell(tr, w.name, "worker");
+    cell(tr, w.fns.join(", "));
+    cell(tr, fmtInt(w.concurrency), "num concurrency");
+    cell(tr, fmtInt(w.in_flight), "num");
+    cell(tr, fmtInt(w.done), "num");
+    cell(tr, fmtInt(w.revoked), "num");
+    cell(tr, new Date(w.since_ms).toLocaleString());
+    ws.appendChild(tr);
+  }
+  document.querySelector("#workers tbody").replaceChildren(ws);
+  $("workers-empty").hidden = workers.length > 0;
+  $("workers-count").textContent = workers.length ? "(" + workers.length + ")" : "";
 }
 
 // Cluster mode only: every live broker, as each last published itself.

@@ -20,6 +20,7 @@ use crate::exec::pool::Job;
 use crate::key::Key;
 use crate::outbox::{Outbox, SessionId};
 use crate::protocol::{unix_ms, FrameWriter};
+use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
@@ -84,6 +85,38 @@ struct Worker {
     label: Arc<str>,
     slots: HashMap<usize, Slot>,
     tasks: HashSet<u64>,
+    /// When it first offered to serve (Unix ms).
+    since_ms: u64,
+    /// Tasks it completed.
+    done: u64,
+    /// Tasks taken back from it (`revoke`).
+    revoked: u64,
+}
+
+/// A worker session, for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRow {
+    /// Its token name and session.
+    pub name: Arc<str>,
+    /// The fns it serves now.
+    pub fns: Vec<Arc<str>>,
+    /// Tasks it takes at once, over those fns.
+    pub concurrency: usize,
+    pub in_flight: usize,
+    pub done: u64,
+    pub revoked: u64,
+    pub since_ms: u64,
+}
+
+/// A remote fn's queue, for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueRow {
+    #[serde(rename = "fn")]
+    pub fn_name: Arc<str>,
+    /// Jobs waiting for a worker.
+    pub queued: usize,
+    /// Worker sessions serving it (0: `no_workers`).
+    pub workers: usize,
 }
 
 /// The queues of the remote evaluators and the sessions serving them.
@@ -252,6 +285,9 @@ impl Remote {
             label: Arc::clone(label),
             slots: HashMap::new(),
             tasks: HashSet::new(),
+            since_ms: unix_ms(),
+            done: 0,
+            revoked: 0,
         });
         let slot = worker.slots.entry(evaluator).or_insert(Slot {
             concurrency,
@@ -288,7 +324,46 @@ impl Remote {
         }
         let sent = self.tasks.remove(&task)?;
         self.release(&sent, task);
+        if let Some(worker) = self.workers.get_mut(&session) {
+            worker.done += 1;
+        }
         Some(sent)
+    }
+
+    /// The worker sessions (at most `limit`, longest connected first) and
+    /// every remote fn's queue, for the dashboard.
+    pub fn view(&self, limit: usize) -> (Vec<WorkerRow>, Vec<QueueRow>) {
+        let mut workers: Vec<WorkerRow> = self
+            .workers
+            .values()
+            .map(|w| {
+                let serving = || w.slots.iter().filter(|(_, s)| s.serving);
+                WorkerRow {
+                    name: Arc::clone(&w.label),
+                    fns: serving()
+                        .map(|(e, _)| Arc::clone(&self.queues[e].name))
+                        .collect(),
+                    concurrency: serving().map(|(_, s)| s.concurrency).sum(),
+                    in_flight: w.tasks.len(),
+                    done: w.done,
+                    revoked: w.revoked,
+                    since_ms: w.since_ms,
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| (a.since_ms, &a.name).cmp(&(b.since_ms, &b.name)));
+        workers.truncate(limit);
+        let mut queues: Vec<QueueRow> = self
+            .queues
+            .values()
+            .map(|q| QueueRow {
+                fn_name: Arc::clone(&q.name),
+                queued: q.queue.len(),
+                workers: q.servers.len(),
+            })
+            .collect();
+        queues.sort_by(|a, b| a.fn_name.cmp(&b.fn_name));
+        (workers, queues)
     }
 
     fn release(&mut self, sent: &Sent, task: u64) {
@@ -307,7 +382,8 @@ impl Remote {
         if let Some(task) = self.by_gen.get(&gen).copied() {
             if let Some(sent) = self.tasks.remove(&task) {
                 self.release(&sent, task);
-                if let Some(worker) = self.workers.get(&sent.session) {
+                if let Some(worker) = self.workers.get_mut(&sent.session) {
+                    worker.revoked += 1;
                     worker.outbox.push(
                         FrameWriter::new("revoke")
                             .str("task", itoa::Buffer::new().format(task))

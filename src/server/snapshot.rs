@@ -233,7 +233,9 @@ impl Renderer {
             .uint("at_ms", unix_ms())
             .raw("stats", &to_json(&stats))
             .raw("inflight", &to_json(&inflight))
-            .raw("recent", &to_json(&view.recent));
+            .raw("recent", &to_json(&view.recent))
+            .raw("workers", &to_json(&view.workers))
+            .raw("queues", &to_json(&view.queues));
         match history {
             Some(history) => frame.raw("history", history).finish(),
             None => frame.finish(),

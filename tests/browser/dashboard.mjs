@@ -7,6 +7,9 @@
 //   waiter count, that it leaves when done, and that the counters move.
 // mode "disconnect": opens the page, prints CONNECTED, and waits until the
 //   page shows that the broker went away (the Rust test stops it).
+// mode "workers": opens the page of a broker with a remote fn, prints READY
+//   once it shows no_workers, SEEN once the worker the Rust test connects
+//   is listed, and OK once it is gone again.
 // mode "history": opens the page after a burst and checks that the chart
 //   shows it (the broker sends its recent history with the first snapshot).
 // mode "cluster": opens a clustered broker's page, prints CONNECTED once it
@@ -44,7 +47,24 @@ try {
   // Snapshots arrive: the connection count is rendered.
   await page.waitForFunction(() => document.getElementById("f-connections").textContent !== "–", null, { timeout: TIMEOUT });
 
-  if (opts.mode === "history") {
+  if (opts.mode === "workers") {
+    // The remote fn shows no_workers; a worker's row comes when it serves
+    // (the Rust test connects one after READY) and goes when it leaves.
+    const health = `#queues tr[data-fn="${opts.fn}"] td.health`;
+    const noWorkers = () => page.waitForFunction(
+      (sel) => document.querySelector(sel)?.textContent === "no_workers", health, { timeout: TIMEOUT });
+    await noWorkers();
+    console.log("READY");
+    const row = "#workers tbody tr";
+    await page.waitForSelector(row, { timeout: TIMEOUT });
+    const concurrency = await page.textContent(row + " td.concurrency");
+    if (concurrency !== String(opts.concurrency)) fail("concurrency shown: " + concurrency);
+    if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
+    console.log("SEEN");
+    await page.waitForSelector(row, { state: "detached", timeout: TIMEOUT });
+    await noWorkers();
+    console.log("OK");
+  } else if (opts.mode === "history") {
     // The chart shows the burst that happened before the page opened.
     await page.waitForFunction(
       (min) => parseFloat(document.getElementById("chart-max").textContent.replace(/[^0-9.]/g, "")) >= min,
