@@ -755,6 +755,36 @@ async fn inputs_over_max_input_bytes_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_asked_for_without_waiting_survives_its_session() {
+    // `herd submit --nowait` and close: the queued work still runs.
+    let server = TestServer::start(config(
+        "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\n",
+    ))
+    .await;
+    let mut a = server.client().await;
+    a.send(json!({"op": "submit", "input": {"sleep_ms": 300, "n": "ahead"}}))
+        .await;
+    a.recv_type("accepted").await;
+    let wanted = json!({"sleep_ms": 1, "n": "left behind"});
+    let key = key_of("default", &wanted);
+    let mut b = server.client().await;
+    let acc = b
+        .request(json!({"op": "submit", "wait": false, "input": wanted}))
+        .await;
+    assert_eq!(acc["state"], "queued");
+    drop(b);
+    server.wait_metric("herd_connections", |v| v == 1.0).await;
+    a.recv_type("result").await;
+    server.settled_stats().await;
+    let s = a.request(json!({"op": "get", "key": key})).await;
+    assert_eq!(
+        s["state"], "done",
+        "the wait:false submit's work still ran: {s}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_asked_for_without_waiting_survives_a_cancel() {
     let server = TestServer::start(config(
         "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\n",

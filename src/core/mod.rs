@@ -771,16 +771,9 @@ impl Core {
         for key in waits.by_key.keys() {
             self.drop_waiters_of(session, *key);
         }
-        // Its wait:false holds go too; a job nobody else wants is abandoned
-        // like one whose last waiter left.
-        for gen in waits.holds {
-            if let Some(job) = self.job_mut(gen) {
-                job.wanted.retain(|s| *s != session);
-            }
-            if let Some(key) = self.by_gen.get(&gen).copied() {
-                self.maybe_abandon(key);
-            }
-        }
+        // Its wait:false submits keep their jobs: the work runs on after
+        // the session that asked for it is gone (the job still counts in
+        // its evaluator's queue bounds, and ends by its deadline at most).
     }
 
     /// Removes every wait `session` holds on `key`.
