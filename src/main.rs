@@ -256,6 +256,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         urls: args.target.url,
         token: args.target.token,
         pid: args.pid,
+        partial_cluster_said: Default::default(),
     };
     let seed = args.seed.unwrap_or_else(rand::random);
     let scenario = async {

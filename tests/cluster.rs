@@ -522,10 +522,43 @@ async fn the_agents_benchmark_spreads_over_a_cluster_and_sums_its_figures() {
     let text = String::from_utf8_lossy(&out.stdout);
     let report: Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
     assert_eq!(report["evaluations"], report["distinct_keys"], "{report}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("one of"),
+        "every broker was given"
+    );
     // Every broker served agents.
     for b in &brokers {
         assert!(b.settled_stats().await["submits"].as_u64().unwrap() > 0);
     }
+    // Given one broker of the three, the benchmark says its figures are
+    // that broker's, once every broker shows in the cluster's totals.
+    let mut watch = brokers[0].client().await;
+    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
+    while watch.recv_type("snapshot").await["stats"]["cluster_totals"]["brokers"] != 3 {}
+    let one = brokers[0].url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "bench",
+                "--url",
+                &one,
+                "agents",
+                "--fn",
+                "default",
+                "--submits",
+                "20",
+                "--distinct",
+                "5",
+            ])
+            .env_remove("HERD_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(said.matches("is one of 3 brokers").count(), 1, "{said}");
     for b in brokers {
         b.stop().await;
     }

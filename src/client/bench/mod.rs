@@ -33,6 +33,8 @@ pub struct Target {
     pub token: Option<String>,
     /// The broker's process id, for memory and CPU figures read from /proc.
     pub pid: Option<u32>,
+    /// Said once: the brokers given are part of a larger cluster.
+    pub partial_cluster_said: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Target {
@@ -68,6 +70,19 @@ impl Target {
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
             client.close().await;
+            let brokers = snapshot["stats"]["cluster_totals"]["brokers"].as_u64();
+            if n == 0
+                && brokers.is_some_and(|b| b > self.urls.len() as u64)
+                && !self
+                    .partial_cluster_said
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                eprintln!(
+                    "herd bench: {} is one of {} brokers of a cluster: its figures (evaluations, hits) are those of the brokers given; pass every broker's --url to count the whole cluster",
+                    self.url(0),
+                    brokers.unwrap_or(0)
+                );
+            }
             if let Value::Object(stats) = &snapshot["stats"] {
                 for (name, value) in stats {
                     let sum = match (total.get(name).and_then(Value::as_i64), value.as_i64()) {
