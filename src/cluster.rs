@@ -846,13 +846,11 @@ impl Cluster {
         Some(Box::pin(async move {
             let set = format!("{prefix}brokers");
             let mut c = conn.clone();
-            let mine = redis::pipe()
-                .cmd("SET")
+            let mine = redis::cmd("SET")
                 .arg(format!("{prefix}broker:{member}"))
                 .arg(&own)
                 .arg("PX")
                 .arg(keep_ms)
-                .ignore()
                 .to_owned();
             let stored: Option<()> = timed(limit, mine.query_async(&mut c)).await;
             let listed: Option<Vec<String>> = match stored {
@@ -1046,11 +1044,9 @@ impl Cluster {
                 answered &= sent.is_some();
             }
             if let Some(value) = token.filter(|_| answered) {
-                let mut c = conn.clone();
-                let mut invocation = release.key(&claim_name);
-                invocation.arg(value);
-                let released: Option<i64> = timed(limit, invocation.invoke_async(&mut c)).await;
-                answered &= released.is_some();
+                answered &= release_claim(&release, conn, &claim_name, &value, limit)
+                    .await
+                    .is_some();
             }
             Done {
                 answered,
@@ -1070,18 +1066,30 @@ impl Cluster {
             return None;
         }
         let value = self.held.remove(&key).expect("just found").value;
-        let mut conn = self.usable().await?;
+        let conn = self.usable().await?;
         let (name, limit, script) = (self.key("claim", &key), self.limit(), self.release.clone());
         Some(Box::pin(async move {
-            let mut invocation = script.key(name);
-            invocation.arg(value);
-            let released: Option<i64> = timed(limit, invocation.invoke_async(&mut conn)).await;
+            let released = release_claim(&script, conn, &name, &value, limit).await;
             Done {
                 answered: released.is_some(),
                 reply: Reply::Released { key },
             }
         }))
     }
+}
+
+/// Deletes the claim `name` if its value is still `value` ([`RELEASE`]);
+/// None when Redis did not answer.
+async fn release_claim(
+    script: &Script,
+    mut conn: Conn,
+    name: &str,
+    value: &str,
+    limit: Duration,
+) -> Option<i64> {
+    let mut invocation = script.key(name);
+    invocation.arg(value);
+    timed(limit, invocation.invoke_async(&mut conn)).await
 }
 
 /// Keeps one subscription to the completion channel, re-subscribing after

@@ -386,6 +386,7 @@ fn parse_key(raw: Option<&RawValue>, id: &ReqId) -> Result<Key, Rejection> {
 
 /// Writes one JSON object frame field by field; values given as `raw` are
 /// already JSON and are copied, not re-encoded.
+#[derive(Clone)]
 pub struct FrameWriter {
     buf: String,
 }

@@ -895,18 +895,24 @@ impl Core {
         if let Some(at) = job.deadline.take() {
             self.timers.remove(&(at, job.gen));
         }
-        match job.phase {
-            Phase::Queued => {
-                self.queues[job.evaluator].0 -= 1;
-                self.queues[job.evaluator].1 -= job.input_len;
-            }
-            Phase::Running => self.running -= 1,
-            Phase::Asking | Phase::Waiting | Phase::Storing => {}
-        }
+        self.leave_executor(job.evaluator, job.input_len, &job.phase);
         for session in std::mem::take(&mut job.wanted) {
             self.release_hold(session, job.gen);
         }
         Some(job)
+    }
+
+    /// A job in `phase` leaves its executor's counts: a queue slot, or a
+    /// running one.
+    fn leave_executor(&mut self, evaluator: usize, input_len: usize, phase: &Phase) {
+        match phase {
+            Phase::Queued => {
+                self.queues[evaluator].0 -= 1;
+                self.queues[evaluator].1 -= input_len;
+            }
+            Phase::Running => self.running -= 1,
+            Phase::Asking | Phase::Waiting | Phase::Storing => {}
+        }
     }
 
     /// Removes the entry of `key` and hands back its waiters, releasing
@@ -1015,18 +1021,11 @@ impl Core {
         let Some(job) = self.job_mut(gen) else {
             return;
         };
-        let (evaluator, len, phase) = (job.evaluator, job.input_len, job.phase.clone());
-        job.phase = Phase::Storing;
+        let (evaluator, len) = (job.evaluator, job.input_len);
+        let phase = std::mem::replace(&mut job.phase, Phase::Storing);
         job.worker = None;
         job.evaluated = Some((outcome.clone(), eval_ms));
-        match phase {
-            Phase::Queued => {
-                self.queues[evaluator].0 -= 1;
-                self.queues[evaluator].1 -= len;
-            }
-            Phase::Running => self.running -= 1,
-            _ => {}
-        }
+        self.leave_executor(evaluator, len, &phase);
         self.set_deadline(gen, now.checked_add(self.config.lease));
         self.effects
             .push_back(Effect::Cluster(ClusterCmd::Finished {
@@ -1046,10 +1045,15 @@ impl Core {
         {
             return;
         }
-        let Some(mut job) = self.end_job(key) else {
-            return;
-        };
-        let (own, eval_ms) = job.evaluated.take().expect("a storing job has its outcome");
+        if let Some(job) = self.end_job(key) {
+            self.stored(key, job, stored);
+        }
+    }
+
+    /// A `Storing` job that has ended: `stored` (another broker's result)
+    /// or else its own outcome is cached and delivered.
+    fn stored(&mut self, key: Key, job: Job, stored: Option<Result<Arc<str>, EvalError>>) {
+        let (own, eval_ms) = job.evaluated.expect("a storing job has its outcome");
         let (outcome, source) = match stored {
             Some(stored) => (stored, Source::Cluster),
             None => (own, Source::Eval { eval_ms }),
@@ -1152,15 +1156,8 @@ impl Core {
                     Source::Eval { eval_ms },
                 );
             }
-            Phase::Storing => {
-                // Redis did not say in time: this broker's own outcome stands.
-                let (outcome, eval_ms) = job.evaluated.expect("a storing job has its outcome");
-                self.effects.push_back(Effect::Cache {
-                    key,
-                    outcome: outcome.clone(),
-                });
-                self.deliver(key, Some(job.evaluator), outcome, Source::Eval { eval_ms });
-            }
+            // Redis did not say in time: this broker's own outcome stands.
+            Phase::Storing => self.stored(key, job, None),
             Phase::Asking | Phase::Waiting => {
                 // Not ours to publish: only this broker's waiters are told.
                 let error = EvalError::Timeout(format!(

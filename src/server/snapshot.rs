@@ -173,9 +173,10 @@ impl Renderer {
                 let samples: Vec<&[u64; 4]> = self.history.iter().collect();
                 to_json(&samples)
             });
-        let tail = Bytes::from(self.render(&view, None));
+        let members = self.render(&view);
         // A first snapshot carries the history as well.
-        let first = history.map(|h| Bytes::from(self.render(&view, Some(&h))));
+        let first = history.map(|h| Bytes::from(members.clone().raw("history", &h).finish()));
+        let tail = Bytes::from(members.finish());
         self.metrics.snapshots_rendered.inc();
         let mut anonymous: Option<Frame> = None;
         for w in self.watchers.values_mut().filter(|w| w.next <= horizon) {
@@ -212,9 +213,9 @@ impl Renderer {
             .push_back([unix_ms(), t.submits, t.cache_hits, t.evaluations]);
     }
 
-    /// The members of a snapshot after its `type` and `id`, closing brace
-    /// included; `history` (JSON) is added to a watcher's first.
-    fn render(&self, view: &HubView, history: Option<&str>) -> String {
+    /// The members of a snapshot after its `type` and `id`, to be closed
+    /// (a watcher's first snapshot adds the history before).
+    fn render(&self, view: &HubView) -> FrameWriter {
         let inflight: Vec<Inflight> = view
             .inflight
             .iter()
@@ -229,17 +230,13 @@ impl Renderer {
             })
             .collect();
         let stats = self.metrics.stats(&self.cache, self.evaluators.figures());
-        let frame = FrameWriter::tail(1024)
+        FrameWriter::tail(1024)
             .uint("at_ms", unix_ms())
             .raw("stats", &to_json(&stats))
             .raw("inflight", &to_json(&inflight))
             .raw("recent", &to_json(&view.recent))
             .raw("workers", &to_json(&view.workers))
-            .raw("queues", &to_json(&view.queues));
-        match history {
-            Some(history) => frame.raw("history", history).finish(),
-            None => frame.finish(),
-        }
+            .raw("queues", &to_json(&view.queues))
     }
 }
 
