@@ -116,6 +116,24 @@ async fn submit_reads_json_lines_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_live_lines() {
     let server = TestServer::basic().await;
+    let lines = watch_lines(&server, 3).await;
+    assert_eq!(lines.len(), 3);
+    assert!(lines[0].starts_with("conns 1 | submits 0"), "{}", lines[0]);
+    server.stop().await;
+
+    // A remote fn no worker serves is the first thing said.
+    let server = TestServer::start(common::config(&format!(
+        "{}[[evaluator]]\nfn = \"embed\"\nkind = \"remote\"\n",
+        common::BASIC
+    )))
+    .await;
+    let line = &watch_lines(&server, 1).await[0];
+    assert!(line.starts_with("fn embed: no_workers | conns 1"), "{line}");
+    server.stop().await;
+}
+
+/// The first `n` lines `herd watch` prints about `server`.
+async fn watch_lines(server: &TestServer, n: usize) -> Vec<String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
         .args(["watch", "--interval-ms", "100"])
         .env("HERD_URL", server.url())
@@ -127,7 +145,7 @@ async fn watch_prints_live_lines() {
         use std::io::BufRead;
         std::io::BufReader::new(stdout)
             .lines()
-            .take(3)
+            .take(n)
             .map(Result::unwrap)
             .collect::<Vec<_>>()
     })
@@ -135,37 +153,7 @@ async fn watch_prints_live_lines() {
     .unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(lines.len(), 3);
-    assert!(lines[0].starts_with("conns 1 | submits 0"), "{}", lines[0]);
-    server.stop().await;
-
-    // A remote fn no worker serves is the first thing said.
-    let server = TestServer::start(common::config(&format!(
-        "{}[[evaluator]]\nfn = \"embed\"\nkind = \"remote\"\n",
-        common::BASIC
-    )))
-    .await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["watch", "--interval-ms", "100"])
-        .env("HERD_URL", server.url())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .next()
-            .unwrap()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(line.starts_with("fn embed: no_workers | conns 1"), "{line}");
-    server.stop().await;
+    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

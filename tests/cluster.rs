@@ -532,9 +532,9 @@ async fn the_agents_benchmark_spreads_over_a_cluster_and_sums_its_figures() {
     }
     // Given one broker of the three, the benchmark says its figures are
     // that broker's, once every broker shows in the cluster's totals.
-    let mut watch = brokers[0].client().await;
-    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
-    while watch.recv_type("snapshot").await["stats"]["cluster_totals"]["brokers"] != 3 {}
+    brokers[0]
+        .wait_stats(|s| s["cluster_totals"]["brokers"] == 3)
+        .await;
     let one = brokers[0].url();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_herd"))
@@ -1235,17 +1235,13 @@ async fn each_broker_shows_the_whole_cluster_s_figures() {
     )
     .await;
     assert_eq!(r["type"], "result", "{r}");
-    let mut watch = b.client().await;
-    watch.send(json!({"op": "watch", "interval_ms": 100})).await;
-    loop {
-        let snap = watch.recv_type("snapshot").await;
-        let totals = &snap["stats"]["cluster_totals"];
-        if totals["brokers"] == 2 && totals["evaluations"] == 1 {
-            assert_eq!(totals["submits"], 1, "{snap}");
-            assert_eq!(snap["stats"]["submits"], 0, "{snap}");
-            break;
-        }
-    }
+    let stats = b
+        .wait_stats(|s| {
+            s["cluster_totals"]["brokers"] == 2 && s["cluster_totals"]["evaluations"] == 1
+        })
+        .await;
+    assert_eq!(stats["cluster_totals"]["submits"], 1, "{stats}");
+    assert_eq!(stats["submits"], 0, "{stats}");
     a.stop().await;
     b.stop().await;
 }

@@ -38,19 +38,64 @@ fn artifact(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn node(options: &serde_json::Value) -> Command {
-    let mut cmd = Command::new("node");
-    cmd.arg(root().join("tests/browser/dashboard.mjs"))
-        .arg(options.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
+/// The page driver (tests/browser/dashboard.mjs) as a child process, its
+/// output read a line at a time as it comes.
+struct Page {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    reader: std::thread::JoinHandle<Vec<String>>,
 }
 
-async fn run_to_end(mut cmd: Command) -> std::process::Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
+impl Page {
+    fn open(options: &serde_json::Value) -> Page {
+        let mut child = Command::new("node")
+            .arg(root().join("tests/browser/dashboard.mjs"))
+            .arg(options.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let reader = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                seen.push(line);
+            }
+            seen
+        });
+        Page {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    /// The page's next line, within 30 s.
+    async fn next_line(&mut self) -> Option<String> {
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.lines.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits for the driver to end; it must have succeeded and said `last`
+    /// (its output and errors are shown otherwise).
+    async fn ends_with(self, last: &str) {
+        let Page { child, reader, .. } = self;
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let seen = reader.join().unwrap();
+        let errors = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{seen:?}\n{errors}");
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some(last),
+            "{seen:?}\n{errors}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,14 +117,7 @@ async fn in_flight_rows_come_and_go_and_counters_move() {
         "expectRole": "agent",
         "screenshot": artifact("dashboard-inflight.png"),
     });
-    let out = run_to_end(node(&options)).await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    Page::open(&options).ends_with("OK").await;
     server.settled_stats().await;
     server.stop().await;
 }
@@ -102,34 +140,10 @@ async fn a_viewer_sees_the_broker_go_away() {
         "expectRole": "viewer",
         "screenshot": artifact("dashboard-disconnected.png"),
     });
-    let mut child = node(&options).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let mut tx = Some(tx);
-        let mut seen = Vec::new();
-        for line in lines.by_ref().map_while(Result::ok) {
-            if line == "CONNECTED" {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-            seen.push(line);
-        }
-        seen
-    });
-    tokio::time::timeout(std::time::Duration::from_secs(30), rx)
-        .await
-        .expect("the page connected")
-        .unwrap();
+    let mut page = Page::open(&options);
+    assert_eq!(page.next_line().await.as_deref(), Some("CONNECTED"));
     server.stop().await;
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let seen = reader.join().unwrap();
-    assert!(status.success(), "{seen:?}");
-    assert!(seen.contains(&"DISCONNECTED".to_string()), "{seen:?}");
+    page.ends_with("DISCONNECTED").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,27 +179,12 @@ async fn a_clustered_broker_s_page_shows_its_pub_sub_health() {
         "screenshot": artifact("dashboard-cluster-pubsub-down.png"),
         "clusterScreenshot": artifact("dashboard-cluster.png"),
     });
-    let mut child = node(&options).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            seen.push(line);
-        }
-        seen
-    });
-    assert_eq!(next_line(&mut rx).await.as_deref(), Some("CONNECTED"));
+    let mut page = Page::open(&options);
+    assert_eq!(page.next_line().await.as_deref(), Some("CONNECTED"));
     redis.signal("-STOP");
-    assert_eq!(next_line(&mut rx).await.as_deref(), Some("DOWN"));
+    assert_eq!(page.next_line().await.as_deref(), Some("DOWN"));
     redis.signal("-CONT");
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let seen = reader.join().unwrap();
-    assert!(status.success(), "{seen:?}");
-    assert!(seen.contains(&"OK".to_string()), "{seen:?}");
+    page.ends_with("OK").await;
     server.stop().await;
     other.stop().await;
 }
@@ -228,13 +227,7 @@ async fn a_page_opened_after_a_burst_shows_it() {
         "minRate": 50,
         "screenshot": artifact("dashboard-history.png"),
     });
-    let out = run_to_end(node(&options)).await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Page::open(&options).ends_with("OK").await;
     server.stop().await;
 }
 
@@ -256,40 +249,17 @@ async fn a_worker_s_row_comes_when_it_serves_and_goes_when_it_leaves() {
         "concurrency": 3,
         "screenshot": artifact("dashboard-workers.png"),
     });
-    let mut child = node(&options).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            seen.push(line);
-        }
-        seen
-    });
-    assert_eq!(next_line(&mut rx).await.as_deref(), Some("READY"));
+    let mut page = Page::open(&options);
+    assert_eq!(page.next_line().await.as_deref(), Some("READY"));
     let mut worker = server.client().await;
     let r = worker
         .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 3}))
         .await;
     assert_eq!(r["type"], "serving", "{r}");
-    assert_eq!(next_line(&mut rx).await.as_deref(), Some("SEEN"));
+    assert_eq!(page.next_line().await.as_deref(), Some("SEEN"));
     drop(worker);
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let seen = reader.join().unwrap();
-    assert!(status.success(), "{seen:?}");
-    assert!(seen.contains(&"OK".to_string()), "{seen:?}");
+    page.ends_with("OK").await;
     server.stop().await;
-}
-
-/// The page's next line, within 30 s.
-async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Option<String> {
-    tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
-        .await
-        .ok()
-        .flatten()
 }
 
 /// A redis-server of the test's own on a free port, killed when dropped.
