@@ -65,27 +65,30 @@ pub struct ClusterHealth {
     pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
     /// Keys claimed here after their claimant's lease ran out.
     takeovers: prometheus_client::metrics::counter::Counter,
+    /// Times commands stopped answering.
+    degraded: prometheus_client::metrics::counter::Counter,
 }
 
 impl ClusterHealth {
-    pub fn new(
-        gauge: prometheus_client::metrics::gauge::Gauge,
-        pubsub_gauge: prometheus_client::metrics::gauge::Gauge,
-        takeovers: prometheus_client::metrics::counter::Counter,
-    ) -> Self {
-        gauge.set(0);
-        pubsub_gauge.set(0);
+    pub fn new(metrics: &Metrics) -> Self {
+        metrics.cluster_up.set(0);
+        metrics.cluster_pubsub_up.set(0);
         ClusterHealth {
             up: AtomicBool::new(false),
-            gauge,
+            gauge: metrics.cluster_up.clone(),
             pubsub: AtomicBool::new(false),
-            pubsub_gauge,
-            takeovers,
+            pubsub_gauge: metrics.cluster_pubsub_up.clone(),
+            takeovers: metrics.cluster_takeovers.clone(),
+            degraded: metrics.cluster_degraded.clone(),
         }
     }
 
     fn set(&self, up: bool) {
-        if self.up.swap(up, Ordering::AcqRel) != up {
+        let was = self.up.swap(up, Ordering::AcqRel);
+        if was && !up {
+            self.degraded.inc();
+        }
+        if was != up {
             if up {
                 tracing::info!("cluster: Redis reachable, coordinating with other brokers");
             } else {
@@ -320,6 +323,11 @@ const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1,
 const STORE: &str = "if (ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1]) or redis.call('EXISTS', KEYS[1]) == 0 then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end return 1 end return 0";
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// The broker's `node` name in one of its claims (`<node>:<run>:<seq>`).
+pub fn claim_node(claim: &str) -> &str {
+    claim.rsplitn(3, ':').nth(2).unwrap_or(claim)
+}
 
 /// A Redis call under `limit`; None when it failed or took longer.
 async fn timed<T>(
@@ -1216,7 +1224,13 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::{claim_node, redacted};
+
+    #[test]
+    fn a_claim_names_its_broker() {
+        assert_eq!(claim_node("b:7f3a:12"), "b");
+        assert_eq!(claim_node("eu:west:1:7f3a:12"), "eu:west:1");
+    }
 
     #[test]
     fn passwords_are_never_printed() {

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub cluster_up: Gauge,
     pub cluster_pubsub_up: Gauge,
     pub cluster_takeovers: Counter,
+    pub cluster_degraded: Counter,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
     /// The cluster's totals and its brokers, as the cluster task last
@@ -285,6 +286,12 @@ impl Metrics {
                 r,
                 "cluster_takeovers",
                 "Keys this broker claimed after their claimant's lease ran out",
+                Counter::default(),
+            ),
+            cluster_degraded: registered(
+                r,
+                "cluster_degraded",
+                "Times Redis stopped answering and the broker went to local mode",
                 Counter::default(),
             ),
             cluster_mode: std::sync::atomic::AtomicBool::new(false),

@@ -464,6 +464,10 @@ async fn when_the_claimant_dies_another_broker_takes_over() {
         .send(json!({"op": "submit", "id": "w", "input": input}))
         .await;
     assert_eq!(waiter.recv_type("accepted").await["state"], "queued");
+    // The survivor has found the claim and waits on the claimant.
+    survivor
+        .wait_inflight_row(&key, |row| row["broker"] == "doomed")
+        .await;
     claimant.kill().unwrap();
     claimant.wait().unwrap();
     // Within about lease_ms the survivor claims the key and evaluates it.
@@ -474,6 +478,7 @@ async fn when_the_claimant_dies_another_broker_takes_over() {
     survivor
         .wait_metric("herd_cluster_takeovers_total", |v| v == 1.0)
         .await;
+
     survivor.stop().await;
 }
 
@@ -1047,13 +1052,21 @@ async fn new_keys_are_claimed_side_by_side_not_one_round_trip_each() {
         let r = agent.recv_type("result").await;
         assert!(r["output"].is_object(), "{r}");
     }
+    // A result reaches its waiters as it goes to Redis.
     for input in &inputs {
         let key = key_of("default", input);
-        let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
-        assert!(
-            stored.contains("output"),
-            "{input} was not stored: {stored}"
-        );
+        let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+        loop {
+            let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
+            if stored.contains("output") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{input} was not stored: {stored}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
     server.stop().await;
 }

@@ -177,7 +177,8 @@ function renderRows(tableId, rows, fill) {
 
 function renderInflight(rows) {
   renderRows("inflight", rows, (tr, r) => {
-    cell(tr, r.state, "state-" + r.state);
+    const state = cell(tr, r.broker ? r.state + " on " + r.broker : r.state, "state-" + r.state);
+    if (r.worker) state.title = "worker " + r.worker;
     cell(tr, fmtInt(r.waiters), "num waiters");
     const age = cell(tr, fmtMs(r.age_ms), "num age");
     age.dataset.age = r.age_ms;

@@ -295,6 +295,8 @@ pub struct InflightRow {
     pub running: bool,
     pub waiters: usize,
     pub worker: Option<Arc<str>>,
+    /// The claim of the broker evaluating it, while this one waits on it.
+    pub elsewhere: Option<Arc<str>>,
     pub queued_at: Instant,
     pub age_ms: u64,
     pub preview: Arc<str>,
@@ -446,6 +448,9 @@ impl Core {
                 running: job.state() == KeyState::Running,
                 waiters: entry.waiters.len(),
                 worker: job.worker.clone(),
+                elsewhere: (job.phase == Phase::Waiting)
+                    .then(|| job.claim.clone())
+                    .flatten(),
                 queued_at: job.queued_at,
                 age_ms: now.saturating_duration_since(job.queued_at).as_millis() as u64,
                 preview: Arc::clone(&job.preview),

@@ -83,11 +83,7 @@ impl Broker {
         let cluster = match &config.cluster.redis {
             Some(_) => {
                 metrics.cluster_mode.store(true, Ordering::Relaxed);
-                let health = Arc::new(ClusterHealth::new(
-                    metrics.cluster_up.clone(),
-                    metrics.cluster_pubsub_up.clone(),
-                    metrics.cluster_takeovers.clone(),
-                ));
+                let health = Arc::new(ClusterHealth::new(&metrics));
                 let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
                 let max_output = evaluator_configs
                     .iter()

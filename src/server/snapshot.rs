@@ -59,6 +59,9 @@ struct Inflight<'a> {
     /// The worker session running it (remote evaluators).
     #[serde(skip_serializing_if = "Option::is_none")]
     worker: Option<&'a str>,
+    /// The broker evaluating it, while this one waits (cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<&'a str>,
 }
 
 /// The renderer task's state.
@@ -227,6 +230,7 @@ impl Renderer {
                 age_ms: row.age_ms,
                 input_preview: &row.preview,
                 worker: row.worker.as_deref(),
+                broker: row.elsewhere.as_deref().map(crate::cluster::claim_node),
             })
             .collect();
         let stats = self.metrics.stats(&self.cache, self.evaluators.figures());
