@@ -16,6 +16,16 @@
 //! to live is kept as a deadline beside the entry and checked on read; an
 //! expired entry is removed when it is read and otherwise counts against
 //! the bound until it is evicted.
+//!
+//! Invalidation never scans the cache: a key's entry is removed, and a
+//! whole fn's results are dropped by raising that fn's epoch. Every entry
+//! keeps the epoch of its fn when it was stored, and a read serves it only
+//! while that is still the fn's epoch (a stale entry is removed when read
+//! and otherwise evicted like any other).
+//!
+//! In a cluster, another broker may drop a result: the cache then serves
+//! nothing unless the broker has lately confirmed that it has heard every
+//! such announcement (see [`ResultCache::confirm_until`]).
 
 use crate::config::CacheConfig;
 use crate::error::EvalError;
@@ -23,6 +33,7 @@ use crate::key::Key;
 use crate::protocol::{eval_error_json, FrameWriter, ReqId};
 use quick_cache::sync::Cache;
 use quick_cache::{OptionsBuilder, Weighter};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,15 +59,17 @@ pub enum Cached {
 }
 
 impl Cached {
-    /// The `result` frame answering a submit or subscribe from the cache.
-    pub fn result_frame(&self, id: &ReqId, key: &Key) -> String {
-        let capacity = 112 + id.as_deref().map_or(0, str::len) + self.weight();
+    /// The `result` frame answering a submit or subscribe from the cache,
+    /// with the age of the result.
+    pub fn result_frame(&self, id: &ReqId, key: &Key, age: Duration) -> String {
+        let capacity = 128 + id.as_deref().map_or(0, str::len) + self.weight();
         self.with_answer(
             FrameWriter::with_capacity("result", capacity)
                 .id(id)
                 .key(key),
         )
         .str("source", "cache")
+        .uint("age_ms", age.as_millis() as u64)
         .finish()
     }
 
@@ -91,6 +104,24 @@ impl Cached {
 struct Stored {
     cached: Arc<Cached>,
     expires: Option<Instant>,
+    /// When it was computed.
+    at: Instant,
+    /// Its fn, and that fn's epoch when it was stored.
+    fn_index: usize,
+    epoch: u64,
+}
+
+/// A cached answer found for a key, and how old it is.
+pub struct Hit {
+    pub cached: Arc<Cached>,
+    pub age: Duration,
+}
+
+impl Hit {
+    /// The `result` frame answering a submit or subscribe with it.
+    pub fn result_frame(&self, id: &ReqId, key: &Key) -> String {
+        self.cached.result_frame(id, key, self.age)
+    }
 }
 
 /// Weighs an entry in bytes: key, output and bookkeeping.
@@ -130,22 +161,38 @@ impl Store {
         }
     }
 
-    fn get(&self, key: &Key) -> Option<Arc<Cached>> {
+    /// The entry of `key` unless it has expired or its fn's epoch has
+    /// moved on (either is removed).
+    fn get(&self, key: &Key, epochs: &[AtomicU64]) -> Option<Hit> {
         let stored = self.entries.get(key)?;
-        match stored.expires {
-            Some(deadline) if Instant::now() >= deadline => {
-                self.entries
-                    .remove_if(key, |s| s.expires.is_some_and(|d| Instant::now() >= d));
-                None
-            }
-            _ => Some(stored.cached),
+        let now = Instant::now();
+        let current = |s: &Stored| {
+            s.expires.is_none_or(|d| now < d)
+                && epochs
+                    .get(s.fn_index)
+                    .is_some_and(|e| e.load(Ordering::Acquire) == s.epoch)
+        };
+        if !current(&stored) {
+            self.entries.remove_if(key, |s| !current(s));
+            return None;
         }
+        Some(Hit {
+            age: now.saturating_duration_since(stored.at),
+            cached: stored.cached,
+        })
     }
 
-    fn insert(&self, key: Key, cached: Cached) {
-        let expires = self.ttl.map(|ttl| Instant::now() + ttl);
+    fn insert(&self, key: Key, cached: Cached, fn_index: usize, epoch: u64, at: Instant) {
+        let expires = self.ttl.map(|ttl| at + ttl);
         let cached = Arc::new(cached);
-        self.entries.insert(key, Stored { cached, expires });
+        let stored = Stored {
+            cached,
+            expires,
+            at,
+            fn_index,
+            epoch,
+        };
+        self.entries.insert(key, stored);
     }
 }
 
@@ -154,38 +201,115 @@ pub struct ResultCache {
     outputs: Store,
     failures: Option<Store>,
     max_bytes: u64,
+    /// Each fn's epoch: raised to drop all its results at once.
+    epochs: Box<[AtomicU64]>,
+    /// In a cluster: results are served only until this moment.
+    confirmed: Option<Confirmed>,
+}
+
+/// Until when (ms after `base`) the cache may serve.
+struct Confirmed {
+    base: Instant,
+    until_ms: AtomicU64,
 }
 
 impl ResultCache {
-    pub fn new(config: &CacheConfig) -> Self {
+    /// A cache for the results of `fns` evaluators; `clustered`: it serves
+    /// only while confirmed (see [`ResultCache::confirm_until`]).
+    pub fn new(config: &CacheConfig, fns: usize, clustered: bool) -> Self {
         let failures = (config.error_ttl_s > 0)
             .then(|| Store::new((config.max_bytes / 16).max(1), config.error_ttl_s));
         ResultCache {
             outputs: Store::new(config.max_bytes, config.ttl_s),
             failures,
             max_bytes: config.max_bytes,
+            epochs: (0..fns).map(|_| AtomicU64::new(0)).collect(),
+            confirmed: clustered.then(|| Confirmed {
+                base: Instant::now(),
+                until_ms: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// In a cluster: the broker has heard of every invalidation made up to
+    /// `until` less one lease, so it may serve results until `until`.
+    pub fn confirm_until(&self, until: Instant) {
+        if let Some(c) = &self.confirmed {
+            let ms = until.saturating_duration_since(c.base).as_millis() as u64;
+            c.until_ms.fetch_max(ms, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether results may be served now (always, for a lone broker).
+    fn confirmed(&self) -> bool {
+        self.confirmed.as_ref().is_none_or(|c| {
+            (c.base.elapsed().as_millis() as u64) < c.until_ms.load(Ordering::Acquire)
+        })
     }
 
     /// The cached answer for `key`, output or kept failure.
-    pub fn get(&self, key: &Key) -> Option<Arc<Cached>> {
-        self.outputs
-            .get(key)
-            .or_else(|| self.failures.as_ref().and_then(|f| f.get(key)))
+    pub fn get(&self, key: &Key) -> Option<Hit> {
+        if !self.confirmed() {
+            return None;
+        }
+        self.outputs.get(key, &self.epochs).or_else(|| {
+            self.failures
+                .as_ref()
+                .and_then(|f| f.get(key, &self.epochs))
+        })
     }
 
-    pub fn insert_output(&self, key: Key, output: Box<str>) {
+    /// The cached answer for `key` if it is no older than `max_age`.
+    pub fn get_fresh(&self, key: &Key, max_age: Option<Duration>) -> Option<Hit> {
+        self.get(key)
+            .filter(|hit| max_age.is_none_or(|max| hit.age <= max))
+    }
+
+    /// Keeps the output of fn `fn_index` for `key`, computed at `at`.
+    pub fn insert_output(&self, key: Key, fn_index: usize, output: Box<str>, at: Instant) {
         if let Some(f) = &self.failures {
             f.entries.remove(&key);
         }
-        self.outputs.insert(key, Cached::Output(output));
+        let epoch = self.epoch(fn_index);
+        self.outputs
+            .insert(key, Cached::Output(output), fn_index, epoch, at);
     }
 
     /// Keeps a failure when `error_ttl_s` asks for it; otherwise does nothing.
-    pub fn insert_failure(&self, key: Key, error: EvalError) {
+    pub fn insert_failure(&self, key: Key, fn_index: usize, error: EvalError) {
         if let Some(f) = &self.failures {
-            f.insert(key, Cached::Failure(error));
+            let epoch = self.epoch(fn_index);
+            f.insert(key, Cached::Failure(error), fn_index, epoch, Instant::now());
         }
+    }
+
+    /// Drops what is kept for `key`.
+    pub fn remove(&self, key: &Key) {
+        self.outputs.entries.remove(key);
+        if let Some(f) = &self.failures {
+            f.entries.remove(key);
+        }
+    }
+
+    /// Drops every result of fn `fn_index` (none is read again; each
+    /// leaves when it is read or evicted).
+    pub fn drop_fn(&self, fn_index: usize) {
+        if let Some(e) = self.epochs.get(fn_index) {
+            e.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Drops every result of every fn.
+    pub fn drop_all(&self) {
+        for fn_index in 0..self.epochs.len() {
+            self.drop_fn(fn_index);
+        }
+    }
+
+    fn epoch(&self, fn_index: usize) -> u64 {
+        self.epochs
+            .get(fn_index)
+            .map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     /// (entries, bytes) of kept outputs.
@@ -204,10 +328,14 @@ mod tests {
     use super::*;
 
     fn cache(max_bytes: u64) -> ResultCache {
-        ResultCache::new(&CacheConfig {
-            max_bytes,
-            ..CacheConfig::default()
-        })
+        ResultCache::new(
+            &CacheConfig {
+                max_bytes,
+                ..CacheConfig::default()
+            },
+            2,
+            false,
+        )
     }
 
     fn key(n: u32) -> Key {
@@ -222,7 +350,7 @@ mod tests {
     fn stays_within_its_byte_bound() {
         let cache = cache(1 << 20);
         for n in 0..10_000 {
-            cache.insert_output(key(n), output(1000));
+            cache.insert_output(key(n), 0, output(1000), Instant::now());
             assert!(cache.usage().1 <= 1 << 20, "over the bound at {n}");
         }
         let (entries, bytes) = cache.usage();
@@ -237,13 +365,13 @@ mod tests {
         let cache = cache(1 << 20);
         let hot: Vec<Key> = (0..100).map(key).collect();
         for k in &hot {
-            cache.insert_output(*k, output(100));
+            cache.insert_output(*k, 0, output(100), Instant::now());
         }
         for n in 1_000..20_000 {
             for k in hot.iter().skip(n as usize % 10).step_by(10) {
                 assert!(cache.get(k).is_some(), "hot key evicted by the scan at {n}");
             }
-            cache.insert_output(key(n), output(1000));
+            cache.insert_output(key(n), 0, output(1000), Instant::now());
         }
         let scanned = (1_000..20_000)
             .filter(|n| cache.get(&key(*n)).is_some())
@@ -254,19 +382,63 @@ mod tests {
     #[test]
     fn an_output_as_large_as_a_small_cache_is_kept() {
         let cache = cache(64 << 10);
-        cache.insert_output(key(1), output(60 << 10));
+        cache.insert_output(key(1), 0, output(60 << 10), Instant::now());
         assert!(cache.get(&key(1)).is_some());
     }
 
     #[test]
     fn entries_past_their_time_to_live_are_not_served() {
         let store = Store::new(1 << 20, 60);
-        store.insert(key(1), Cached::Output(output(10)));
-        assert!(store.get(&key(1)).is_some());
+        let epochs = [AtomicU64::new(0)];
+        store.insert(key(1), Cached::Output(output(10)), 0, 0, Instant::now());
+        assert!(store.get(&key(1), &epochs).is_some());
         let mut stored = store.entries.get(&key(1)).expect("kept");
         stored.expires = Some(Instant::now());
         store.entries.insert(key(1), stored);
-        assert!(store.get(&key(1)).is_none(), "expired");
+        assert!(store.get(&key(1), &epochs).is_none(), "expired");
         assert_eq!(store.entries.len(), 0, "removed when read");
+    }
+
+    #[test]
+    fn dropping_a_fn_drops_its_results_and_no_other() {
+        let cache = cache(1 << 20);
+        cache.insert_output(key(1), 0, output(10), Instant::now());
+        cache.insert_output(key(2), 1, output(10), Instant::now());
+        cache.drop_fn(0);
+        assert!(cache.get(&key(1)).is_none(), "fn 0's result dropped");
+        assert!(cache.get(&key(2)).is_some(), "fn 1's result kept");
+        cache.insert_output(key(1), 0, output(10), Instant::now());
+        assert!(
+            cache.get(&key(1)).is_some(),
+            "stored again under the new epoch"
+        );
+        cache.remove(&key(2));
+        assert!(cache.get(&key(2)).is_none());
+    }
+
+    #[test]
+    fn a_clustered_cache_serves_only_while_confirmed() {
+        let cache = ResultCache::new(&CacheConfig::default(), 1, true);
+        cache.insert_output(key(1), 0, output(10), Instant::now());
+        assert!(cache.get(&key(1)).is_none(), "not confirmed yet");
+        cache.confirm_until(Instant::now() + Duration::from_secs(60));
+        assert!(cache.get(&key(1)).is_some());
+        cache.drop_all();
+        assert!(cache.get(&key(1)).is_none());
+    }
+
+    #[test]
+    fn a_hit_says_how_old_it_is_and_max_age_refuses_older_ones() {
+        let cache = cache(1 << 20);
+        let at = Instant::now() - Duration::from_secs(5);
+        cache.insert_output(key(1), 0, output(10), at);
+        let hit = cache.get(&key(1)).expect("kept");
+        assert!(hit.age >= Duration::from_secs(5), "{:?}", hit.age);
+        assert!(cache
+            .get_fresh(&key(1), Some(Duration::from_secs(1)))
+            .is_none());
+        assert!(cache
+            .get_fresh(&key(1), Some(Duration::from_secs(60)))
+            .is_some());
     }
 }

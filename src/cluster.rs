@@ -6,9 +6,11 @@
 //! does not have. This task does all Redis I/O and talks to the hub only by
 //! messages (the hub never awaits Redis):
 //!
-//! - [`ClusterCmd::Acquire`]: look for the result in Redis (`result:{key}`,
-//!   a second cache level); if absent, claim the key (`SET claim:{key}
-//!   <node>:<seq> NX PX lease_ms`). The hub hears `Found`, `Claimed` (evaluate
+//! - [`ClusterCmd::Acquire`]: look for the result in Redis
+//!   (`result:{key}:<tag>`, a second cache level); if absent, claim the key
+//!   (`SET claim:{key}:<tag> <node>:<seq> NX PX lease_ms`). The tag is the
+//!   fn's epoch and version ([`FnTags`]): a result of another version, or
+//!   from before the fn was invalidated, is never found. The hub hears `Found`, `Claimed` (evaluate
 //!   here), `Waiting` (another broker evaluates) or `Local` (Redis is away:
 //!   evaluate here, as a lone broker would).
 //! - Claims held are renewed every `lease_ms / 3` while their evaluation
@@ -25,6 +27,13 @@
 //!   result found is delivered, an expired claim is taken over (the claimant
 //!   died), and with Redis away the broker evaluates locally. Nobody waits
 //!   forever.
+//! - [`ClusterCmd::Invalidate`]: a fn's epoch is raised (`<prefix>epochs`)
+//!   or a key's results deleted, and the drop announced on the same
+//!   channel; every broker drops its copies when it hears it, and every
+//!   lease reads the epochs again. A broker serves from its own cache only
+//!   while its subscription has answered a ping within a lease (so it has
+//!   heard every announcement made before), and the invalidating broker
+//!   answers a lease after Redis recorded the drop.
 //!
 //! Commands for different keys run side by side on one multiplexed
 //! connection (a slow round trip holds up only its own key); commands for
@@ -35,8 +44,9 @@
 //! Every key is hash-tagged (`{<key>}`) so its claim and result live on one
 //! Redis Cluster shard.
 
+use crate::cache::ResultCache;
 use crate::config::{CacheConfig, ClusterConfig};
-use crate::core::{ClusterCmd, ClusterEvent, Gen};
+use crate::core::{ClusterCmd, ClusterEvent, Gen, Target};
 use crate::error::EvalError;
 use crate::key::Key;
 use crate::metrics::{BrokerFigures, Metrics, Totals};
@@ -48,7 +58,7 @@ use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -124,6 +134,20 @@ impl ClusterHealth {
 struct Stored<'a> {
     #[serde(default)]
     key: Option<&'a str>,
+    /// The fn that computed it, and that fn's version and epoch then.
+    #[serde(default, rename = "fn")]
+    fn_name: Option<&'a str>,
+    #[serde(default)]
+    tag: Option<&'a str>,
+    /// When it was computed (Unix ms).
+    #[serde(default)]
+    at_ms: u64,
+    /// An invalidation: every result of `fn_name` before this epoch is dropped.
+    #[serde(default)]
+    epoch: Option<u64>,
+    /// An invalidation: this key's result is dropped.
+    #[serde(default)]
+    drop: Option<&'a str>,
     #[serde(default)]
     claim: Option<&'a str>,
     /// The output was too large for the notice: it is in the store.
@@ -151,6 +175,59 @@ impl Stored<'_> {
             (None, Some(e)) => Some(Err(EvalError::Failed(e.message.clone()))),
             _ => None,
         }
+    }
+}
+
+/// Each fn's name, version and epoch, shared by the task and its listener:
+/// results are stored and announced under a fn's tag (`<epoch>:<version>`),
+/// so a result of another version, or from before the fn's invalidation,
+/// is never found or taken.
+pub struct FnTags {
+    fns: Vec<FnTag>,
+}
+
+struct FnTag {
+    name: String,
+    version: String,
+    /// Raised (never lowered) by an invalidation of the fn, this broker's
+    /// or another's.
+    epoch: AtomicU64,
+}
+
+impl FnTags {
+    /// `fns`: each fn's name and version, in evaluator order.
+    pub fn new(fns: Vec<(String, String)>) -> FnTags {
+        FnTags {
+            fns: fns
+                .into_iter()
+                .map(|(name, version)| FnTag {
+                    name,
+                    version,
+                    epoch: AtomicU64::new(0),
+                })
+                .collect(),
+        }
+    }
+
+    fn tag(&self, evaluator: usize) -> String {
+        let f = &self.fns[evaluator];
+        format!("{}:{}", f.epoch.load(Ordering::Acquire), f.version)
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.fns.iter().position(|f| f.name == name)
+    }
+
+    /// Fn `evaluator`'s epoch is now at least `epoch`; whether it rose.
+    fn raise(&self, evaluator: usize, epoch: u64) -> bool {
+        self.fns[evaluator].epoch.fetch_max(epoch, Ordering::AcqRel) < epoch
+    }
+
+    /// The fn of a stored result or notice, if it is of that fn's current
+    /// tag.
+    fn current(&self, stored: &Stored) -> Option<usize> {
+        let evaluator = self.index(stored.fn_name?)?;
+        (stored.tag? == self.tag(evaluator)).then_some(evaluator)
     }
 }
 
@@ -210,8 +287,12 @@ enum Reply {
     Acquired {
         key: Key,
         gen: Gen,
+        evaluator: usize,
         hold: Duration,
         value: String,
+        /// The claim's name, and the tag in it.
+        name: String,
+        tag: String,
         recheck: bool,
         found: Option<(i64, String)>,
     },
@@ -232,6 +313,16 @@ enum Reply {
     Renewed { lost: Vec<(Key, String)> },
     /// An idle tick's PING (health only).
     Pinged,
+    /// Every fn's epoch as Redis has it (None: not read).
+    Epochs(Option<HashMap<String, u64>>),
+    /// An invalidation was recorded (`ok`) and has had its time to reach
+    /// every broker.
+    Invalidated {
+        target: Target,
+        session: crate::outbox::SessionId,
+        id: crate::protocol::ReqId,
+        ok: bool,
+    },
     /// Every live broker's figures and their counters summed (None: not
     /// all could be read).
     Totals(Option<(Totals, Vec<BrokerFigures>)>),
@@ -245,7 +336,11 @@ impl Reply {
             | Reply::Looked { key, .. }
             | Reply::Finished { key, .. }
             | Reply::Released { key } => Some(*key),
-            Reply::Renewed { .. } | Reply::Pinged | Reply::Totals(_) => None,
+            Reply::Renewed { .. }
+            | Reply::Pinged
+            | Reply::Totals(_)
+            | Reply::Epochs(_)
+            | Reply::Invalidated { .. } => None,
         }
     }
 }
@@ -263,9 +358,16 @@ pub struct Cluster {
     client: redis::Client,
     /// Claims this broker holds: key → the job holding it.
     held: HashMap<Key, Held>,
-    /// Keys this broker waits on another broker for: the job waiting, and
-    /// how long a claim taken over for it may be kept.
-    waiting: HashMap<Key, (Gen, Duration)>,
+    /// Keys this broker waits on another broker for: the job waiting, its
+    /// fn, and how long a claim taken over for it may be kept.
+    waiting: HashMap<Key, (Gen, usize, Duration)>,
+    /// Each fn's tag.
+    tags: Arc<FnTags>,
+    /// Jobs running here without a claim, and their fn's tag when they
+    /// began (their result is stored under it).
+    local_tags: HashMap<Gen, String>,
+    /// The results cache (its freshness is confirmed by the listener).
+    cache: Arc<ResultCache>,
     /// Keys with I/O under way, and the commands for them that wait their
     /// turn: commands for one key run in order, commands for different
     /// keys side by side.
@@ -309,15 +411,21 @@ pub struct Cluster {
 struct Held {
     /// The job it is for.
     gen: Gen,
+    /// The claim's name in Redis.
+    name: String,
+    /// Its fn's tag when it was taken: the job's result is stored under it
+    /// (after an invalidation of the fn, where nobody reads it).
+    tag: String,
     /// Its value in Redis (the fencing token).
     value: String,
     /// Renewed until then at most.
     until: tokio::time::Instant,
 }
 
-/// The result if stored, else a claim if free: one round trip, and no
-/// second evaluation when a result lands between a look and a claim.
-const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, redis.call('GET', KEYS[2]) or ''}";
+/// The result if stored (and computed at `ARGV[3]` Unix ms or later: its
+/// `at_ms` comes before its output), else a claim if free: one round trip,
+/// and no second evaluation when a result lands between a look and a claim.
+const ACQUIRE: &str = "local r = redis.call('GET', KEYS[1]) if r and (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) >= tonumber(ARGV[3]) then return {1, r} end if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end return {3, redis.call('GET', KEYS[2]) or ''}";
 /// Stores a result (KEYS[1]) if the claim (KEYS[2]) is still ARGV[1], or
 /// if no result is stored: the fencing of a claimant that lost its claim.
 const STORE: &str = "if (ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1]) or redis.call('EXISTS', KEYS[1]) == 0 then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end return 1 end return 0";
@@ -347,9 +455,12 @@ async fn timed<T>(
 impl Cluster {
     /// Prepares the task (no connection is made yet: Redis may be away).
     /// `max_output` is the largest `max_output_bytes` of any fn.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &ClusterConfig,
         cache: &CacheConfig,
+        tags: Arc<FnTags>,
+        results: Arc<ResultCache>,
         max_output: usize,
         hub: mpsc::Sender<ClusterEvent>,
         health: Arc<ClusterHealth>,
@@ -401,6 +512,9 @@ impl Cluster {
             open: true,
             run: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             waiting: HashMap::new(),
+            tags,
+            local_tags: HashMap::new(),
+            cache: results,
             next_claim: 0,
             result_ttl_s: config.result_ttl_s,
             error_ttl_s: cache.error_ttl_s,
@@ -411,8 +525,27 @@ impl Cluster {
         })
     }
 
-    fn key(&self, kind: &str, key: &Key) -> String {
-        format!("{}{kind}:{{{}}}", self.config.prefix, key.to_hex())
+    /// The name of `key`'s `kind` (claim, result) under fn `evaluator`'s
+    /// current tag.
+    fn key(&self, kind: &str, key: &Key, evaluator: usize) -> String {
+        self.tagged(kind, key, &self.tags.tag(evaluator))
+    }
+
+    /// The name of `key`'s `kind` under `tag`.
+    fn tagged(&self, kind: &str, key: &Key, tag: &str) -> String {
+        format!("{}{kind}:{{{}}}:{tag}", self.config.prefix, key.to_hex())
+    }
+
+    /// The names `key`'s results may have: one per fn (the key says which
+    /// fn, but only to whoever knows the input).
+    fn result_names(&self, key: &Key) -> Vec<String> {
+        (0..self.tags.fns.len())
+            .map(|evaluator| self.key("result", key, evaluator))
+            .collect()
+    }
+
+    fn epochs_name(&self) -> String {
+        format!("{}epochs", self.config.prefix)
     }
 
     fn channel(&self) -> String {
@@ -442,6 +575,9 @@ impl Cluster {
             timeout: self.limit(),
             resubscribed: Arc::clone(&resubscribed),
             max_stored: self.max_stored,
+            tags: Arc::clone(&self.tags),
+            cache: Arc::clone(&self.cache),
+            lease,
         };
         let listener = tokio::spawn(listen(listener, stop.clone()));
         let mut renew = tokio::time::interval(lease / 3);
@@ -491,6 +627,9 @@ impl Cluster {
                 }
                 _ = recheck.tick() => {
                     self.recheck(&mut io).await;
+                    if let Some(read) = self.read_epochs().await {
+                        io.push(read);
+                    }
                     if self.open {
                         // Away: the cluster's figures are unknown.
                         *self.metrics.cluster_totals.lock().expect("not poisoned") = None;
@@ -554,7 +693,12 @@ impl Cluster {
     /// Takes a command: started at once unless its key has I/O under way,
     /// in which case it waits its turn.
     async fn begin(&mut self, cmd: ClusterCmd, io: &mut futures::stream::FuturesUnordered<Io>) {
-        let key = cmd.key();
+        let Some(key) = cmd.key() else {
+            if let Some(work) = self.dispatch(cmd).await {
+                io.push(work);
+            }
+            return;
+        };
         if let Some(queue) = self.busy.get_mut(&key) {
             queue.push_back(cmd);
             return;
@@ -589,10 +733,21 @@ impl Cluster {
     /// none (or Redis is away).
     async fn dispatch(&mut self, cmd: ClusterCmd) -> Option<Io> {
         match cmd {
-            ClusterCmd::Acquire { key, gen, hold } => {
-                let work = self.acquire(key, gen, hold, false).await;
+            ClusterCmd::Acquire {
+                key,
+                gen,
+                evaluator,
+                hold,
+                max_age,
+            } => {
+                // A result computed before then is passed over.
+                let since_ms =
+                    max_age.map_or(0, |age| unix_ms().saturating_sub(age.as_millis() as u64));
+                let work = self
+                    .acquire(key, gen, evaluator, hold, since_ms, false)
+                    .await;
                 if work.is_none() {
-                    self.tell(ClusterEvent::Local { key, gen }).await;
+                    self.local(key, gen, evaluator).await;
                 }
                 work
             }
@@ -610,10 +765,11 @@ impl Cluster {
             ClusterCmd::Finished {
                 key,
                 gen,
+                evaluator,
                 outcome,
                 confirm,
             } => {
-                let work = self.finished(key, gen, outcome, confirm).await;
+                let work = self.finished(key, gen, evaluator, outcome, confirm).await;
                 if work.is_none() && confirm {
                     // Redis is away: nothing else can have been stored.
                     let verdict = ClusterEvent::Verdict {
@@ -626,12 +782,43 @@ impl Cluster {
                 work
             }
             ClusterCmd::Forget { key, gen } => {
-                if self.waiting.get(&key).is_some_and(|(g, _)| *g == gen) {
+                self.local_tags.remove(&gen);
+                if self.waiting.get(&key).is_some_and(|(g, _, _)| *g == gen) {
                     self.waiting.remove(&key);
                 }
                 None
             }
             ClusterCmd::Release { key, gen } => self.release_claim(key, gen).await,
+            ClusterCmd::Invalidate {
+                target,
+                session,
+                id,
+            } => {
+                let work = self.invalidate(target).await;
+                if work.is_none() {
+                    let answer = ClusterEvent::Invalidated {
+                        target,
+                        session,
+                        id: id.clone(),
+                        ok: false,
+                    };
+                    self.tell(answer).await;
+                }
+                work.map(|work| -> Io {
+                    Box::pin(async move {
+                        let Done { answered, .. } = work.await;
+                        Done {
+                            answered,
+                            reply: Reply::Invalidated {
+                                target,
+                                session,
+                                id,
+                                ok: answered,
+                            },
+                        }
+                    })
+                })
+            }
         }
     }
 
@@ -641,25 +828,35 @@ impl Cluster {
             Reply::Acquired {
                 key,
                 gen,
+                evaluator,
                 hold,
                 value,
+                name,
+                tag,
                 recheck,
                 found,
             } => {
                 let event = match found {
                     // Redis went away: evaluate here rather than wait.
-                    None => Some(ClusterEvent::Local { key, gen }),
-                    Some((1, stored)) => Some(match self.parse(&stored) {
-                        Some(outcome) => {
+                    None => return self.local(key, gen, evaluator).await,
+                    Some((1, stored)) => match self.parse(&stored) {
+                        Some(found) => {
                             self.l2_hits += 1;
-                            found_event(key, outcome)
+                            Some(found_event(key, found))
                         }
-                        None => ClusterEvent::Local { key, gen },
-                    }),
+                        None => return self.local(key, gen, evaluator).await,
+                    },
                     Some((2, _)) => {
                         let until = tokio::time::Instant::now() + hold;
                         let claim: Arc<str> = value.as_str().into();
-                        self.held.insert(key, Held { gen, value, until });
+                        let held = Held {
+                            gen,
+                            name,
+                            tag,
+                            value,
+                            until,
+                        };
+                        self.held.insert(key, held);
                         Some(if recheck {
                             tracing::info!(key = %key, "cluster: the claimant's lease expired; evaluating here");
                             self.health.takeovers.inc();
@@ -669,7 +866,7 @@ impl Cluster {
                         })
                     }
                     Some((_, holder)) if !recheck => {
-                        self.waiting.insert(key, (gen, hold));
+                        self.waiting.insert(key, (gen, evaluator, hold));
                         Some(ClusterEvent::Waiting {
                             key,
                             gen,
@@ -687,10 +884,10 @@ impl Cluster {
                 }
             }
             Reply::Looked { key, found } => match found.and_then(|text| self.parse(&text)) {
-                Some(outcome) => {
+                Some(found) => {
                     self.l2_hits += 1;
                     self.looked.remove(&key);
-                    self.tell(found_event(key, outcome)).await;
+                    self.tell(found_event(key, found)).await;
                 }
                 None => {
                     self.looked.insert(key);
@@ -702,10 +899,34 @@ impl Cluster {
                 confirm: true,
                 stored,
             } => {
-                let stored = stored.and_then(|text| self.parse(&text));
+                let stored = stored.and_then(|text| self.parse(&text)).map(|f| f.outcome);
                 self.tell(ClusterEvent::Verdict { key, gen, stored }).await;
             }
             Reply::Finished { .. } | Reply::Released { .. } | Reply::Pinged => {}
+            Reply::Epochs(epochs) => {
+                for (name, epoch) in epochs.unwrap_or_default() {
+                    if let Some(evaluator) = self.tags.index(&name) {
+                        if self.tags.raise(evaluator, epoch) {
+                            self.tell(ClusterEvent::Dropped(Target::Fn(evaluator)))
+                                .await;
+                        }
+                    }
+                }
+            }
+            Reply::Invalidated {
+                target,
+                session,
+                id,
+                ok,
+            } => {
+                let answer = ClusterEvent::Invalidated {
+                    target,
+                    session,
+                    id,
+                    ok,
+                };
+                self.tell(answer).await;
+            }
             Reply::Totals(totals) => {
                 self.totals_pending = false;
                 *self.metrics.cluster_totals.lock().expect("not poisoned") = totals;
@@ -724,24 +945,39 @@ impl Cluster {
 
     /// A stored result or notice read from Redis, unless too long or not
     /// one of ours.
-    fn parse(&self, text: &str) -> Option<Result<Arc<str>, EvalError>> {
+    fn parse(&self, text: &str) -> Option<FoundOutcome> {
         if text.len() > self.max_stored {
             return None;
         }
-        serde_json::from_str::<Stored>(text).ok()?.outcome()
+        let stored = serde_json::from_str::<Stored>(text).ok()?;
+        Some(FoundOutcome {
+            evaluator: self.tags.current(&stored)?,
+            outcome: stored.outcome()?,
+            at_ms: stored.at_ms,
+        })
     }
 
     /// Looks for the stored outcome of `key`, else claims it for job `gen`.
-    async fn acquire(&mut self, key: Key, gen: Gen, hold: Duration, recheck: bool) -> Option<Io> {
+    async fn acquire(
+        &mut self,
+        key: Key,
+        gen: Gen,
+        evaluator: usize,
+        hold: Duration,
+        since_ms: u64,
+        recheck: bool,
+    ) -> Option<Io> {
         let mut conn = self.usable().await?;
         self.next_claim += 1;
         let value = format!("{}:{}:{}", self.node, self.run, self.next_claim);
-        let (result, claim) = (self.key("result", &key), self.key("claim", &key));
+        let tag = self.tags.tag(evaluator);
+        let result = self.tagged("result", &key, &tag);
+        let name = self.tagged("claim", &key, &tag);
         let (lease, limit) = (self.config.lease_ms, self.limit());
         let script = self.acquire.clone();
         Some(Box::pin(async move {
             let mut invocation = script.key(result);
-            invocation.key(claim).arg(&value).arg(lease);
+            invocation.key(&name).arg(&value).arg(lease).arg(since_ms);
             let found: Option<(i64, String)> =
                 timed(limit, invocation.invoke_async(&mut conn)).await;
             Done {
@@ -749,8 +985,11 @@ impl Cluster {
                 reply: Reply::Acquired {
                     key,
                     gen,
+                    evaluator,
                     hold,
                     value,
+                    name,
+                    tag,
                     recheck,
                     found,
                 },
@@ -761,17 +1000,90 @@ impl Cluster {
     /// Reads the stored outcome of `key`.
     async fn lookup(&mut self, key: Key) -> Option<Io> {
         let mut conn = self.usable().await?;
-        let (name, limit) = (self.key("result", &key), self.limit());
+        let (names, limit) = (self.result_names(&key), self.limit());
         Some(Box::pin(async move {
-            let found: Option<Option<String>> = timed(limit, conn.get(name)).await;
+            let mget = redis::cmd("MGET").arg(&names).to_owned();
+            let found: Option<Vec<Option<String>>> =
+                timed(limit, mget.query_async(&mut conn)).await;
             Done {
                 answered: found.is_some(),
                 reply: Reply::Looked {
                     key,
-                    found: found.flatten(),
+                    found: found.into_iter().flatten().flatten().next(),
                 },
             }
         }))
+    }
+
+    /// Reads every fn's epoch.
+    async fn read_epochs(&mut self) -> Option<Io> {
+        let mut conn = self.usable().await?;
+        let (name, limit) = (self.epochs_name(), self.limit());
+        Some(Box::pin(async move {
+            let epochs: Option<HashMap<String, u64>> = timed(limit, conn.hgetall(name)).await;
+            Done {
+                answered: epochs.is_some(),
+                reply: Reply::Epochs(epochs),
+            }
+        }))
+    }
+
+    /// Records the invalidation of `target` in Redis and announces it, then
+    /// waits one lease: by then every broker has dropped its copies, or
+    /// serves none from its cache (its subscription has not been confirmed
+    /// within a lease). A key's result is deleted again after the wait, in
+    /// case a broker evaluating it stored it before it heard.
+    async fn invalidate(&mut self, target: Target) -> Option<Io> {
+        let mut conn = self.usable().await?;
+        let (channel, limit) = (self.channel(), self.limit());
+        let lease = Duration::from_millis(self.config.lease_ms);
+        match target {
+            Target::Fn(evaluator) => {
+                let name = self.tags.fns[evaluator].name.clone();
+                let epochs = self.epochs_name();
+                let tags = Arc::clone(&self.tags);
+                Some(Box::pin(async move {
+                    let raised: Option<u64> = timed(limit, conn.hincr(&epochs, &name, 1u64)).await;
+                    let Some(epoch) = raised else {
+                        return unanswered();
+                    };
+                    tags.raise(evaluator, epoch);
+                    let notice = serde_json::json!({"fn": name, "epoch": epoch}).to_string();
+                    let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
+                    let sent: Option<i64> = timed(limit, publish.query_async(&mut conn)).await;
+                    if sent.is_none() {
+                        return unanswered();
+                    }
+                    tokio::time::sleep(lease).await;
+                    Done {
+                        answered: true,
+                        reply: Reply::Pinged,
+                    }
+                }))
+            }
+            Target::Key(key) => {
+                let names = self.result_names(&key);
+                Some(Box::pin(async move {
+                    let delete = redis::cmd("DEL").arg(&names).to_owned();
+                    let deleted: Option<i64> = timed(limit, delete.query_async(&mut conn)).await;
+                    if deleted.is_none() {
+                        return unanswered();
+                    }
+                    let notice = serde_json::json!({"drop": key.to_hex()}).to_string();
+                    let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
+                    let sent: Option<i64> = timed(limit, publish.query_async(&mut conn)).await;
+                    if sent.is_none() {
+                        return unanswered();
+                    }
+                    tokio::time::sleep(lease).await;
+                    let again: Option<i64> = timed(limit, delete.query_async(&mut conn)).await;
+                    Done {
+                        answered: again.is_some(),
+                        reply: Reply::Pinged,
+                    }
+                }))
+            }
+        }
     }
 
     /// Renews every claim held, all sent together (one round trip on the
@@ -798,7 +1110,7 @@ impl Cluster {
         let claims: Vec<(Key, String, String)> = self
             .held
             .iter()
-            .map(|(k, held)| (*k, self.key("claim", k), held.value.clone()))
+            .map(|(k, held)| (*k, held.name.clone(), held.value.clone()))
             .collect();
         let (lease, limit, script) = (self.config.lease_ms, self.limit(), self.renew.clone());
         self.renewing = true;
@@ -951,14 +1263,14 @@ impl Cluster {
             self.busy.insert(key, VecDeque::new());
             io.push(work);
         }
-        let keys: Vec<(Key, Gen, Duration)> = self
+        let keys: Vec<(Key, Gen, usize, Duration)> = self
             .waiting
             .iter()
             .filter(|(k, _)| !self.busy.contains_key(*k))
-            .map(|(k, (g, h))| (*k, *g, *h))
+            .map(|(k, (g, e, h))| (*k, *g, *e, *h))
             .collect();
-        for (key, gen, hold) in keys {
-            match self.acquire(key, gen, hold, true).await {
+        for (key, gen, evaluator, hold) in keys {
+            match self.acquire(key, gen, evaluator, hold, 0, true).await {
                 Some(work) => {
                     self.busy.insert(key, VecDeque::new());
                     io.push(work);
@@ -966,10 +1278,18 @@ impl Cluster {
                 None => {
                     // Redis is away: evaluate here rather than wait.
                     self.waiting.remove(&key);
-                    self.tell(ClusterEvent::Local { key, gen }).await;
+                    self.local(key, gen, evaluator).await;
                 }
             }
         }
+    }
+
+    /// Job `gen` runs here without a claim: its result will be stored
+    /// under its fn's tag as of now.
+    async fn local(&mut self, key: Key, gen: Gen, evaluator: usize) {
+        self.waiting.remove(&key);
+        self.local_tags.insert(gen, self.tags.tag(evaluator));
+        self.tell(ClusterEvent::Local { key, gen }).await;
     }
 
     /// Stores and publishes the outcome of job `gen` and gives up its claim;
@@ -978,28 +1298,51 @@ impl Cluster {
         &mut self,
         key: Key,
         gen: Gen,
+        evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
         confirm: bool,
     ) -> Option<Io> {
         // The claim leaves `held` now: it is released below, not renewed.
-        let token = match self.held.get(&key) {
-            Some(held) if held.gen == gen => self.held.remove(&key).map(|h| h.value),
+        let held = match self.held.get(&key) {
+            Some(held) if held.gen == gen => self.held.remove(&key),
             _ => None,
         };
+        let local_tag = self.local_tags.remove(&gen);
         let conn = self.usable().await?;
+        // Under the tag the job began with (its claim's): a job that began
+        // before its fn was invalidated stores where nobody reads. A job
+        // that began nowhere this task saw (the hub ran it alone while this
+        // task's inbox was full) shares nothing but a failure.
+        let tag = match (&held, local_tag) {
+            (Some(held), _) => Some(held.tag.clone()),
+            (None, tag) => tag,
+        };
+        if tag.is_none() && outcome.is_ok() {
+            return None;
+        }
+        let tag = tag.unwrap_or_else(|| self.tags.tag(evaluator));
+        let origin = format!(
+            "\"fn\":{},\"tag\":{},\"at_ms\":{}",
+            serde_json::to_string(&self.tags.fns[evaluator].name).expect("a string serializes"),
+            serde_json::to_string(&tag).expect("a string serializes"),
+            unix_ms()
+        );
         let (stored, ttl) = match &outcome {
-            Ok(output) => (format!("{{\"output\":{output}}}"), self.result_ttl_s),
+            Ok(output) => (
+                format!("{{{origin},\"output\":{output}}}"),
+                self.result_ttl_s,
+            ),
             Err(error) => (
-                format!("{{\"error\":{}}}", eval_error_json(error)),
+                format!("{{{origin},\"error\":{}}}", eval_error_json(error)),
                 self.error_ttl_s,
             ),
         };
         let keep = outcome.is_ok() || self.error_ttl_s > 0;
         // The notice names the claim it was computed under, so a broker
         // waiting on a later claim of the key ignores an earlier failure.
-        let claim = match &token {
+        let claim = match &held {
             None => String::new(),
-            Some(value) => format!(
+            Some(Held { value, .. }) => format!(
                 ",\"claim\":{}",
                 serde_json::to_string(value).expect("a string serializes")
             ),
@@ -1008,11 +1351,19 @@ impl Cluster {
         // waiters for it read it from Redis.
         let notice = match &outcome {
             Ok(output) if output.len() > self.notice_inline => {
-                format!("{{\"key\":\"{}\"{claim},\"stored\":true}}", key.to_hex())
+                format!(
+                    "{{\"key\":\"{}\"{claim},{origin},\"stored\":true}}",
+                    key.to_hex()
+                )
             }
             _ => format!("{{\"key\":\"{}\"{claim},{}", key.to_hex(), &stored[1..]),
         };
-        let (result_name, claim_name) = (self.key("result", &key), self.key("claim", &key));
+        let result_name = self.tagged("result", &key, &tag);
+        let claim_name = match &held {
+            Some(held) => held.name.clone(),
+            None => self.tagged("claim", &key, &tag),
+        };
+        let token = held.map(|h| h.value);
         let (channel, limit) = (self.channel(), self.limit());
         let (store, release) = (self.store.clone(), self.release.clone());
         Some(Box::pin(async move {
@@ -1073,9 +1424,9 @@ impl Cluster {
         if self.held.get(&key).is_none_or(|h| h.gen != gen) {
             return None;
         }
-        let value = self.held.remove(&key).expect("just found").value;
+        let Held { value, name, .. } = self.held.remove(&key).expect("just found");
         let conn = self.usable().await?;
-        let (name, limit, script) = (self.key("claim", &key), self.limit(), self.release.clone());
+        let (limit, script) = (self.limit(), self.release.clone());
         Some(Box::pin(async move {
             let released = release_claim(&script, conn, &name, &value, limit).await;
             Done {
@@ -1116,6 +1467,9 @@ struct Listener {
     timeout: Duration,
     resubscribed: Arc<tokio::sync::Notify>,
     max_stored: usize,
+    tags: Arc<FnTags>,
+    cache: Arc<ResultCache>,
+    lease: Duration,
 }
 
 async fn listen(listener: Listener, stop: CancellationToken) {
@@ -1129,6 +1483,9 @@ async fn listen(listener: Listener, stop: CancellationToken) {
         timeout,
         resubscribed,
         max_stored,
+        tags,
+        cache,
+        lease,
     } = listener;
     loop {
         let subscribed = async {
@@ -1138,6 +1495,10 @@ async fn listen(listener: Listener, stop: CancellationToken) {
         };
         match tokio::time::timeout(timeout, subscribed).await {
             Ok(Ok((mut sink, mut messages))) => {
+                // Whatever was announced while unsubscribed is unknown
+                // here: nothing cached before now is served again.
+                cache.drop_all();
+                cache.confirm_until(std::time::Instant::now() + lease);
                 health.set_pubsub(true);
                 resubscribed.notify_one();
                 let mut pings = tokio::time::interval(ping);
@@ -1149,8 +1510,13 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                         _ = pings.tick() => {
                             // On a subscribed connection Redis answers a
                             // PING with the array ["pong", ""], not +PONG.
+                            // Its answer comes after every notice published
+                            // before Redis read it: this broker has heard
+                            // of every invalidation made before the PING.
+                            let sent = std::time::Instant::now();
                             let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                             if matches!(pong, Ok(Ok(_))) {
+                                cache.confirm_until(sent + lease);
                                 continue;
                             }
                             tracing::debug!("cluster: the completion channel did not answer a ping");
@@ -1168,7 +1534,26 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                     let Ok(notice) = serde_json::from_str::<Stored>(&text) else {
                         continue;
                     };
+                    let dropped = match (notice.drop.and_then(Key::parse), notice.epoch) {
+                        (Some(key), _) => Some(Target::Key(key)),
+                        (None, Some(epoch)) => notice
+                            .fn_name
+                            .and_then(|name| tags.index(name))
+                            .filter(|evaluator| tags.raise(*evaluator, epoch))
+                            .map(Target::Fn),
+                        (None, None) => None,
+                    };
+                    if let Some(target) = dropped {
+                        if hub.send(ClusterEvent::Dropped(target)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let Some(key) = notice.key.and_then(Key::parse) else {
+                        continue;
+                    };
+                    // Another version's, or from before an invalidation.
+                    let Some(evaluator) = tags.current(&notice) else {
                         continue;
                     };
                     let Some(outcome) = notice.outcome() else {
@@ -1180,8 +1565,10 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                     let claim = notice.claim.map(Arc::from);
                     let event = ClusterEvent::Done {
                         key,
+                        evaluator,
                         outcome,
                         claim,
+                        at_ms: notice.at_ms,
                     };
                     if hub.send(event).await.is_err() {
                         return;
@@ -1198,15 +1585,42 @@ async fn listen(listener: Listener, stop: CancellationToken) {
     }
 }
 
+/// An outcome read from the store, of fn `evaluator`'s current tag.
+struct FoundOutcome {
+    evaluator: usize,
+    outcome: Result<Arc<str>, EvalError>,
+    at_ms: u64,
+}
+
 /// The event for an outcome read from the store.
-fn found_event(key: Key, outcome: Result<Arc<str>, EvalError>) -> ClusterEvent {
+fn found_event(key: Key, found: FoundOutcome) -> ClusterEvent {
+    let FoundOutcome {
+        evaluator,
+        outcome,
+        at_ms,
+    } = found;
     match outcome {
-        Ok(output) => ClusterEvent::Found { key, output },
+        Ok(output) => ClusterEvent::Found {
+            key,
+            evaluator,
+            output,
+            at_ms,
+        },
         Err(error) => ClusterEvent::Done {
             key,
+            evaluator,
             outcome: Err(error),
             claim: None,
+            at_ms,
         },
+    }
+}
+
+/// I/O that Redis did not answer.
+fn unanswered() -> Done {
+    Done {
+        answered: false,
+        reply: Reply::Pinged,
     }
 }
 

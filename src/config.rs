@@ -71,8 +71,10 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Every op.
+    /// Every op but `invalidate`.
     Agent,
+    /// Every op an agent has, and `invalidate`.
+    Admin,
     /// `watch`, `unwatch`, `get` and `ping` only.
     Viewer,
     /// `serve`, `unserve`, `complete` and `ping` only: runs remote evaluations.
@@ -83,6 +85,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Agent => "agent",
+            Role::Admin => "admin",
             Role::Viewer => "viewer",
             Role::Worker => "worker",
         }
@@ -358,6 +361,10 @@ pub struct EvaluatorConfig {
     /// after the last, its waiters get `eval_failed` ("worker lost").
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// The version of the computation: a result of another version is
+    /// never served (in a cluster, results in Redis are kept apart by it).
+    #[serde(default)]
+    pub version: String,
 }
 
 fn default_threads() -> usize {
@@ -411,6 +418,7 @@ impl EvaluatorConfig {
             max_sleep_ms: None,
             max_input_bytes: default_max_input_bytes(),
             command: Vec::new(),
+            version: String::new(),
             cwd: None,
             env: BTreeMap::new(),
             grace_ms: default_grace_ms(),

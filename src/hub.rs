@@ -20,7 +20,7 @@ use crate::cache::ResultCache;
 use crate::config::Config;
 use crate::core::{
     ClusterCmd, ClusterEvent, Core, CoreConfig, Delivery, Effect, FnLimits, InflightRow, Input,
-    Reply, Source,
+    Reply, Source, Target,
 };
 use crate::error::{ErrorCode, EvalError};
 use crate::exec::pool::{EvaluatorTable, Pool, PoolEvent};
@@ -35,7 +35,7 @@ use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,8 @@ pub enum HubMsg {
         evaluator: usize,
         input: Arc<str>,
         wait: bool,
+        /// A cached result older than this does not answer it.
+        max_age: Option<Duration>,
     },
     /// Wait for a key whoever submits it.
     Subscribe { waiter: Waiter },
@@ -71,6 +73,12 @@ pub enum HubMsg {
         outbox: Outbox,
         evaluator: usize,
         id: ReqId,
+    },
+    /// Drop a key's or a fn's cached results (`invalidate`).
+    Invalidate {
+        target: Target,
+        id: ReqId,
+        outbox: Outbox,
     },
     /// A worker's outcome of a task it was sent.
     Complete {
@@ -347,6 +355,7 @@ impl Hub {
                 Input::Finished {
                     key,
                     gen,
+                    evaluator,
                     outcome,
                     eval_ms,
                 }
@@ -368,8 +377,9 @@ impl Hub {
                 evaluator,
                 input,
                 wait,
+                max_age,
             } => {
-                if self.answered_from_cache(&waiter) {
+                if self.answered_from_cache(&waiter, max_age) {
                     self.evaluators.get(evaluator).metrics.cache_hits.inc();
                     return;
                 }
@@ -382,10 +392,11 @@ impl Hub {
                     input,
                     wait,
                     draining: self.draining.load(Ordering::Acquire),
+                    max_age,
                 });
             }
             HubMsg::Subscribe { waiter } => {
-                if self.answered_from_cache(&waiter) {
+                if self.answered_from_cache(&waiter, None) {
                     return;
                 }
                 self.remember(&waiter.outbox);
@@ -395,9 +406,17 @@ impl Hub {
                     key: waiter.key,
                 });
             }
+            HubMsg::Invalidate { target, id, outbox } => {
+                self.remember(&outbox);
+                self.input(Input::Invalidate {
+                    session: outbox.session(),
+                    id,
+                    target,
+                });
+            }
             HubMsg::Get { key, id, outbox } => {
-                if let Some(cached) = self.cache.get(&key) {
-                    return outbox.push(cached.status_frame(&id, &key));
+                if let Some(hit) = self.cache.get(&key) {
+                    return outbox.push(hit.cached.status_frame(&id, &key));
                 }
                 self.remember(&outbox);
                 self.input(Input::Get {
@@ -533,10 +552,23 @@ impl Hub {
                 gen,
                 overran,
             } => self.exec.withdraw(evaluator, gen, overran),
-            Effect::Cache { key, outcome } => match outcome {
-                Ok(output) => self.cache.insert_output(key, (*output).into()),
-                Err(error) => self.cache.insert_failure(key, error),
+            Effect::Cache {
+                key,
+                evaluator,
+                outcome,
+                at_ms,
+            } => match outcome {
+                Ok(output) => {
+                    let now = Instant::now();
+                    let age = at_ms.map_or(0, |at| crate::protocol::unix_ms().saturating_sub(at));
+                    let at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
+                    self.cache
+                        .insert_output(key, evaluator, (*output).into(), at)
+                }
+                Err(error) => self.cache.insert_failure(key, evaluator, error),
             },
+            Effect::Drop(Target::Key(key)) => self.cache.remove(&key),
+            Effect::Drop(Target::Fn(evaluator)) => self.cache.drop_fn(evaluator),
             Effect::Cluster(cmd) => self.ask_cluster(cmd),
         }
     }
@@ -561,6 +593,19 @@ impl Hub {
             ClusterCmd::Acquire { key, gen, .. } => self
                 .follow_ups
                 .push(Input::Cluster(ClusterEvent::Local { key, gen })),
+            // Refused (busy) rather than kept waiting behind the backlog.
+            ClusterCmd::Invalidate {
+                target,
+                session,
+                id,
+            } => self
+                .follow_ups
+                .push(Input::Cluster(ClusterEvent::Invalidated {
+                    target,
+                    session,
+                    id,
+                    ok: false,
+                })),
             cmd => self.backlog.push_back(cmd),
         }
     }
@@ -632,6 +677,14 @@ impl Hub {
                 }
             }
             Reply::Cancelled { key } => FrameWriter::new("cancelled").id(id).key(&key).finish(),
+            Reply::Invalidated { target } => {
+                let frame = FrameWriter::new("invalidated").id(id);
+                match target {
+                    Target::Key(key) => frame.key(&key),
+                    Target::Fn(evaluator) => frame.str("fn", &self.evaluators.get(evaluator).name),
+                }
+                .finish()
+            }
             Reply::Rejected { code, message } => error_frame(id, code.as_str(), message),
         };
         outbox.push(frame);
@@ -655,7 +708,10 @@ impl Hub {
         };
         let frame = match source {
             Source::Eval { eval_ms } => frame.str("source", "eval").millis("eval_ms", eval_ms),
-            Source::Cluster => frame.str("source", "cluster"),
+            Source::Cluster { at_ms: None } => frame.str("source", "cluster"),
+            Source::Cluster { at_ms: Some(at) } => frame
+                .str("source", "cluster")
+                .uint("age_ms", crate::protocol::unix_ms().saturating_sub(at)),
         };
         let tail = frame.uint("shared", shared as u64).finish();
         let metrics = evaluator.map(|e| &self.evaluators.get(e).metrics);
@@ -724,8 +780,8 @@ impl Hub {
     }
 
     /// Answers from the cache if the key landed there meanwhile.
-    fn answered_from_cache(&self, waiter: &Waiter) -> bool {
-        match self.cache.get(&waiter.key) {
+    fn answered_from_cache(&self, waiter: &Waiter, max_age: Option<Duration>) -> bool {
+        match self.cache.get_fresh(&waiter.key, max_age) {
             Some(cached) => {
                 waiter
                     .outbox

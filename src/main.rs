@@ -41,6 +41,17 @@ enum Command {
         target: TargetArgs,
         key: String,
     },
+    /// Drop a key's cached result, or every result of a fn (an admin's op).
+    Invalidate {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The key whose result is dropped.
+        #[arg(long, conflicts_with = "fn_name", required_unless_present = "fn_name")]
+        key: Option<String>,
+        /// The fn whose results are all dropped.
+        #[arg(long = "fn")]
+        fn_name: Option<String>,
+    },
     /// Wait for keys' results, whoever submits them; print each as it arrives.
     Subscribe {
         #[command(flatten)]
@@ -364,6 +375,15 @@ fn main() {
         Command::Get { target: t, key } => {
             runtime.block_on(herd::client::cli::get(&target(t), &key))
         }
+        Command::Invalidate {
+            target: t,
+            key,
+            fn_name,
+        } => runtime.block_on(herd::client::cli::invalidate(
+            &target(t),
+            key.as_deref(),
+            fn_name.as_deref(),
+        )),
         Command::Subscribe { target: t, keys } => {
             runtime.block_on(herd::client::cli::subscribe(&target(t), &keys))
         }

@@ -43,6 +43,8 @@ pub enum Op<'a> {
         input: &'a RawValue,
         fn_name: Option<String>,
         wait: bool,
+        /// A cached result older than this is not good enough.
+        max_age_ms: Option<u64>,
     },
     Get {
         key: Key,
@@ -58,6 +60,8 @@ pub enum Op<'a> {
     },
     Unwatch,
     Ping,
+    /// Drop a key's result, or every result of a fn (admin).
+    Invalidate(Invalidation),
     /// A worker offers to run up to `concurrency` tasks of `fn_name` at once.
     Serve {
         fn_name: String,
@@ -74,6 +78,13 @@ pub enum Op<'a> {
     },
 }
 
+/// What an `invalidate` drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Key(Key),
+    Fn(String),
+}
+
 /// Most tasks one worker session may take at once for one fn.
 pub const MAX_CONCURRENCY: usize = 1024;
 
@@ -87,6 +98,7 @@ impl Op<'_> {
             Op::Watch { .. } => "watch",
             Op::Unwatch => "unwatch",
             Op::Ping => "ping",
+            Op::Invalidate(_) => "invalidate",
             Op::Serve { .. } => "serve",
             Op::Unserve { .. } => "unserve",
             Op::Complete { .. } => "complete",
@@ -144,6 +156,8 @@ struct Members<'a> {
     output: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     error: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    max_age_ms: Option<&'a RawValue>,
 }
 
 /// A member that is there, `null` included (plain `Option` would read `null` as absent).
@@ -210,12 +224,28 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
                 Some("false") => false,
                 Some(_) => return Err(bad("\"wait\" must be a boolean")),
             };
+            let max_age_ms = match members.max_age_ms {
+                None => None,
+                Some(raw) => Some(raw.get().parse::<u64>().map_err(|_| {
+                    bad("\"max_age_ms\" must be a non-negative integer (milliseconds)")
+                })?),
+            };
             Op::Submit {
                 input,
                 fn_name,
                 wait,
+                max_age_ms,
             }
         }
+        "invalidate" => Op::Invalidate(match (members.key, members.fn_name) {
+            (Some(_), None) => Invalidation::Key(parse_key(members.key, &id)?),
+            (None, Some(raw)) => Invalidation::Fn(
+                string_of(raw)
+                    .ok_or_else(|| bad("\"fn\" must be a string"))?
+                    .into_owned(),
+            ),
+            _ => return Err(bad("give exactly one of \"key\" and \"fn\"")),
+        }),
         "get" => Op::Get {
             key: parse_key(members.key, &id)?,
         },

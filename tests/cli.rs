@@ -583,3 +583,32 @@ async fn every_command_ends_its_session_with_a_close_frame() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_drops_a_key_or_a_fn_from_the_command_line() {
+    let server = TestServer::basic().await;
+    let input = r#"{"sleep_ms":1,"cli":"invalidate"}"#;
+    let key = key_of("default", &json!({"sleep_ms": 1, "cli": "invalidate"}));
+    let out = run(&server, &["submit", input], None).await;
+    assert_eq!(lines(&out)[0]["source"], "eval");
+    let out = run(&server, &["invalidate", "--key", &key], None).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(lines(&out)[0], json!({"key": key, "invalidated": true}));
+    let out = run(&server, &["get", &key], None).await;
+    assert_eq!(lines(&out)[0]["state"], "unknown");
+    let out = run(&server, &["submit", input], None).await;
+    assert_eq!(lines(&out)[0]["source"], "eval", "evaluated again");
+    let out = run(&server, &["invalidate", "--fn", "default"], None).await;
+    assert_eq!(
+        lines(&out)[0],
+        json!({"fn": "default", "invalidated": true})
+    );
+    let out = run(&server, &["submit", input], None).await;
+    assert_eq!(lines(&out)[0]["source"], "eval", "evaluated again");
+    let out = run(&server, &["invalidate", "--fn", "nope"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(lines(&out)[0]["error"]["code"], "unknown_fn");
+    let out = run(&server, &["invalidate"], None).await;
+    assert_eq!(out.status.code(), Some(2), "--key or --fn is required");
+    server.stop().await;
+}

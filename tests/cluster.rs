@@ -154,6 +154,11 @@ impl RedisCluster {
     }
 }
 
+/// The name of a result of fn version `version` in Redis (epoch 0).
+fn result_name(key: &str, version: &str) -> String {
+    format!("herd:result:{{{key}}}:0:{version}")
+}
+
 /// What `redis-cli -p PORT ARGS` prints.
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -194,6 +199,157 @@ async fn evaluations(servers: &[&TestServer]) -> u64 {
         total += s.settled_stats().await["evaluations"].as_u64().unwrap();
     }
     total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_on_one_broker_holds_on_every_broker() {
+    // A and B both hold a key's result (B in its own cache). Once A says
+    // `invalidated`, B evaluates the key again and never serves its copy;
+    // then the same for a whole fn.
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let input = json!({"sleep_ms": 5, "cluster": "invalidate"});
+    let key = key_of("default", &input);
+    let submit = |id: &str| json!({"op": "submit", "id": id, "input": input});
+    assert_eq!(answer(&mut on_a, submit("a1")).await["source"], "eval");
+    let r = answer(&mut on_b, submit("b1")).await;
+    assert_eq!(r["source"], "cluster", "{r}");
+    assert!(
+        r["age_ms"].is_u64(),
+        "a result from Redis says its age: {r}"
+    );
+    let r = answer(&mut on_b, submit("b2")).await;
+    assert_eq!(r["source"], "cache", "B keeps its own copy: {r}");
+
+    let r = on_a
+        .request(json!({"op": "invalidate", "id": "k", "key": key}))
+        .await;
+    assert_eq!(r, json!({"type": "invalidated", "id": "k", "key": key}));
+    assert_eq!(
+        redis_cli(redis.port, &["EXISTS", &result_name(&key, "")]).trim(),
+        "0"
+    );
+    let r = answer(&mut on_b, submit("b3")).await;
+    assert_eq!(r["source"], "eval", "B's copy is not served: {r}");
+    assert_eq!(evaluations(&[&a, &b]).await, 2);
+
+    let r = answer(&mut on_a, submit("a2")).await;
+    assert_eq!(r["source"], "cluster", "B's new result reached Redis: {r}");
+    let r = on_b
+        .request(json!({"op": "invalidate", "id": "f", "fn": "default"}))
+        .await;
+    assert_eq!(
+        r,
+        json!({"type": "invalidated", "id": "f", "fn": "default"})
+    );
+    let r = answer(&mut on_a, submit("a3")).await;
+    assert_eq!(r["source"], "eval", "A drops the whole fn: {r}");
+    let r = answer(&mut on_b, submit("b4")).await;
+    assert_eq!(
+        r["source"], "cluster",
+        "and stores a result under the new epoch: {r}"
+    );
+    assert_eq!(evaluations(&[&a, &b]).await, 3);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_missed_an_invalidation_serves_nothing_from_its_cache() {
+    // B's subscription goes silent (a relay passes nothing), so B cannot
+    // hear A's invalidation: from a lease after its last confirmed ping B
+    // serves no cached result, and A answers `invalidated` only a lease
+    // after Redis has it.
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    let a = broker(&redis, "a").await;
+    let b = broker_with(
+        &redis
+            .config("b", SIMULATE)
+            .replace(&redis.url(), &relay.url()),
+    )
+    .await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let input = json!({"sleep_ms": 5, "cluster": "missed"});
+    let key = key_of("default", &input);
+    let submit = |id: &str| json!({"op": "submit", "id": id, "input": input});
+    assert_eq!(answer(&mut on_b, submit("b1")).await["source"], "eval");
+    assert_eq!(answer(&mut on_b, submit("b2")).await["source"], "cache");
+    relay.silence_subscriptions();
+    let r = on_a
+        .request(json!({"op": "invalidate", "id": 1, "key": key}))
+        .await;
+    assert_eq!(r["type"], "invalidated", "{r}");
+    let r = answer(&mut on_b, submit("b3")).await;
+    assert_eq!(
+        r["source"], "eval",
+        "B's unconfirmed copy is not served: {r}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_serves_no_result_of_the_old_one_from_redis() {
+    let redis = Redis::start().await;
+    let v1 = broker_with(&redis.config("v1", &versioned("1"))).await;
+    let mut c = v1.client().await;
+    let input = json!({"sleep_ms": 5, "cluster": "version"});
+    let key = key_of("default", &input);
+    let submit = |id: &str| json!({"op": "submit", "id": id, "input": input});
+    assert_eq!(answer(&mut c, submit("1")).await["source"], "eval");
+    v1.stop().await;
+    // A broker of the same version finds it; one of version 2 does not.
+    let again = broker_with(&redis.config("again", &versioned("1"))).await;
+    let mut c = again.client().await;
+    assert_eq!(answer(&mut c, submit("2")).await["source"], "cluster");
+    again.stop().await;
+    let v2 = broker_with(&redis.config("v2", &versioned("2"))).await;
+    let mut c = v2.client().await;
+    assert_eq!(answer(&mut c, submit("3")).await["source"], "eval");
+    assert!(redis_cli(redis.port, &["GET", &result_name(&key, "1")]).contains("output"));
+    assert!(redis_cli(redis.port, &["GET", &result_name(&key, "2")]).contains("output"));
+    v2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_ms_passes_over_an_older_result_in_redis_and_replaces_it() {
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let input = json!({"sleep_ms": 5, "cluster": "max_age"});
+    let key = key_of("default", &input);
+    let submit = |id: &str, max_age: u64| json!({"op": "submit", "id": id, "input": input, "max_age_ms": max_age});
+    assert_eq!(
+        answer(&mut on_a, submit("a", 600_000)).await["source"],
+        "eval"
+    );
+    let stored_at = |text: String| -> u64 {
+        let v: Value = serde_json::from_str(text.trim()).expect("a stored result");
+        v["at_ms"].as_u64().expect("at_ms")
+    };
+    let first = stored_at(redis_cli(redis.port, &["GET", &result_name(&key, "")]));
+    let r = answer(&mut on_b, submit("young", 600_000)).await;
+    assert_eq!(r["source"], "cluster", "young enough: {r}");
+    let r = answer(&mut on_b, submit("fresh", 0)).await;
+    assert_eq!(
+        r["source"], "eval",
+        "Redis's result is older than 0 ms: {r}"
+    );
+    let second = stored_at(redis_cli(redis.port, &["GET", &result_name(&key, "")]));
+    assert!(
+        second > first,
+        "the fresh result replaced it: {first} then {second}"
+    );
+    assert_eq!(evaluations(&[&a, &b]).await, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The builtin `default` fn at `version`.
+fn versioned(version: &str) -> String {
+    format!("[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 8\nversion = \"{version}\"\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,7 +879,7 @@ async fn a_claimant_that_lost_its_claim_never_overwrites_the_result() {
             break;
         }
     }
-    let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
+    let stored = redis_cli(redis.port, &["GET", &result_name(&key, "")]);
     assert!(stored.contains("\"b\""), "Redis holds {stored}");
     let c = broker_with(&redis.config("c", &remote_embed(20_000))).await;
     let mut on_c = c.client().await;
@@ -844,11 +1000,11 @@ async fn an_oversized_value_in_redis_is_not_served() {
     .await;
     let input = json!({"sleep_ms": 10, "planted": true});
     let key = key_of("default", &input);
-    let planted = format!("{{\"output\":\"{}\"}}", "x".repeat(100_000));
-    let set = redis_cli(
-        redis.port,
-        &["SET", &format!("herd:result:{{{key}}}"), &planted],
+    let planted = format!(
+        "{{\"fn\":\"default\",\"tag\":\"0:\",\"at_ms\":1,\"output\":\"{}\"}}",
+        "x".repeat(100_000)
     );
+    let set = redis_cli(redis.port, &["SET", &result_name(&key, ""), &planted]);
     assert!(set.contains("OK"), "{set}");
     let mut agent = server.client().await;
     agent
@@ -920,7 +1076,7 @@ async fn a_resumed_claimant_s_failure_neither_ends_the_takeover_nor_strands_the_
     let r = on_b.recv_type("result").await;
     assert_eq!(r["output"]["by"], "b", "{r}");
     b.settled_stats().await;
-    let claim = redis_cli(redis.port, &["EXISTS", &format!("herd:claim:{{{key}}}")]);
+    let claim = redis_cli(redis.port, &["EXISTS", &format!("herd:claim:{{{key}}}:0:")]);
     assert_eq!(claim.trim(), "0", "a claim is left on the key");
     let mut again = Client::connect(&a_url).await;
     let r = answer(
@@ -1057,7 +1213,7 @@ async fn new_keys_are_claimed_side_by_side_not_one_round_trip_each() {
         let key = key_of("default", input);
         let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
         loop {
-            let stored = redis_cli(redis.port, &["GET", &format!("herd:result:{{{key}}}")]);
+            let stored = redis_cli(redis.port, &["GET", &result_name(&key, "")]);
             if stored.contains("output") {
                 break;
             }

@@ -213,6 +213,34 @@ async fn get_one(client: &Client, key: &str) -> i32 {
     }
 }
 
+/// `herd invalidate --key K` or `--fn F`: drops cached results, prints
+/// what was dropped once the broker says so.
+pub async fn invalidate(target: &Target, key: Option<&str>, fn_name: Option<&str>) -> i32 {
+    let client = match target.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (outcome, dropped) = match (key, fn_name) {
+        (Some(key), _) => (client.invalidate_key(key).await, json!({"key": key})),
+        (None, Some(name)) => (client.invalidate_fn(name).await, json!({"fn": name})),
+        (None, None) => unreachable!("clap requires --key or --fn"),
+    };
+    let code = match outcome {
+        Ok(()) => {
+            let mut line = dropped;
+            line["invalidated"] = json!(true);
+            print_line(&line);
+            EXIT_OK
+        }
+        Err(e) => {
+            print_line(&error_json(key, &e));
+            exit_for(&e)
+        }
+    };
+    client.close().await;
+    code
+}
+
 /// `herd subscribe KEY...`: prints each result as it arrives.
 pub async fn subscribe(target: &Target, keys: &[String]) -> i32 {
     let client = match target.connect().await {

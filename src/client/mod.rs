@@ -141,6 +141,7 @@ enum Kind {
     Get,
     Subscribe,
     Cancel,
+    Invalidate,
     Ping,
     Watch,
 }
@@ -324,6 +325,21 @@ impl Client {
     /// [`ClientError::Cancelled`].
     pub async fn cancel(&self, key: &str) -> Result<(), ClientError> {
         self.call(Kind::Cancel, json!({"op": "cancel", "key": key}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Drops the cached result of `key` (an admin's op); returns once the
+    /// broker has dropped it.
+    pub async fn invalidate_key(&self, key: &str) -> Result<(), ClientError> {
+        self.call(Kind::Invalidate, json!({"op": "invalidate", "key": key}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Drops every cached result of fn `fn_name` (an admin's op).
+    pub async fn invalidate_fn(&self, fn_name: &str) -> Result<(), ClientError> {
+        self.call(Kind::Invalidate, json!({"op": "invalidate", "fn": fn_name}))
             .await
             .map(|_| ())
     }
@@ -685,9 +701,10 @@ impl Driver {
             (_, "error") => Some(Err(error_of(&frame))),
             (Kind::Submit | Kind::Subscribe, "result") => Some(Ok(frame)),
             (Kind::SubmitNoWait, "accepted" | "result") => Some(Ok(frame)),
-            (Kind::Get, "status") | (Kind::Cancel, "cancelled") | (Kind::Ping, "pong") => {
-                Some(Ok(frame))
-            }
+            (Kind::Get, "status")
+            | (Kind::Cancel, "cancelled")
+            | (Kind::Invalidate, "invalidated")
+            | (Kind::Ping, "pong") => Some(Ok(frame)),
             _ => None,
         };
         if let Some(outcome) = finished {

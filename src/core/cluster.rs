@@ -9,7 +9,9 @@ use crate::error::EvalError;
 use crate::key::Key;
 use std::sync::Arc;
 
-use super::Gen;
+use super::{Gen, Target};
+use crate::outbox::SessionId;
+use crate::protocol::ReqId;
 
 /// What the core asks of the cluster task.
 #[derive(Debug, Clone)]
@@ -20,7 +22,10 @@ pub enum ClusterCmd {
     Acquire {
         key: Key,
         gen: Gen,
+        evaluator: usize,
         hold: std::time::Duration,
+        /// A stored result older than this is passed over (and replaced).
+        max_age: Option<std::time::Duration>,
     },
     /// A subscription to a key nobody evaluates here: look in Redis, now
     /// and at every re-check, until found or `Unlook`.
@@ -33,6 +38,7 @@ pub enum ClusterCmd {
     Finished {
         key: Key,
         gen: Gen,
+        evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
         confirm: bool,
     },
@@ -40,19 +46,28 @@ pub enum ClusterCmd {
     Forget { key: Key, gen: Gen },
     /// Job `gen` ended without an outcome to share: give up its claim.
     Release { key: Key, gen: Gen },
+    /// Drop `target`'s results in Redis and on every broker; answer
+    /// [`ClusterEvent::Invalidated`] once no broker serves them.
+    Invalidate {
+        target: Target,
+        session: SessionId,
+        id: ReqId,
+    },
 }
 
 impl ClusterCmd {
-    /// The key the command is about.
-    pub fn key(&self) -> Key {
-        match self {
+    /// The key whose commands run in order with this one (an invalidation
+    /// runs beside them).
+    pub fn key(&self) -> Option<Key> {
+        Some(match self {
             ClusterCmd::Acquire { key, .. }
             | ClusterCmd::Lookup { key }
             | ClusterCmd::Unlook { key }
             | ClusterCmd::Finished { key, .. }
             | ClusterCmd::Forget { key, .. }
             | ClusterCmd::Release { key, .. } => *key,
-        }
+            ClusterCmd::Invalidate { .. } => return None,
+        })
     }
 
     /// Job `gen` is done with the cluster: its claim given up if it holds
@@ -69,8 +84,13 @@ impl ClusterCmd {
 /// What the cluster task tells the core.
 #[derive(Debug, Clone)]
 pub enum ClusterEvent {
-    /// The result was in Redis.
-    Found { key: Key, output: Arc<str> },
+    /// The result of fn `evaluator`, computed at `at_ms` (Unix ms), was in Redis.
+    Found {
+        key: Key,
+        evaluator: usize,
+        output: Arc<str>,
+        at_ms: u64,
+    },
     /// This broker holds the claim for job `gen` (its token is `claim`): evaluate.
     Claimed { key: Key, gen: Gen, claim: Arc<str> },
     /// Another broker holds the claim `holder`; wait for its completion.
@@ -99,7 +119,20 @@ pub enum ClusterEvent {
     /// evaluated without a claim, or read from the store).
     Done {
         key: Key,
+        evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
         claim: Option<Arc<str>>,
+        at_ms: u64,
+    },
+    /// Another broker dropped `target`'s results: drop them here too.
+    Dropped(Target),
+    /// The answer to [`ClusterCmd::Invalidate`]: `ok`, recorded in Redis
+    /// and every broker has had time to drop its copies; else Redis did
+    /// not answer.
+    Invalidated {
+        target: Target,
+        session: SessionId,
+        id: ReqId,
+        ok: bool,
     },
 }

@@ -117,6 +117,9 @@ pub enum Input {
         input: Arc<str>,
         wait: bool,
         draining: bool,
+        /// A stored result older than this does not answer it (in a
+        /// cluster: nor one in Redis).
+        max_age: Option<std::time::Duration>,
     },
     /// Wait for a key whoever submits it.
     Subscribe {
@@ -142,10 +145,12 @@ pub enum Input {
     Started { gen: Gen, worker: Option<Arc<str>> },
     /// The worker running job `gen` went away; it waits in its queue again.
     Requeued { gen: Gen },
-    /// Job `gen` of `key` ended (a late one, after its job ended, too).
+    /// Job `gen` of `key`, of fn `evaluator`, ended (a late one, after
+    /// its job ended, too).
     Finished {
         key: Key,
         gen: Gen,
+        evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
         eval_ms: f64,
     },
@@ -153,6 +158,19 @@ pub enum Input {
     Refused { gen: Gen, reason: &'static str },
     /// A reply from the cluster task.
     Cluster(ClusterEvent),
+    /// Drop a key's result or every result of a fn (`invalidate`).
+    Invalidate {
+        session: SessionId,
+        id: ReqId,
+        target: Target,
+    },
+}
+
+/// What an invalidation drops: one key's result, or every result of a fn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Key(Key),
+    Fn(usize),
 }
 
 /// Where a job stands.
@@ -213,6 +231,9 @@ pub enum Reply {
     Cancelled {
         key: Key,
     },
+    Invalidated {
+        target: Target,
+    },
     Rejected {
         code: ErrorCode,
         message: &'static str,
@@ -233,8 +254,9 @@ pub struct Waiter {
 pub enum Source {
     /// This broker, in `eval_ms`.
     Eval { eval_ms: f64 },
-    /// Another broker, or the cluster's store.
-    Cluster,
+    /// Another broker, or the cluster's store; computed at `at_ms` (Unix
+    /// ms) when known.
+    Cluster { at_ms: Option<u64> },
 }
 
 /// A key's outcome, for all its waiters at once.
@@ -278,11 +300,16 @@ pub enum Effect {
         gen: Gen,
         overran: bool,
     },
-    /// Keep this outcome in the results cache.
+    /// Keep this outcome of fn `evaluator` in the results cache; `at_ms`:
+    /// when it was computed elsewhere (Unix ms), None: just now.
     Cache {
         key: Key,
+        evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
+        at_ms: Option<u64>,
     },
+    /// Drop cached results (a key's, or a whole fn's).
+    Drop(Target),
     /// Tell the cluster task.
     Cluster(ClusterCmd),
 }
@@ -332,6 +359,8 @@ struct Job {
     wanted: Vec<SessionId>,
     /// In `Storing`: this broker's outcome and its evaluation time.
     evaluated: Option<(Result<Arc<str>, EvalError>, f64)>,
+    /// Its result was invalidated while it ran: delivered, never kept.
+    dropped: bool,
 }
 
 impl Job {
@@ -385,6 +414,14 @@ pub struct Core {
     next_gen: Gen,
     running: usize,
     effects: VecDeque<Effect>,
+    /// In a cluster: what was dropped lately (oldest first). For one lease
+    /// after a drop (and after its invalidation is answered), outcomes of
+    /// it from the cluster are delivered but not cached: they may have
+    /// been computed before it and been under way meanwhile.
+    recent_drops: VecDeque<(Instant, Target)>,
+    /// Jobs before this one were under way at the last drop: an outcome of
+    /// one that comes after its job ended is delivered but not cached.
+    drops_before: Gen,
 }
 
 impl Core {
@@ -400,6 +437,8 @@ impl Core {
             next_gen: 0,
             running: 0,
             effects: VecDeque::new(),
+            recent_drops: VecDeque::new(),
+            drops_before: 0,
         }
     }
 
@@ -469,7 +508,10 @@ impl Core {
                 input,
                 wait,
                 draining,
-            } => self.submit(session, id, key, evaluator, input, wait, draining, now),
+                max_age,
+            } => self.submit(
+                session, id, key, evaluator, input, wait, draining, max_age, now,
+            ),
             Input::Subscribe { session, id, key } => self.subscribe(session, id, key),
             Input::Get { session, id, key } => self.get(session, id, key, now),
             Input::Cancel { session, id, key } => {
@@ -493,15 +535,61 @@ impl Core {
             Input::Finished {
                 key,
                 gen,
+                evaluator,
                 outcome,
                 eval_ms,
-            } => self.finished(key, gen, outcome, eval_ms, now),
+            } => self.finished(key, gen, evaluator, outcome, eval_ms, now),
             Input::Refused { gen, reason } => {
                 if let Some(key) = self.by_gen.get(&gen).copied() {
                     self.busy(key, reason);
                 }
             }
             Input::Cluster(event) => self.cluster_event(event, now),
+            Input::Invalidate {
+                session,
+                id,
+                target,
+            } => self.invalidate(session, id, target, now),
+        }
+    }
+
+    /// Drops the cached results `target` names; the evaluations under way
+    /// for them are delivered to their waiters but not kept.
+    fn invalidate(&mut self, session: SessionId, id: ReqId, target: Target, now: Instant) {
+        self.drop_results(target, now);
+        if self.config.clustered {
+            // Answered once Redis has it and every broker has dropped it.
+            let cmd = ClusterCmd::Invalidate {
+                target,
+                session,
+                id,
+            };
+            return self.effects.push_back(Effect::Cluster(cmd));
+        }
+        self.reply(session, id, Reply::Invalidated { target });
+    }
+
+    /// Drops the cached results `target` names here, and keeps the
+    /// evaluations under way for them from being kept.
+    fn drop_results(&mut self, target: Target, now: Instant) {
+        self.effects.push_back(Effect::Drop(target));
+        self.drops_before = self.next_gen;
+        if self.config.clustered {
+            self.recent_drops.push_back((now, target));
+        }
+        match target {
+            Target::Key(key) => {
+                if let Some(job) = self.table.get_mut(&key).and_then(|e| e.job.as_mut()) {
+                    job.dropped = true;
+                }
+            }
+            Target::Fn(evaluator) => {
+                for job in self.table.values_mut().filter_map(|e| e.job.as_mut()) {
+                    if job.evaluator == evaluator {
+                        job.dropped = true;
+                    }
+                }
+            }
         }
     }
 
@@ -576,6 +664,7 @@ impl Core {
         input: Arc<str>,
         wait: bool,
         draining: bool,
+        max_age: Option<std::time::Duration>,
         now: Instant,
     ) {
         let job = self.job(&key);
@@ -629,14 +718,20 @@ impl Core {
                 preview,
                 wanted: Vec::new(),
                 evaluated: None,
+                dropped: false,
             });
             if clustered {
                 let timeout = self.config.fns[evaluator].timeout;
                 let hold = timeout.saturating_add(self.config.lease);
                 self.set_deadline(gen, now.checked_add(hold));
                 let hold = hold.saturating_add(timeout);
-                self.effects
-                    .push_back(Effect::Cluster(ClusterCmd::Acquire { key, gen, hold }));
+                self.effects.push_back(Effect::Cluster(ClusterCmd::Acquire {
+                    key,
+                    gen,
+                    evaluator,
+                    hold,
+                    max_age,
+                }));
             } else {
                 self.queue(gen, now);
             }
@@ -773,8 +868,11 @@ impl Core {
         let Some(waits) = self.sessions.remove(&session) else {
             return;
         };
-        for key in waits.by_key.keys() {
-            self.drop_waiters_of(session, *key);
+        // In key order, so the effects come out the same in every run.
+        let mut keys: Vec<Key> = waits.by_key.into_keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            self.drop_waiters_of(session, key);
         }
         // Its wait:false submits keep their jobs: the work runs on after
         // the session that asked for it is gone (the job still counts in
@@ -953,6 +1051,7 @@ impl Core {
         &mut self,
         key: Key,
         gen: Gen,
+        evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
         eval_ms: f64,
         now: Instant,
@@ -964,20 +1063,38 @@ impl Core {
         });
         let is_current = matches!(&current, Some(Some((g, _, p)))
             if *g == gen && matches!(p, Phase::Queued | Phase::Running));
+        let dropped = is_current && self.job(&key).is_some_and(|j| j.dropped);
+        if dropped {
+            // Invalidated while it ran: its waiters get it, nobody keeps it.
+            if let Some(job) = self.end_job(key) {
+                let cmd = ClusterCmd::let_go(key, gen, job.claimed);
+                if self.config.clustered {
+                    self.effects.push_back(Effect::Cluster(cmd));
+                }
+                self.deliver(key, Some(job.evaluator), outcome, Source::Eval { eval_ms });
+            }
+            return;
+        }
         if is_current && self.claim_may_have_lapsed(key, now) {
             return self.store_first(key, gen, outcome, eval_ms, now);
         }
         // Cache first: a miss racing this completion then finds the result.
-        if outcome.is_ok() || is_current {
+        // A late outcome (its job ended) is kept unless something was
+        // dropped since its job began.
+        let keep = is_current || (outcome.is_ok() && gen >= self.drops_before);
+        if keep {
             self.effects.push_back(Effect::Cache {
                 key,
+                evaluator,
                 outcome: outcome.clone(),
+                at_ms: None,
             });
             if self.config.clustered {
                 self.effects
                     .push_back(Effect::Cluster(ClusterCmd::Finished {
                         key,
                         gen,
+                        evaluator,
                         outcome: outcome.clone(),
                         confirm: false,
                     }));
@@ -1036,6 +1153,7 @@ impl Core {
             .push_back(Effect::Cluster(ClusterCmd::Finished {
                 key,
                 gen,
+                evaluator,
                 outcome,
                 confirm: true,
             }));
@@ -1060,13 +1178,17 @@ impl Core {
     fn stored(&mut self, key: Key, job: Job, stored: Option<Result<Arc<str>, EvalError>>) {
         let (own, eval_ms) = job.evaluated.expect("a storing job has its outcome");
         let (outcome, source) = match stored {
-            Some(stored) => (stored, Source::Cluster),
+            Some(stored) => (stored, Source::Cluster { at_ms: None }),
             None => (own, Source::Eval { eval_ms }),
         };
-        self.effects.push_back(Effect::Cache {
-            key,
-            outcome: outcome.clone(),
-        });
+        if !job.dropped {
+            self.effects.push_back(Effect::Cache {
+                key,
+                evaluator: job.evaluator,
+                outcome: outcome.clone(),
+                at_ms: None,
+            });
+        }
         self.deliver(key, Some(job.evaluator), outcome, source);
     }
 
@@ -1142,13 +1264,16 @@ impl Core {
                 });
                 self.effects.push_back(Effect::Cache {
                     key,
+                    evaluator: job.evaluator,
                     outcome: Err(error.clone()),
+                    at_ms: None,
                 });
                 if self.config.clustered {
                     self.effects
                         .push_back(Effect::Cluster(ClusterCmd::Finished {
                             key,
                             gen,
+                            evaluator: job.evaluator,
                             outcome: Err(error.clone()),
                             confirm: false,
                         }));
@@ -1171,7 +1296,8 @@ impl Core {
                 ));
                 let cmd = ClusterCmd::let_go(key, gen, job.claimed);
                 self.effects.push_back(Effect::Cluster(cmd));
-                self.deliver(key, Some(job.evaluator), Err(error), Source::Cluster);
+                let source = Source::Cluster { at_ms: None };
+                self.deliver(key, Some(job.evaluator), Err(error), source);
             }
         }
     }
@@ -1200,14 +1326,39 @@ impl Core {
             // Another broker's outcome is cached here only when someone
             // here waits for it: a broker does not hold every result of
             // the cluster.
-            ClusterEvent::Found { key, output } => {
-                if self.table.contains_key(&key) {
+            ClusterEvent::Found {
+                key,
+                evaluator,
+                output,
+                at_ms,
+            } => {
+                if self.table.contains_key(&key) && !self.dropped_lately(key, evaluator, now) {
                     self.effects.push_back(Effect::Cache {
                         key,
+                        evaluator,
                         outcome: Ok(Arc::clone(&output)),
+                        at_ms: Some(at_ms),
                     });
                 }
-                self.outcome_from_cluster(key, Ok(output));
+                self.outcome_from_cluster(key, Ok(output), at_ms);
+            }
+            ClusterEvent::Dropped(target) => self.drop_results(target, now),
+            ClusterEvent::Invalidated {
+                target,
+                session,
+                id,
+                ok,
+            } => {
+                let reply = if ok {
+                    self.recent_drops.push_back((now, target));
+                    Reply::Invalidated { target }
+                } else {
+                    Reply::Rejected {
+                        code: ErrorCode::Busy,
+                        message: "Redis did not answer, so the invalidation was not recorded for the cluster; try again",
+                    }
+                };
+                self.reply(session, id, reply);
             }
             ClusterEvent::Stored { key } => {
                 if let Some(entry) = self.table.get_mut(&key) {
@@ -1219,8 +1370,10 @@ impl Core {
             ClusterEvent::Verdict { key, gen, stored } => self.verdict(key, gen, stored),
             ClusterEvent::Done {
                 key,
+                evaluator,
                 outcome,
                 claim,
+                at_ms,
             } => {
                 // This broker's own notice, ahead of Redis's verdict on it:
                 // it was stored, so its own outcome stands.
@@ -1240,11 +1393,15 @@ impl Core {
                 if stale || !self.table.contains_key(&key) {
                     return;
                 }
-                self.effects.push_back(Effect::Cache {
-                    key,
-                    outcome: outcome.clone(),
-                });
-                self.outcome_from_cluster(key, outcome);
+                if !self.dropped_lately(key, evaluator, now) {
+                    self.effects.push_back(Effect::Cache {
+                        key,
+                        evaluator,
+                        outcome: outcome.clone(),
+                        at_ms: Some(at_ms),
+                    });
+                }
+                self.outcome_from_cluster(key, outcome, at_ms);
             }
         }
     }
@@ -1269,8 +1426,23 @@ impl Core {
         self.queue(gen, now);
     }
 
+    /// Whether key `key` of fn `evaluator` was dropped within the last lease.
+    fn dropped_lately(&mut self, key: Key, evaluator: usize, now: Instant) -> bool {
+        let lease = self.config.lease;
+        while self
+            .recent_drops
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > lease)
+        {
+            self.recent_drops.pop_front();
+        }
+        self.recent_drops
+            .iter()
+            .any(|(_, t)| *t == Target::Key(key) || *t == Target::Fn(evaluator))
+    }
+
     /// An outcome from the cluster for whoever waits here.
-    fn outcome_from_cluster(&mut self, key: Key, outcome: Result<Arc<str>, EvalError>) {
+    fn outcome_from_cluster(&mut self, key: Key, outcome: Result<Arc<str>, EvalError>, at_ms: u64) {
         let Some(entry) = self.table.get(&key) else {
             return;
         };
@@ -1282,6 +1454,7 @@ impl Core {
         if let Some((gen, evaluator, phase)) = job {
             self.release_job(key, gen, evaluator, &phase);
         }
-        self.deliver(key, evaluator, outcome, Source::Cluster);
+        let source = Source::Cluster { at_ms: Some(at_ms) };
+        self.deliver(key, evaluator, outcome, source);
     }
 }

@@ -5,7 +5,7 @@
 //! not here (the hub task owns it alone).
 
 use crate::cache::ResultCache;
-use crate::cluster::{Cluster, ClusterHealth};
+use crate::cluster::{Cluster, ClusterHealth, FnTags};
 use crate::config::Config;
 use crate::error::HerdError;
 use crate::exec::pool::{EvaluatorTable, Pool};
@@ -73,7 +73,11 @@ impl Broker {
         let evaluator_configs = config.effective_evaluators();
         let metrics = Arc::new(Metrics::new());
         let evaluators = Arc::new(EvaluatorTable::new(&evaluator_configs, &metrics));
-        let cache = Arc::new(ResultCache::new(&config.cache));
+        let cache = Arc::new(ResultCache::new(
+            &config.cache,
+            evaluator_configs.len(),
+            config.cluster.redis.is_some(),
+        ));
         let draining = Arc::new(AtomicBool::new(false));
         let (hub_tx, hub_rx) = mpsc::channel(config.limits.hub_queue);
         let (jobs_tx, jobs_rx) = watch::channel(0usize);
@@ -94,9 +98,15 @@ impl Broker {
                     let (metrics, evaluators) = (Arc::clone(&metrics), Arc::clone(&evaluators));
                     Box::new(move || metrics.totals(evaluators.figures()))
                 };
+                let tags = evaluator_configs
+                    .iter()
+                    .map(|e| (e.name.clone(), e.version.clone()))
+                    .collect();
                 let task = Cluster::new(
                     &config.cluster,
                     &config.cache,
+                    Arc::new(FnTags::new(tags)),
+                    Arc::clone(&cache),
                     max_output,
                     events_tx,
                     health,

@@ -8,14 +8,15 @@
 //! the code chosen by whoever asked first.
 
 use crate::config::{Limits, Role};
+use crate::core::Target;
 use crate::error::ErrorCode;
 use crate::exec::pool::EvaluatorSpec;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
 use crate::outbox::{close, Frame, Outbox, SessionCtl};
 use crate::protocol::{
-    error_frame, parse_input, parse_request, unix_ms, FrameWriter, Op, ReqId, DRAINING_MESSAGE,
-    PROTOCOL_VERSION,
+    error_frame, parse_input, parse_request, unix_ms, FrameWriter, Invalidation, Op, ReqId,
+    DRAINING_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::server::auth::{Identity, ServeRight};
 use crate::server::broker::Broker;
@@ -48,8 +49,13 @@ fn allows(identity: &Identity, op: &Op) -> bool {
         Op::Serve { .. } | Op::Unserve { .. } | Op::Complete { .. }
     );
     match identity.role {
-        // Without tokens everyone is an agent that may also serve.
-        Role::Agent => !worker_op || identity.serve != ServeRight::Nothing,
+        // Without tokens everyone is an agent that may also serve and
+        // invalidate (as an admin may).
+        Role::Agent => {
+            (!worker_op && !matches!(op, Op::Invalidate(_)))
+                || identity.serve != ServeRight::Nothing
+        }
+        Role::Admin => !worker_op || identity.serve != ServeRight::Nothing,
         Role::Viewer => matches!(
             op,
             Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping
@@ -256,9 +262,13 @@ impl<'a> Reader<'a> {
                 input,
                 fn_name,
                 wait,
-            } => self.submit(id, input, fn_name, wait),
+                max_age_ms,
+            } => {
+                let max_age = max_age_ms.map(Duration::from_millis);
+                self.submit(id, input, fn_name, wait, max_age)
+            }
             Op::Get { key } => match self.broker.cache.get(&key) {
-                Some(cached) => Then::Reply(cached.status_frame(&id, &key).into()),
+                Some(hit) => Then::Reply(hit.cached.status_frame(&id, &key).into()),
                 None => Then::Hub(HubMsg::Get {
                     key,
                     id,
@@ -266,8 +276,8 @@ impl<'a> Reader<'a> {
                 }),
             },
             Op::Subscribe { key } => {
-                if let Some(cached) = self.broker.cache.get(&key) {
-                    return Then::Reply(cached.result_frame(&id, &key).into());
+                if let Some(hit) = self.broker.cache.get(&key) {
+                    return Then::Reply(hit.result_frame(&id, &key).into());
                 }
                 if self.broker.is_draining() {
                     return reject_draining(&id);
@@ -317,6 +327,27 @@ impl<'a> Reader<'a> {
                 }),
                 Err(rejected) => rejected,
             },
+            Op::Invalidate(what) => {
+                let target = match what {
+                    Invalidation::Key(key) => Target::Key(key),
+                    Invalidation::Fn(name) => match self.broker.evaluators.lookup(&name) {
+                        Some(spec) => Target::Fn(spec.index),
+                        None => {
+                            let shown: String = name.chars().take(64).collect();
+                            return reject(
+                                &id,
+                                ErrorCode::UnknownFn,
+                                &format!("no evaluator is configured under fn {shown:?}"),
+                            );
+                        }
+                    },
+                };
+                Then::Hub(HubMsg::Invalidate {
+                    target,
+                    id,
+                    outbox: self.outbox.clone(),
+                })
+            }
             Op::Complete { task, outcome } => Then::Hub(HubMsg::Complete {
                 outbox: self.outbox.clone(),
                 task,
@@ -332,6 +363,7 @@ impl<'a> Reader<'a> {
         input: &serde_json::value::RawValue,
         fn_name: Option<String>,
         wait: bool,
+        max_age: Option<Duration>,
     ) -> Then<'a> {
         let broker: &'a Broker = self.broker;
         let arrived = std::time::Instant::now();
@@ -352,7 +384,7 @@ impl<'a> Reader<'a> {
         let raw = input.get().as_bytes();
         let memoized = broker.memo.get(spec.index, raw);
         if let Some(key) = memoized {
-            if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived) {
+            if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
                 return hit;
             }
         }
@@ -381,7 +413,7 @@ impl<'a> Reader<'a> {
                 key
             }
         };
-        if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived) {
+        if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
             return hit;
         }
         let evaluator = spec.index;
@@ -392,6 +424,7 @@ impl<'a> Reader<'a> {
             evaluator,
             input: canonical.into(),
             wait,
+            max_age,
         })
     }
 
@@ -402,11 +435,12 @@ impl<'a> Reader<'a> {
         id: &ReqId,
         key: &Key,
         arrived: std::time::Instant,
+        max_age: Option<Duration>,
     ) -> Option<Then<'a>> {
-        let cached = self.broker.cache.get(key)?;
+        let hit = self.broker.cache.get_fresh(key, max_age)?;
         spec.metrics.cache_hits.inc();
         Some(Then::Hit {
-            frame: cached.result_frame(id, key).into(),
+            frame: hit.result_frame(id, key).into(),
             spec,
             arrived,
         })

@@ -82,14 +82,15 @@ _NOT_RETRIED = (1008, 1009)
 
 @dataclass
 class Result:
-    """A key's result: `output`, where it came from, and for an evaluation
-    its time and how many waiters shared it."""
+    """A key's result: `output`, where it came from, for an evaluation its
+    time and how many waiters shared it, and from a cache its age."""
 
     key: str
     output: Any
     source: str
     eval_ms: Optional[float] = None
     shared: Optional[int] = None
+    age_ms: Optional[int] = None
 
 
 @dataclass
@@ -133,6 +134,7 @@ def _result_of(frame: Dict[str, Any]) -> Result:
         source=frame.get("source", ""),
         eval_ms=frame.get("eval_ms"),
         shared=frame.get("shared"),
+        age_ms=frame.get("age_ms"),
     )
 
 
@@ -269,12 +271,16 @@ class Herd:
         finally:
             self._pending.pop(request_id, None)
 
-    async def submit(self, input: Any, fn: str = "default", wait: bool = True):
+    async def submit(self, input: Any, fn: str = "default", wait: bool = True, max_age_ms: Optional[int] = None):
         """Evaluates `input` with evaluator `fn` (or takes the cached result).
 
         Returns the output; with `wait=False`, an `Accepted` (or a `Result`
-        when the key was cached). Raises `EvalError` for a failed evaluation."""
+        when the key was cached). Raises `EvalError` for a failed evaluation.
+        With `max_age_ms`, a cached result older than that is not taken: a
+        fresh evaluation is started or joined."""
         frame = {"op": "submit", "fn": fn, "input": input, "wait": wait}
+        if max_age_ms is not None:
+            frame["max_age_ms"] = max_age_ms
         if not wait:
             request_id, pending = await self._request(frame, ("accepted", "result"))
             answer = await self._answer(request_id, pending)
@@ -309,6 +315,15 @@ class Herd:
     async def cancel(self, key: str) -> None:
         """Stops this session's waits on `key`; calls waiting on it raise `Cancelled`."""
         request_id, pending = await self._request({"op": "cancel", "key": key}, ("cancelled",))
+        await self._answer(request_id, pending)
+
+    async def invalidate(self, key: Optional[str] = None, fn: Optional[str] = None) -> None:
+        """Drops the cached result of `key`, or every cached result of `fn`
+        (give exactly one; an admin's op). Returns once the broker has."""
+        if (key is None) == (fn is None):
+            raise ValueError("give exactly one of key and fn")
+        frame = {"op": "invalidate", "key": key} if key is not None else {"op": "invalidate", "fn": fn}
+        request_id, pending = await self._request(frame, ("invalidated",))
         await self._answer(request_id, pending)
 
     async def watch(self, interval_ms: int = 500) -> AsyncIterator[Dict[str, Any]]:

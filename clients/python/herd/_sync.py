@@ -23,14 +23,17 @@ class Client:
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def submit(self, input: Any, fn: str = "default", wait: bool = True) -> Any:
-        return self._call(self._herd.submit(input, fn=fn, wait=wait))
+    def submit(self, input: Any, fn: str = "default", wait: bool = True, max_age_ms: Optional[int] = None) -> Any:
+        return self._call(self._herd.submit(input, fn=fn, wait=wait, max_age_ms=max_age_ms))
 
     def get(self, key: str) -> Status:
         return self._call(self._herd.get(key))
 
     def cancel(self, key: str) -> None:
         self._call(self._herd.cancel(key))
+
+    def invalidate(self, key: Optional[str] = None, fn: Optional[str] = None) -> None:
+        self._call(self._herd.invalidate(key=key, fn=fn))
 
     def ping(self) -> int:
         return self._call(self._herd.ping())

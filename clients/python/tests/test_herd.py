@@ -58,6 +58,30 @@ def test_every_method(broker):
     run(main())
 
 
+def test_invalidate_and_max_age(broker):
+    async def main():
+        async with herd.connect(broker.url) as h:
+            evaluations = (await stats(h))["evaluations"]
+            first = await h.submit({"py": "invalidate"})
+            key = herd.key({"py": "invalidate"})
+            cached = [r async for r in h.subscribe(key)][0]
+            assert cached.source == "cache" and cached.age_ms >= 0
+            await h.invalidate(key=key)
+            assert (await h.get(key)).state == "unknown"
+            assert await h.submit({"py": "invalidate"}) == first
+            await h.submit({"py": "invalidate"}, max_age_ms=0)
+            await h.invalidate(fn="default")
+            assert (await h.get(key)).state == "unknown"
+            assert (await stats(h))["evaluations"] == evaluations + 3
+            with pytest.raises(ValueError):
+                await h.invalidate()
+            with pytest.raises(herd.Refused) as refused:
+                await h.invalidate(fn="no-such-fn")
+            assert refused.value.code == "unknown_fn"
+
+    run(main())
+
+
 def test_errors_are_typed(make_broker):
     broker = make_broker("[limits]\nmax_pending = 1\n" + BASIC)
 

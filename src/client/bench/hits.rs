@@ -174,8 +174,8 @@ async fn session(
             match reply {
                 Some(Ok(Message::Text(text))) => {
                     let t0 = sent.pop_front().unwrap_or(now);
-                    // A cache hit's frame ends with its source.
-                    if text.ends_with(r#""source":"cache"}"#) {
+                    // A cache hit's frame names its source near its end.
+                    if text.contains(r#""source":"cache","#) {
                         run.latencies.push((now - t0).as_secs_f64() * 1000.0);
                     } else {
                         run.misses += 1;
