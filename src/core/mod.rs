@@ -45,6 +45,12 @@
 //! | any | `Stored` (a large output, not in the notice) | unchanged | cluster `Lookup`, which brings `Found` | |
 //! | `Queued`, `Refused` by the executor | | (none) | every waiter `busy` | claim, timer, holds |
 //! | any | last waiter leaves, no `wait:false` hold | (none), or kept | | see below |
+//! | any | `Invalidate` of its key or fn (here, or `Dropped` from another broker) | unchanged, marked dropped | cache `Drop`; in a cluster, `Invalidate` (the answer waits for `Invalidated`) | |
+//! | `Queued`, `Running`, marked dropped | `Finished` | (none) | every waiter the outcome; not cached, not stored | claim (`Release`), timer, holds |
+//!
+//! A late outcome (its job ended) is cached unless something was dropped
+//! since its job began; an outcome from the cluster of a key or fn dropped
+//! within the last lease is delivered but not cached.
 //!
 //! When the last waiter of a key leaves (cancel, session closed) and no
 //! `wait:false` submit holds its job: a `Queued` job is withdrawn; a
@@ -575,6 +581,7 @@ impl Core {
         self.effects.push_back(Effect::Drop(target));
         self.drops_before = self.next_gen;
         if self.config.clustered {
+            self.forget_old_drops(now);
             self.recent_drops.push_back((now, target));
         }
         match target {
@@ -1350,6 +1357,7 @@ impl Core {
                 ok,
             } => {
                 let reply = if ok {
+                    self.forget_old_drops(now);
                     self.recent_drops.push_back((now, target));
                     Reply::Invalidated { target }
                 } else {
@@ -1428,6 +1436,14 @@ impl Core {
 
     /// Whether key `key` of fn `evaluator` was dropped within the last lease.
     fn dropped_lately(&mut self, key: Key, evaluator: usize, now: Instant) -> bool {
+        self.forget_old_drops(now);
+        self.recent_drops
+            .iter()
+            .any(|(_, t)| *t == Target::Key(key) || *t == Target::Fn(evaluator))
+    }
+
+    /// Forgets the drops more than a lease old.
+    fn forget_old_drops(&mut self, now: Instant) {
         let lease = self.config.lease;
         while self
             .recent_drops
@@ -1436,9 +1452,6 @@ impl Core {
         {
             self.recent_drops.pop_front();
         }
-        self.recent_drops
-            .iter()
-            .any(|(_, t)| *t == Target::Key(key) || *t == Target::Fn(evaluator))
     }
 
     /// An outcome from the cluster for whoever waits here.
