@@ -174,8 +174,7 @@ async fn session(
             match reply {
                 Some(Ok(Message::Text(text))) => {
                     let t0 = sent.pop_front().unwrap_or(now);
-                    // A cache hit's frame names its source near its end.
-                    if text.contains(r#""source":"cache","#) {
+                    if is_cache_hit(&text) {
                         run.latencies.push((now - t0).as_secs_f64() * 1000.0);
                     } else {
                         run.misses += 1;
@@ -226,4 +225,30 @@ async fn redis_reference(args: &HitsArgs) -> anyhow::Result<f64> {
         .and_then(|tail| tail.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("unexpected redis-benchmark output: {text}"))
+}
+
+/// Whether a `result` frame is a cache hit: its last `"source"` member (the
+/// broker writes it after the output) is `"cache"`.
+fn is_cache_hit(frame: &str) -> bool {
+    const SOURCE: &str = r#""source":""#;
+    frame
+        .rfind(SOURCE)
+        .is_some_and(|at| frame[at + SOURCE.len()..].starts_with("cache\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_cache_hit;
+
+    #[test]
+    fn a_hit_is_told_by_the_broker_s_own_source_member() {
+        assert!(is_cache_hit(
+            r#"{"type":"result","id":1,"output":1,"source":"cache","age_ms":3}"#
+        ));
+        assert!(is_cache_hit(
+            r#"{"type":"result","id":1,"output":1,"source":"cache"}"#
+        ));
+        let eval = r#"{"type":"result","output":{"source":"cache"},"source":"eval","eval_ms":1.0}"#;
+        assert!(!is_cache_hit(eval));
+    }
 }
