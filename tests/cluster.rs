@@ -1191,38 +1191,31 @@ async fn new_keys_are_claimed_side_by_side_not_one_round_trip_each() {
             .send(json!({"op": "submit", "id": n, "input": input}))
             .await;
     }
-    let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
-    loop {
-        let sent = relay.sent.notified();
-        if relay.requests(b"EVALSHA") >= before + inputs.len() {
-            break;
-        }
-        let more = tokio::time::timeout_at(deadline, sent).await;
-        assert!(
-            more.is_ok(),
-            "the claims were sent one round trip at a time"
-        );
-    }
+    assert!(
+        relay.wait_requests(b"EVALSHA", before + inputs.len()).await,
+        "the claims were sent one round trip at a time"
+    );
+    let published = relay.requests(b"PUBLISH");
     relay.hold_answers(false);
     for _ in &inputs {
         let r = agent.recv_type("result").await;
         assert!(r["output"].is_object(), "{r}");
     }
-    // A result reaches its waiters as it goes to Redis.
+    // A result reaches its waiters as it goes to Redis; its notice is
+    // published once it is stored.
+    assert!(
+        relay
+            .wait_requests(b"PUBLISH", published + inputs.len())
+            .await,
+        "not every result was stored and announced"
+    );
     for input in &inputs {
         let key = key_of("default", input);
-        let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
-        loop {
-            let stored = redis_cli(redis.port, &["GET", &result_name(&key, "")]);
-            if stored.contains("output") {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{input} was not stored: {stored}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let stored = redis_cli(redis.port, &["GET", &result_name(&key, "")]);
+        assert!(
+            stored.contains("output"),
+            "{input} was not stored: {stored}"
+        );
     }
     server.stop().await;
 }
@@ -1315,6 +1308,21 @@ impl Relay {
     fn requests(&self, command: &[u8]) -> usize {
         let log = self.log.lock().unwrap();
         log.windows(command.len()).filter(|w| *w == command).count()
+    }
+
+    /// Waits until `n` requests containing `command` have been relayed;
+    /// false if they were not within `FRAME_WAIT`.
+    async fn wait_requests(&self, command: &[u8], n: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + common::FRAME_WAIT;
+        loop {
+            let sent = self.sent.notified();
+            if self.requests(command) >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, sent).await.is_err() {
+                return false;
+            }
+        }
     }
 
     fn url(&self) -> String {
