@@ -163,9 +163,8 @@ impl Store {
 
     /// The entry of `key` unless it has expired or its fn's epoch has
     /// moved on (either is removed).
-    fn get(&self, key: &Key, epochs: &[AtomicU64]) -> Option<Hit> {
+    fn get(&self, key: &Key, epochs: &[AtomicU64], now: Instant) -> Option<Hit> {
         let stored = self.entries.get(key)?;
-        let now = Instant::now();
         let current = |s: &Stored| {
             s.expires.is_none_or(|d| now < d)
                 && epochs
@@ -240,22 +239,24 @@ impl ResultCache {
         }
     }
 
-    /// Whether results may be served now (always, for a lone broker).
-    fn confirmed(&self) -> bool {
+    /// Whether results may be served at `now` (always, for a lone broker).
+    fn confirmed(&self, now: Instant) -> bool {
         self.confirmed.as_ref().is_none_or(|c| {
-            (c.base.elapsed().as_millis() as u64) < c.until_ms.load(Ordering::Acquire)
+            let ms = now.saturating_duration_since(c.base).as_millis() as u64;
+            ms < c.until_ms.load(Ordering::Acquire)
         })
     }
 
     /// The cached answer for `key`, output or kept failure.
     pub fn get(&self, key: &Key) -> Option<Hit> {
-        if !self.confirmed() {
+        let now = Instant::now();
+        if !self.confirmed(now) {
             return None;
         }
-        self.outputs.get(key, &self.epochs).or_else(|| {
+        self.outputs.get(key, &self.epochs, now).or_else(|| {
             self.failures
                 .as_ref()
-                .and_then(|f| f.get(key, &self.epochs))
+                .and_then(|f| f.get(key, &self.epochs, now))
         })
     }
 
@@ -391,11 +392,14 @@ mod tests {
         let store = Store::new(1 << 20, 60);
         let epochs = [AtomicU64::new(0)];
         store.insert(key(1), Cached::Output(output(10)), 0, 0, Instant::now());
-        assert!(store.get(&key(1), &epochs).is_some());
+        assert!(store.get(&key(1), &epochs, Instant::now()).is_some());
         let mut stored = store.entries.get(&key(1)).expect("kept");
         stored.expires = Some(Instant::now());
         store.entries.insert(key(1), stored);
-        assert!(store.get(&key(1), &epochs).is_none(), "expired");
+        assert!(
+            store.get(&key(1), &epochs, Instant::now()).is_none(),
+            "expired"
+        );
         assert_eq!(store.entries.len(), 0, "removed when read");
     }
 

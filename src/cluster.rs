@@ -10,9 +10,10 @@
 //!   (`result:{key}:<tag>`, a second cache level); if absent, claim the key
 //!   (`SET claim:{key}:<tag> <node>:<seq> NX PX lease_ms`). The tag is the
 //!   fn's epoch and version ([`FnTags`]): a result of another version, or
-//!   from before the fn was invalidated, is never found. The hub hears `Found`, `Claimed` (evaluate
-//!   here), `Waiting` (another broker evaluates) or `Local` (Redis is away:
-//!   evaluate here, as a lone broker would).
+//!   from before the fn was invalidated, is never found. The hub hears
+//!   `Found`, `Claimed` (evaluate here), `Waiting` (another broker
+//!   evaluates) or `Local` (Redis is away: evaluate here, as a lone broker
+//!   would).
 //! - Claims held are renewed every `lease_ms / 3` while their evaluation
 //!   runs; [`ClusterCmd::Finished`] stores the result (outputs for
 //!   `result_ttl_s`, failures only for `error_ttl_s`) if the claim is still
@@ -1049,14 +1050,8 @@ impl Cluster {
                     };
                     tags.raise(evaluator, epoch);
                     let notice = serde_json::json!({"fn": name, "epoch": epoch}).to_string();
-                    let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
-                    let sent: Option<i64> = timed(limit, publish.query_async(&mut conn)).await;
-                    if sent.is_none() {
-                        return unanswered();
-                    }
-                    tokio::time::sleep(lease).await;
                     Done {
-                        answered: true,
+                        answered: announce(conn, &channel, &notice, limit, lease).await,
                         reply: Reply::Pinged,
                     }
                 }))
@@ -1070,15 +1065,12 @@ impl Cluster {
                         return unanswered();
                     }
                     let notice = serde_json::json!({"drop": key.to_hex()}).to_string();
-                    let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
-                    let sent: Option<i64> = timed(limit, publish.query_async(&mut conn)).await;
-                    if sent.is_none() {
-                        return unanswered();
-                    }
-                    tokio::time::sleep(lease).await;
-                    let again: Option<i64> = timed(limit, delete.query_async(&mut conn)).await;
+                    let answered = announce(conn.clone(), &channel, &notice, limit, lease).await
+                        && timed::<i64>(limit, delete.query_async(&mut conn))
+                            .await
+                            .is_some();
                     Done {
-                        answered: again.is_some(),
+                        answered,
                         reply: Reply::Pinged,
                     }
                 }))
@@ -1397,10 +1389,7 @@ impl Cluster {
             // slot and the channel are served apart. An outcome that found
             // another result stored is not published: that one was.
             if answered && instead.is_none() && (outcome.is_err() || stored_here) {
-                let mut c = conn.clone();
-                let publish = redis::cmd("PUBLISH").arg(&channel).arg(&notice).to_owned();
-                let sent: Option<i64> = timed(limit, publish.query_async(&mut c)).await;
-                answered &= sent.is_some();
+                answered &= publish(conn.clone(), &channel, &notice, limit).await;
             }
             if let Some(value) = token.filter(|_| answered) {
                 answered &= release_claim(&release, conn, &claim_name, &value, limit)
@@ -1435,6 +1424,30 @@ impl Cluster {
             }
         }))
     }
+}
+
+/// Publishes `notice` on `channel`; whether Redis took it.
+async fn publish(mut conn: Conn, channel: &str, notice: &str, limit: Duration) -> bool {
+    let publish = redis::cmd("PUBLISH").arg(channel).arg(notice).to_owned();
+    timed::<i64>(limit, publish.query_async(&mut conn))
+        .await
+        .is_some()
+}
+
+/// Announces an invalidation, then waits one lease: by then every broker
+/// has heard it or serves nothing from its cache. Whether Redis took it.
+async fn announce(
+    conn: Conn,
+    channel: &str,
+    notice: &str,
+    limit: Duration,
+    lease: Duration,
+) -> bool {
+    if !publish(conn, channel, notice, limit).await {
+        return false;
+    }
+    tokio::time::sleep(lease).await;
+    true
 }
 
 /// Deletes the claim `name` if its value is still `value` ([`RELEASE`]);

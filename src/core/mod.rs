@@ -581,8 +581,7 @@ impl Core {
         self.effects.push_back(Effect::Drop(target));
         self.drops_before = self.next_gen;
         if self.config.clustered {
-            self.forget_old_drops(now);
-            self.recent_drops.push_back((now, target));
+            self.remember_drop(target, now);
         }
         match target {
             Target::Key(key) => {
@@ -1338,17 +1337,7 @@ impl Core {
                 evaluator,
                 output,
                 at_ms,
-            } => {
-                if self.table.contains_key(&key) && !self.dropped_lately(key, evaluator, now) {
-                    self.effects.push_back(Effect::Cache {
-                        key,
-                        evaluator,
-                        outcome: Ok(Arc::clone(&output)),
-                        at_ms: Some(at_ms),
-                    });
-                }
-                self.outcome_from_cluster(key, Ok(output), at_ms);
-            }
+            } => self.outcome_from_cluster(key, evaluator, Ok(output), at_ms, now),
             ClusterEvent::Dropped(target) => self.drop_results(target, now),
             ClusterEvent::Invalidated {
                 target,
@@ -1357,8 +1346,7 @@ impl Core {
                 ok,
             } => {
                 let reply = if ok {
-                    self.forget_old_drops(now);
-                    self.recent_drops.push_back((now, target));
+                    self.remember_drop(target, now);
                     Reply::Invalidated { target }
                 } else {
                     Reply::Rejected {
@@ -1398,18 +1386,9 @@ impl Core {
                         .job(&key)
                         .and_then(|j| j.claim.as_ref())
                         .is_some_and(|mine| claim.as_ref() != Some(mine));
-                if stale || !self.table.contains_key(&key) {
-                    return;
+                if !stale {
+                    self.outcome_from_cluster(key, evaluator, outcome, at_ms, now);
                 }
-                if !self.dropped_lately(key, evaluator, now) {
-                    self.effects.push_back(Effect::Cache {
-                        key,
-                        evaluator,
-                        outcome: outcome.clone(),
-                        at_ms: Some(at_ms),
-                    });
-                }
-                self.outcome_from_cluster(key, outcome, at_ms);
             }
         }
     }
@@ -1442,6 +1421,12 @@ impl Core {
             .any(|(_, t)| *t == Target::Key(key) || *t == Target::Fn(evaluator))
     }
 
+    /// Outcomes of `target` from the cluster are not cached for a lease.
+    fn remember_drop(&mut self, target: Target, now: Instant) {
+        self.forget_old_drops(now);
+        self.recent_drops.push_back((now, target));
+    }
+
     /// Forgets the drops more than a lease old.
     fn forget_old_drops(&mut self, now: Instant) {
         let lease = self.config.lease;
@@ -1454,8 +1439,16 @@ impl Core {
         }
     }
 
-    /// An outcome from the cluster for whoever waits here.
-    fn outcome_from_cluster(&mut self, key: Key, outcome: Result<Arc<str>, EvalError>, at_ms: u64) {
+    /// An outcome of fn `evaluator` from the cluster, computed at `at_ms`,
+    /// for whoever waits here; cached unless it was dropped lately.
+    fn outcome_from_cluster(
+        &mut self,
+        key: Key,
+        evaluator: usize,
+        outcome: Result<Arc<str>, EvalError>,
+        at_ms: u64,
+        now: Instant,
+    ) {
         let Some(entry) = self.table.get(&key) else {
             return;
         };
@@ -1463,6 +1456,14 @@ impl Core {
             .job
             .as_ref()
             .map(|j| (j.gen, j.evaluator, j.phase.clone()));
+        if !self.dropped_lately(key, evaluator, now) {
+            self.effects.push_back(Effect::Cache {
+                key,
+                evaluator,
+                outcome: outcome.clone(),
+                at_ms: Some(at_ms),
+            });
+        }
         let evaluator = job.as_ref().map(|j| j.1);
         if let Some((gen, evaluator, phase)) = job {
             self.release_job(key, gen, evaluator, &phase);

@@ -160,6 +160,16 @@ fn reject_draining<'a>(id: &ReqId) -> Then<'a> {
     reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
 }
 
+/// The answer to a request naming a fn no evaluator serves.
+fn reject_unknown_fn<'a>(id: &ReqId, name: &str) -> Then<'a> {
+    let shown: String = name.chars().take(64).collect();
+    reject(
+        id,
+        ErrorCode::UnknownFn,
+        &format!("no evaluator is configured under fn {shown:?}"),
+    )
+}
+
 struct Reader<'a> {
     broker: &'a Arc<Broker>,
     outbox: Outbox,
@@ -332,14 +342,7 @@ impl<'a> Reader<'a> {
                     Invalidation::Key(key) => Target::Key(key),
                     Invalidation::Fn(name) => match self.broker.evaluators.lookup(&name) {
                         Some(spec) => Target::Fn(spec.index),
-                        None => {
-                            let shown: String = name.chars().take(64).collect();
-                            return reject(
-                                &id,
-                                ErrorCode::UnknownFn,
-                                &format!("no evaluator is configured under fn {shown:?}"),
-                            );
-                        }
+                        None => return reject_unknown_fn(&id, &name),
                     },
                 };
                 Then::Hub(HubMsg::Invalidate {
@@ -369,12 +372,7 @@ impl<'a> Reader<'a> {
         let arrived = std::time::Instant::now();
         let name = fn_name.as_deref().unwrap_or("default");
         let Some(spec) = broker.evaluators.lookup(name) else {
-            let shown: String = name.chars().take(64).collect();
-            return reject(
-                &id,
-                ErrorCode::UnknownFn,
-                &format!("no evaluator is configured under fn {shown:?}"),
-            );
+            return reject_unknown_fn(&id, name);
         };
         spec.metrics.submits.inc();
         if broker.is_draining() {
