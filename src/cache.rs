@@ -18,10 +18,14 @@
 //! the bound until it is evicted.
 //!
 //! Invalidation never scans the cache: a key's entry is removed, and a
-//! whole fn's results are dropped by raising that fn's epoch. Every entry
-//! keeps the epoch of its fn when it was stored, and a read serves it only
-//! while that is still the fn's epoch (a stale entry is removed when read
-//! and otherwise evicted like any other).
+//! whole fn's results in a namespace are dropped by raising that fn's epoch
+//! there. Every entry keeps the epoch of its fn and namespace when it was
+//! stored, and a read serves it only while that is still the epoch (a
+//! stale entry is removed when read and otherwise evicted like any other).
+//!
+//! Keys carry their namespace, so namespaces share the store without
+//! seeing each other's results; a namespace with a `cache_bytes` of its own
+//! has a store of its own, so it neither evicts nor is evicted by others.
 //!
 //! In a cluster, another broker may drop a result: the cache then serves
 //! nothing unless the broker has lately confirmed that it has heard every
@@ -30,6 +34,7 @@
 use crate::config::CacheConfig;
 use crate::error::EvalError;
 use crate::key::Key;
+use crate::ns::Ns;
 use crate::protocol::{eval_error_json, FrameWriter, ReqId};
 use quick_cache::sync::Cache;
 use quick_cache::{OptionsBuilder, Weighter};
@@ -130,7 +135,7 @@ struct Bytes;
 
 impl Weighter<Key, Stored> for Bytes {
     fn weight(&self, _key: &Key, value: &Stored) -> u64 {
-        16 + ENTRY_OVERHEAD_BYTES + value.cached.weight() as u64
+        20 + ENTRY_OVERHEAD_BYTES + value.cached.weight() as u64
     }
 }
 
@@ -163,13 +168,10 @@ impl Store {
 
     /// The entry of `key` unless it has expired or its fn's epoch has
     /// moved on (either is removed).
-    fn get(&self, key: &Key, epochs: &[AtomicU64], now: Instant) -> Option<Hit> {
+    fn get(&self, key: &Key, epochs: &Epochs, now: Instant) -> Option<Hit> {
         let stored = self.entries.get(key)?;
         let current = |s: &Stored| {
-            s.expires.is_none_or(|d| now < d)
-                && epochs
-                    .get(s.fn_index)
-                    .is_some_and(|e| e.load(Ordering::Acquire) == s.epoch)
+            s.expires.is_none_or(|d| now < d) && epochs.get(key.ns(), s.fn_index) == s.epoch
         };
         if !current(&stored) {
             self.entries.remove_if(key, |s| !current(s));
@@ -195,13 +197,59 @@ impl Store {
     }
 }
 
+/// Each fn's epoch in each namespace: raised to drop all its results
+/// there at once. An epoch is the sum of a count raised for every
+/// namespace at once and the fn's own count there (both only rise, so the
+/// sum changes whenever either does).
+struct Epochs {
+    all: AtomicU64,
+    /// The shared namespace's, by fn: read on every hit, so no map.
+    shared: Box<[AtomicU64]>,
+    /// Other namespaces', only once raised.
+    others: dashmap::DashMap<(Ns, usize), u64, foldhash::fast::RandomState>,
+}
+
+impl Epochs {
+    fn new(fns: usize) -> Epochs {
+        Epochs {
+            all: AtomicU64::new(0),
+            shared: (0..fns).map(|_| AtomicU64::new(0)).collect(),
+            others: Default::default(),
+        }
+    }
+
+    fn get(&self, ns: Ns, fn_index: usize) -> u64 {
+        let own = if ns.is_shared() {
+            self.shared
+                .get(fn_index)
+                .map_or(0, |e| e.load(Ordering::Acquire))
+        } else if self.others.is_empty() {
+            0
+        } else {
+            self.others.get(&(ns, fn_index)).map_or(0, |e| *e)
+        };
+        self.all.load(Ordering::Acquire) + own
+    }
+
+    fn raise(&self, ns: Ns, fn_index: usize) {
+        if ns.is_shared() {
+            if let Some(e) = self.shared.get(fn_index) {
+                e.fetch_add(1, Ordering::AcqRel);
+            }
+        } else {
+            *self.others.entry((ns, fn_index)).or_default() += 1;
+        }
+    }
+}
+
 /// Outputs (and, when configured, failures) by key.
 pub struct ResultCache {
     outputs: Store,
+    /// The stores of namespaces with a `cache_bytes` of their own.
+    own: std::collections::HashMap<Ns, Store>,
     failures: Option<Store>,
     max_bytes: u64,
-    /// Each fn's epoch: raised to drop all its results at once.
-    epochs: Box<[AtomicU64]>,
+    epochs: Epochs,
     /// In a cluster: results are served only until this moment.
     confirmed: Option<Confirmed>,
 }
@@ -213,16 +261,22 @@ struct Confirmed {
 }
 
 impl ResultCache {
-    /// A cache for the results of `fns` evaluators; `clustered`: it serves
-    /// only while confirmed (see [`ResultCache::confirm_until`]).
-    pub fn new(config: &CacheConfig, fns: usize, clustered: bool) -> Self {
+    /// A cache for the results of `fns` evaluators, with stores of their
+    /// own for the namespaces in `own` (and their sizes in bytes);
+    /// `clustered`: it serves only while confirmed (see
+    /// [`ResultCache::confirm_until`]).
+    pub fn new(config: &CacheConfig, fns: usize, own: &[(Ns, u64)], clustered: bool) -> Self {
         let failures = (config.error_ttl_s > 0)
             .then(|| Store::new((config.max_bytes / 16).max(1), config.error_ttl_s));
         ResultCache {
             outputs: Store::new(config.max_bytes, config.ttl_s),
+            own: own
+                .iter()
+                .map(|(ns, bytes)| (*ns, Store::new(*bytes, config.ttl_s)))
+                .collect(),
             failures,
-            max_bytes: config.max_bytes,
-            epochs: (0..fns).map(|_| AtomicU64::new(0)).collect(),
+            max_bytes: config.max_bytes + own.iter().map(|(_, b)| b).sum::<u64>(),
+            epochs: Epochs::new(fns),
             confirmed: clustered.then(|| Confirmed {
                 base: Instant::now(),
                 until_ms: AtomicU64::new(0),
@@ -253,7 +307,7 @@ impl ResultCache {
         if !self.confirmed(now) {
             return None;
         }
-        self.outputs.get(key, &self.epochs, now).or_else(|| {
+        self.store(key).get(key, &self.epochs, now).or_else(|| {
             self.failures
                 .as_ref()
                 .and_then(|f| f.get(key, &self.epochs, now))
@@ -271,52 +325,59 @@ impl ResultCache {
         if let Some(f) = &self.failures {
             f.entries.remove(&key);
         }
-        let epoch = self.epoch(fn_index);
-        self.outputs
+        let epoch = self.epochs.get(key.ns(), fn_index);
+        self.store(&key)
             .insert(key, Cached::Output(output), fn_index, epoch, at);
     }
 
     /// Keeps a failure when `error_ttl_s` asks for it; otherwise does nothing.
     pub fn insert_failure(&self, key: Key, fn_index: usize, error: EvalError) {
         if let Some(f) = &self.failures {
-            let epoch = self.epoch(fn_index);
+            let epoch = self.epochs.get(key.ns(), fn_index);
             f.insert(key, Cached::Failure(error), fn_index, epoch, Instant::now());
         }
     }
 
     /// Drops what is kept for `key`.
     pub fn remove(&self, key: &Key) {
-        self.outputs.entries.remove(key);
+        self.store(key).entries.remove(key);
         if let Some(f) = &self.failures {
             f.entries.remove(key);
         }
     }
 
-    /// Drops every result of fn `fn_index` (none is read again; each
-    /// leaves when it is read or evicted).
-    pub fn drop_fn(&self, fn_index: usize) {
-        if let Some(e) = self.epochs.get(fn_index) {
-            e.fetch_add(1, Ordering::AcqRel);
-        }
+    /// Drops every result of fn `fn_index` in namespace `ns` (none is
+    /// read again; each leaves when it is read or evicted).
+    pub fn drop_fn(&self, ns: Ns, fn_index: usize) {
+        self.epochs.raise(ns, fn_index);
     }
 
-    /// Drops every result of every fn.
+    /// Drops every result of every fn in every namespace.
     pub fn drop_all(&self) {
-        for fn_index in 0..self.epochs.len() {
-            self.drop_fn(fn_index);
-        }
+        self.epochs.all.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn epoch(&self, fn_index: usize) -> u64 {
-        self.epochs
-            .get(fn_index)
-            .map_or(0, |e| e.load(Ordering::Acquire))
+    /// The store that keeps `key`'s output.
+    fn store(&self, key: &Key) -> &Store {
+        if key.ns().is_shared() || self.own.is_empty() {
+            return &self.outputs;
+        }
+        self.own.get(&key.ns()).unwrap_or(&self.outputs)
     }
 
     /// (entries, bytes) of kept outputs.
     pub fn usage(&self) -> (u64, u64) {
-        let entries = &self.outputs.entries;
-        (entries.len() as u64, entries.weight())
+        std::iter::once(&self.outputs)
+            .chain(self.own.values())
+            .map(|s| (s.entries.len() as u64, s.entries.weight()))
+            .fold((0, 0), |(e, b), (e2, b2)| (e + e2, b + b2))
+    }
+
+    /// (entries, bytes) of the outputs kept in the store of namespace
+    /// `ns`'s own, if it has one.
+    pub fn usage_of(&self, ns: Ns) -> Option<(u64, u64)> {
+        let store = self.own.get(&ns)?;
+        Some((store.entries.len() as u64, store.entries.weight()))
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -335,6 +396,7 @@ mod tests {
                 ..CacheConfig::default()
             },
             2,
+            &[],
             false,
         )
     }
@@ -390,7 +452,7 @@ mod tests {
     #[test]
     fn entries_past_their_time_to_live_are_not_served() {
         let store = Store::new(1 << 20, 60);
-        let epochs = [AtomicU64::new(0)];
+        let epochs = Epochs::new(1);
         store.insert(key(1), Cached::Output(output(10)), 0, 0, Instant::now());
         assert!(store.get(&key(1), &epochs, Instant::now()).is_some());
         let mut stored = store.entries.get(&key(1)).expect("kept");
@@ -408,7 +470,7 @@ mod tests {
         let cache = cache(1 << 20);
         cache.insert_output(key(1), 0, output(10), Instant::now());
         cache.insert_output(key(2), 1, output(10), Instant::now());
-        cache.drop_fn(0);
+        cache.drop_fn(Ns::SHARED, 0);
         assert!(cache.get(&key(1)).is_none(), "fn 0's result dropped");
         assert!(cache.get(&key(2)).is_some(), "fn 1's result kept");
         cache.insert_output(key(1), 0, output(10), Instant::now());
@@ -422,7 +484,7 @@ mod tests {
 
     #[test]
     fn a_clustered_cache_serves_only_while_confirmed() {
-        let cache = ResultCache::new(&CacheConfig::default(), 1, true);
+        let cache = ResultCache::new(&CacheConfig::default(), 1, &[], true);
         cache.insert_output(key(1), 0, output(10), Instant::now());
         assert!(cache.get(&key(1)).is_none(), "not confirmed yet");
         cache.confirm_until(Instant::now() + Duration::from_secs(60));

@@ -51,6 +51,7 @@ use crate::core::{ClusterCmd, ClusterEvent, Gen, Target};
 use crate::error::EvalError;
 use crate::key::Key;
 use crate::metrics::{BrokerFigures, Metrics, Totals};
+use crate::ns::Ns;
 use crate::protocol::{eval_error_json, unix_ms};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
@@ -59,7 +60,7 @@ use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -135,6 +136,9 @@ impl ClusterHealth {
 struct Stored<'a> {
     #[serde(default)]
     key: Option<&'a str>,
+    /// Its namespace (absent: the shared one).
+    #[serde(default)]
+    ns: Option<&'a str>,
     /// The fn that computed it, and that fn's version and epoch then.
     #[serde(default, rename = "fn")]
     fn_name: Option<&'a str>,
@@ -167,6 +171,14 @@ struct StoredError {
 }
 
 impl Stored<'_> {
+    /// Its namespace, if this broker knows it (if not, nobody here waits in it).
+    fn namespace(&self) -> Option<Ns> {
+        match self.ns {
+            None | Some("") => Some(Ns::SHARED),
+            Some(name) => Ns::find(name),
+        }
+    }
+
     fn outcome(&self) -> Option<Result<Arc<str>, EvalError>> {
         match (&self.output, &self.error) {
             (Some(output), None) => Some(Ok(output.get().into())),
@@ -179,20 +191,24 @@ impl Stored<'_> {
     }
 }
 
-/// Each fn's name, version and epoch, shared by the task and its listener:
-/// results are stored and announced under a fn's tag (`<epoch>:<version>`),
-/// so a result of another version, or from before the fn's invalidation,
-/// is never found or taken.
+/// Epochs as Redis keeps them: by fn (the shared namespace's) or by
+/// `<ns>/<fn>` (other namespaces').
+type Epochs = HashMap<String, u64>;
+
+/// Each fn's name, version and epoch in each namespace, shared by the task
+/// and its listener: results are stored and announced under a fn's tag
+/// (`<epoch>:<version>`), so a result of another version, or from before
+/// the fn's invalidation, is never found or taken.
 pub struct FnTags {
     fns: Vec<FnTag>,
+    /// Raised (never lowered) by an invalidation of a fn in a namespace,
+    /// this broker's or another's; absent: 0.
+    epochs: std::sync::Mutex<HashMap<(Ns, usize), u64>>,
 }
 
 struct FnTag {
     name: String,
     version: String,
-    /// Raised (never lowered) by an invalidation of the fn, this broker's
-    /// or another's.
-    epoch: AtomicU64,
 }
 
 impl FnTags {
@@ -201,34 +217,41 @@ impl FnTags {
         FnTags {
             fns: fns
                 .into_iter()
-                .map(|(name, version)| FnTag {
-                    name,
-                    version,
-                    epoch: AtomicU64::new(0),
-                })
+                .map(|(name, version)| FnTag { name, version })
                 .collect(),
+            epochs: Default::default(),
         }
     }
 
-    fn tag(&self, evaluator: usize) -> String {
-        let f = &self.fns[evaluator];
-        format!("{}:{}", f.epoch.load(Ordering::Acquire), f.version)
+    fn tag(&self, ns: Ns, evaluator: usize) -> String {
+        let epoch = self
+            .epochs
+            .lock()
+            .expect("not poisoned")
+            .get(&(ns, evaluator))
+            .copied()
+            .unwrap_or(0);
+        format!("{epoch}:{}", self.fns[evaluator].version)
     }
 
     fn index(&self, name: &str) -> Option<usize> {
         self.fns.iter().position(|f| f.name == name)
     }
 
-    /// Fn `evaluator`'s epoch is now at least `epoch`; whether it rose.
-    fn raise(&self, evaluator: usize, epoch: u64) -> bool {
-        self.fns[evaluator].epoch.fetch_max(epoch, Ordering::AcqRel) < epoch
+    /// Fn `evaluator`'s epoch in `ns` is now at least `epoch`; whether it rose.
+    fn raise(&self, ns: Ns, evaluator: usize, epoch: u64) -> bool {
+        let mut epochs = self.epochs.lock().expect("not poisoned");
+        let current = epochs.entry((ns, evaluator)).or_default();
+        let rose = *current < epoch;
+        *current = epoch.max(*current);
+        rose
     }
 
-    /// The fn of a stored result or notice, if it is of that fn's current
-    /// tag.
-    fn current(&self, stored: &Stored) -> Option<usize> {
+    /// The fn of a stored result or notice of namespace `ns`, if it is of
+    /// that fn's current tag.
+    fn current(&self, stored: &Stored, ns: Ns) -> Option<usize> {
         let evaluator = self.index(stored.fn_name?)?;
-        (stored.tag? == self.tag(evaluator)).then_some(evaluator)
+        (stored.tag? == self.tag(ns, evaluator)).then_some(evaluator)
     }
 }
 
@@ -315,7 +338,7 @@ enum Reply {
     /// An idle tick's PING (health only).
     Pinged,
     /// Every fn's epoch as Redis has it (None: not read).
-    Epochs(Option<HashMap<String, u64>>),
+    Epochs(Option<(Epochs, Epochs)>),
     /// An invalidation was recorded (`ok`) and has had its time to reach
     /// every broker.
     Invalidated {
@@ -529,12 +552,20 @@ impl Cluster {
     /// The name of `key`'s `kind` (claim, result) under fn `evaluator`'s
     /// current tag.
     fn key(&self, kind: &str, key: &Key, evaluator: usize) -> String {
-        self.tagged(kind, key, &self.tags.tag(evaluator))
+        self.tagged(kind, key, &self.tags.tag(key.ns(), evaluator))
     }
 
     /// The name of `key`'s `kind` under `tag`.
+    /// A namespace's names begin `<prefix><ns>/`; the shared namespace's
+    /// are the names of a broker without namespaces.
     fn tagged(&self, kind: &str, key: &Key, tag: &str) -> String {
-        format!("{}{kind}:{{{}}}:{tag}", self.config.prefix, key.to_hex())
+        let prefix = &self.config.prefix;
+        let hex = key.to_hex();
+        if key.ns().is_shared() {
+            format!("{prefix}{kind}:{{{hex}}}:{tag}")
+        } else {
+            format!("{prefix}{}/{kind}:{{{hex}}}:{tag}", key.ns())
+        }
     }
 
     /// The names `key`'s results may have: one per fn (the key says which
@@ -545,8 +576,13 @@ impl Cluster {
             .collect()
     }
 
-    fn epochs_name(&self) -> String {
-        format!("{}epochs", self.config.prefix)
+    /// The hash of the shared namespace's epochs (a field per fn), and
+    /// the hash of other namespaces' (a field per `<ns>/<fn>`).
+    fn epochs_names(&self) -> (String, String) {
+        (
+            format!("{}epochs", self.config.prefix),
+            format!("{}ns-epochs", self.config.prefix),
+        )
     }
 
     fn channel(&self) -> String {
@@ -840,7 +876,7 @@ impl Cluster {
                 let event = match found {
                     // Redis went away: evaluate here rather than wait.
                     None => return self.local(key, gen, evaluator).await,
-                    Some((1, stored)) => match self.parse(&stored) {
+                    Some((1, stored)) => match self.parse(&stored, key.ns()) {
                         Some(found) => {
                             self.l2_hits += 1;
                             Some(found_event(key, found))
@@ -884,31 +920,45 @@ impl Cluster {
                     self.tell(event).await;
                 }
             }
-            Reply::Looked { key, found } => match found.and_then(|text| self.parse(&text)) {
-                Some(found) => {
-                    self.l2_hits += 1;
-                    self.looked.remove(&key);
-                    self.tell(found_event(key, found)).await;
+            Reply::Looked { key, found } => {
+                match found.and_then(|text| self.parse(&text, key.ns())) {
+                    Some(found) => {
+                        self.l2_hits += 1;
+                        self.looked.remove(&key);
+                        self.tell(found_event(key, found)).await;
+                    }
+                    None => {
+                        self.looked.insert(key);
+                    }
                 }
-                None => {
-                    self.looked.insert(key);
-                }
-            },
+            }
             Reply::Finished {
                 key,
                 gen,
                 confirm: true,
                 stored,
             } => {
-                let stored = stored.and_then(|text| self.parse(&text)).map(|f| f.outcome);
+                let stored = stored
+                    .and_then(|text| self.parse(&text, key.ns()))
+                    .map(|f| f.outcome);
                 self.tell(ClusterEvent::Verdict { key, gen, stored }).await;
             }
             Reply::Finished { .. } | Reply::Released { .. } | Reply::Pinged => {}
             Reply::Epochs(epochs) => {
-                for (name, epoch) in epochs.unwrap_or_default() {
+                let (shared, others) = epochs.unwrap_or_default();
+                let named = shared
+                    .into_iter()
+                    .map(|(name, epoch)| (Some(Ns::SHARED), name, epoch))
+                    .chain(others.into_iter().filter_map(|(field, epoch)| {
+                        let (ns, name) = field.split_once('/')?;
+                        Some((Ns::find(ns), name.to_string(), epoch))
+                    }));
+                for (ns, name, epoch) in named {
+                    // A namespace this broker has not met holds nothing here.
+                    let Some(ns) = ns else { continue };
                     if let Some(evaluator) = self.tags.index(&name) {
-                        if self.tags.raise(evaluator, epoch) {
-                            self.tell(ClusterEvent::Dropped(Target::Fn(evaluator)))
+                        if self.tags.raise(ns, evaluator, epoch) {
+                            self.tell(ClusterEvent::Dropped(Target::Fn(ns, evaluator)))
                                 .await;
                         }
                     }
@@ -946,13 +996,13 @@ impl Cluster {
 
     /// A stored result or notice read from Redis, unless too long or not
     /// one of ours.
-    fn parse(&self, text: &str) -> Option<FoundOutcome> {
+    fn parse(&self, text: &str, ns: Ns) -> Option<FoundOutcome> {
         if text.len() > self.max_stored {
             return None;
         }
         let stored = serde_json::from_str::<Stored>(text).ok()?;
         Some(FoundOutcome {
-            evaluator: self.tags.current(&stored)?,
+            evaluator: self.tags.current(&stored, ns)?,
             outcome: stored.outcome()?,
             at_ms: stored.at_ms,
         })
@@ -971,7 +1021,7 @@ impl Cluster {
         let mut conn = self.usable().await?;
         self.next_claim += 1;
         let value = format!("{}:{}:{}", self.node, self.run, self.next_claim);
-        let tag = self.tags.tag(evaluator);
+        let tag = self.tags.tag(key.ns(), evaluator);
         let result = self.tagged("result", &key, &tag);
         let name = self.tagged("claim", &key, &tag);
         let (lease, limit) = (self.config.lease_ms, self.limit());
@@ -1019,9 +1069,14 @@ impl Cluster {
     /// Reads every fn's epoch.
     async fn read_epochs(&mut self) -> Option<Io> {
         let mut conn = self.usable().await?;
-        let (name, limit) = (self.epochs_name(), self.limit());
+        let ((shared, others), limit) = (self.epochs_names(), self.limit());
         Some(Box::pin(async move {
-            let epochs: Option<HashMap<String, u64>> = timed(limit, conn.hgetall(name)).await;
+            let mut c = conn.clone();
+            let (shared, others): (Option<Epochs>, Option<Epochs>) = tokio::join!(
+                timed(limit, conn.hgetall(shared)),
+                timed(limit, c.hgetall(others))
+            );
+            let epochs = shared.zip(others);
             Done {
                 answered: epochs.is_some(),
                 reply: Reply::Epochs(epochs),
@@ -1039,17 +1094,22 @@ impl Cluster {
         let (channel, limit) = (self.channel(), self.limit());
         let lease = Duration::from_millis(self.config.lease_ms);
         match target {
-            Target::Fn(evaluator) => {
+            Target::Fn(ns, evaluator) => {
                 let name = self.tags.fns[evaluator].name.clone();
-                let epochs = self.epochs_name();
+                let (epochs, field) = if ns.is_shared() {
+                    (self.epochs_names().0, name.clone())
+                } else {
+                    (self.epochs_names().1, format!("{ns}/{name}"))
+                };
                 let tags = Arc::clone(&self.tags);
                 Some(Box::pin(async move {
-                    let raised: Option<u64> = timed(limit, conn.hincr(&epochs, &name, 1u64)).await;
+                    let raised: Option<u64> = timed(limit, conn.hincr(&epochs, &field, 1u64)).await;
                     let Some(epoch) = raised else {
                         return unanswered();
                     };
-                    tags.raise(evaluator, epoch);
-                    let notice = serde_json::json!({"fn": name, "epoch": epoch}).to_string();
+                    tags.raise(ns, evaluator, epoch);
+                    let notice = serde_json::json!({"fn": name, "epoch": epoch, "ns": &*ns.name()})
+                        .to_string();
                     Done {
                         answered: announce(conn, &channel, &notice, limit, lease).await,
                         reply: Reply::Pinged,
@@ -1064,7 +1124,8 @@ impl Cluster {
                     if deleted.is_none() {
                         return unanswered();
                     }
-                    let notice = serde_json::json!({"drop": key.to_hex()}).to_string();
+                    let notice = serde_json::json!({"drop": key.to_hex(), "ns": &*key.ns().name()})
+                        .to_string();
                     let answered = announce(conn.clone(), &channel, &notice, limit, lease).await
                         && timed::<i64>(limit, delete.query_async(&mut conn))
                             .await
@@ -1280,7 +1341,8 @@ impl Cluster {
     /// under its fn's tag as of now.
     async fn local(&mut self, key: Key, gen: Gen, evaluator: usize) {
         self.waiting.remove(&key);
-        self.local_tags.insert(gen, self.tags.tag(evaluator));
+        self.local_tags
+            .insert(gen, self.tags.tag(key.ns(), evaluator));
         self.tell(ClusterEvent::Local { key, gen }).await;
     }
 
@@ -1312,9 +1374,14 @@ impl Cluster {
         if tag.is_none() && outcome.is_ok() {
             return None;
         }
-        let tag = tag.unwrap_or_else(|| self.tags.tag(evaluator));
+        let tag = tag.unwrap_or_else(|| self.tags.tag(key.ns(), evaluator));
+        let ns = if key.ns().is_shared() {
+            String::new()
+        } else {
+            format!("\"ns\":\"{}\",", key.ns())
+        };
         let origin = format!(
-            "\"fn\":{},\"tag\":{},\"at_ms\":{}",
+            "{ns}\"fn\":{},\"tag\":{},\"at_ms\":{}",
             serde_json::to_string(&self.tags.fns[evaluator].name).expect("a string serializes"),
             serde_json::to_string(&tag).expect("a string serializes"),
             unix_ms()
@@ -1547,13 +1614,18 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                     let Ok(notice) = serde_json::from_str::<Stored>(&text) else {
                         continue;
                     };
+                    // A namespace this broker has not met: nobody here
+                    // holds or waits for anything in it.
+                    let Some(ns) = notice.namespace() else {
+                        continue;
+                    };
                     let dropped = match (notice.drop.and_then(Key::parse), notice.epoch) {
-                        (Some(key), _) => Some(Target::Key(key)),
+                        (Some(key), _) => Some(Target::Key(key.in_ns(ns))),
                         (None, Some(epoch)) => notice
                             .fn_name
                             .and_then(|name| tags.index(name))
-                            .filter(|evaluator| tags.raise(*evaluator, epoch))
-                            .map(Target::Fn),
+                            .filter(|evaluator| tags.raise(ns, *evaluator, epoch))
+                            .map(|evaluator| Target::Fn(ns, evaluator)),
                         (None, None) => None,
                     };
                     if let Some(target) = dropped {
@@ -1565,8 +1637,9 @@ async fn listen(listener: Listener, stop: CancellationToken) {
                     let Some(key) = notice.key.and_then(Key::parse) else {
                         continue;
                     };
+                    let key = key.in_ns(ns);
                     // Another version's, or from before an invalidation.
-                    let Some(evaluator) = tags.current(&notice) else {
+                    let Some(evaluator) = tags.current(&notice, ns) else {
                         continue;
                     };
                     let Some(outcome) = notice.outcome() else {

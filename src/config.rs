@@ -33,9 +33,14 @@ pub struct Config {
     pub metrics_need_token: bool,
     /// Serve HTTPS/WSS directly (certificate and key in PEM files).
     pub tls: Option<TlsConfig>,
-    /// Credentials: with none, every client is an `agent`.
+    /// Credentials: with none (and no signed tokens), every client is an `agent`.
     #[serde(rename = "token")]
     pub tokens: Vec<TokenConfig>,
+    /// Signed tokens (JWT) and the bound on namespaces.
+    pub auth: AuthConfig,
+    /// Quotas of namespaces, one entry each.
+    #[serde(rename = "namespace")]
+    pub namespaces: Vec<NamespaceConfig>,
     /// The evaluators, one per `fn` name clients may send.
     #[serde(rename = "evaluator")]
     pub evaluators: Vec<EvaluatorConfig>,
@@ -63,8 +68,74 @@ pub struct TokenConfig {
     pub secret_env: Option<String>,
     /// or a file holding it (surrounding whitespace ignored).
     pub secret_file: Option<PathBuf>,
-    /// Role `worker`: the remote fns it may serve (all of them when absent).
+    /// Role `worker`: the remote fns it may serve (all of them when absent);
+    /// roles `agent` and `admin`: the fns it may submit (all when absent).
     pub fns: Option<Vec<String>>,
+    /// The namespace of its sessions (`""`, the shared one, by default);
+    /// `"*"` lets a viewer see every namespace (its own ops act in `""`).
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// Signed tokens (JWT), and how many namespaces may exist.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An environment variable holding the HS256 secret.
+    pub jwt_secret_env: Option<String>,
+    /// A PEM file holding the public key for RS256, ES256 or EdDSA tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// When set, a token's `aud` must name it.
+    pub jwt_audience: Option<String>,
+    /// When set, a token's `iss` must be it.
+    pub jwt_issuer: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf`.
+    pub jwt_leeway_s: u64,
+    /// How many distinct namespace names the broker will know (signed
+    /// tokens can name new ones; a token naming one more is refused).
+    pub max_namespaces: usize,
+    /// How many namespaces get their own label on per-namespace metrics;
+    /// the rest are counted under `_other`.
+    pub namespace_labels: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret_env: None,
+            jwt_public_key_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway_s: 5,
+            max_namespaces: 10_000,
+            namespace_labels: 32,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether signed tokens are accepted.
+    pub fn jwt(&self) -> bool {
+        self.jwt_secret_env.is_some() || self.jwt_public_key_file.is_some()
+    }
+}
+
+/// One namespace's quotas: bounds on all its sessions together.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub name: String,
+    /// Waits held at once by all its sessions; beyond it `busy`.
+    pub max_pending: Option<usize>,
+    /// Submits per second (a token bucket); beyond it `rate_limited`.
+    pub submits_per_s: Option<u32>,
+    /// The bucket's size: submits allowed at once (default: `submits_per_s`).
+    pub burst: Option<u32>,
+    /// Sessions open at once; beyond it the upgrade gets HTTP 429.
+    pub max_sessions: Option<usize>,
+    /// Its results are kept in a cache of their own of this many bytes, so
+    /// it cannot evict another namespace's results nor lose its own to them.
+    pub cache_bytes: Option<u64>,
 }
 
 /// What a session's credentials allow.
@@ -102,6 +173,8 @@ impl Default for Config {
             metrics_need_token: false,
             tls: None,
             tokens: Vec::new(),
+            auth: AuthConfig::default(),
+            namespaces: Vec::new(),
             limits: Limits::default(),
             cache: CacheConfig::default(),
             dashboard: DashboardConfig::default(),
@@ -664,6 +737,12 @@ impl Config {
         }
     }
 
+    /// Whether clients must present a credential: tokens or signed tokens
+    /// are configured.
+    pub fn credentialed(&self) -> bool {
+        !self.tokens.is_empty() || self.auth.jwt()
+    }
+
     /// Rejects configurations that cannot work, with a message naming the key.
     pub fn validate(&self) -> Result<(), HerdError> {
         let bad = |msg: String| Err(HerdError::Config(msg));
@@ -801,27 +880,87 @@ impl Config {
                 return bad(format!("token name {:?} is empty or used twice", t.name));
             }
             if let Some(fns) = &t.fns {
-                if t.role != Role::Worker {
+                if matches!(t.role, Role::Viewer) {
                     return bad(format!(
-                        "token {:?}: fns is for role \"worker\" only",
+                        "token {:?}: fns is for roles \"agent\", \"admin\" and \"worker\"",
                         t.name
                     ));
                 }
                 for f in fns {
-                    let remote = self
-                        .evaluators
-                        .iter()
-                        .any(|e| &e.name == f && e.kind == EvaluatorKind::Remote);
-                    if !remote {
+                    let known = self.evaluators.iter().find(|e| &e.name == f);
+                    let fits = match t.role {
+                        Role::Worker => known.is_some_and(|e| e.kind == EvaluatorKind::Remote),
+                        _ => known.is_some() || self.evaluators.is_empty(),
+                    };
+                    if !fits && t.role == Role::Worker {
                         return bad(format!(
                             "token {:?}: fns names {f:?}, which is not a remote evaluator",
                             t.name
                         ));
                     }
+                    if !fits {
+                        return bad(format!(
+                            "token {:?}: fns names {f:?}, which is not an evaluator",
+                            t.name
+                        ));
+                    }
                 }
             }
+            if t.namespace != "*" && !crate::ns::valid_name(&t.namespace) {
+                return bad(format!(
+                    "token {:?}: namespace {:?}: {}",
+                    t.name,
+                    t.namespace,
+                    crate::ns::Refused::BadName
+                ));
+            }
         }
-        if self.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
+        let mut ns_names = HashSet::new();
+        for n in &self.namespaces {
+            if !crate::ns::valid_name(&n.name) {
+                return bad(format!(
+                    "namespace {:?}: {}",
+                    n.name,
+                    crate::ns::Refused::BadName
+                ));
+            }
+            if !ns_names.insert(n.name.as_str()) {
+                return bad(format!("namespace {:?} is configured twice", n.name));
+            }
+            let zero = [
+                n.max_pending == Some(0),
+                n.submits_per_s == Some(0),
+                n.burst == Some(0),
+                n.max_sessions == Some(0),
+                n.cache_bytes == Some(0),
+            ];
+            if zero.contains(&true) {
+                return bad(format!(
+                    "namespace {:?}: max_pending, submits_per_s, burst, max_sessions and cache_bytes must be at least 1 when set",
+                    n.name
+                ));
+            }
+            if n.burst.is_some() && n.submits_per_s.is_none() {
+                return bad(format!("namespace {:?}: burst needs submits_per_s", n.name));
+            }
+        }
+        let a = &self.auth;
+        if a.max_namespaces < 1 + self.namespaces.len() + self.tokens.len() {
+            return bad(
+                "auth.max_namespaces must be at least 1 + the namespaces and tokens configured"
+                    .into(),
+            );
+        }
+        if a.jwt_leeway_s > 3600 {
+            return bad("auth.jwt_leeway_s may be at most 3600".into());
+        }
+        if a.max_namespaces > 1 << 24 || a.namespace_labels > 10_000 {
+            return bad(
+                "auth.max_namespaces may be at most 16777216 and auth.namespace_labels at most 10000"
+                    .into(),
+            );
+        }
+        if !self.credentialed() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
             return bad(format!(
                 "refusing to listen on non-loopback {} with no tokens: every client would be an agent; set allow_anonymous = true to allow it",
                 self.listen

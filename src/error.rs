@@ -22,6 +22,7 @@ pub enum ErrorCode {
     UnknownFn,
     Forbidden,
     Busy,
+    RateLimited,
     ShuttingDown,
     StaleTask,
 }
@@ -35,6 +36,7 @@ impl ErrorCode {
             ErrorCode::UnknownFn => "unknown_fn",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Busy => "busy",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::StaleTask => "stale_task",
         }

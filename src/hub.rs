@@ -114,6 +114,10 @@ pub struct HubView {
 #[derive(Clone, Serialize)]
 pub struct Recent {
     key: String,
+    /// Its namespace's name.
+    ns: Arc<str>,
+    #[serde(skip)]
+    pub scope: crate::ns::Ns,
     #[serde(rename = "fn")]
     fn_name: Arc<str>,
     eval_ms: f64,
@@ -181,6 +185,14 @@ pub fn core_config(config: &Config) -> CoreConfig {
             })
             .collect(),
         max_pending: config.limits.max_pending,
+        ns_max_pending: config
+            .namespaces
+            .iter()
+            .filter_map(|n| {
+                let ns = crate::ns::Ns::intern(&n.name, config.auth.max_namespaces).ok()?;
+                Some((ns, n.max_pending?))
+            })
+            .collect(),
         clustered: config.cluster.redis.is_some(),
         lease: std::time::Duration::from_millis(config.cluster.lease_ms),
         preview_chars: config.dashboard.input_preview_chars,
@@ -568,7 +580,7 @@ impl Hub {
                 Err(error) => self.cache.insert_failure(key, evaluator, error),
             },
             Effect::Drop(Target::Key(key)) => self.cache.remove(&key),
-            Effect::Drop(Target::Fn(evaluator)) => self.cache.drop_fn(evaluator),
+            Effect::Drop(Target::Fn(ns, evaluator)) => self.cache.drop_fn(ns, evaluator),
             Effect::Cluster(cmd) => self.ask_cluster(cmd),
         }
     }
@@ -681,7 +693,9 @@ impl Hub {
                 let frame = FrameWriter::new("invalidated").id(id);
                 match target {
                     Target::Key(key) => frame.key(&key),
-                    Target::Fn(evaluator) => frame.str("fn", &self.evaluators.get(evaluator).name),
+                    Target::Fn(_, evaluator) => {
+                        frame.str("fn", &self.evaluators.get(evaluator).name)
+                    }
                 }
                 .finish()
             }
@@ -752,6 +766,8 @@ impl Hub {
         };
         self.recent.push_front(Recent {
             key: key.to_hex(),
+            ns: key.ns().name(),
+            scope: key.ns(),
             fn_name: Arc::clone(&self.evaluators.get(evaluator).name),
             eval_ms: (eval_ms * 1000.0).round() / 1000.0,
             shared,

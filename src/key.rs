@@ -5,18 +5,24 @@
 //! written here rather than relying on `serde_json::Map` ordering, so the key
 //! cannot change if some dependency turns on serde_json's `preserve_order`.
 
+use crate::ns::Ns;
 use serde_json::Value;
 use std::fmt;
 
-/// The 16-byte identity of (`fn`, input).
+/// The 16-byte identity of (`fn`, input), in a namespace. Clients see the
+/// 16 bytes only; the namespace is the session's, so two namespaces'
+/// identical inputs are two keys everywhere inside the broker.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Key(pub [u8; 16]);
+pub struct Key {
+    bytes: [u8; 16],
+    ns: Ns,
+}
 
 /// A key is already a uniform hash: it feeds a map's hasher as one integer,
 /// not as a slice with a length prefix.
 impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u128(u128::from_le_bytes(self.0));
+        state.write_u128(u128::from_le_bytes(self.bytes) ^ u128::from(self.ns.id()));
     }
 }
 
@@ -29,7 +35,30 @@ impl Key {
         hasher.update(canonical_input);
         let mut out = [0u8; 16];
         out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
-        Key(out)
+        Key::from_bytes(out)
+    }
+
+    /// The key of these 16 bytes in the shared namespace.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Key {
+        Key {
+            bytes,
+            ns: Ns::SHARED,
+        }
+    }
+
+    /// The same key in namespace `ns`.
+    pub fn in_ns(self, ns: Ns) -> Key {
+        Key { ns, ..self }
+    }
+
+    /// Its namespace.
+    pub fn ns(&self) -> Ns {
+        self.ns
+    }
+
+    /// The 16 bytes clients know it by.
+    pub fn bytes(&self) -> &[u8; 16] {
+        &self.bytes
     }
 
     /// Parses the 32-character lowercase hex form clients send.
@@ -39,17 +68,17 @@ impl Key {
         }
         let mut out = [0u8; 16];
         hex::decode_to_slice(text, &mut out).ok()?;
-        Some(Key(out))
+        Some(Key::from_bytes(out))
     }
 
     /// The 32-character lowercase hex form.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        hex::encode(self.bytes)
     }
 
     /// A number derived from the key, stable across runs (builtin evaluators use it).
     pub fn seed(&self) -> u64 {
-        u64::from_le_bytes(self.0[..8].try_into().expect("8 bytes"))
+        u64::from_le_bytes(self.bytes[..8].try_into().expect("8 bytes"))
     }
 }
 
@@ -61,7 +90,11 @@ impl fmt::Display for Key {
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({})", self.to_hex())
+        if self.ns.is_shared() {
+            write!(f, "Key({})", self.to_hex())
+        } else {
+            write!(f, "Key({}/{})", self.ns, self.to_hex())
+        }
     }
 }
 

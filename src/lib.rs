@@ -49,6 +49,7 @@ pub mod hub;
 pub mod key;
 pub mod memo;
 pub mod metrics;
+pub mod ns;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

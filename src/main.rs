@@ -68,6 +68,9 @@ enum Command {
     },
     /// Run a benchmark scenario (see BENCHMARKS.md) against a running broker.
     Bench(BenchArgs),
+    /// Print a signed token (JWT, HS256) for a broker whose `[auth]
+    /// jwt_secret_env` names the same secret.
+    Token(herd::client::token::TokenArgs),
     /// Serve a remote fn with a JSON-lines program:
     /// `herd work --fn NAME --concurrency 4 -- python3 worker.py`.
     Work {
@@ -341,6 +344,16 @@ fn main() {
             std::process::exit(served);
         }
         Command::Bench(args) => report(runtime.block_on(bench(args))),
+        Command::Token(args) => match herd::client::token::mint(&args) {
+            Ok(token) => {
+                println!("{token}");
+                0
+            }
+            Err(message) => {
+                eprintln!("herd token: {message}");
+                2
+            }
+        },
         Command::Work {
             target,
             fn_name,

@@ -24,6 +24,20 @@ pub fn fn_label(name: &str) -> FnLabel {
     [("fn", name.to_string())]
 }
 
+/// The label set `{ns="<name>"}`: `_shared` for the shared namespace,
+/// `_other` past `auth.namespace_labels` namespaces.
+pub type NsLabel = [(&'static str, std::sync::Arc<str>); 1];
+
+/// The figures of one namespace, held by its sessions so that counting
+/// never looks a label up.
+#[derive(Clone, Debug)]
+pub struct NsMetrics {
+    pub sessions: Gauge,
+    pub submits: Counter,
+    pub cache_hits: Counter,
+    pub rate_limited: Counter,
+}
+
 /// Histogram buckets of evaluation time: 1 ms to about 33 s.
 fn eval_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -76,6 +90,14 @@ pub struct Metrics {
     pub cluster_pubsub_up: Gauge,
     pub cluster_takeovers: Counter,
     pub cluster_degraded: Counter,
+    ns_sessions: Family<NsLabel, Gauge>,
+    ns_submits: Family<NsLabel, Counter>,
+    ns_cache_hits: Family<NsLabel, Counter>,
+    ns_rate_limited: Family<NsLabel, Counter>,
+    pub ns_refused_sessions: Family<NsLabel, Counter>,
+    /// The namespaces with a label of their own, and how many may have one.
+    ns_labels: std::sync::Mutex<std::collections::HashMap<crate::ns::Ns, std::sync::Arc<str>>>,
+    ns_label_limit: std::sync::atomic::AtomicUsize,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
     /// The cluster's totals and its brokers, as the cluster task last
@@ -294,6 +316,38 @@ impl Metrics {
                 "Times Redis stopped answering and the broker went to local mode",
                 Counter::default(),
             ),
+            ns_sessions: registered(
+                r,
+                "namespace_sessions",
+                "Open sessions, by namespace",
+                Family::default(),
+            ),
+            ns_submits: registered(
+                r,
+                "namespace_submits",
+                "Submit requests, by namespace",
+                Family::default(),
+            ),
+            ns_cache_hits: registered(
+                r,
+                "namespace_cache_hits",
+                "Submits answered from the cache, by namespace",
+                Family::default(),
+            ),
+            ns_rate_limited: registered(
+                r,
+                "namespace_rate_limited",
+                "Submits refused by the namespace's submits_per_s, by namespace",
+                Family::default(),
+            ),
+            ns_refused_sessions: registered(
+                r,
+                "namespace_refused_sessions",
+                "Upgrades refused by the namespace's max_sessions, by namespace",
+                Family::default(),
+            ),
+            ns_labels: Default::default(),
+            ns_label_limit: std::sync::atomic::AtomicUsize::new(32),
             cluster_mode: std::sync::atomic::AtomicBool::new(false),
             cluster_totals: std::sync::Mutex::new(None),
             snapshots_rendered: registered(
@@ -303,6 +357,46 @@ impl Metrics {
                 Counter::default(),
             ),
             registry: std::mem::take(r),
+        }
+    }
+
+    /// How many namespaces (besides the shared one) get a label of their
+    /// own (`auth.namespace_labels`).
+    pub fn set_namespace_labels(&self, limit: usize) {
+        self.ns_label_limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The label of namespace `ns`: its name while fewer than
+    /// `auth.namespace_labels` namespaces have one, else `_other`.
+    pub fn ns_label(&self, ns: crate::ns::Ns) -> NsLabel {
+        if ns.is_shared() {
+            return [("ns", "_shared".into())];
+        }
+        let mut labels = self.ns_labels.lock().expect("not poisoned");
+        let limit = self
+            .ns_label_limit
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let label = match labels.get(&ns) {
+            Some(label) => std::sync::Arc::clone(label),
+            None if labels.len() < limit => {
+                let name = ns.name();
+                labels.insert(ns, std::sync::Arc::clone(&name));
+                name
+            }
+            None => "_other".into(),
+        };
+        [("ns", label)]
+    }
+
+    /// The metrics of namespace `ns`.
+    pub fn for_ns(&self, ns: crate::ns::Ns) -> NsMetrics {
+        let label = self.ns_label(ns);
+        NsMetrics {
+            sessions: self.ns_sessions.get_or_create(&label).clone(),
+            submits: self.ns_submits.get_or_create(&label).clone(),
+            cache_hits: self.ns_cache_hits.get_or_create(&label).clone(),
+            rate_limited: self.ns_rate_limited.get_or_create(&label).clone(),
         }
     }
 

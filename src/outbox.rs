@@ -142,6 +142,8 @@ pub struct SessionCtl {
     code: AtomicU16,
     seen: AtomicBool,
     peer_closed: AtomicBool,
+    /// Closed because its signed token expired (1008, "token expired").
+    expired: AtomicBool,
     /// Permits are bytes the outbound queue may still take; the writer
     /// gives them back as it writes, and closes it when it stops.
     budget: Semaphore,
@@ -162,6 +164,7 @@ impl SessionCtl {
             code: AtomicU16::new(0),
             seen: AtomicBool::new(true),
             peer_closed: AtomicBool::new(false),
+            expired: AtomicBool::new(false),
             budget: Semaphore::new(outbound_bytes.min(Semaphore::MAX_PERMITS)),
             budget_max: outbound_bytes.min(Semaphore::MAX_PERMITS),
             wants_room: AtomicBool::new(false),
@@ -190,6 +193,23 @@ impl SessionCtl {
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.closing.cancel();
+    }
+
+    /// The session's signed token expired: it closes with 1008.
+    pub fn close_expired(&self) {
+        if self.code() == 0 {
+            self.expired.store(true, Ordering::Release);
+        }
+        self.close_with(close::POLICY);
+    }
+
+    /// The reason sent with its close code.
+    pub fn reason(&self) -> &'static str {
+        let code = self.code();
+        if code == close::POLICY && self.expired.load(Ordering::Acquire) {
+            return "token expired";
+        }
+        close::reason(code)
     }
 
     /// The client sent a close frame: the session closes with 1000, and

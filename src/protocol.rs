@@ -475,7 +475,7 @@ impl FrameWriter {
     pub fn key(mut self, key: &Key) -> Self {
         self.buf.push_str(",\"key\":\"");
         let mut hex = [0u8; 32];
-        hex::encode_to_slice(key.0, &mut hex).expect("32 hex bytes");
+        hex::encode_to_slice(key.bytes(), &mut hex).expect("32 hex bytes");
         self.buf
             .push_str(std::str::from_utf8(&hex).expect("hex is ASCII"));
         self.buf.push('"');
@@ -589,7 +589,7 @@ mod tests {
     #[test]
     fn result_frames_share_a_tail() {
         let tail = FrameWriter::tail(64)
-            .key(&Key([0xab; 16]))
+            .key(&Key::from_bytes([0xab; 16]))
             .raw("output", r#"{"x":1}"#)
             .uint("shared", 2)
             .finish();

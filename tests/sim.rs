@@ -29,6 +29,7 @@ use herd::core::{
     ClusterCmd, ClusterEvent, Core, CoreConfig, Effect, FnLimits, Gen, Input, Reply, Target,
 };
 use herd::error::{ErrorCode, EvalError};
+use herd::ns::Ns;
 use herd::Key;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,7 +45,14 @@ use std::time::{Duration, Instant};
 
 const TIMEOUT_MS: u64 = 200;
 const LEASE_MS: u64 = 300;
+/// Keys: five inputs, each in two namespaces.
 const KEYS: usize = 10;
+
+/// The simulation's namespaces, interned once in this order.
+fn namespaces() -> [Ns; 2] {
+    static NS: std::sync::OnceLock<[Ns; 2]> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| [Ns::SHARED, Ns::intern("sim-b", 16).expect("a valid name")])
+}
 const MAX_PENDING: usize = 6;
 const QUEUE_CAPACITY: usize = 5;
 const THREADS: usize = 2;
@@ -208,6 +216,9 @@ fn limits() -> CoreConfig {
     CoreConfig {
         fns,
         max_pending: MAX_PENDING,
+        // Namespace "sim-b"'s sessions together hold at most twice one
+        // session's bound.
+        ns_max_pending: [(namespaces()[1], 2 * MAX_PENDING)].into(),
         clustered: true,
         lease: Duration::from_millis(LEASE_MS),
         preview_chars: 16,
@@ -239,12 +250,15 @@ impl Sim {
                 offered: HashSet::default(),
             })
             .collect();
+        // Each input in both namespaces: key 2n is input n in the shared
+        // namespace, key 2n+1 the same input in namespace "sim-b".
         let keys = (0..KEYS)
             .map(|i| {
-                let evaluator = i % 2;
+                let (n, ns) = (i / 2, namespaces()[i % 2]);
+                let evaluator = n % 2;
                 let name = ["threads", "remote"][evaluator];
                 (
-                    Key::derive(name, format!("{{\"n\":{i}}}").as_bytes()),
+                    Key::derive(name, format!("{{\"n\":{n}}}").as_bytes()).in_ns(ns),
                     evaluator,
                 )
             })
@@ -467,7 +481,7 @@ impl Sim {
     /// The jobs broker `b` has offered so far of each key `target` names.
     fn floors(&mut self, b: usize, target: Target) -> Vec<Floor> {
         for (k, e) in &self.keys {
-            if target == Target::Key(*k) || target == Target::Fn(*e) {
+            if target.covers(*k, *e) {
                 self.invalidated.insert(*k);
             }
         }
@@ -476,7 +490,7 @@ impl Sim {
         };
         self.keys
             .iter()
-            .filter(|(k, e)| target == Target::Key(*k) || target == Target::Fn(*e))
+            .filter(|(k, e)| target.covers(*k, *e))
             .map(|(k, _)| ((b, *k), last))
             .collect()
     }
@@ -512,7 +526,11 @@ impl Sim {
         }
         let sessions = &self.brokers[b].sessions;
         let session = sessions[self.rng.random_range(0..sessions.len())];
-        let (key, evaluator) = self.keys[self.rng.random_range(0..self.keys.len())];
+        // A session's namespace is its number's parity: it uses that
+        // namespace's keys only.
+        let ns = namespaces()[(session % 2) as usize];
+        let pick = 2 * self.rng.random_range(0..self.keys.len() / 2) + (session % 2) as usize;
+        let (key, evaluator) = self.keys[pick];
         let id = self.req_id();
         let roll = self.rng.random_range(0..100);
         let pauses = self.brokers[b].pauses;
@@ -593,7 +611,7 @@ impl Sim {
             }
             90..94 if self.invalidating => {
                 let target = if roll == 93 {
-                    Target::Fn(evaluator)
+                    Target::Fn(ns, evaluator)
                 } else {
                     Target::Key(key)
                 };
@@ -723,6 +741,13 @@ impl Sim {
                     }
                 ));
                 for w in &d.waiters {
+                    let request = (b, w.session, w.id.as_deref().unwrap_or("").to_string());
+                    if self.pending.get(&request).is_some_and(|r| r.key != d.key) {
+                        self.fail(&format!(
+                            "b{b} s{}: the result of {:?} reached a wait for another key or namespace",
+                            w.session, d.key
+                        ));
+                    }
                     self.answered(b, w.session, &w.id, "result");
                 }
             }
@@ -780,7 +805,7 @@ impl Sim {
                 let keys = self.keys.clone();
                 let cache = &mut self.brokers[b].cache;
                 for (k, e) in keys {
-                    if target == Target::Key(k) || target == Target::Fn(e) {
+                    if target.covers(k, e) {
                         cache.remove(&k);
                     }
                 }
@@ -1085,7 +1110,7 @@ impl Sim {
                 if up {
                     let keys = self.keys.clone();
                     for (k, e) in keys {
-                        if target == Target::Key(k) || target == Target::Fn(e) {
+                        if target.covers(k, e) {
                             self.redis.results.remove(&k);
                             *self.redis.drops.entry(k).or_default() += 1;
                         }

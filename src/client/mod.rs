@@ -18,6 +18,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod token;
 pub mod work;
 pub mod worker;
 

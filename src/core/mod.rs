@@ -66,6 +66,7 @@
 
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
+use crate::ns::Ns;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,6 +103,9 @@ pub struct CoreConfig {
     pub fns: Vec<FnLimits>,
     /// `limits.max_pending`: waits and `wait:false` holds per session.
     pub max_pending: usize,
+    /// `[[namespace]] max_pending`: waits and holds of all of a
+    /// namespace's sessions together.
+    pub ns_max_pending: HashMap<Ns, usize>,
     /// Cluster mode: jobs ask the cluster before they run.
     pub clustered: bool,
     /// `cluster.lease_ms`: how long another broker's claim may go silent.
@@ -172,11 +176,22 @@ pub enum Input {
     },
 }
 
-/// What an invalidation drops: one key's result, or every result of a fn.
+/// What an invalidation drops: one key's result, or every result of a fn
+/// in a namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Key(Key),
-    Fn(usize),
+    Fn(Ns, usize),
+}
+
+impl Target {
+    /// Whether it drops the result of `key`, of fn `evaluator`.
+    pub fn covers(&self, key: Key, evaluator: usize) -> bool {
+        match *self {
+            Target::Key(k) => k == key,
+            Target::Fn(ns, e) => ns == key.ns() && e == evaluator,
+        }
+    }
 }
 
 /// Where a job stands.
@@ -391,6 +406,8 @@ struct Entry {
 struct SessionWaits {
     /// Waits plus `wait:false` holds: at most `max_pending`.
     total: usize,
+    /// The namespace of its keys.
+    ns: Ns,
     by_key: HashMap<Key, u32>,
     subscribed: HashSet<Key>,
     /// Jobs this session's `wait:false` submits hold.
@@ -399,6 +416,10 @@ struct SessionWaits {
 
 /// The message of a `busy` answer to a session at `limits.max_pending`.
 pub const PENDING_FULL: &str = "too many pending waits on this session (limits.max_pending)";
+/// The message of a `busy` answer to a session whose namespace is at its
+/// `max_pending`.
+pub const NS_PENDING_FULL: &str =
+    "too many pending waits in this namespace (its [[namespace]] max_pending)";
 /// The message of a `busy` answer for a full queue (jobs).
 pub const QUEUE_FULL: &str = "the evaluation queue is full (queue_capacity)";
 /// The message of a `busy` answer for a full queue (bytes).
@@ -411,6 +432,9 @@ pub struct Core {
     config: CoreConfig,
     table: HashMap<Key, Entry>,
     sessions: HashMap<SessionId, SessionWaits>,
+    /// Waits and holds of each namespace with a `max_pending`, its
+    /// sessions' together.
+    ns_held: HashMap<Ns, usize>,
     /// Deadlines, as (when, generation).
     timers: BTreeSet<(Instant, Gen)>,
     /// The key of each live job.
@@ -437,6 +461,7 @@ impl Core {
             config,
             table: HashMap::new(),
             sessions: HashMap::new(),
+            ns_held: HashMap::new(),
             timers: BTreeSet::new(),
             by_gen: HashMap::new(),
             queues,
@@ -589,10 +614,12 @@ impl Core {
                     job.dropped = true;
                 }
             }
-            Target::Fn(evaluator) => {
-                for job in self.table.values_mut().filter_map(|e| e.job.as_mut()) {
-                    if job.evaluator == evaluator {
-                        job.dropped = true;
+            Target::Fn(..) => {
+                for (key, entry) in self.table.iter_mut() {
+                    if let Some(job) = entry.job.as_mut() {
+                        if target.covers(*key, job.evaluator) {
+                            job.dropped = true;
+                        }
                     }
                 }
             }
@@ -643,8 +670,35 @@ impl Core {
         }
     }
 
-    fn has_room(&self, session: SessionId) -> bool {
-        self.held_by(session) < self.config.max_pending
+    /// Why `session` (in namespace `ns`) may hold no more waits.
+    fn no_room(&self, session: SessionId, ns: Ns) -> Option<&'static str> {
+        if self.held_by(session) >= self.config.max_pending {
+            return Some(PENDING_FULL);
+        }
+        let max = self.config.ns_max_pending.get(&ns)?;
+        let held = self.ns_held.get(&ns).copied().unwrap_or(0);
+        (held >= *max).then_some(NS_PENDING_FULL)
+    }
+
+    /// Counts `n` more waits or holds of `session` (of namespace `ns`).
+    fn hold(&mut self, session: SessionId, ns: Ns, n: usize) -> &mut SessionWaits {
+        if self.config.ns_max_pending.contains_key(&ns) {
+            *self.ns_held.entry(ns).or_default() += n;
+        }
+        let waits = self.sessions.entry(session).or_default();
+        waits.ns = ns;
+        waits.total += n;
+        waits
+    }
+
+    /// Takes `n` waits or holds from its namespace's count.
+    fn unhold_ns(ns_held: &mut HashMap<Ns, usize>, ns: Ns, n: usize) {
+        if let Some(held) = ns_held.get_mut(&ns) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                ns_held.remove(&ns);
+            }
+        }
     }
 
     /// Why evaluator `evaluator`'s queue cannot take `len` more bytes.
@@ -677,10 +731,10 @@ impl Core {
         let joined = job.is_some();
         // A wait:false submit of a job this session already asked for holds nothing new.
         let holds_new = wait || !job.is_some_and(|j| j.wanted.contains(&session));
-        if holds_new && !self.has_room(session) {
+        if let Some(message) = self.no_room(session, key.ns()).filter(|_| holds_new) {
             let reply = Reply::Rejected {
                 code: ErrorCode::Busy,
-                message: PENDING_FULL,
+                message,
             };
             return self.reply(session, id, reply);
         }
@@ -752,9 +806,7 @@ impl Core {
         if !wait && holds_new {
             job.wanted.push(session);
             let gen = job.gen;
-            let waits = self.sessions.entry(session).or_default();
-            waits.total += 1;
-            waits.holds.push(gen);
+            self.hold(session, key.ns(), 1).holds.push(gen);
         }
         let accepted = Reply::Accepted {
             key,
@@ -804,10 +856,10 @@ impl Core {
             .sessions
             .get(&session)
             .is_some_and(|s| s.subscribed.contains(&key));
-        if !repeated && !self.has_room(session) {
+        if let Some(message) = self.no_room(session, key.ns()).filter(|_| !repeated) {
             let reply = Reply::Rejected {
                 code: ErrorCode::Busy,
-                message: PENDING_FULL,
+                message,
             };
             return self.reply(session, id, reply);
         }
@@ -842,8 +894,7 @@ impl Core {
     }
 
     fn add_waiter(&mut self, key: Key, waiter: Waiter) {
-        let waits = self.sessions.entry(waiter.session).or_default();
-        waits.total += 1;
+        let waits = self.hold(waiter.session, key.ns(), 1);
         *waits.by_key.entry(key).or_default() += 1;
         self.table.entry(key).or_default().waiters.push(waiter);
     }
@@ -874,6 +925,7 @@ impl Core {
         let Some(waits) = self.sessions.remove(&session) else {
             return;
         };
+        Self::unhold_ns(&mut self.ns_held, waits.ns, waits.total);
         // In key order, so the effects come out the same in every run.
         let mut keys: Vec<Key> = waits.by_key.into_keys().collect();
         keys.sort_unstable();
@@ -895,6 +947,7 @@ impl Core {
         };
         waits.subscribed.remove(&key);
         waits.total -= n as usize;
+        Self::unhold_ns(&mut self.ns_held, waits.ns, n as usize);
         if waits.total == 0 {
             self.sessions.remove(&session);
         }
@@ -975,6 +1028,7 @@ impl Core {
             waits.subscribed.remove(&key);
         }
         waits.total -= 1;
+        Self::unhold_ns(&mut self.ns_held, waits.ns, 1);
         if waits.total == 0 {
             self.sessions.remove(&session);
         }
@@ -990,6 +1044,7 @@ impl Core {
         };
         waits.holds.swap_remove(at);
         waits.total -= 1;
+        Self::unhold_ns(&mut self.ns_held, waits.ns, 1);
         if waits.total == 0 {
             self.sessions.remove(&session);
         }
@@ -1418,7 +1473,7 @@ impl Core {
         self.forget_old_drops(now);
         self.recent_drops
             .iter()
-            .any(|(_, t)| *t == Target::Key(key) || *t == Target::Fn(evaluator))
+            .any(|(_, t)| t.covers(key, evaluator))
     }
 
     /// Outcomes of `target` from the cluster are not cached for a lease.

@@ -224,7 +224,7 @@ impl Worker for Simulate {
                 .unwrap_or_else(|| message.to_string());
             return Err(EvalError::Failed(message));
         }
-        let digest = blake3::hash(&task.key.0);
+        let digest = blake3::hash(task.key.bytes());
         let mut output = json!({
             "key": task.key.to_hex(),
             "value": task.key.seed() % 1_000_000,

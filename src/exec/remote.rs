@@ -233,6 +233,7 @@ impl Remote {
             let mut frame = FrameWriter::with_capacity("task", 160 + queued.job.input.len())
                 .str("task", itoa::Buffer::new().format(task))
                 .key(&queued.job.key)
+                .str("ns", &queued.job.key.ns().name())
                 .str("fn", &q.name)
                 .raw("input", &queued.job.input)
                 .uint("deadline_ms", deadline);

@@ -9,19 +9,55 @@
 //! `allowed_hosts`: a page on a DNS-rebinding domain names its own domain in
 //! both `Origin` and `Host`, which passes the origin check but not this one.
 
-use crate::config::{Config, Role, TokenConfig};
+use crate::config::{AuthConfig, Config, Role, TokenConfig};
 use crate::error::HerdError;
+use crate::ns::Ns;
 use axum::http::{header, HeaderMap, Uri};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 /// The holder of a session's credentials.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// The token's name ("anonymous" without tokens), for logs and metrics.
+    /// The token's name ("anonymous" without tokens; a signed token's
+    /// `sub`), for logs and metrics.
     pub name: String,
     pub role: Role,
     /// Which remote fns this session may `serve`.
     pub serve: ServeRight,
+    /// The namespace its keys belong to.
+    pub ns: Ns,
+    /// Namespace `"*"`: its snapshots show every namespace.
+    pub sees_all: bool,
+    /// The fns it may submit (all when None).
+    pub fns: Option<Arc<[String]>>,
+    /// A signed token's `exp` plus the leeway (Unix seconds): the session
+    /// is closed then.
+    pub expires: Option<u64>,
+}
+
+impl Identity {
+    /// Every client of a broker without credentials.
+    pub fn anonymous() -> Identity {
+        Identity {
+            name: "anonymous".into(),
+            role: Role::Agent,
+            serve: ServeRight::All,
+            ns: Ns::SHARED,
+            sees_all: false,
+            fns: None,
+            expires: None,
+        }
+    }
+
+    /// Whether it may submit fn `name`.
+    pub fn may_submit(&self, name: &str) -> bool {
+        self.fns
+            .as_ref()
+            .is_none_or(|fns| fns.iter().any(|f| f == name))
+    }
 }
 
 /// Which remote fns a session may serve.
@@ -46,17 +82,150 @@ impl ServeRight {
 }
 
 struct Credential {
-    name: String,
-    role: Role,
-    fns: Option<Vec<String>>,
+    identity: Identity,
     secret: Vec<u8>,
 }
 
 /// The credentials, origins and hosts a broker accepts.
 pub struct Gate {
     credentials: Vec<Credential>,
+    jwt: Option<Jwt>,
     allowed_origins: Vec<String>,
     allowed_hosts: Vec<String>,
+}
+
+/// How signed tokens are checked: the keys, each with the algorithms it
+/// verifies, and the claims every token must satisfy.
+struct Jwt {
+    keys: Vec<(DecodingKey, Vec<Algorithm>)>,
+    validation: Validation,
+    leeway_s: u64,
+    max_namespaces: usize,
+}
+
+/// The claims herd reads from a signed token.
+#[derive(Deserialize)]
+struct Claims {
+    role: Role,
+    #[serde(default)]
+    ns: String,
+    #[serde(default)]
+    fns: Option<Vec<String>>,
+    #[serde(default)]
+    sub: Option<String>,
+    exp: u64,
+}
+
+impl Jwt {
+    fn new(auth: &AuthConfig) -> Result<Option<Jwt>, HerdError> {
+        if !auth.jwt() {
+            return Ok(None);
+        }
+        let bad = |m: String| HerdError::Config(format!("auth: {m}"));
+        let mut keys = Vec::new();
+        if let Some(var) = &auth.jwt_secret_env {
+            let secret = std::env::var(var)
+                .map_err(|_| bad(format!("environment variable {var} is not set")))?;
+            if secret.is_empty() {
+                return Err(bad(format!("environment variable {var} is empty")));
+            }
+            keys.push((
+                DecodingKey::from_secret(secret.as_bytes()),
+                vec![Algorithm::HS256],
+            ));
+        }
+        if let Some(path) = &auth.jwt_public_key_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+            let key = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                (k, vec![Algorithm::RS256])
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                (k, vec![Algorithm::ES256])
+            } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+                (k, vec![Algorithm::EdDSA])
+            } else {
+                return Err(bad(format!(
+                    "{} holds no RSA, EC or Ed25519 public key in PEM",
+                    path.display()
+                )));
+            };
+            keys.push(key);
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = auth.jwt_leeway_s;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        match &auth.jwt_audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &auth.jwt_issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Some(Jwt {
+            keys,
+            validation,
+            leeway_s: auth.jwt_leeway_s,
+            max_namespaces: auth.max_namespaces,
+        }))
+    }
+
+    /// The identity a signed token carries, if it verifies.
+    fn verify(&self, token: &str) -> Option<Identity> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let (key, _) = self
+            .keys
+            .iter()
+            .find(|(_, algorithms)| algorithms.contains(&header.alg))?;
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+            .ok()?
+            .claims;
+        let sees_all = claims.ns == "*";
+        let ns = if sees_all {
+            Ns::SHARED
+        } else {
+            Ns::intern(&claims.ns, self.max_namespaces).ok()?
+        };
+        let name = claims.sub.unwrap_or_else(|| "jwt".into());
+        let name = if name.len() <= 128 && name.chars().all(|c| !c.is_control()) {
+            name
+        } else {
+            "jwt".into()
+        };
+        Some(Identity {
+            name,
+            role: claims.role,
+            serve: serve_right(claims.role, &claims.fns),
+            ns,
+            sees_all,
+            fns: submit_list(claims.role, claims.fns),
+            expires: Some(claims.exp.saturating_add(self.leeway_s)),
+        })
+    }
+}
+
+/// What a credential of `role` listing `fns` may serve.
+fn serve_right(role: Role, fns: &Option<Vec<String>>) -> ServeRight {
+    match (role, fns) {
+        (Role::Worker, None) => ServeRight::All,
+        (Role::Worker, Some(fns)) => ServeRight::Only(fns.clone()),
+        _ => ServeRight::Nothing,
+    }
+}
+
+/// What a credential of `role` listing `fns` may submit.
+fn submit_list(role: Role, fns: Option<Vec<String>>) -> Option<Arc<[String]>> {
+    match role {
+        Role::Agent | Role::Admin => fns.map(Arc::from),
+        Role::Viewer | Role::Worker => None,
+    }
 }
 
 /// Why an upgrade is refused.
@@ -73,20 +242,40 @@ pub enum Refusal {
 impl Gate {
     /// Resolves every token's secret; fails if one cannot be read or is empty.
     pub fn new(config: &Config) -> Result<Gate, HerdError> {
+        let max = config.auth.max_namespaces;
         let credentials = config
             .tokens
             .iter()
             .map(|t| {
+                let sees_all = t.namespace == "*";
+                let ns = if sees_all {
+                    Ns::SHARED
+                } else {
+                    Ns::intern(&t.namespace, max).map_err(|e| {
+                        HerdError::Config(format!("token {:?}: namespace: {e}", t.name))
+                    })?
+                };
                 Ok(Credential {
-                    name: t.name.clone(),
-                    role: t.role,
-                    fns: t.fns.clone(),
+                    identity: Identity {
+                        name: t.name.clone(),
+                        role: t.role,
+                        serve: serve_right(t.role, &t.fns),
+                        ns,
+                        sees_all,
+                        fns: submit_list(t.role, t.fns.clone()),
+                        expires: None,
+                    },
                     secret: resolve(t)?.into_bytes(),
                 })
             })
             .collect::<Result<_, HerdError>>()?;
+        for n in &config.namespaces {
+            Ns::intern(&n.name, max)
+                .map_err(|e| HerdError::Config(format!("namespace {:?}: {e}", n.name)))?;
+        }
         Ok(Gate {
             credentials,
+            jwt: Jwt::new(&config.auth)?,
             allowed_origins: config
                 .allowed_origins
                 .iter()
@@ -103,20 +292,16 @@ impl Gate {
     /// Checks an upgrade request's origin and credentials.
     pub fn admit(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
         self.check_origin(headers)?;
-        if self.credentials.is_empty() {
+        if !self.has_tokens() {
             self.check_host(headers)?;
-            return Ok(Identity {
-                name: "anonymous".into(),
-                role: Role::Agent,
-                serve: ServeRight::All,
-            });
+            return Ok(Identity::anonymous());
         }
         self.identify(headers, uri)
     }
 
-    /// Whether tokens are configured at all.
+    /// Whether credentials (tokens or signed tokens) are configured at all.
     pub fn has_tokens(&self) -> bool {
-        !self.credentials.is_empty()
+        !self.credentials.is_empty() || self.jwt.is_some()
     }
 
     /// The holder of the token a request presents (bearer header or
@@ -125,6 +310,16 @@ impl Gate {
         let presented = bearer(headers)
             .or_else(|| query_token(uri))
             .ok_or(Refusal::Unauthorized)?;
+        if let Some(jwt) = &self.jwt {
+            // A JWT is three base64url parts joined by dots; a static secret
+            // may look like one, so a token that does not verify is still
+            // compared with the secrets.
+            if presented.split('.').count() == 3 {
+                if let Some(identity) = jwt.verify(&presented) {
+                    return Ok(identity);
+                }
+            }
+        }
         // Compare with every credential so the time taken does not tell which matched.
         let mut found = None;
         for c in &self.credentials {
@@ -133,15 +328,7 @@ impl Gate {
             }
         }
         found
-            .map(|c| Identity {
-                name: c.name.clone(),
-                role: c.role,
-                serve: match (c.role, &c.fns) {
-                    (Role::Worker, None) => ServeRight::All,
-                    (Role::Worker, Some(fns)) => ServeRight::Only(fns.clone()),
-                    _ => ServeRight::Nothing,
-                },
-            })
+            .map(|c| c.identity.clone())
             .ok_or(Refusal::Unauthorized)
     }
 

@@ -12,9 +12,11 @@ use crate::exec::pool::{EvaluatorTable, Pool};
 use crate::hub::{Hub, HubInputs, HubMsg};
 use crate::memo::KeyMemo;
 use crate::metrics::Metrics;
+use crate::ns::Ns;
 use crate::outbox::{SessionCtl, SessionId};
 use crate::server::auth::Gate;
 use crate::server::snapshot::{Renderer, WatchMsg};
+use crate::server::tenants::Tenants;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,8 @@ pub struct Broker {
     pub config: Config,
     /// Who may open a session.
     pub gate: Gate,
+    /// Namespaces' quotas on sessions and submits.
+    pub tenants: Arc<Tenants>,
     /// The results cache: read by sessions, written by the hub.
     pub cache: Arc<ResultCache>,
     /// Counters and gauges; anyone counts.
@@ -73,9 +77,15 @@ impl Broker {
         let evaluator_configs = config.effective_evaluators();
         let metrics = Arc::new(Metrics::new());
         let evaluators = Arc::new(EvaluatorTable::new(&evaluator_configs, &metrics));
+        let own: Vec<(Ns, u64)> = config
+            .namespaces
+            .iter()
+            .filter_map(|n| Some((Ns::find(&n.name)?, n.cache_bytes?)))
+            .collect();
         let cache = Arc::new(ResultCache::new(
             &config.cache,
             evaluator_configs.len(),
+            &own,
             config.cluster.redis.is_some(),
         ));
         let draining = Arc::new(AtomicBool::new(false));
@@ -154,9 +164,11 @@ impl Broker {
             config.limits.key_memo_entries,
             config.limits.key_memo_max_input_bytes,
         );
+        let tenants = Arc::new(Tenants::new(&config, Arc::clone(&metrics)));
         Ok(Arc::new(Broker {
             config,
             gate,
+            tenants,
             cache,
             metrics,
             evaluators,

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod broker;
 pub mod session;
 pub mod snapshot;
+pub mod tenants;
 pub mod web;
 
 use crate::config::{Config, TlsConfig};
@@ -363,6 +364,13 @@ async fn upgrade(
     if broker.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "broker shutting down\n");
     }
+    let Some(seat) = broker.tenants.seat(identity.ns) else {
+        info!(%peer, ns = %identity.ns, "upgrade refused: the namespace's max_sessions are taken");
+        return plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many sessions in this namespace (its [[namespace]] max_sessions)\n",
+        );
+    };
     if !broker.admit() {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -374,7 +382,7 @@ async fn upgrade(
         &mut request,
         &broker.session_tasks,
         broker.ws_config,
-        move |ws| session::serve(ws, for_session, peer, identity),
+        move |ws| session::serve(ws, for_session, peer, identity, seat),
         move |error| {
             warn!(%peer, %error, "upgrade failed");
             for_failure.release();

@@ -21,6 +21,7 @@ use crate::protocol::{
 use crate::server::auth::{Identity, ServeRight};
 use crate::server::broker::Broker;
 use crate::server::snapshot::WatchMsg;
+use crate::server::tenants::Seat;
 use futures::future::{Fuse, FutureExt};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -74,6 +75,7 @@ pub fn serve<S>(
     broker: Arc<Broker>,
     peer: SocketAddr,
     identity: Identity,
+    seat: Seat,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -81,7 +83,7 @@ where
     let uuid = uuid::Uuid::new_v4();
     let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
     let (sink, stream) = ws.split();
-    run_session(sink, stream, broker, uuid, identity).instrument(span)
+    run_session(sink, stream, broker, uuid, identity, seat).instrument(span)
 }
 
 async fn run_session<S>(
@@ -90,6 +92,7 @@ async fn run_session<S>(
     broker: Arc<Broker>,
     uuid: uuid::Uuid,
     identity: Identity,
+    seat: Seat,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -100,18 +103,20 @@ async fn run_session<S>(
     let ctl = Arc::new(SessionCtl::new(id, limits.outbound_bytes));
     broker.register_session(&ctl);
     let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
-    outbox.push(hello(&broker, uuid, role));
+    outbox.push(hello(&broker, uuid, &identity));
     info!(role = role.as_str(), "session open");
     let reader = Reader {
         broker: &broker,
         outbox,
         identity: &identity,
+        seat: &seat,
         label,
         watching: false,
     };
     tokio::join!(
         reader.run(stream, &ctl, limits),
-        write_loop(sink, rx, &ctl, limits)
+        write_loop(sink, rx, &ctl, limits),
+        expire(identity.expires, &ctl)
     );
     let closed = HubMsg::SessionClosed { session: id };
     if let Err(TrySendError::Full(closed)) = broker.hub.try_send(closed) {
@@ -121,21 +126,41 @@ async fn run_session<S>(
     broker.release();
     let code = ctl.code();
     broker.metrics.record_close(code);
-    info!(code, reason = close::reason(code), "session closed");
+    info!(code, reason = ctl.reason(), "session closed");
 }
 
-fn hello(broker: &Broker, uuid: uuid::Uuid, role: Role) -> String {
+fn hello(broker: &Broker, uuid: uuid::Uuid, identity: &Identity) -> String {
     let limits = serde_json::json!({
         "max_frame_bytes": broker.config.limits.max_frame_bytes,
         "max_pending": broker.config.limits.max_pending,
     });
+    let namespace = if identity.sees_all {
+        "*".into()
+    } else {
+        identity.ns.name()
+    };
     FrameWriter::new("hello")
         .str("session", &uuid.to_string())
         .uint("protocol", PROTOCOL_VERSION.into())
         .str("server", concat!("herd/", env!("CARGO_PKG_VERSION")))
-        .str("role", role.as_str())
+        .str("role", identity.role.as_str())
+        .str("namespace", &namespace)
         .raw("limits", &limits.to_string())
         .finish()
+}
+
+/// Closes the session with 1008 "token expired" when its signed token
+/// expires (`expires`, Unix seconds, leeway included), unless it closes first.
+async fn expire(expires: Option<u64>, ctl: &SessionCtl) {
+    let Some(at) = expires else { return };
+    let left = Duration::from_millis((at * 1000).saturating_sub(unix_ms()));
+    tokio::select! {
+        _ = tokio::time::sleep(left) => {
+            info!("signed token expired");
+            ctl.close_expired();
+        }
+        _ = ctl.closing().cancelled() => {}
+    }
 }
 
 /// What is left to do for a request once it has been read: at most one wait.
@@ -160,6 +185,20 @@ fn reject_draining<'a>(id: &ReqId) -> Then<'a> {
     reject(id, ErrorCode::ShuttingDown, DRAINING_MESSAGE)
 }
 
+/// The answer to a submit beyond its namespace's `submits_per_s`: the
+/// bucket holds a submit again after `wait`.
+fn rate_limited(id: &ReqId, wait: Duration) -> String {
+    FrameWriter::new("error")
+        .id_or_null(id)
+        .str("code", ErrorCode::RateLimited.as_str())
+        .str(
+            "message",
+            "too many submits in this namespace (its [[namespace]] submits_per_s)",
+        )
+        .uint("retry_after_ms", wait.as_millis().max(1) as u64)
+        .finish()
+}
+
 /// The answer to a request naming a fn no evaluator serves.
 fn reject_unknown_fn<'a>(id: &ReqId, name: &str) -> Then<'a> {
     let shown: String = name.chars().take(64).collect();
@@ -174,6 +213,8 @@ struct Reader<'a> {
     broker: &'a Arc<Broker>,
     outbox: Outbox,
     identity: &'a Identity,
+    /// Its place in its namespace, with the namespace's figures.
+    seat: &'a Seat,
     /// How this session is shown as a worker (token name and session).
     label: Arc<str>,
     /// Whether this session has a `watch` running.
@@ -277,15 +318,16 @@ impl<'a> Reader<'a> {
                 let max_age = max_age_ms.map(Duration::from_millis);
                 self.submit(id, input, fn_name, wait, max_age)
             }
-            Op::Get { key } => match self.broker.cache.get(&key) {
+            Op::Get { key } => match self.broker.cache.get(&self.scoped(key)) {
                 Some(hit) => Then::Reply(hit.cached.status_frame(&id, &key).into()),
                 None => Then::Hub(HubMsg::Get {
-                    key,
+                    key: self.scoped(key),
                     id,
                     outbox: self.outbox.clone(),
                 }),
             },
             Op::Subscribe { key } => {
+                let key = self.scoped(key);
                 if let Some(hit) = self.broker.cache.get(&key) {
                     return Then::Reply(hit.result_frame(&id, &key).into());
                 }
@@ -297,7 +339,7 @@ impl<'a> Reader<'a> {
                 })
             }
             Op::Cancel { key } => Then::Hub(HubMsg::Cancel {
-                key,
+                key: self.scoped(key),
                 id,
                 outbox: self.outbox.clone(),
             }),
@@ -305,6 +347,7 @@ impl<'a> Reader<'a> {
                 self.watching = true;
                 Then::Watchers(WatchMsg::Start {
                     id,
+                    scope: (!self.identity.sees_all).then_some(self.identity.ns),
                     interval: Duration::from_millis(interval_ms),
                     outbox: self.outbox.clone(),
                 })
@@ -339,9 +382,9 @@ impl<'a> Reader<'a> {
             },
             Op::Invalidate(what) => {
                 let target = match what {
-                    Invalidation::Key(key) => Target::Key(key),
+                    Invalidation::Key(key) => Target::Key(key.in_ns(self.identity.ns)),
                     Invalidation::Fn(name) => match self.broker.evaluators.lookup(&name) {
-                        Some(spec) => Target::Fn(spec.index),
+                        Some(spec) => Target::Fn(self.identity.ns, spec.index),
                         None => return reject_unknown_fn(&id, &name),
                     },
                 };
@@ -374,13 +417,26 @@ impl<'a> Reader<'a> {
         let Some(spec) = broker.evaluators.lookup(name) else {
             return reject_unknown_fn(&id, name);
         };
+        if !self.identity.may_submit(name) {
+            let shown: String = name.chars().take(64).collect();
+            return reject(
+                &id,
+                ErrorCode::Forbidden,
+                &format!("token {:?} may not submit fn {shown:?}", self.identity.name),
+            );
+        }
         spec.metrics.submits.inc();
+        self.seat.metrics.submits.inc();
         if broker.is_draining() {
             return reject_draining(&id);
         }
+        if let Err(wait) = broker.tenants.take_submit(self.identity.ns) {
+            self.seat.metrics.rate_limited.inc();
+            return Then::Reply(rate_limited(&id, wait).into());
+        }
         // A byte-identical input seen before: its key without parsing or hashing.
         let raw = input.get().as_bytes();
-        let memoized = broker.memo.get(spec.index, raw);
+        let memoized = broker.memo.get(spec.index, raw).map(|key| self.scoped(key));
         if let Some(key) = memoized {
             if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
                 return hit;
@@ -408,7 +464,7 @@ impl<'a> Reader<'a> {
             None => {
                 let key = Key::derive(name, canonical.as_bytes());
                 broker.memo.insert(spec.index, raw, key);
-                key
+                self.scoped(key)
             }
         };
         if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
@@ -437,11 +493,17 @@ impl<'a> Reader<'a> {
     ) -> Option<Then<'a>> {
         let hit = self.broker.cache.get_fresh(key, max_age)?;
         spec.metrics.cache_hits.inc();
+        self.seat.metrics.cache_hits.inc();
         Some(Then::Hit {
             frame: hit.result_frame(id, key).into(),
             spec,
             arrived,
         })
+    }
+
+    /// A key a client sent, in this session's namespace.
+    fn scoped(&self, key: Key) -> Key {
+        key.in_ns(self.identity.ns)
     }
 
     fn waiter(&self, key: Key, id: ReqId) -> Waiter {
@@ -769,7 +831,7 @@ async fn finish_close<S>(
         }
         sink.send(Message::Close(Some(CloseFrame {
             code: CloseCode::from(code),
-            reason: close::reason(code).into(),
+            reason: ctl.reason().into(),
         })))
         .await?;
         sink.close().await

@@ -12,8 +12,9 @@ use crate::cache::ResultCache;
 use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::exec::pool::EvaluatorTable;
-use crate::hub::{HubMsg, HubView};
+use crate::hub::{HubMsg, HubView, Recent};
 use crate::metrics::Metrics;
+use crate::ns::Ns;
 use crate::outbox::{Frame, Outbox, SessionId};
 use crate::protocol::{error_frame, unix_ms, FrameWriter, ReqId, MIN_WATCH_INTERVAL_MS};
 use bytes::Bytes;
@@ -31,6 +32,8 @@ pub enum WatchMsg {
     /// (replacing the session's earlier watch, if any).
     Start {
         id: ReqId,
+        /// The namespace whose rows it sees; None: every namespace.
+        scope: Option<Ns>,
         interval: Duration,
         outbox: Outbox,
     },
@@ -40,6 +43,7 @@ pub enum WatchMsg {
 
 struct Watcher {
     id: ReqId,
+    scope: Option<Ns>,
     interval: Duration,
     outbox: Outbox,
     next: Instant,
@@ -50,6 +54,7 @@ struct Watcher {
 #[derive(Serialize)]
 struct Inflight<'a> {
     key: String,
+    ns: Arc<str>,
     #[serde(rename = "fn")]
     fn_name: &'a str,
     state: &'static str,
@@ -128,6 +133,7 @@ impl Renderer {
         match msg {
             WatchMsg::Start {
                 id,
+                scope,
                 interval,
                 outbox,
             } => {
@@ -140,6 +146,7 @@ impl Renderer {
                     session,
                     Watcher {
                         id,
+                        scope,
                         interval,
                         outbox,
                         next: Instant::now(),
@@ -176,32 +183,49 @@ impl Renderer {
                 let samples: Vec<&[u64; 4]> = self.history.iter().collect();
                 to_json(&samples)
             });
-        let members = self.render(&view);
-        // A first snapshot carries the history as well.
-        let first = history.map(|h| Bytes::from(members.clone().raw("history", &h).finish()));
-        let tail = Bytes::from(members.finish());
-        self.metrics.snapshots_rendered.inc();
-        let mut anonymous: Option<Frame> = None;
-        for w in self.watchers.values_mut().filter(|w| w.next <= horizon) {
-            w.next = now + w.interval;
-            if std::mem::take(&mut w.fresh) {
-                if let Some(first) = &first {
-                    let head = FrameWriter::new("snapshot").id(&w.id).open();
-                    w.outbox.push(Frame::split(head, first.clone()));
-                    continue;
+        // One rendering per scope due: the whole, or one namespace's rows.
+        let mut scopes: Vec<Option<Ns>> = self
+            .watchers
+            .values()
+            .filter(|w| w.next <= horizon)
+            .map(|w| w.scope)
+            .collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        for scope in scopes {
+            let members = self.render(&view, scope);
+            // A first snapshot carries the history as well.
+            let first = history
+                .as_ref()
+                .map(|h| Bytes::from(members.clone().raw("history", h).finish()));
+            let tail = Bytes::from(members.finish());
+            self.metrics.snapshots_rendered.inc();
+            let mut anonymous: Option<Frame> = None;
+            let due = self
+                .watchers
+                .values_mut()
+                .filter(|w| w.next <= horizon && w.scope == scope);
+            for w in due {
+                w.next = now + w.interval;
+                if std::mem::take(&mut w.fresh) {
+                    if let Some(first) = &first {
+                        let head = FrameWriter::new("snapshot").id(&w.id).open();
+                        w.outbox.push(Frame::split(head, first.clone()));
+                        continue;
+                    }
                 }
+                let frame = match &w.id {
+                    Some(_) => {
+                        Frame::split(FrameWriter::new("snapshot").id(&w.id).open(), tail.clone())
+                    }
+                    None => anonymous
+                        .get_or_insert_with(|| {
+                            Frame::split(FrameWriter::new("snapshot").open(), tail.clone())
+                        })
+                        .clone(),
+                };
+                w.outbox.push(frame);
             }
-            let frame = match &w.id {
-                Some(_) => {
-                    Frame::split(FrameWriter::new("snapshot").id(&w.id).open(), tail.clone())
-                }
-                None => anonymous
-                    .get_or_insert_with(|| {
-                        Frame::split(FrameWriter::new("snapshot").open(), tail.clone())
-                    })
-                    .clone(),
-            };
-            w.outbox.push(frame);
         }
         true
     }
@@ -218,12 +242,15 @@ impl Renderer {
 
     /// The members of a snapshot after its `type` and `id`, to be closed
     /// (a watcher's first snapshot adds the history before).
-    fn render(&self, view: &HubView) -> FrameWriter {
+    /// Rows of namespace `scope` only, when given.
+    fn render(&self, view: &HubView, scope: Option<Ns>) -> FrameWriter {
         let inflight: Vec<Inflight> = view
             .inflight
             .iter()
+            .filter(|row| scope.is_none_or(|ns| row.key.ns() == ns))
             .map(|row| Inflight {
                 key: row.key.to_hex(),
+                ns: row.key.ns().name(),
                 fn_name: &self.evaluators.get(row.evaluator).name,
                 state: if row.running { "running" } else { "queued" },
                 waiters: row.waiters,
@@ -233,12 +260,17 @@ impl Renderer {
                 broker: row.elsewhere.as_deref().map(crate::cluster::claim_node),
             })
             .collect();
+        let recent: Vec<&Recent> = view
+            .recent
+            .iter()
+            .filter(|r| scope.is_none_or(|ns| r.scope == ns))
+            .collect();
         let stats = self.metrics.stats(&self.cache, self.evaluators.figures());
         FrameWriter::tail(1024)
             .uint("at_ms", unix_ms())
             .raw("stats", &to_json(&stats))
             .raw("inflight", &to_json(&inflight))
-            .raw("recent", &to_json(&view.recent))
+            .raw("recent", &to_json(&recent))
             .raw("workers", &to_json(&view.workers))
             .raw("queues", &to_json(&view.queues))
     }
