@@ -255,6 +255,92 @@ async fn an_invalidation_on_one_broker_holds_on_every_broker() {
     b.stop().await;
 }
 
+/// Two teams' tokens (agents) and an admin of team A's.
+const TEAMS: &str = r#"
+[[token]]
+name = "a"
+role = "agent"
+secret = "team-a"
+namespace = "team-a"
+[[token]]
+name = "a-admin"
+role = "admin"
+secret = "team-a-admin"
+namespace = "team-a"
+[[token]]
+name = "b"
+role = "agent"
+secret = "team-b"
+namespace = "team-b"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_keeps_namespaces_apart_in_redis_and_between_brokers() {
+    let redis = Redis::start().await;
+    let a = broker_with(&redis.config("a", &format!("{SIMULATE}{TEAMS}"))).await;
+    let b = broker_with(&redis.config("b", &format!("{SIMULATE}{TEAMS}"))).await;
+    let on = |server: &TestServer, token: &str| {
+        let url = format!("{}?token={token}", server.url());
+        async move { Client::connect(&url).await }
+    };
+    let (mut a_on_a, mut a_on_b) = (on(&a, "team-a").await, on(&b, "team-a").await);
+    let mut b_on_b = on(&b, "team-b").await;
+    let input = json!({"sleep_ms": 5, "cluster": "namespaces"});
+    let key = key_of("default", &input);
+    let submit = |id: &str| json!({"op": "submit", "id": id, "input": input});
+
+    // Within a namespace the cluster shares; across namespaces it does not.
+    assert_eq!(answer(&mut a_on_a, submit("1")).await["source"], "eval");
+    let r = answer(&mut a_on_b, submit("2")).await;
+    assert_eq!(r["source"], "cluster", "team A's result, from Redis: {r}");
+    let r = answer(&mut b_on_b, submit("3")).await;
+    assert_eq!(r["source"], "eval", "team B evaluates its own: {r}");
+    for team in ["team-a", "team-b"] {
+        let name = format!("herd:{team}/result:{{{key}}}:0:");
+        assert_eq!(redis_cli(redis.port, &["EXISTS", &name]).trim(), "1", "{name}");
+    }
+    assert_eq!(
+        redis_cli(redis.port, &["EXISTS", &result_name(&key, "")]).trim(),
+        "0",
+        "nothing in the shared namespace"
+    );
+
+    // Subscribers of both teams on B; team A's result made on A reaches
+    // team A's only (once it has, a leak to team B would be queued before
+    // B's pong).
+    let fresh = json!({"sleep_ms": 5, "cluster": "namespaces", "n": 2});
+    let fresh_key = key_of("default", &fresh);
+    for c in [&mut b_on_b, &mut a_on_b] {
+        let r = c
+            .request(json!({"op": "subscribe", "id": "s", "key": fresh_key}))
+            .await;
+        assert_eq!(r["state"], "unknown");
+    }
+    let r = answer(&mut a_on_a, json!({"op": "submit", "id": "4", "input": fresh})).await;
+    assert_eq!(r["source"], "eval");
+    let r = a_on_b.recv_type("result").await;
+    assert_eq!(r["id"], "s", "team A sees its own on B: {r}");
+    let r = b_on_b.request(json!({"op": "ping", "id": 5})).await;
+    assert_eq!(r["type"], "pong", "nothing reached team B: {r}");
+    let r = b_on_b
+        .request(json!({"op": "get", "id": 6, "key": fresh_key}))
+        .await;
+    assert_eq!(r["state"], "unknown", "{r}");
+
+    // Invalidating team A's fn leaves team B's results standing.
+    let mut admin = on(&a, "team-a-admin").await;
+    let r = admin
+        .request(json!({"op": "invalidate", "id": "f", "fn": "default"}))
+        .await;
+    assert_eq!(r["type"], "invalidated", "{r}");
+    let r = answer(&mut a_on_b, submit("7")).await;
+    assert_eq!(r["source"], "eval", "team A's results are gone: {r}");
+    let r = answer(&mut b_on_b, submit("8")).await;
+    assert_ne!(r["source"], "eval", "team B's stand: {r}");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_missed_an_invalidation_serves_nothing_from_its_cache() {
     // B's subscription goes silent (a relay passes nothing), so B cannot

@@ -325,3 +325,30 @@ async fn a_namespace_with_its_own_cache_bytes_keeps_its_results_through_a_flood(
     assert_eq!(r["source"], "cache", "kept in its own store: {r}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_serves_every_namespace_and_its_tasks_name_theirs() {
+    let toml = format!(
+        "{BASIC}{TEAMS}[[token]]\nname = \"w\"\nrole = \"worker\"\nsecret = \"worker-secret\"\n[[evaluator]]\nfn = \"remote\"\nkind = \"remote\"\n"
+    );
+    let server = TestServer::start(config(&toml)).await;
+    let mut worker = connect(&server, "worker-secret").await;
+    let r = worker
+        .request(json!({"op": "serve", "id": 1, "fn": "remote", "concurrency": 4}))
+        .await;
+    assert_eq!(r["type"], "serving", "{r}");
+    for (token, ns) in [("team-a-secret", "team-a"), ("team-b-secret", "team-b")] {
+        let mut agent = connect(&server, token).await;
+        agent
+            .send(json!({"op": "submit", "id": 1, "fn": "remote", "input": {"same": true}}))
+            .await;
+        let task = worker.recv_type("task").await;
+        assert_eq!(task["ns"], ns, "{task}");
+        worker
+            .send(json!({"op": "complete", "task": task["task"], "output": ns}))
+            .await;
+        let r = agent.recv_type("result").await;
+        assert_eq!(r["output"], ns, "{r}");
+    }
+    server.stop().await;
+}
