@@ -297,7 +297,11 @@ async fn a_cluster_keeps_namespaces_apart_in_redis_and_between_brokers() {
     assert_eq!(r["source"], "eval", "team B evaluates its own: {r}");
     for team in ["team-a", "team-b"] {
         let name = format!("herd:{team}/result:{{{key}}}:0:");
-        assert_eq!(redis_cli(redis.port, &["EXISTS", &name]).trim(), "1", "{name}");
+        assert_eq!(
+            redis_cli(redis.port, &["EXISTS", &name]).trim(),
+            "1",
+            "{name}"
+        );
     }
     assert_eq!(
         redis_cli(redis.port, &["EXISTS", &result_name(&key, "")]).trim(),
@@ -316,7 +320,11 @@ async fn a_cluster_keeps_namespaces_apart_in_redis_and_between_brokers() {
             .await;
         assert_eq!(r["state"], "unknown");
     }
-    let r = answer(&mut a_on_a, json!({"op": "submit", "id": "4", "input": fresh})).await;
+    let r = answer(
+        &mut a_on_a,
+        json!({"op": "submit", "id": "4", "input": fresh}),
+    )
+    .await;
     assert_eq!(r["source"], "eval");
     let r = a_on_b.recv_type("result").await;
     assert_eq!(r["id"], "s", "team A sees its own on B: {r}");

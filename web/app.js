@@ -167,7 +167,9 @@ function renderRows(tableId, rows, fill) {
     const tr = document.createElement("tr");
     tr.dataset.key = r.key;
     keyCell(tr, r.key);
-    cell(tr, r.fn);
+    // A row of a namespace other than the shared one names it: "ns / fn".
+    const fn = cell(tr, r.ns ? r.ns + " / " + r.fn : r.fn);
+    if (r.ns) fn.title = "namespace " + r.ns;
     fill(tr, r);
     fresh.appendChild(tr);
   }

@@ -49,6 +49,13 @@ pub enum ClientError {
     /// A limit was reached (`busy`); trying again later may succeed.
     #[error("broker busy: {0}")]
     Busy(String),
+    /// The namespace's `submits_per_s` was reached (`rate_limited`); a
+    /// submit may succeed after `retry_after_ms`.
+    #[error("rate limited (retry after {retry_after_ms} ms): {message}")]
+    RateLimited {
+        retry_after_ms: u64,
+        message: String,
+    },
     /// The broker refused the request (`bad_request`, `unknown_fn`, `forbidden`, `shutting_down`, ...).
     #[error("{code}: {message}")]
     Rejected { code: String, message: String },
@@ -497,6 +504,11 @@ fn error_of(frame: &Value) -> ClientError {
     let message = str_field(frame, "message");
     if code == "busy" {
         ClientError::Busy(message)
+    } else if code == "rate_limited" {
+        ClientError::RateLimited {
+            retry_after_ms: frame["retry_after_ms"].as_u64().unwrap_or(0),
+            message,
+        }
     } else {
         ClientError::Rejected { code, message }
     }

@@ -50,6 +50,15 @@ class Busy(Refused):
     """A limit was reached (`busy`); trying again later may succeed."""
 
 
+class RateLimited(Refused):
+    """The namespace's `submits_per_s` was reached (`rate_limited`); a
+    submit may succeed after `retry_after_ms`."""
+
+    def __init__(self, code: str, message: str, retry_after_ms: int) -> None:
+        super().__init__(code, message)
+        self.retry_after_ms = retry_after_ms
+
+
 class ShuttingDown(Refused):
     """The broker is draining (`shutting_down`)."""
 
@@ -119,6 +128,8 @@ def _error_of(frame: Dict[str, Any]) -> HerdError:
     code, message = frame.get("code", ""), frame.get("message", "")
     if code == "busy":
         return Busy(code, message)
+    if code == "rate_limited":
+        return RateLimited(code, message, int(frame.get("retry_after_ms", 0)))
     if code == "shutting_down":
         return ShuttingDown(code, message)
     return Refused(code, message)

@@ -114,6 +114,23 @@ def test_errors_are_typed(make_broker):
     run(main())
 
 
+def test_a_namespace_s_rate_limit_is_a_typed_error_with_its_retry_time(make_broker):
+    broker = make_broker(
+        '[[token]]\nname = "t"\nrole = "agent"\nsecret = "team"\nnamespace = "team"\n'
+        '[[namespace]]\nname = "team"\nsubmits_per_s = 1\nburst = 1\n' + BASIC
+    )
+
+    async def main():
+        async with herd.connect(broker.url, token="team") as h:
+            assert (await h.submit(1, fn="echo")).output == 1
+            with pytest.raises(herd.RateLimited) as limited:
+                await h.submit(2, fn="echo")
+            assert limited.value.code == "rate_limited"
+            assert 0 < limited.value.retry_after_ms <= 1000
+
+    run(main())
+
+
 def test_an_oversized_request_fails_at_once_and_is_never_resent(make_broker):
     broker = make_broker("[limits]\nmax_frame_bytes = 4096\n" + BASIC)
 

@@ -40,6 +40,102 @@ pub struct AgentsArgs {
     /// sleep), which includes any remote hop.
     #[arg(long)]
     pub nominal_sleep: bool,
+    /// Run S1 twice, alone and then beside a flood: sessions with this
+    /// token (a credential of another namespace) submitting fresh inputs
+    /// as fast as they can; reports S1's latency both ways.
+    #[arg(long)]
+    pub flood_token: Option<String>,
+    /// Flooding sessions.
+    #[arg(long, default_value_t = 4)]
+    pub flood_sessions: usize,
+    /// Submits each flooding session keeps in flight.
+    #[arg(long, default_value_t = 64)]
+    pub flood_inflight: usize,
+}
+
+/// What the flood's submits got.
+#[derive(Default)]
+struct FloodCounts {
+    results: AtomicUsize,
+    rate_limited: AtomicUsize,
+    busy: AtomicUsize,
+    other: AtomicUsize,
+}
+
+/// S1, alone and then beside another namespace's flood (`--flood-token`).
+pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result<Report> {
+    let Some(token) = &args.flood_token else {
+        return run_s1(target, args, seed).await;
+    };
+    let alone = run_s1(target, args, seed).await?;
+    let flood_target = Target {
+        token: Some(token.clone()),
+        pid: None,
+        ..target.clone()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let counts = Arc::new(FloodCounts::default());
+    let mut flooders = Vec::new();
+    for session in 0..args.flood_sessions {
+        let client = flood_target.client_of(session).await?;
+        for lane in 0..args.flood_inflight {
+            let (client, stop, counts) = (client.clone(), stop.clone(), Arc::clone(&counts));
+            let fn_name = args.fn_name.clone();
+            flooders.push(tokio::spawn(async move {
+                for n in 0u64.. {
+                    let input = serde_json::json!({"flood": seed, "s": session, "l": lane, "n": n});
+                    let outcome = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        o = client.submit(&fn_name, input) => o,
+                    };
+                    let counter = match outcome {
+                        Ok(_) => &counts.results,
+                        Err(crate::client::ClientError::RateLimited { .. }) => &counts.rate_limited,
+                        Err(crate::client::ClientError::Busy(_)) => &counts.busy,
+                        Err(_) => &counts.other,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    let started = Instant::now();
+    let flooded = run_s1(target, args, seed.wrapping_add(1)).await;
+    let flood_s = started.elapsed().as_secs_f64();
+    stop.cancel();
+    for f in flooders {
+        let _ = f.await;
+    }
+    let mut report = flooded?;
+    let p99 = |r: &Report| r.value("p99_ms").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    for name in ["p50_ms", "p99_ms", "evaluations", "throughput"] {
+        if let Some(v) = alone.value(name) {
+            report.add(alone_name(name), v.clone());
+        }
+    }
+    if p99(&alone) > 0.0 {
+        report.add("p99_ratio", super::round3(p99(&report) / p99(&alone)));
+    }
+    let get = |c: &AtomicUsize| c.load(Ordering::Relaxed);
+    report.add("flood_results", get(&counts.results));
+    report.add("flood_rate_limited", get(&counts.rate_limited));
+    report.add("flood_busy", get(&counts.busy));
+    report.add("flood_other_errors", get(&counts.other));
+    report.add(
+        "flood_results_per_s",
+        super::round3(get(&counts.results) as f64 / flood_s),
+    );
+    Ok(report)
+}
+
+/// The name of S1's figure `name` when it ran alone.
+fn alone_name(name: &str) -> &'static str {
+    match name {
+        "p50_ms" => "alone_p50_ms",
+        "p99_ms" => "alone_p99_ms",
+        "evaluations" => "alone_evaluations",
+        _ => "alone_throughput",
+    }
 }
 
 struct Sample {
@@ -49,7 +145,7 @@ struct Sample {
     nominal_ms: Option<f64>,
 }
 
-pub async fn run(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result<Report> {
+async fn run_s1(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result<Report> {
     anyhow::ensure!(
         args.agents > 0 && args.inflight >= args.agents,
         "need inflight >= agents > 0"

@@ -126,6 +126,11 @@ impl Report {
         self.add(name, round3(value));
     }
 
+    /// The figure `name`, if reported.
+    pub fn value(&self, name: &str) -> Option<&Value> {
+        self.rows.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
     pub fn to_json(&self) -> Value {
         let mut map = Map::new();
         map.insert("scenario".into(), json!(self.scenario));
