@@ -122,7 +122,7 @@ def test_a_namespace_s_rate_limit_is_a_typed_error_with_its_retry_time(make_brok
 
     async def main():
         async with herd.connect(broker.url, token="team") as h:
-            assert (await h.submit(1, fn="echo")).output == 1
+            assert await h.submit(1, fn="echo") == 1
             with pytest.raises(herd.RateLimited) as limited:
                 await h.submit(2, fn="echo")
             assert limited.value.code == "rate_limited"
