@@ -153,7 +153,7 @@ fn hello(broker: &Broker, uuid: uuid::Uuid, identity: &Identity) -> String {
 /// expires (`expires`, Unix seconds, leeway included), unless it closes first.
 async fn expire(expires: Option<u64>, ctl: &SessionCtl) {
     let Some(at) = expires else { return };
-    let left = Duration::from_millis((at * 1000).saturating_sub(unix_ms()));
+    let left = Duration::from_millis(at.saturating_mul(1000).saturating_sub(unix_ms()));
     tokio::select! {
         _ = tokio::time::sleep(left) => {
             info!("signed token expired");
