@@ -10,7 +10,10 @@
 //!   (`result:{key}:<tag>`, a second cache level); if absent, claim the key
 //!   (`SET claim:{key}:<tag> <node>:<seq> NX PX lease_ms`). The tag is the
 //!   fn's epoch and version ([`FnTags`]): a result of another version, or
-//!   from before the fn was invalidated, is never found. The hub hears
+//!   from before the fn was invalidated, is never found. A namespace's
+//!   names begin `<prefix><ns>/` (the shared namespace's do not), its fns'
+//!   epochs live in `<prefix>ns-epochs` under `<ns>/<fn>`, and its notices
+//!   carry `"ns"`, so namespaces share nothing in Redis. The hub hears
 //!   `Found`, `Claimed` (evaluate here), `Waiting` (another broker
 //!   evaluates) or `Local` (Redis is away: evaluate here, as a lone broker
 //!   would).
