@@ -226,6 +226,9 @@ pub struct Limits {
     pub key_memo_entries: usize,
     /// Longest raw input the key memo keeps.
     pub key_memo_max_input_bytes: usize,
+    /// Longest an HTTP `/v1/submit` waits for its result (its `timeout_ms`
+    /// is capped to this).
+    pub http_max_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -248,6 +251,7 @@ impl Default for Limits {
             write_batch: 64,
             key_memo_entries: 16_384,
             key_memo_max_input_bytes: 4096,
+            http_max_timeout_ms: 300_000,
         }
     }
 }
@@ -659,6 +663,11 @@ impl Config {
                 "limits.key_memo_max_input_bytes".into(),
                 l.key_memo_max_input_bytes as u128,
                 GIB,
+            ),
+            (
+                "limits.http_max_timeout_ms".into(),
+                l.http_max_timeout_ms.into(),
+                WEEK_MS,
             ),
             ("cache.max_bytes".into(), self.cache.max_bytes.into(), TIB),
             ("cache.ttl_s".into(), self.cache.ttl_s.into(), DECADE_S),

@@ -20,12 +20,14 @@
 //! ```
 //!
 //! Folders, in the order a request meets them:
-//! - [`server`]: the port (HTTP routes, WebSocket upgrade), auth, shutdown,
+//! - [`server`]: the port (HTTP routes, WebSocket upgrade, the HTTP API
+//!   [`server::http`]), auth and namespaces' quotas, shutdown,
 //!   the state every part shares ([`server::broker`]), one connection's
 //!   reader and writer ([`server::session`]) and dashboard snapshots;
 //! - [`protocol`]: request parsing and frame writing; [`outbox`]: a
 //!   session's outbound queue, byte budget and close signal;
-//! - [`key`]: canonical JSON and key derivation; [`memo`]: raw inputs to keys;
+//! - [`key`]: canonical JSON and key derivation (a key carries its
+//!   namespace, [`ns`]); [`memo`]: raw inputs to keys;
 //! - [`cache`]: the bounded results cache;
 //! - [`core`]: the wait table and every key's lifecycle, a state machine
 //!   that does no I/O; [`hub`]: the one task that drives it and performs

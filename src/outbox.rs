@@ -104,6 +104,16 @@ impl Frame {
         self.len() == 0
     }
 
+    /// The whole message's bytes (a split frame's two parts joined).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Frame::Text(t) => t.as_bytes().to_vec(),
+            Frame::Shared(t) => t.as_bytes().to_vec(),
+            Frame::Split(s) => [&s.head[..], &s.tail[..]].concat(),
+            Frame::Other(m) => m.clone().into_data().to_vec(),
+        }
+    }
+
     /// The WebSocket messages that carry this frame, in order.
     pub fn into_messages(self) -> impl Iterator<Item = Message> {
         let (first, second) = match self {

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod http;
 pub mod session;
 pub mod snapshot;
 pub mod tenants;
@@ -191,6 +192,7 @@ fn router(broker: Arc<Broker>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(http::routes())
         .fallback(get(web::serve))
         .with_state(broker)
 }

@@ -13,6 +13,7 @@ use crate::error::ErrorCode;
 use crate::exec::pool::EvaluatorSpec;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
+use crate::metrics::NsMetrics;
 use crate::outbox::{close, Frame, Outbox, SessionCtl};
 use crate::protocol::{
     error_frame, parse_input, parse_request, unix_ms, FrameWriter, Invalidation, Op, ReqId,
@@ -109,7 +110,7 @@ async fn run_session<S>(
         broker: &broker,
         outbox,
         identity: &identity,
-        seat: &seat,
+        ns_metrics: &seat.metrics,
         label,
         watching: false,
     };
@@ -147,6 +148,28 @@ fn hello(broker: &Broker, uuid: uuid::Uuid, identity: &Identity) -> String {
         .str("namespace", &namespace)
         .raw("limits", &limits.to_string())
         .finish()
+}
+
+/// Serves one request `text` from outside a WebSocket session (the HTTP
+/// API) as a session's would be served: the same checks, cache, quotas and
+/// hub; its frames go to `outbox`, whose session the caller closes.
+pub async fn serve_one(
+    broker: &Arc<Broker>,
+    identity: &Identity,
+    ns_metrics: &NsMetrics,
+    outbox: Outbox,
+    text: &str,
+) {
+    let mut reader = Reader {
+        broker,
+        outbox,
+        identity,
+        ns_metrics,
+        label: format!("{}/http", identity.name).into(),
+        watching: false,
+    };
+    let then = reader.handle(text);
+    reader.act(then).await;
 }
 
 /// Closes the session with 1008 "token expired" when its signed token
@@ -213,8 +236,8 @@ struct Reader<'a> {
     broker: &'a Arc<Broker>,
     outbox: Outbox,
     identity: &'a Identity,
-    /// Its place in its namespace, with the namespace's figures.
-    seat: &'a Seat,
+    /// Its namespace's figures.
+    ns_metrics: &'a NsMetrics,
     /// How this session is shown as a worker (token name and session).
     label: Arc<str>,
     /// Whether this session has a `watch` running.
@@ -426,12 +449,12 @@ impl<'a> Reader<'a> {
             );
         }
         spec.metrics.submits.inc();
-        self.seat.metrics.submits.inc();
+        self.ns_metrics.submits.inc();
         if broker.is_draining() {
             return reject_draining(&id);
         }
         if let Err(wait) = broker.tenants.take_submit(self.identity.ns) {
-            self.seat.metrics.rate_limited.inc();
+            self.ns_metrics.rate_limited.inc();
             return Then::Reply(rate_limited(&id, wait).into());
         }
         // A byte-identical input seen before: its key without parsing or hashing.
@@ -493,7 +516,7 @@ impl<'a> Reader<'a> {
     ) -> Option<Then<'a>> {
         let hit = self.broker.cache.get_fresh(key, max_age)?;
         spec.metrics.cache_hits.inc();
-        self.seat.metrics.cache_hits.inc();
+        self.ns_metrics.cache_hits.inc();
         Some(Then::Hit {
             frame: hit.result_frame(id, key).into(),
             spec,

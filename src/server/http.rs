@@ -1,0 +1,335 @@
+//! The HTTP API, for scripts that hold no session: `POST /v1/submit`,
+//! `GET /v1/keys/<key>`, `POST /v1/invalidate`.
+//!
+//! Each request is served as a one-request session: it is admitted by the
+//! same gate, turned into the protocol request it stands for, and served
+//! by the same code as a WebSocket request ([`session::serve_one`]), so
+//! roles, fn lists, namespaces, quotas, the cache and coalescing are the
+//! same (an HTTP submit joins a WebSocket submit's evaluation, and the
+//! other way round). Its frames come back on an outbound queue of its own;
+//! when the request ends (answered, timed out, or dropped because the
+//! client went away) its session is closed, so its wait leaves the table.
+
+use crate::error::ErrorCode;
+use crate::hub::HubMsg;
+use crate::outbox::{Outbox, SessionCtl};
+use crate::server::auth::{Identity, Refusal};
+use crate::server::broker::Broker;
+use crate::server::session;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// `timeout_ms` of a submit that gives none.
+const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+
+/// The id the protocol requests made here carry.
+const ID: &str = "http";
+
+pub fn routes() -> Router<Arc<Broker>> {
+    Router::new()
+        .route("/v1/submit", post(submit))
+        .route("/v1/keys/{key}", get(key))
+        .route("/v1/invalidate", post(invalidate))
+}
+
+/// An error answer: `{"error":{"code","message"}}` with the code's status.
+struct Failure {
+    code: &'static str,
+    message: String,
+    /// `rate_limited`: when to try again.
+    retry_after_ms: Option<u64>,
+}
+
+impl Failure {
+    fn new(code: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// The failure an `error` frame (or a failed `result`'s `error`) says.
+    fn from_frame(frame: &Value) -> Failure {
+        let code = frame["code"].as_str().unwrap_or("");
+        let known = [
+            ErrorCode::BadJson,
+            ErrorCode::BadRequest,
+            ErrorCode::UnknownOp,
+            ErrorCode::UnknownFn,
+            ErrorCode::Forbidden,
+            ErrorCode::Busy,
+            ErrorCode::RateLimited,
+            ErrorCode::ShuttingDown,
+        ]
+        .map(ErrorCode::as_str)
+        .into_iter()
+        .chain(["eval_failed", "eval_timeout"])
+        .find(|c| *c == code)
+        .unwrap_or("eval_failed");
+        Failure {
+            code: known,
+            message: frame["message"].as_str().unwrap_or("").to_string(),
+            retry_after_ms: frame["retry_after_ms"].as_u64(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self.code {
+            "unauthorized" => StatusCode::UNAUTHORIZED,
+            "forbidden" => StatusCode::FORBIDDEN,
+            "unknown_fn" => StatusCode::NOT_FOUND,
+            "busy" | "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+            "eval_failed" => StatusCode::BAD_GATEWAY,
+            "shutting_down" => StatusCode::SERVICE_UNAVAILABLE,
+            "eval_timeout" => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // Whole seconds, rounded up; at least one.
+            let seconds = self.retry_after_ms.unwrap_or(1000).div_ceil(1000).max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// A 200 (or `status`) answer with a frame's members but its `type` and `id`.
+fn members(status: StatusCode, mut frame: Value) -> Response {
+    if let Some(map) = frame.as_object_mut() {
+        map.remove("type");
+        map.remove("id");
+    }
+    (status, axum::Json(frame)).into_response()
+}
+
+/// One request's session: its identity, and the queue its frames come on.
+/// Dropping it closes the session (its waits leave the table).
+struct Exchange {
+    broker: Arc<Broker>,
+    identity: Identity,
+    outbox: Outbox,
+    frames: mpsc::Receiver<crate::outbox::Frame>,
+}
+
+impl Exchange {
+    fn open(broker: &Arc<Broker>, request: &Request) -> Result<Exchange, Failure> {
+        let identity = match broker.gate.admit(request.headers(), request.uri()) {
+            Ok(identity) => identity,
+            Err(Refusal::Unauthorized) => {
+                return Err(Failure::new("unauthorized", "a valid token is required"))
+            }
+            Err(Refusal::ForeignOrigin) => {
+                return Err(Failure::new("forbidden", "origin not allowed"))
+            }
+            Err(Refusal::ForeignHost) => return Err(Failure::new("forbidden", "host not allowed")),
+        };
+        let limits = &broker.config.limits;
+        let ctl = Arc::new(SessionCtl::new(
+            broker.next_session_id(),
+            limits.outbound_bytes,
+        ));
+        let (outbox, frames) = Outbox::channel(ctl, 16);
+        Ok(Exchange {
+            broker: Arc::clone(broker),
+            identity,
+            outbox,
+            frames,
+        })
+    }
+
+    /// Serves protocol request `request` (its `id` set here).
+    async fn ask(&self, mut request: Map<String, Value>) {
+        request.insert("id".into(), json!(ID));
+        let text = Value::Object(request).to_string();
+        let metrics = self.broker.metrics.for_ns(self.identity.ns);
+        session::serve_one(
+            &self.broker,
+            &self.identity,
+            &metrics,
+            self.outbox.clone(),
+            &text,
+        )
+        .await;
+    }
+
+    /// The next frame, unless `deadline` passes first.
+    async fn next(&mut self, deadline: Instant) -> Option<Value> {
+        let frame = tokio::time::timeout_at(deadline, self.frames.recv())
+            .await
+            .ok()??;
+        self.outbox.ctl().release_bytes(frame.len());
+        serde_json::from_slice(&frame.to_bytes()).ok()
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let closed = HubMsg::SessionClosed {
+            session: self.outbox.session(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(closed)) = self.broker.hub.try_send(closed) {
+            let hub = self.broker.hub.clone();
+            tokio::spawn(async move {
+                let _ = hub.send(closed).await;
+            });
+        }
+    }
+}
+
+/// The JSON object of a request's body (at most `max_frame_bytes`).
+async fn body_object(broker: &Broker, body: Body) -> Result<Map<String, Value>, Failure> {
+    let limit = broker.config.limits.max_frame_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        Failure::new(
+            "bad_request",
+            format!("the body is larger than {limit} bytes (max_frame_bytes), or was cut off"),
+        )
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Failure::new(
+            "bad_request",
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(Failure::new(
+            "bad_json",
+            format!("the body is not JSON: {e}"),
+        )),
+    }
+}
+
+/// The answer a `result` frame gives: 200, or the evaluation's failure.
+fn result(frame: Value) -> Response {
+    match frame.get("error") {
+        Some(error) => Failure::from_frame(error).into_response(),
+        None => members(StatusCode::OK, frame),
+    }
+}
+
+async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response {
+    let mut exchange = match Exchange::open(&broker, &request) {
+        Ok(e) => e,
+        Err(f) => return f.into_response(),
+    };
+    let mut body = match body_object(&broker, request.into_body()).await {
+        Ok(body) => body,
+        Err(f) => return f.into_response(),
+    };
+    let timeout_ms = match body.remove("timeout_ms") {
+        None => DEFAULT_TIMEOUT_MS,
+        Some(v) => match v.as_u64() {
+            Some(ms) => ms,
+            None => {
+                return Failure::new("bad_request", "\"timeout_ms\" must be a whole number")
+                    .into_response()
+            }
+        },
+    };
+    let timeout_ms = timeout_ms.min(broker.config.limits.http_max_timeout_ms);
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    let wait = body.get("wait").and_then(Value::as_bool).unwrap_or(true);
+    body.insert("op".into(), json!("submit"));
+    exchange.ask(body).await;
+    let mut key = Value::Null;
+    while let Some(frame) = exchange.next(deadline).await {
+        match frame["type"].as_str() {
+            Some("result") => return result(frame),
+            Some("error") => return Failure::from_frame(&frame).into_response(),
+            Some("accepted") if !wait => {
+                let answer = json!({"key": frame["key"], "state": frame["state"]});
+                return (StatusCode::ACCEPTED, axum::Json(answer)).into_response();
+            }
+            Some("accepted") => key = frame["key"].clone(),
+            _ => {}
+        }
+    }
+    // The timeout passed first: 202 with the key's state now. The wait
+    // leaves when the exchange is dropped; the evaluation goes on.
+    let mut get = Map::new();
+    get.insert("op".into(), json!("get"));
+    get.insert("key".into(), key.clone());
+    exchange.ask(get).await;
+    let soon = Instant::now() + Duration::from_secs(1);
+    let mut state = json!("running");
+    while let Some(frame) = exchange.next(soon).await {
+        match frame["type"].as_str() {
+            Some("status") => {
+                state = frame["state"].clone();
+                break;
+            }
+            // The result came meanwhile.
+            Some("result") => return result(frame),
+            _ => {}
+        }
+    }
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"key": key, "state": state})),
+    )
+        .into_response()
+}
+
+async fn key(
+    State(broker): State<Arc<Broker>>,
+    Path(key): Path<String>,
+    request: Request,
+) -> Response {
+    let mut exchange = match Exchange::open(&broker, &request) {
+        Ok(e) => e,
+        Err(f) => return f.into_response(),
+    };
+    let mut get = Map::new();
+    get.insert("op".into(), json!("get"));
+    get.insert("key".into(), json!(key));
+    exchange.ask(get).await;
+    let deadline = Instant::now() + Duration::from_millis(broker.config.limits.http_max_timeout_ms);
+    match exchange.next(deadline).await {
+        Some(frame) if frame["type"] == "status" && frame["state"] == "unknown" => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"state": "unknown"})),
+        )
+            .into_response(),
+        Some(frame) if frame["type"] == "status" => members(StatusCode::OK, frame),
+        Some(frame) => Failure::from_frame(&frame).into_response(),
+        None => Failure::new("busy", "no answer in time").into_response(),
+    }
+}
+
+async fn invalidate(State(broker): State<Arc<Broker>>, request: Request) -> Response {
+    let mut exchange = match Exchange::open(&broker, &request) {
+        Ok(e) => e,
+        Err(f) => return f.into_response(),
+    };
+    let mut body = match body_object(&broker, request.into_body()).await {
+        Ok(body) => body,
+        Err(f) => return f.into_response(),
+    };
+    body.insert("op".into(), json!("invalidate"));
+    exchange.ask(body).await;
+    let deadline = Instant::now() + Duration::from_millis(broker.config.limits.http_max_timeout_ms);
+    match exchange.next(deadline).await {
+        Some(frame) if frame["type"] == "invalidated" => members(StatusCode::OK, frame),
+        Some(frame) => Failure::from_frame(&frame).into_response(),
+        None => Failure::new("busy", "no answer in time").into_response(),
+    }
+}
