@@ -322,10 +322,11 @@ export class Client {
    */
   _start(request, kind, keyOf) {
     const id = this._nextId++;
+    request.id = id;
     const promise = new Promise((resolve, reject) => {
       this._pending.set(id, { resolve, reject, kind, key: keyOf });
       try {
-        this._send({ ...request, id });
+        this._send(request);
       } catch (error) {
         this._pending.delete(id);
         reject(error);
@@ -405,21 +406,27 @@ export class Client {
    * ends this call's wait only; `maxAgeMs`: a cached result older than this
    * is not good enough; `full: true` resolves with the whole `result` frame.
    */
-  async submit(input, options = {}) {
-    const request = { op: "submit", fn: options.fn ?? "default", input };
+  submit(input, options = {}) {
+    const request = { op: "submit", input };
+    if (options.fn !== undefined && options.fn !== "default") request.fn = options.fn;
     if (options.wait === false) request.wait = false;
     if (options.maxAgeMs !== undefined) request.max_age_ms = options.maxAgeMs;
     const kind = options.wait === false ? "nowait" : options.full ? "result" : "output";
-    await this._ready();
-    const { id, promise } = this._start(request, kind, null);
-    return this._abortable(promise, id, options.signal);
+    const start = () => {
+      const { id, promise } = this._start(request, kind, null);
+      return this._abortable(promise, id, options.signal);
+    };
+    // The common case, an open connection, adds no await of its own.
+    return this._socket ? start() : this._ready().then(start);
   }
 
   /** Waits for `key`'s result, whoever submits it; resolves with the output. */
-  async subscribe(key, options = {}) {
-    await this._ready();
-    const { id, promise } = this._start({ op: "subscribe", key }, "output", key);
-    return this._abortable(promise, id, options.signal);
+  subscribe(key, options = {}) {
+    const start = () => {
+      const { id, promise } = this._start({ op: "subscribe", key }, "output", key);
+      return this._abortable(promise, id, options.signal);
+    };
+    return this._socket ? start() : this._ready().then(start);
   }
 
   /** A key's state without waiting: `{state, output?, waiters?, age_ms?}`. */
