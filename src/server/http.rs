@@ -157,6 +157,21 @@ impl Exchange {
         })
     }
 
+    /// The exchange of a request with a JSON object body, and that body.
+    async fn open_with_body(
+        broker: &Arc<Broker>,
+        request: Request,
+    ) -> Result<(Exchange, Map<String, Value>), Failure> {
+        let exchange = Exchange::open(broker, &request)?;
+        let body = body_object(broker, request.into_body()).await?;
+        Ok((exchange, body))
+    }
+
+    /// The latest an answer other than a submit's result is waited for.
+    fn longest(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.broker.config.limits.http_max_timeout_ms)
+    }
+
     /// Serves protocol request `request` (its `id` set here).
     async fn ask(&self, mut request: Map<String, Value>) {
         request.insert("id".into(), json!(ID));
@@ -218,6 +233,11 @@ async fn body_object(broker: &Broker, body: Body) -> Result<Map<String, Value>, 
     }
 }
 
+/// The protocol request `get` of `key`.
+fn get_request(key: Value) -> Map<String, Value> {
+    Map::from_iter([("op".into(), json!("get")), ("key".into(), key)])
+}
+
 /// The answer a `result` frame gives: 200, or the evaluation's failure.
 fn result(frame: Value) -> Response {
     match frame.get("error") {
@@ -227,12 +247,8 @@ fn result(frame: Value) -> Response {
 }
 
 async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response {
-    let mut exchange = match Exchange::open(&broker, &request) {
-        Ok(e) => e,
-        Err(f) => return f.into_response(),
-    };
-    let mut body = match body_object(&broker, request.into_body()).await {
-        Ok(body) => body,
+    let (mut exchange, mut body) = match Exchange::open_with_body(&broker, request).await {
+        Ok(opened) => opened,
         Err(f) => return f.into_response(),
     };
     let timeout_ms = match body.remove("timeout_ms") {
@@ -265,13 +281,10 @@ async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response
     }
     // The timeout passed first: 202 with the key's state now. The wait
     // leaves when the exchange is dropped; the evaluation goes on.
-    let mut get = Map::new();
-    get.insert("op".into(), json!("get"));
-    get.insert("key".into(), key.clone());
-    exchange.ask(get).await;
-    let soon = Instant::now() + Duration::from_secs(1);
+    exchange.ask(get_request(key.clone())).await;
+    let deadline = exchange.longest();
     let mut state = json!("running");
-    while let Some(frame) = exchange.next(soon).await {
+    while let Some(frame) = exchange.next(deadline).await {
         match frame["type"].as_str() {
             Some("status") => {
                 state = frame["state"].clone();
@@ -298,11 +311,8 @@ async fn key(
         Ok(e) => e,
         Err(f) => return f.into_response(),
     };
-    let mut get = Map::new();
-    get.insert("op".into(), json!("get"));
-    get.insert("key".into(), json!(key));
-    exchange.ask(get).await;
-    let deadline = Instant::now() + Duration::from_millis(broker.config.limits.http_max_timeout_ms);
+    exchange.ask(get_request(json!(key))).await;
+    let deadline = exchange.longest();
     match exchange.next(deadline).await {
         Some(frame) if frame["type"] == "status" && frame["state"] == "unknown" => (
             StatusCode::NOT_FOUND,
@@ -316,17 +326,13 @@ async fn key(
 }
 
 async fn invalidate(State(broker): State<Arc<Broker>>, request: Request) -> Response {
-    let mut exchange = match Exchange::open(&broker, &request) {
-        Ok(e) => e,
-        Err(f) => return f.into_response(),
-    };
-    let mut body = match body_object(&broker, request.into_body()).await {
-        Ok(body) => body,
+    let (mut exchange, mut body) = match Exchange::open_with_body(&broker, request).await {
+        Ok(opened) => opened,
         Err(f) => return f.into_response(),
     };
     body.insert("op".into(), json!("invalidate"));
     exchange.ask(body).await;
-    let deadline = Instant::now() + Duration::from_millis(broker.config.limits.http_max_timeout_ms);
+    let deadline = exchange.longest();
     match exchange.next(deadline).await {
         Some(frame) if frame["type"] == "invalidated" => members(StatusCode::OK, frame),
         Some(frame) => Failure::from_frame(&frame).into_response(),
