@@ -331,6 +331,9 @@ pub struct ClusterConfig {
     /// Outputs up to this many bytes travel inside the completion notice;
     /// a larger one is read from Redis by the brokers that wait for it.
     pub notice_inline_bytes: usize,
+    /// Results computed while Redis was away, kept to be stored in Redis
+    /// when it returns (the oldest go first, from the cache too).
+    pub writeback_max: usize,
 }
 
 impl Default for ClusterConfig {
@@ -344,6 +347,7 @@ impl Default for ClusterConfig {
             result_ttl_s: 86_400,
             redis_timeout_ms: 1_000,
             notice_inline_bytes: 4096,
+            writeback_max: 10_000,
         }
     }
 }
@@ -691,6 +695,11 @@ impl Config {
                 "cluster.notice_inline_bytes".into(),
                 c.notice_inline_bytes as u128,
                 GIB,
+            ),
+            (
+                "cluster.writeback_max".into(),
+                c.writeback_max as u128,
+                COUNT,
             ),
             (
                 "dashboard.max_watchers".into(),

@@ -17,9 +17,10 @@
 //! message arriving. Results enter the cache before their waiters are told.
 
 use crate::cache::ResultCache;
+use crate::cluster::ShellEvent;
 use crate::config::Config;
 use crate::core::{
-    ClusterCmd, ClusterEvent, Core, CoreConfig, Delivery, Effect, FnLimits, InflightRow, Input,
+    ClusterConfig, Core, CoreConfig, Delivery, Effect, FnLimits, InflightRow, Input, OpId, RedisOp,
     Reply, Source, Target,
 };
 use crate::error::{ErrorCode, EvalError};
@@ -140,7 +141,8 @@ pub struct HubInputs {
     /// when every session and the server are gone).
     pub myself: mpsc::WeakSender<HubMsg>,
     pub events: mpsc::Receiver<PoolEvent>,
-    pub cluster: Option<mpsc::Receiver<ClusterEvent>>,
+    /// What the cluster shell hears from Redis (cluster mode).
+    pub cluster: Option<mpsc::Receiver<ShellEvent>>,
 }
 
 /// The hub task's state. Only the hub task touches it.
@@ -154,13 +156,12 @@ pub struct Hub {
     /// Inputs that performing effects produced, applied next.
     follow_ups: Vec<Input>,
     reports: Vec<Report>,
-    /// The cluster task's inbox (cluster mode).
-    cluster: Option<mpsc::Sender<ClusterCmd>>,
-    /// Commands that found the cluster task's inbox full, sent first when
-    /// it has room: a finished job's outcome and a claim's release are
-    /// never dropped (a dropped release would leave the claim held). Its
-    /// length is bounded by the jobs the core holds.
-    backlog: VecDeque<ClusterCmd>,
+    /// Commands for Redis, to the cluster shell (cluster mode). Unbounded:
+    /// the core has at most a few in flight per job and per key it looks
+    /// up, plus its write-backs, each of them bounded.
+    cluster: Option<mpsc::UnboundedSender<(OpId, RedisOp)>>,
+    /// The core's cluster figures last published.
+    cluster_status: Option<crate::core::ClusterStatus>,
     evaluators: Arc<EvaluatorTable>,
     cache: Arc<ResultCache>,
     metrics: Arc<Metrics>,
@@ -170,8 +171,30 @@ pub struct Hub {
     snapshot_recent: usize,
 }
 
-/// The core's configuration from the broker's.
-pub fn core_config(config: &Config) -> CoreConfig {
+/// The core's configuration from the broker's; `node` and `run` name this
+/// broker and this process in a cluster's claims.
+pub fn core_config(config: &Config, node: &str, run: &str) -> CoreConfig {
+    let evaluators = config.effective_evaluators();
+    let cluster = config.cluster.redis.as_ref().map(|_| {
+        let c = &config.cluster;
+        let max_output = evaluators
+            .iter()
+            .map(|e| e.max_output_bytes)
+            .max()
+            .unwrap_or(0);
+        ClusterConfig {
+            node: node.to_string(),
+            run: run.to_string(),
+            prefix: c.prefix.clone(),
+            lease: Duration::from_millis(c.lease_ms),
+            result_ttl_s: c.result_ttl_s,
+            error_ttl_s: config.cache.error_ttl_s,
+            notice_inline_bytes: c.notice_inline_bytes,
+            max_stored: max_stored(max_output),
+            writeback_max: c.writeback_max,
+            versions: evaluators.iter().map(|e| e.version.clone()).collect(),
+        }
+    });
     CoreConfig {
         fns: config
             .effective_evaluators()
@@ -193,10 +216,16 @@ pub fn core_config(config: &Config) -> CoreConfig {
                 Some((ns, n.max_pending?))
             })
             .collect(),
-        clustered: config.cluster.redis.is_some(),
-        lease: std::time::Duration::from_millis(config.cluster.lease_ms),
+        cluster,
         preview_chars: config.dashboard.input_preview_chars,
     }
+}
+
+/// The longest stored result or notice taken from Redis: the largest
+/// output of any fn, plus room for the envelope. Anything longer is
+/// ignored (a result is then evaluated here).
+pub fn max_stored(max_output: usize) -> usize {
+    max_output.saturating_add(64 * 1024)
 }
 
 /// The hub's clock: tokio's, so tests that pause time move it too.
@@ -208,27 +237,28 @@ impl Hub {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
+        core: CoreConfig,
         pool: Pool,
         evaluators: Arc<EvaluatorTable>,
         cache: Arc<ResultCache>,
         metrics: Arc<Metrics>,
         draining: Arc<AtomicBool>,
         idle: watch::Sender<usize>,
-        cluster: Option<mpsc::Sender<ClusterCmd>>,
+        cluster: Option<mpsc::UnboundedSender<(OpId, RedisOp)>>,
     ) -> Self {
         let remote = Remote::new(&config.effective_evaluators());
         for spec in evaluators.iter().filter(|e| remote.is_remote(e.index)) {
             spec.health.set_workers(0);
         }
         Hub {
-            core: Core::new(core_config(config)),
+            core: Core::new(core, now(), crate::protocol::unix_ms()),
             exec: Executors::new(pool, remote),
             outboxes: HashMap::new(),
             recent: VecDeque::new(),
             follow_ups: Vec::new(),
             reports: Vec::new(),
             cluster,
-            backlog: VecDeque::new(),
+            cluster_status: None,
             evaluators,
             cache,
             metrics,
@@ -257,9 +287,7 @@ impl Hub {
         let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
-        let cluster_tx = self.cluster.clone();
         loop {
-            let backlogged = !self.backlog.is_empty();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 n = events.recv_many(&mut event_batch, BATCH), if threads => {
@@ -286,12 +314,10 @@ impl Hub {
                         continue;
                     }
                     for event in cluster_batch.drain(..) {
-                        self.input(Input::Cluster(event));
-                    }
-                }
-                Ok(permit) = async { cluster_tx.as_ref().expect("guarded").reserve().await }, if backlogged => {
-                    if let Some(cmd) = self.backlog.pop_front() {
-                        permit.send(cmd);
+                        self.input(match event {
+                            ShellEvent::Reply { op, reply } => Input::Redis { op, reply },
+                            ShellEvent::Pubsub(event) => Input::Pubsub(event),
+                        });
                     }
                 }
                 _ = &mut sleep, if armed.is_some() => {
@@ -301,7 +327,6 @@ impl Hub {
                 }
             }
             self.watch_blocked(&myself);
-            self.flush_backlog();
             let next = self.core.poll_timeout();
             if next != armed {
                 if let Some(at) = next {
@@ -581,64 +606,14 @@ impl Hub {
             },
             Effect::Drop(Target::Key(key)) => self.cache.remove(&key),
             Effect::Drop(Target::Fn(ns, evaluator)) => self.cache.drop_fn(ns, evaluator),
-            Effect::Cluster(cmd) => self.ask_cluster(cmd),
-        }
-    }
-
-    /// Sends the cluster task a command without waiting. If its inbox is
-    /// full, a job asking for a claim runs here as a lone broker's would,
-    /// and any other command waits in the backlog.
-    fn ask_cluster(&mut self, cmd: ClusterCmd) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        let cmd = if self.backlog.is_empty() {
-            match cluster.try_send(cmd) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(cmd)) => cmd,
-            }
-        } else {
-            cmd
-        };
-        match cmd {
-            ClusterCmd::Acquire { key, gen, .. } => self
-                .follow_ups
-                .push(Input::Cluster(ClusterEvent::Local { key, gen })),
-            // Refused (busy) rather than kept waiting behind the backlog.
-            ClusterCmd::Invalidate {
-                target,
-                session,
-                id,
-            } => self
-                .follow_ups
-                .push(Input::Cluster(ClusterEvent::Invalidated {
-                    target,
-                    session,
-                    id,
-                    ok: false,
-                })),
-            cmd => self.backlog.push_back(cmd),
-        }
-    }
-
-    /// Sends what the backlog holds while the cluster task has room.
-    fn flush_backlog(&mut self) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        while let Some(cmd) = self.backlog.pop_front() {
-            match cluster.try_send(cmd) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(cmd)) => {
-                    self.backlog.push_front(cmd);
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.backlog.clear();
-                    return;
+            Effect::Redis { op, cmd } => {
+                if let Some(shell) = &self.cluster {
+                    // Gone only once the broker stops.
+                    let _ = shell.send((op, cmd));
                 }
             }
+            Effect::ConfirmCache(until) => self.cache.confirm_until(until),
+            Effect::ForgetCache => self.cache.drop_all(),
         }
     }
 
@@ -713,6 +688,7 @@ impl Hub {
             outcome,
             source,
             waiters,
+            ..
         } = delivery;
         let shared = waiters.len();
         let frame = FrameWriter::tail(64 + outcome.as_ref().map_or(64, |o| o.len())).key(&key);
@@ -783,7 +759,8 @@ impl Hub {
             .set_workers(self.exec.remote().servers(evaluator));
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.publish_cluster();
         let counts = self.core.counts();
         self.idle.send_if_modified(|n| {
             let changed = *n != counts.jobs;
@@ -793,6 +770,30 @@ impl Hub {
         self.metrics.wait_table.set(counts.entries as i64);
         self.metrics.queued.set(counts.queued as i64);
         self.metrics.running.set(counts.running as i64);
+    }
+
+    /// The core's cluster figures into the metrics, when they changed.
+    fn publish_cluster(&mut self) {
+        let Some(status) = self.core.cluster_status() else {
+            return;
+        };
+        if self.cluster_status == Some(status) {
+            return;
+        }
+        let m = &self.metrics;
+        m.cluster_up.set(i64::from(status.up()));
+        m.cluster_pubsub_up.set(i64::from(status.pubsub));
+        let before = self.cluster_status.unwrap_or(crate::core::ClusterStatus {
+            takeovers: 0,
+            degraded: 0,
+            ..status
+        });
+        m.cluster_takeovers
+            .inc_by(status.takeovers.saturating_sub(before.takeovers));
+        m.cluster_degraded
+            .inc_by(status.degraded.saturating_sub(before.degraded));
+        *m.cluster_status.lock().expect("not poisoned") = Some(status);
+        self.cluster_status = Some(status);
     }
 
     /// Answers from the cache if the key landed there meanwhile.

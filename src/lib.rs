@@ -29,13 +29,14 @@
 //! - [`key`]: canonical JSON and key derivation (a key carries its
 //!   namespace, [`ns`]); [`memo`]: raw inputs to keys;
 //! - [`cache`]: the bounded results cache;
-//! - [`core`]: the wait table and every key's lifecycle, a state machine
-//!   that does no I/O; [`hub`]: the one task that drives it and performs
-//!   its effects;
+//! - [`core`] (the `herd-core` crate): the wait table, every key's
+//!   lifecycle and the cluster's decisions, a state machine that does no
+//!   I/O; [`hub`]: the one task that drives it and performs its effects;
 //! - [`exec`]: one executor boundary for evaluator threads (builtin and
 //!   process evaluators) and remote worker sessions;
-//! - [`cluster`]: the Redis task of brokers sharing one Redis (claims, a
-//!   second cache level, completions over pub/sub);
+//! - [`cluster`]: the shell that sends the core's commands to the Redis of
+//!   brokers sharing one (claims, a second cache level, completions over
+//!   pub/sub) and brings back the replies;
 //! - [`metrics`], [`config`] and [`error`];
 //! - [`client`]: the client side: a Rust client, the `herd` client
 //!   subcommands, the benchmark scenarios, a worker API and `herd work`.
@@ -44,17 +45,20 @@ pub mod cache;
 pub mod client;
 pub mod cluster;
 pub mod config;
-pub mod core;
 pub mod error;
 pub mod exec;
 pub mod hub;
 pub mod key;
 pub mod memo;
 pub mod metrics;
-pub mod ns;
 pub mod outbox;
 pub mod protocol;
 pub mod server;
+
+/// The coordination core, a crate of its own (`herd-core`): no runtime,
+/// no I/O.
+pub use herd_core as core;
+pub use herd_core::ns;
 
 pub use config::Config;
 pub use error::HerdError;

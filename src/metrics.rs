@@ -103,6 +103,8 @@ pub struct Metrics {
     /// The cluster's totals and its brokers, as the cluster task last
     /// read them.
     pub cluster_totals: std::sync::Mutex<Option<(Totals, Vec<BrokerFigures>)>>,
+    /// The core's cluster figures, as the hub last published them.
+    pub cluster_status: std::sync::Mutex<Option<herd_core::ClusterStatus>>,
 }
 
 /// Registers `metric` under `name` and hands it back.
@@ -350,6 +352,7 @@ impl Metrics {
             ns_label_limit: std::sync::atomic::AtomicUsize::new(32),
             cluster_mode: std::sync::atomic::AtomicBool::new(false),
             cluster_totals: std::sync::Mutex::new(None),
+            cluster_status: std::sync::Mutex::new(None),
             snapshots_rendered: registered(
                 r,
                 "snapshots_rendered",

@@ -511,7 +511,7 @@ impl FrameWriter {
 }
 
 /// The message of every `shutting_down` error.
-pub const DRAINING_MESSAGE: &str = "the broker is draining and takes no new work";
+pub const DRAINING_MESSAGE: &str = crate::core::DRAINING;
 
 /// Milliseconds since the Unix epoch, as frames report time (`at_ms`, `server_time_ms`).
 pub fn unix_ms() -> u64 {

@@ -74,14 +74,14 @@ fn frame_types_match() {
 fn error_codes_match() {
     let doc = read("docs/protocol.md");
     let documented = first_cells(&doc, "Errors");
-    let code: BTreeSet<String> = read("src/error.rs")
+    let code: BTreeSet<String> = read("core/src/error.rs")
         .lines()
         .filter_map(|l| l.split("=> \"").nth(1))
         .filter_map(|rest| rest.split('"').next())
         .map(str::to_string)
         .collect();
     assert!(code.contains("busy") && code.contains("eval_timeout"));
-    assert_eq!(documented, code, "documented error codes vs src/error.rs");
+    assert_eq!(documented, code, "documented error codes vs core/src/error.rs");
 }
 
 #[test]

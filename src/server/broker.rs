@@ -5,7 +5,8 @@
 //! not here (the hub task owns it alone).
 
 use crate::cache::ResultCache;
-use crate::cluster::{Cluster, ClusterHealth, FnTags};
+use crate::cluster::figures::{exchange, Exchange};
+use crate::cluster::{listen, Listener, Shell};
 use crate::config::Config;
 use crate::error::HerdError;
 use crate::exec::pool::{EvaluatorTable, Pool};
@@ -94,47 +95,55 @@ impl Broker {
         let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
         let pool = Pool::start(&evaluator_configs, &evaluators, events_tx)?;
         let hub_stop = CancellationToken::new();
-        let cluster = match &config.cluster.redis {
-            Some(_) => {
+        let node = config.cluster.node_name();
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let core = crate::hub::core_config(&config, &node, &run);
+        let (cluster, cluster_events) = match &core.cluster {
+            Some(settings) => {
                 metrics.cluster_mode.store(true, Ordering::Relaxed);
-                let health = Arc::new(ClusterHealth::new(&metrics));
+                metrics.cluster_up.set(0);
+                metrics.cluster_pubsub_up.set(0);
+                tracing::info!(node = %node, "cluster mode");
                 let (events_tx, events_rx) = mpsc::channel(config.limits.hub_queue);
-                let max_output = evaluator_configs
-                    .iter()
-                    .map(|e| e.max_output_bytes)
-                    .max()
-                    .unwrap_or(0);
+                let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+                let shell = Shell::new(&config.cluster, events_tx.clone())?;
+                let connector = shell.connector();
+                let limit = Duration::from_millis(config.cluster.redis_timeout_ms);
+                let listener = Listener {
+                    channel: format!("{}done", settings.prefix),
+                    hub: events_tx,
+                    ping: settings.lease / 3,
+                    timeout: limit,
+                    max_stored: settings.max_stored,
+                };
+                tokio::spawn(listen(listener, connector.clone(), hub_stop.clone()));
                 let local = {
                     let (metrics, evaluators) = (Arc::clone(&metrics), Arc::clone(&evaluators));
                     Box::new(move || metrics.totals(evaluators.figures()))
                 };
-                let tags = evaluator_configs
-                    .iter()
-                    .map(|e| (e.name.clone(), e.version.clone()))
-                    .collect();
-                let task = Cluster::new(
-                    &config.cluster,
-                    &config.cache,
-                    Arc::new(FnTags::new(tags)),
-                    Arc::clone(&cache),
-                    max_output,
-                    events_tx,
-                    health,
-                    Arc::clone(&metrics),
+                let figures = Exchange {
+                    node: node.clone(),
+                    run: run.clone(),
+                    prefix: settings.prefix.clone(),
+                    lease: settings.lease,
+                    limit,
+                    max: settings.max_stored,
                     local,
-                )?;
-                let (tx, rx) = mpsc::channel(config.limits.hub_queue);
-                tokio::spawn(task.run(rx, hub_stop.clone()));
-                Some((tx, events_rx))
+                };
+                tokio::spawn(exchange(
+                    figures,
+                    connector,
+                    Arc::clone(&metrics),
+                    hub_stop.clone(),
+                ));
+                tokio::spawn(shell.run(commands_rx, hub_stop.clone()));
+                (Some(commands_tx), Some(events_rx))
             }
-            None => None,
-        };
-        let (cluster, cluster_events) = match cluster {
-            Some((tx, rx)) => (Some(tx), Some(rx)),
             None => (None, None),
         };
         let hub = Hub::new(
             &config,
+            core,
             pool,
             Arc::clone(&evaluators),
             Arc::clone(&cache),

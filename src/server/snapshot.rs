@@ -257,7 +257,7 @@ impl Renderer {
                 age_ms: row.age_ms,
                 input_preview: &row.preview,
                 worker: row.worker.as_deref(),
-                broker: row.elsewhere.as_deref().map(crate::cluster::claim_node),
+                broker: row.elsewhere.as_deref().map(crate::core::claim_node),
             })
             .collect();
         let recent: Vec<&Recent> = view

@@ -64,15 +64,16 @@
 //! Every phase has a deadline, so no job outlives its timeout (plus one
 //! lease while it depends on another broker).
 
+use crate::cluster::{
+    ClusterCmd, ClusterConfig, ClusterEvent, ClusterStatus, Coordinator, Finish, OpId, PubsubEvent,
+};
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
 use crate::ns::Ns;
+use crate::redis::{RedisOp, RedisReply};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-pub mod cluster;
-pub use cluster::{ClusterCmd, ClusterEvent};
 
 /// A session, as the core knows it.
 pub type SessionId = u64;
@@ -107,9 +108,7 @@ pub struct CoreConfig {
     /// namespace's sessions together.
     pub ns_max_pending: HashMap<Ns, usize>,
     /// Cluster mode: jobs ask the cluster before they run.
-    pub clustered: bool,
-    /// `cluster.lease_ms`: how long another broker's claim may go silent.
-    pub lease: Duration,
+    pub cluster: Option<ClusterConfig>,
     /// `dashboard.input_preview_chars`.
     pub preview_chars: usize,
 }
@@ -166,8 +165,11 @@ pub enum Input {
     },
     /// The executor had no room for job `gen`.
     Refused { gen: Gen, reason: &'static str },
-    /// A reply from the cluster task.
-    Cluster(ClusterEvent),
+    /// Redis's reply to the command [`Effect::Redis`] `op` (None: it did
+    /// not answer in time).
+    Redis { op: OpId, reply: Option<RedisReply> },
+    /// What the completion channel's listener saw.
+    Pubsub(PubsubEvent),
     /// Drop a key's result or every result of a fn (`invalidate`).
     Invalidate {
         session: SessionId,
@@ -286,6 +288,9 @@ pub struct Delivery {
     pub key: Key,
     /// The fn of the job that ended, when there was one here.
     pub evaluator: Option<usize>,
+    /// The claim of the evaluation its waiters joined, in a cluster (None:
+    /// subscriptions, or a job that ran without one).
+    pub claim: Option<Arc<str>>,
     pub outcome: Result<Arc<str>, EvalError>,
     pub source: Source,
     pub waiters: Vec<Waiter>,
@@ -331,8 +336,13 @@ pub enum Effect {
     },
     /// Drop cached results (a key's, or a whole fn's).
     Drop(Target),
-    /// Tell the cluster task.
-    Cluster(ClusterCmd),
+    /// Send Redis this command; its reply comes back as [`Input::Redis`].
+    Redis { op: OpId, cmd: RedisOp },
+    /// The results cache may be served until then (in a cluster it is
+    /// served only while this broker has heard every invalidation).
+    ConfirmCache(Instant),
+    /// Nothing cached so far may be served again.
+    ForgetCache,
 }
 
 /// One in-flight job, for the dashboard.
@@ -372,6 +382,10 @@ struct Job {
     claimed: bool,
     /// The claim this job holds, or waits on (another broker's).
     claim: Option<Arc<str>>,
+    /// Its claim may have run out by the time it finishes from then on (it
+    /// was asked for half a lease before; None: taken over, when the
+    /// claimant whose lease ran out may still be evaluating).
+    claim_fresh_until: Option<Instant>,
     deadline: Option<Instant>,
     queued_at: Instant,
     worker: Option<Arc<str>>,
@@ -398,7 +412,7 @@ impl Job {
 struct Entry {
     waiters: Vec<Waiter>,
     job: Option<Job>,
-    /// The cluster task looks this key up for its subscribers.
+    /// The cluster looks this key up for its subscribers.
     looked: bool,
 }
 
@@ -425,7 +439,7 @@ pub const QUEUE_FULL: &str = "the evaluation queue is full (queue_capacity)";
 /// The message of a `busy` answer for a full queue (bytes).
 pub const QUEUE_BYTES_FULL: &str = "the evaluation queue holds its most input bytes (queue_bytes)";
 /// The message of a `shutting_down` answer.
-pub const DRAINING: &str = crate::protocol::DRAINING_MESSAGE;
+pub const DRAINING: &str = "the broker is draining and takes no new work";
 
 /// The wait table and the jobs; see the module doc.
 pub struct Core {
@@ -444,6 +458,10 @@ pub struct Core {
     next_gen: Gen,
     running: usize,
     effects: VecDeque<Effect>,
+    /// The cluster's decisions (cluster mode).
+    cluster: Option<Coordinator>,
+    /// The time of the input being applied.
+    now: Instant,
     /// In a cluster: what was dropped lately (oldest first). For one lease
     /// after a drop (and after its invalidation is answered), outcomes of
     /// it from the cluster are delivered but not cached: they may have
@@ -455,8 +473,14 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(config: CoreConfig) -> Self {
+    /// A core at `now`; `unix_ms` is the wall clock then (results stored in
+    /// a cluster say when they were computed).
+    pub fn new(config: CoreConfig, now: Instant, unix_ms: u64) -> Self {
         let queues = vec![(0, 0); config.fns.len()];
+        let cluster = config.cluster.clone().map(|cluster| {
+            let names = config.fns.iter().map(|f| Arc::clone(&f.name)).collect();
+            Coordinator::new(cluster, names, now, unix_ms)
+        });
         Core {
             config,
             table: HashMap::new(),
@@ -468,6 +492,8 @@ impl Core {
             next_gen: 0,
             running: 0,
             effects: VecDeque::new(),
+            cluster,
+            now,
             recent_drops: VecDeque::new(),
             drops_before: 0,
         }
@@ -480,7 +506,12 @@ impl Core {
 
     /// When [`Core::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        let table = self.timers.first().map(|(at, _)| *at);
+        let cluster = self.cluster.as_ref().map(Coordinator::next_timer);
+        match (table, cluster) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn counts(&self) -> Counts {
@@ -495,9 +526,121 @@ impl Core {
         }
     }
 
+    /// The cluster's figures (cluster mode).
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.cluster.as_ref().map(Coordinator::status)
+    }
+
+    /// What the cluster's decisions hold ([`Coordinator::holding`]).
+    pub fn cluster_holding(&self) -> [usize; 8] {
+        self.cluster.as_ref().map_or([0; 8], Coordinator::holding)
+    }
+
+    /// Fn `evaluator`'s epoch in `ns`, as this broker knows it (cluster mode).
+    pub fn cluster_epoch(&self, ns: Ns, evaluator: usize) -> u64 {
+        self.cluster.as_ref().map_or(0, |c| c.epoch(ns, evaluator))
+    }
+
     /// Waits a session holds (for its bound).
     pub fn held_by(&self, session: SessionId) -> usize {
         self.sessions.get(&session).map_or(0, |s| s.total)
+    }
+
+    /// Checks what the table's counts say against what it holds: each
+    /// session's count is its waits plus its holds, each wait is in the
+    /// table, each namespace's count is its sessions', each queue's count
+    /// is its queued jobs', and no timer outlives its job.
+    pub fn audit(&self) -> Result<(), String> {
+        let mut ns_held: HashMap<Ns, usize> = HashMap::new();
+        for (id, waits) in &self.sessions {
+            let by_key: usize = waits.by_key.values().map(|n| *n as usize).sum();
+            if waits.total != by_key + waits.holds.len() {
+                return Err(format!(
+                    "session {id} counts {} held, but waits {by_key} and holds {}",
+                    waits.total,
+                    waits.holds.len()
+                ));
+            }
+            for (key, n) in &waits.by_key {
+                let in_table = self
+                    .table
+                    .get(key)
+                    .map_or(0, |e| e.waiters.iter().filter(|w| w.session == *id).count());
+                if in_table != *n as usize {
+                    return Err(format!(
+                        "session {id} counts {n} waits on {key:?}, the table {in_table}"
+                    ));
+                }
+            }
+            for gen in &waits.holds {
+                let held = self
+                    .by_gen
+                    .get(gen)
+                    .and_then(|k| self.job(k))
+                    .is_some_and(|j| j.wanted.contains(id));
+                if !held {
+                    return Err(format!(
+                        "session {id} holds job {gen}, which does not want it"
+                    ));
+                }
+            }
+            if self.config.ns_max_pending.contains_key(&waits.ns) {
+                *ns_held.entry(waits.ns).or_default() += waits.total;
+            }
+        }
+        ns_held.retain(|_, n| *n > 0);
+        if ns_held != self.ns_held {
+            return Err(format!(
+                "namespaces count {:?}, their sessions {ns_held:?}",
+                self.ns_held
+            ));
+        }
+        for (key, entry) in &self.table {
+            if entry.waiters.is_empty() && entry.job.is_none() {
+                return Err(format!("{key:?} has an entry with nothing in it"));
+            }
+            for w in &entry.waiters {
+                let counted = self
+                    .sessions
+                    .get(&w.session)
+                    .and_then(|s| s.by_key.get(key))
+                    .is_some();
+                if !counted {
+                    return Err(format!("{key:?} has a waiter its session does not count"));
+                }
+            }
+        }
+        if self.timers.len() > self.by_gen.len() {
+            return Err(format!(
+                "{} timers for {} jobs",
+                self.timers.len(),
+                self.by_gen.len()
+            ));
+        }
+        let mut queues = vec![(0usize, 0usize); self.queues.len()];
+        let mut running = 0;
+        for entry in self.table.values() {
+            if let Some(job) = &entry.job {
+                match job.phase {
+                    Phase::Queued => {
+                        queues[job.evaluator].0 += 1;
+                        queues[job.evaluator].1 += job.input_len;
+                    }
+                    Phase::Running => running += 1,
+                    _ => {}
+                }
+                if job.deadline.is_none() {
+                    return Err(format!("job {} has no deadline", job.gen));
+                }
+            }
+        }
+        if queues != self.queues || running != self.running {
+            return Err(format!(
+                "queues count {:?} and {} running; the jobs say {queues:?} and {running}",
+                self.queues, self.running
+            ));
+        }
+        Ok(())
     }
 
     /// The oldest in-flight jobs (at most `limit`, unsorted).
@@ -530,6 +673,7 @@ impl Core {
 
     /// Applies one input at `now`.
     pub fn apply(&mut self, input: Input, now: Instant) {
+        self.now = now;
         match input {
             Input::Submit {
                 session,
@@ -571,16 +715,75 @@ impl Core {
                 eval_ms,
             } => self.finished(key, gen, evaluator, outcome, eval_ms, now),
             Input::Refused { gen, reason } => {
-                if let Some(key) = self.by_gen.get(&gen).copied() {
+                // Only a job waiting in its queue can be refused.
+                if self.job_mut(gen).is_some_and(|j| j.phase == Phase::Queued) {
+                    let key = self.by_gen[&gen];
                     self.busy(key, reason);
                 }
             }
-            Input::Cluster(event) => self.cluster_event(event, now),
+            Input::Redis { op, reply } => {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.reply(op, reply, now, &mut self.effects);
+                }
+            }
+            Input::Pubsub(event) => {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.pubsub(event, now, &mut self.effects);
+                }
+            }
             Input::Invalidate {
                 session,
                 id,
                 target,
             } => self.invalidate(session, id, target, now),
+        }
+        self.hear_cluster();
+    }
+
+    /// Fires every deadline at or before `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        while let Some(&(at, gen)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(job) = self.job_mut(gen) {
+                job.deadline = None;
+                self.expired(gen);
+            }
+            self.hear_cluster();
+        }
+        if let Some(cluster) = self.cluster.as_mut() {
+            if cluster.next_timer() <= now {
+                cluster.tick(now, &mut self.effects);
+            }
+        }
+        self.hear_cluster();
+    }
+
+    fn clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    fn lease(&self) -> Duration {
+        self.config
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.lease)
+    }
+
+    /// Hands a command to the cluster's decisions.
+    fn ask(&mut self, cmd: ClusterCmd) {
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.command(cmd, self.now, &mut self.effects);
+        }
+    }
+
+    /// Applies what the cluster's decisions concluded, until nothing is left.
+    fn hear_cluster(&mut self) {
+        while let Some(event) = self.cluster.as_mut().and_then(Coordinator::take_event) {
+            self.cluster_event(event, self.now);
         }
     }
 
@@ -588,14 +791,13 @@ impl Core {
     /// for them are delivered to their waiters but not kept.
     fn invalidate(&mut self, session: SessionId, id: ReqId, target: Target, now: Instant) {
         self.drop_results(target, now);
-        if self.config.clustered {
+        if self.clustered() {
             // Answered once Redis has it and every broker has dropped it.
-            let cmd = ClusterCmd::Invalidate {
+            return self.ask(ClusterCmd::Invalidate {
                 target,
                 session,
                 id,
-            };
-            return self.effects.push_back(Effect::Cluster(cmd));
+            });
         }
         self.reply(session, id, Reply::Invalidated { target });
     }
@@ -605,7 +807,10 @@ impl Core {
     fn drop_results(&mut self, target: Target, now: Instant) {
         self.effects.push_back(Effect::Drop(target));
         self.drops_before = self.next_gen;
-        if self.config.clustered {
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.dropped(target);
+        }
+        if self.clustered() {
             self.remember_drop(target, now);
         }
         match target {
@@ -622,20 +827,6 @@ impl Core {
                         }
                     }
                 }
-            }
-        }
-    }
-
-    /// Fires every deadline at or before `now`.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, gen)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
-            if let Some(job) = self.job_mut(gen) {
-                job.deadline = None;
-                self.expired(gen);
             }
         }
     }
@@ -746,7 +937,7 @@ impl Core {
                 };
                 return self.reply(session, id, reply);
             }
-            let clustered = self.config.clustered;
+            let clustered = self.clustered();
             if !clustered {
                 if let Some(message) = self.queue_full(evaluator, input.len()) {
                     let reply = Reply::Rejected {
@@ -756,56 +947,17 @@ impl Core {
                     return self.reply(session, id, reply);
                 }
             }
-            let gen = self.next_gen;
-            self.next_gen += 1;
-            let preview: Arc<str> = input
-                .chars()
-                .take(self.config.preview_chars)
-                .collect::<String>()
-                .into();
-            self.by_gen.insert(gen, key);
-            self.table.entry(key).or_default().job = Some(Job {
-                evaluator,
-                gen,
-                phase: Phase::Asking,
-                input_len: input.len(),
-                input: Some(input),
-                claimed: false,
-                claim: None,
-                deadline: None,
-                queued_at: now,
-                worker: None,
-                preview,
-                wanted: Vec::new(),
-                evaluated: None,
-                dropped: false,
-            });
-            if clustered {
-                let timeout = self.config.fns[evaluator].timeout;
-                let hold = timeout.saturating_add(self.config.lease);
-                self.set_deadline(gen, now.checked_add(hold));
-                let hold = hold.saturating_add(timeout);
-                self.effects.push_back(Effect::Cluster(ClusterCmd::Acquire {
-                    key,
-                    gen,
-                    evaluator,
-                    hold,
-                    max_age,
-                }));
-            } else {
-                self.queue(gen, now);
-            }
+            self.start_job(key, evaluator, input, max_age, now);
         }
-        let entry = self
-            .table
-            .get_mut(&key)
-            .expect("the entry was just made or found");
-        let job = entry.job.as_mut().expect("a job was just made or found");
+        // What the cluster answers is applied after this submit, so its
+        // `accepted` comes first.
+        let job = self.job(&key).expect("the job was just made or found");
         let state = job.state();
+        let gen = job.gen;
+        let entry = self.table.get(&key).expect("the job's entry");
         let waiters = entry.waiters.len() + usize::from(wait);
         if !wait && holds_new {
-            job.wanted.push(session);
-            let gen = job.gen;
+            self.job_mut(gen).expect("just found").wanted.push(session);
             self.hold(session, key.ns(), 1).holds.push(gen);
         }
         let accepted = Reply::Accepted {
@@ -826,6 +978,59 @@ impl Core {
                 },
             );
         }
+    }
+
+    /// A new job for `key`: asking the cluster first, or queued at once on a
+    /// lone broker (the caller checked its queue's room).
+    fn start_job(
+        &mut self,
+        key: Key,
+        evaluator: usize,
+        input: Arc<str>,
+        max_age: Option<Duration>,
+        now: Instant,
+    ) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let preview: Arc<str> = input
+            .chars()
+            .take(self.config.preview_chars)
+            .collect::<String>()
+            .into();
+        self.by_gen.insert(gen, key);
+        self.table.entry(key).or_default().job = Some(Job {
+            evaluator,
+            gen,
+            phase: Phase::Asking,
+            input_len: input.len(),
+            input: Some(input),
+            claimed: false,
+            claim: None,
+            claim_fresh_until: None,
+            deadline: None,
+            queued_at: now,
+            worker: None,
+            preview,
+            wanted: Vec::new(),
+            evaluated: None,
+            dropped: false,
+        });
+        if !self.clustered() {
+            return self.queue(gen, now);
+        }
+        let timeout = self.config.fns[evaluator].timeout;
+        let lease = self.lease();
+        self.set_deadline(gen, now.checked_add(timeout.saturating_add(lease)));
+        // A claim lives while its job may: queued, then running, each up
+        // to the timeout, then a lease for Redis's verdict.
+        let hold = timeout.saturating_mul(2).saturating_add(lease);
+        self.ask(ClusterCmd::Acquire {
+            key,
+            gen,
+            evaluator,
+            hold,
+            max_age,
+        });
     }
 
     /// Offers job `gen` (in `Asking` or `Waiting`, or new) to its executor.
@@ -881,15 +1086,14 @@ impl Core {
                 },
             );
         }
-        if new_entry && self.config.clustered {
+        if new_entry && self.clustered() {
             // The result may be in the cluster's store already, or land
-            // there while a notice is lost: the cluster task looks until
-            // the entry goes.
+            // there while a notice is lost: the cluster looks until the
+            // entry goes.
             if let Some(entry) = self.table.get_mut(&key) {
                 entry.looked = true;
             }
-            self.effects
-                .push_back(Effect::Cluster(ClusterCmd::Lookup { key }));
+            self.ask(ClusterCmd::Lookup { key });
         }
     }
 
@@ -988,26 +1192,28 @@ impl Core {
             let (evaluator, phase) = (job.evaluator, job.phase.clone());
             let gen = job.gen;
             if phase == Phase::Waiting {
-                self.effects
-                    .push_back(Effect::Cluster(ClusterCmd::Forget { key, gen }));
+                self.ask(ClusterCmd::Forget { key, gen });
             } else {
                 self.effects.push_back(Effect::Withdraw {
                     evaluator,
                     gen,
                     overran: false,
                 });
+                if self.clustered() {
+                    // A job run without a claim: the cluster forgets it.
+                    self.ask(ClusterCmd::Forget { key, gen });
+                }
             }
             self.end_job(key);
             self.remove_entry(key);
         }
     }
 
-    /// Removes the entry of `key`; the cluster task stops looking it up.
+    /// Removes the entry of `key`; the cluster stops looking it up.
     fn remove_entry(&mut self, key: Key) -> Option<Entry> {
         let entry = self.table.remove(&key)?;
         if entry.looked {
-            self.effects
-                .push_back(Effect::Cluster(ClusterCmd::Unlook { key }));
+            self.ask(ClusterCmd::Unlook { key });
         }
         Some(entry)
     }
@@ -1117,32 +1323,77 @@ impl Core {
         eval_ms: f64,
         now: Instant,
     ) {
-        let current = self.table.get(&key).map(|e| {
-            e.job
-                .as_ref()
-                .map(|j| (j.gen, j.evaluator, j.phase.clone()))
-        });
-        let is_current = matches!(&current, Some(Some((g, _, p)))
-            if *g == gen && matches!(p, Phase::Queued | Phase::Running));
-        let dropped = is_current && self.job(&key).is_some_and(|j| j.dropped);
-        if dropped {
-            // Invalidated while it ran: its waiters get it, nobody keeps it.
-            if let Some(job) = self.end_job(key) {
-                let cmd = ClusterCmd::let_go(key, gen, job.claimed);
-                if self.config.clustered {
-                    self.effects.push_back(Effect::Cluster(cmd));
-                }
-                self.deliver(key, Some(job.evaluator), outcome, Source::Eval { eval_ms });
-            }
-            return;
+        let current = self
+            .job(&key)
+            .is_some_and(|j| j.gen == gen && matches!(j.phase, Phase::Queued | Phase::Running));
+        let source = Source::Eval { eval_ms };
+        if !current {
+            return self.late(key, gen, evaluator, outcome, source);
         }
-        if is_current && self.claim_may_have_lapsed(key, now) {
+        let job = self.job(&key).expect("current");
+        let stale = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.began_current(&key, gen, job.evaluator));
+        if job.dropped || stale {
+            // Invalidated while it ran: its waiters get it, nobody keeps it.
+            let job = self.end_job(key).expect("current");
+            self.share_dropped(key, &job, &outcome);
+            return self.deliver(key, Some(job.evaluator), job.claim, outcome, source);
+        }
+        // A claim that may have run out: the outcome waits for Redis's
+        // word on whose result stands.
+        let may_have_lapsed = job.claimed && job.claim_fresh_until.is_none_or(|t| now >= t);
+        if may_have_lapsed {
             return self.store_first(key, gen, outcome, eval_ms, now);
         }
         // Cache first: a miss racing this completion then finds the result.
-        // A late outcome (its job ended) is kept unless something was
-        // dropped since its job began.
-        let keep = is_current || (outcome.is_ok() && gen >= self.drops_before);
+        self.effects.push_back(Effect::Cache {
+            key,
+            evaluator,
+            outcome: outcome.clone(),
+            at_ms: None,
+        });
+        let job = self.end_job(key).expect("current");
+        if self.clustered() {
+            self.ask(ClusterCmd::Finished {
+                key,
+                gen: Some(gen),
+                evaluator,
+                outcome: outcome.clone(),
+                how: Finish::Deliver,
+            });
+        }
+        self.deliver(key, Some(job.evaluator), job.claim, outcome, source);
+    }
+
+    /// An outcome that came after its job ended (timed out, withdrawn, or
+    /// answered from elsewhere). Kept unless something was dropped since
+    /// its job began. In a cluster it is only offered to Redis (stored if
+    /// nothing is, and then announced to every broker, this one included):
+    /// this broker's cache holds what Redis holds. On a lone broker it is
+    /// cached and reaches whoever waits on the key now.
+    fn late(
+        &mut self,
+        key: Key,
+        gen: Gen,
+        evaluator: usize,
+        outcome: Result<Arc<str>, EvalError>,
+        source: Source,
+    ) {
+        let keep = outcome.is_ok() && gen >= self.drops_before;
+        if self.clustered() {
+            if keep {
+                self.ask(ClusterCmd::Finished {
+                    key,
+                    gen: None,
+                    evaluator,
+                    outcome,
+                    how: Finish::Late,
+                });
+            }
+            return;
+        }
         if keep {
             self.effects.push_back(Effect::Cache {
                 key,
@@ -1150,43 +1401,41 @@ impl Core {
                 outcome: outcome.clone(),
                 at_ms: None,
             });
-            if self.config.clustered {
-                self.effects
-                    .push_back(Effect::Cluster(ClusterCmd::Finished {
-                        key,
-                        gen,
-                        evaluator,
-                        outcome: outcome.clone(),
-                        confirm: false,
-                    }));
-            }
         }
-        let source = Source::Eval { eval_ms };
-        match current {
-            Some(Some((_, evaluator, _))) if is_current => {
-                self.end_job(key);
-                self.deliver(key, Some(evaluator), outcome, source);
-            }
-            // A late outcome (its job ended) reaches whoever waits on the key now.
-            Some(None) => self.deliver(key, None, outcome, source),
+        let newer = self
+            .job(&key)
+            .map(|j| (j.gen, j.evaluator, j.phase.clone()));
+        match newer {
+            // A late outcome reaches whoever waits on the key now.
+            None if self.table.contains_key(&key) => self.deliver(key, None, None, outcome, source),
             // A success also answers a newer job's waiters; that job is not needed.
-            Some(Some((newer, evaluator, phase))) if outcome.is_ok() => {
+            Some((newer, evaluator, phase)) if outcome.is_ok() => {
                 self.release_job(key, newer, evaluator, &phase);
-                self.deliver(key, Some(evaluator), outcome, source);
+                self.deliver(key, Some(evaluator), None, outcome, source);
             }
             _ => {}
         }
     }
 
-    /// Whether the claim the job of `key` holds may have run out: it was
-    /// asked for more than half a lease ago (a claim lives at least one
-    /// lease from the moment it is asked for, longer when renewed; half
-    /// leaves room for clocks that run at different rates). Until then the
-    /// job's outcome is certainly the cluster's, and is delivered at once.
-    fn claim_may_have_lapsed(&self, key: Key, now: Instant) -> bool {
-        self.job(&key).is_some_and(|job| {
-            job.claimed && now.saturating_duration_since(job.queued_at) >= self.config.lease / 2
-        })
+    /// A job invalidated while it ran ended here: the waiters of its
+    /// evaluation on other brokers get its outcome too, which nobody
+    /// keeps; its claim is given up.
+    fn share_dropped(&mut self, key: Key, job: &Job, outcome: &Result<Arc<str>, EvalError>) {
+        if !self.clustered() {
+            return;
+        }
+        let cmd = if job.claimed {
+            ClusterCmd::Finished {
+                key,
+                gen: Some(job.gen),
+                evaluator: job.evaluator,
+                outcome: outcome.clone(),
+                how: Finish::Shared,
+            }
+        } else {
+            ClusterCmd::Forget { key, gen: job.gen }
+        };
+        self.ask(cmd);
     }
 
     /// Job `gen` was evaluated here, under a claim that may have lapsed:
@@ -1201,6 +1450,7 @@ impl Core {
         eval_ms: f64,
         now: Instant,
     ) {
+        let lease = self.lease();
         let Some(job) = self.job_mut(gen) else {
             return;
         };
@@ -1209,15 +1459,14 @@ impl Core {
         job.worker = None;
         job.evaluated = Some((outcome.clone(), eval_ms));
         self.leave_executor(evaluator, len, &phase);
-        self.set_deadline(gen, now.checked_add(self.config.lease));
-        self.effects
-            .push_back(Effect::Cluster(ClusterCmd::Finished {
-                key,
-                gen,
-                evaluator,
-                outcome,
-                confirm: true,
-            }));
+        self.set_deadline(gen, now.checked_add(lease));
+        self.ask(ClusterCmd::Finished {
+            key,
+            gen: Some(gen),
+            evaluator,
+            outcome,
+            how: Finish::Confirm,
+        });
     }
 
     /// Redis's word on job `gen`'s outcome: `stored`, another broker's
@@ -1250,7 +1499,7 @@ impl Core {
                 at_ms: None,
             });
         }
-        self.deliver(key, Some(job.evaluator), outcome, source);
+        self.deliver(key, Some(job.evaluator), job.claim, outcome, source);
     }
 
     /// Ends a job whose outcome came from elsewhere: taken back from its
@@ -1265,9 +1514,8 @@ impl Core {
             }),
             Phase::Asking | Phase::Waiting | Phase::Storing => {}
         }
-        if self.config.clustered {
-            let cmd = ClusterCmd::let_go(key, gen, claimed);
-            self.effects.push_back(Effect::Cluster(cmd));
+        if self.clustered() {
+            self.ask(ClusterCmd::let_go(key, gen, claimed));
         }
         self.end_job(key);
     }
@@ -1277,6 +1525,7 @@ impl Core {
         &mut self,
         key: Key,
         evaluator: Option<usize>,
+        claim: Option<Arc<str>>,
         outcome: Result<Arc<str>, EvalError>,
         source: Source,
     ) {
@@ -1284,6 +1533,7 @@ impl Core {
         self.effects.push_back(Effect::Deliver(Delivery {
             key,
             evaluator,
+            claim,
             outcome,
             source,
             waiters,
@@ -1295,9 +1545,8 @@ impl Core {
         let Some(job) = self.end_job(key) else {
             return;
         };
-        if job.claimed {
-            self.effects
-                .push_back(Effect::Cluster(ClusterCmd::Release { key, gen: job.gen }));
+        if self.clustered() {
+            self.ask(ClusterCmd::let_go(key, job.gen, job.claimed));
         }
         let waiters = self.take_waiters(key);
         self.effects.push_back(Effect::Busy { waiters, message });
@@ -1323,76 +1572,98 @@ impl Core {
                     gen,
                     overran: job.phase == Phase::Running,
                 });
-                self.effects.push_back(Effect::Cache {
-                    key,
-                    evaluator: job.evaluator,
-                    outcome: Err(error.clone()),
-                    at_ms: None,
-                });
-                if self.config.clustered {
-                    self.effects
-                        .push_back(Effect::Cluster(ClusterCmd::Finished {
+                let outcome = Err(error);
+                if job.dropped {
+                    self.share_dropped(key, &job, &outcome);
+                } else {
+                    self.effects.push_back(Effect::Cache {
+                        key,
+                        evaluator: job.evaluator,
+                        outcome: outcome.clone(),
+                        at_ms: None,
+                    });
+                    if self.clustered() {
+                        self.ask(ClusterCmd::Finished {
                             key,
-                            gen,
+                            gen: Some(gen),
                             evaluator: job.evaluator,
-                            outcome: Err(error.clone()),
-                            confirm: false,
-                        }));
+                            outcome: outcome.clone(),
+                            how: Finish::Deliver,
+                        });
+                    }
                 }
-                let eval_ms = ms as f64;
-                self.deliver(
-                    key,
-                    Some(job.evaluator),
-                    Err(error),
-                    Source::Eval { eval_ms },
-                );
+                let source = Source::Eval { eval_ms: ms as f64 };
+                self.deliver(key, Some(job.evaluator), job.claim, outcome, source);
             }
             // Redis did not say in time: this broker's own outcome stands.
             Phase::Storing => self.stored(key, job, None),
             Phase::Asking | Phase::Waiting => {
                 // Not ours to publish: only this broker's waiters are told.
                 let error = EvalError::Timeout(format!(
-                    "no outcome within {ms} ms plus one lease (timeout_ms of fn {:?}, cluster.lease_ms): the broker evaluating it did not answer",
+                    "no outcome within {ms} ms (timeout_ms of fn {:?}, twice: queued and running) plus two leases (cluster.lease_ms): the broker evaluating it did not answer",
                     &*limits.name
                 ));
-                let cmd = ClusterCmd::let_go(key, gen, job.claimed);
-                self.effects.push_back(Effect::Cluster(cmd));
+                self.ask(ClusterCmd::let_go(key, gen, job.claimed));
                 let source = Source::Cluster { at_ms: None };
-                self.deliver(key, Some(job.evaluator), Err(error), source);
+                self.deliver(key, Some(job.evaluator), job.claim, Err(error), source);
             }
         }
     }
 
     fn cluster_event(&mut self, event: ClusterEvent, now: Instant) {
         match event {
-            ClusterEvent::Claimed { key, gen, claim }
-            | ClusterEvent::Takeover { key, gen, claim } => self.settle(key, gen, Some(claim), now),
+            ClusterEvent::Claimed {
+                key,
+                gen,
+                claim,
+                asked,
+                takeover,
+            } => {
+                let fresh = (!takeover).then(|| asked + self.lease() / 2);
+                self.settle(key, gen, Some((claim, fresh)), now)
+            }
             ClusterEvent::Local { key, gen } => self.settle(key, gen, None, now),
             ClusterEvent::Waiting { key, gen, holder } => {
+                let lease = self.lease();
                 let Some(job) = self.job_mut(gen) else {
-                    return self
-                        .effects
-                        .push_back(Effect::Cluster(ClusterCmd::Forget { key, gen }));
+                    return self.ask(ClusterCmd::Forget { key, gen });
                 };
-                if job.phase == Phase::Asking {
-                    job.phase = Phase::Waiting;
-                    job.claim = Some(holder);
-                    let evaluator = job.evaluator;
-                    let wait = self.config.fns[evaluator]
-                        .timeout
-                        .saturating_add(self.config.lease);
-                    self.set_deadline(gen, now.checked_add(wait));
+                if job.phase != Phase::Asking {
+                    return;
                 }
+                job.phase = Phase::Waiting;
+                job.claim = Some(holder);
+                // The claimant's job may wait in its queue and then run,
+                // each up to the timeout, and wait a lease for Redis's
+                // verdict; a lease more notices that it is gone.
+                let evaluator = job.evaluator;
+                let timeout = self.config.fns[evaluator].timeout;
+                let wait = timeout
+                    .saturating_mul(2)
+                    .saturating_add(lease.saturating_mul(2));
+                self.set_deadline(gen, now.checked_add(wait));
+                // Its last waiter may have left while it asked.
+                self.maybe_abandon(key);
             }
-            // Another broker's outcome is cached here only when someone
-            // here waits for it: a broker does not hold every result of
-            // the cluster.
             ClusterEvent::Found {
                 key,
+                gen,
                 evaluator,
-                output,
+                outcome,
+                claim,
                 at_ms,
-            } => self.outcome_from_cluster(key, evaluator, Ok(output), at_ms, now),
+                keep,
+                read_at,
+            } => {
+                let from = From {
+                    claim,
+                    at_ms,
+                    keep,
+                    for_gen: gen,
+                    read_at: Some(read_at),
+                };
+                self.outcome_from_cluster(key, evaluator, outcome, from, now)
+            }
             ClusterEvent::Dropped(target) => self.drop_results(target, now),
             ClusterEvent::Invalidated {
                 target,
@@ -1414,8 +1685,7 @@ impl Core {
             ClusterEvent::Stored { key } => {
                 if let Some(entry) = self.table.get_mut(&key) {
                     entry.looked = true;
-                    self.effects
-                        .push_back(Effect::Cluster(ClusterCmd::Lookup { key }));
+                    self.ask(ClusterCmd::Lookup { key });
                 }
             }
             ClusterEvent::Verdict { key, gen, stored } => self.verdict(key, gen, stored),
@@ -1425,42 +1695,50 @@ impl Core {
                 outcome,
                 claim,
                 at_ms,
+                keep,
             } => {
                 // This broker's own notice, ahead of Redis's verdict on it:
                 // it was stored, so its own outcome stands.
-                let own = self
-                    .job(&key)
-                    .filter(|j| j.phase == Phase::Storing && claim.is_some() && j.claim == claim);
+                let own = self.job(&key).filter(|j| {
+                    j.phase == Phase::Storing && keep && claim.is_some() && j.claim == claim
+                });
                 if let Some(gen) = own.map(|j| j.gen) {
                     return self.verdict(key, gen, None);
                 }
-                // A failure under another claim than the one this job holds
-                // or waits on is an earlier job's: it does not end this one.
-                let stale = outcome.is_err()
-                    && self
-                        .job(&key)
-                        .and_then(|j| j.claim.as_ref())
-                        .is_some_and(|mine| claim.as_ref() != Some(mine));
-                if !stale {
-                    self.outcome_from_cluster(key, evaluator, outcome, at_ms, now);
-                }
+                let from = From {
+                    claim,
+                    at_ms,
+                    keep,
+                    for_gen: None,
+                    read_at: None,
+                };
+                self.outcome_from_cluster(key, evaluator, outcome, from, now);
             }
         }
     }
 
-    /// Job `gen` runs here: it leaves the cluster's hands and is queued.
-    /// Without such a job, a claim taken for it is given back.
-    fn settle(&mut self, key: Key, gen: Gen, claim: Option<Arc<str>>, now: Instant) {
-        let claimed = claim.is_some();
+    /// Job `gen` runs here: it leaves the cluster's hands and is queued,
+    /// holding the claim `claimed` (its value, and until when it is
+    /// certainly still held) or none. Without such a job, a claim taken for
+    /// it is given back.
+    fn settle(
+        &mut self,
+        key: Key,
+        gen: Gen,
+        claimed: Option<(Arc<str>, Option<Instant>)>,
+        now: Instant,
+    ) {
         let Some(job) = self
             .job_mut(gen)
             .filter(|j| matches!(j.phase, Phase::Asking | Phase::Waiting))
         else {
-            let cmd = ClusterCmd::let_go(key, gen, claimed);
-            return self.effects.push_back(Effect::Cluster(cmd));
+            return self.ask(ClusterCmd::let_go(key, gen, claimed.is_some()));
         };
-        job.claimed = claimed;
-        job.claim = claim;
+        job.claimed = claimed.is_some();
+        (job.claim, job.claim_fresh_until) = match claimed {
+            Some((claim, fresh)) => (Some(claim), fresh),
+            None => (None, None),
+        };
         let (evaluator, len) = (job.evaluator, job.input_len);
         if let Some(message) = self.queue_full(evaluator, len) {
             return self.busy(key, message);
@@ -1484,7 +1762,7 @@ impl Core {
 
     /// Forgets the drops more than a lease old.
     fn forget_old_drops(&mut self, now: Instant) {
-        let lease = self.config.lease;
+        let lease = self.lease();
         while self
             .recent_drops
             .front()
@@ -1494,24 +1772,61 @@ impl Core {
         }
     }
 
-    /// An outcome of fn `evaluator` from the cluster, computed at `at_ms`,
-    /// for whoever waits here; cached unless it was dropped lately.
+    /// An outcome of fn `evaluator` from the cluster (see [`From`]). Who
+    /// takes it depends on what waits here:
+    /// - a job waiting on another broker's claim: that claim's outcome, or
+    ///   what its own look found once that claim is gone (its waiters get
+    ///   what the evaluation they joined gave);
+    /// - a job asking: a success, or what its own look found;
+    /// - a job evaluating here (or storing): a success that stands, which
+    ///   makes it unnecessary; never another evaluation's failure;
+    /// - subscriptions alone: anything kept.
+    ///
+    /// It may be older than what a late waiter may be given: an outcome
+    /// shared but not kept was computed at `at_ms`, a read found what was
+    /// current when it was sent. A submit that came more than a lease after
+    /// that may have come after an invalidation was answered: it gets a new
+    /// evaluation instead (and subscriptions, when it is not kept, wait
+    /// on). Cached when kept, unless dropped lately or read too long ago.
     fn outcome_from_cluster(
         &mut self,
         key: Key,
         evaluator: usize,
         outcome: Result<Arc<str>, EvalError>,
-        at_ms: u64,
+        from: From,
         now: Instant,
     ) {
         let Some(entry) = self.table.get(&key) else {
             return;
         };
-        let job = entry
-            .job
-            .as_ref()
-            .map(|j| (j.gen, j.evaluator, j.phase.clone()));
-        if !self.dropped_lately(key, evaluator, now) {
+        let From {
+            claim,
+            at_ms,
+            keep,
+            for_gen,
+            read_at,
+        } = from;
+        let job = entry.job.as_ref();
+        let takes = match job.map(|j| (&j.phase, j)) {
+            None => keep,
+            Some((Phase::Waiting, j)) => {
+                for_gen == Some(j.gen) || (claim.is_some() && claim == j.claim)
+            }
+            Some((Phase::Asking, j)) => for_gen == Some(j.gen) || (keep && outcome.is_ok()),
+            Some((Phase::Queued | Phase::Running, _)) => keep && outcome.is_ok(),
+            Some((Phase::Storing, _)) => false,
+        };
+        if !takes {
+            return;
+        }
+        let lease = self.lease();
+        let since = match (keep, read_at) {
+            (_, Some(sent)) => Some(sent),
+            (false, None) => self.cluster.as_ref().map(|c| c.instant_of(at_ms)),
+            (true, None) => None,
+        };
+        let cutoff = since.map(|t| t + lease);
+        if keep && cutoff.is_none_or(|c| now <= c) && !self.dropped_lately(key, evaluator, now) {
             self.effects.push_back(Effect::Cache {
                 key,
                 evaluator,
@@ -1519,11 +1834,65 @@ impl Core {
                 at_ms: Some(at_ms),
             });
         }
-        let evaluator = job.as_ref().map(|j| j.1);
-        if let Some((gen, evaluator, phase)) = job {
-            self.release_job(key, gen, evaluator, &phase);
+        let Some(entry) = self.table.get_mut(&key) else {
+            return;
+        };
+        // Who may be given it: everyone, or those that came in time.
+        let (given, left): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut entry.waiters)
+            .into_iter()
+            .partition(|w| match (w.since, cutoff) {
+                (_, None) => true,
+                (Some(t), Some(c)) => t <= c,
+                (None, Some(_)) => keep,
+            });
+        let later_submits = left.iter().any(|w| w.since.is_some());
+        entry.waiters = left;
+        let job = entry.job.as_ref().map(|j| {
+            (
+                j.gen,
+                j.evaluator,
+                j.phase.clone(),
+                j.claim.clone(),
+                j.input.clone(),
+            )
+        });
+        for waiter in &given {
+            self.release_wait(waiter.session, key, waiter.since.is_none());
         }
-        let source = Source::Cluster { at_ms: Some(at_ms) };
-        self.deliver(key, evaluator, outcome, source);
+        let (evaluator, joined, input) = match job {
+            Some((gen, evaluator, phase, joined, input)) => {
+                self.release_job(key, gen, evaluator, &phase);
+                (Some(evaluator), joined, input.map(|i| (evaluator, i)))
+            }
+            None => (None, None, None),
+        };
+        self.effects.push_back(Effect::Deliver(Delivery {
+            key,
+            evaluator,
+            claim: joined,
+            outcome,
+            source: Source::Cluster { at_ms: Some(at_ms) },
+            waiters: given,
+        }));
+        match input {
+            Some((evaluator, input)) if later_submits => {
+                self.start_job(key, evaluator, input, None, now)
+            }
+            _ => self.maybe_abandon(key),
+        }
     }
+}
+
+/// Where an outcome from the cluster comes from.
+struct From {
+    /// The claim it was computed under (None: without one).
+    claim: Option<Arc<str>>,
+    /// When it was computed (Unix ms).
+    at_ms: u64,
+    /// It may be kept (stored, under its fn's current tag).
+    keep: bool,
+    /// The job whose own look found it.
+    for_gen: Option<Gen>,
+    /// When the read that found it was sent (None: a notice).
+    read_at: Option<Instant>,
 }

@@ -1,0 +1,1809 @@
+//! Deterministic simulation of the coordination core, cluster decisions
+//! included.
+//!
+//! Several brokers' cores, driven exactly as the hub drives one (apply an
+//! input, perform every effect, apply what the effects bring back), run
+//! against model executors (jobs finish, fail, hang, lose their worker),
+//! a model Redis that carries out the very commands the core sends
+//! ([`RedisOp`]: the scripts' meaning, on maps), a model of each broker's
+//! completion-channel listener (subscribe, ping, messages in order), a
+//! model of each broker's results cache, and model sessions (submit,
+//! subscribe, get, cancel, invalidate, close). Faults: Redis stopped and
+//! started empty, paused (commands wait, claims expire, replies time out
+//! while the command still runs), slow; pub/sub connections killed;
+//! brokers paused, and killed and started again. Everything comes from one
+//! seeded RNG on a virtual clock, in one thread, so a seed replays exactly.
+//! Each seed draws its own parameters: timeouts above and below the lease,
+//! queues of one job and of many, few keys and many.
+//!
+//! After every step:
+//! 1. every request gets exactly one outcome, or its session closes;
+//! 2. the table's counts agree with what it holds ([`Core::audit`]): each
+//!    session's count is its waits plus its holds, no timer outlives its
+//!    job;
+//! 3. without faults each key is evaluated at most once across all
+//!    brokers (unless it was invalidated);
+//! 4. a submit is answered within three timeouts plus four leases, unless
+//!    its broker was paused;
+//! 5. the wait table stays within its bounds;
+//! 6. every waiter of one evaluation (one claim) gets the same outcome, and
+//!    no waiter gets `eval_timeout` for a claim whose broker is still
+//!    evaluating it;
+//! 7. no request made after an `invalidated` answer gets a result computed
+//!    before it, from an evaluation or a cache.
+//!
+//! Once faults are over and all is quiet:
+//! 8. every broker's cached result of a key is the one Redis holds, or it
+//!    holds none;
+//! 9. no subscription waits for a key whose result Redis or a cache holds;
+//! 10. once every session closes, nothing is left: no entry, job, timer,
+//!     session record, claim, key waited on or looked up, command in
+//!     flight.
+//!
+//! `HERD_SIM_SEED=n` replays one seed (printed on failure);
+//! `HERD_SIM_SEEDS` (default 300) and `HERD_SIM_STEPS` (default 3000) set
+//! how many runs and how long; `HERD_SIM_FIRST_SEED` where they start. A
+//! soak: `HERD_SIM_SEEDS=5000 cargo test --release -p herd-core --test sim`.
+
+use herd_core::error::{ErrorCode, EvalError};
+use herd_core::key::Key;
+use herd_core::ns::Ns;
+use herd_core::redis::Acquired;
+use herd_core::{
+    claim_node, ClusterConfig, Core, CoreConfig, Effect, FnLimits, Gen, Input, Link, OpId,
+    PubsubEvent, RedisOp, RedisReply, Reply, Source, Target,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Maps and sets that iterate in the same order in every run, so a seed
+/// replays exactly.
+type Fixed = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+type HashMap<K, V> = std::collections::HashMap<K, V, Fixed>;
+type HashSet<K> = std::collections::HashSet<K, Fixed>;
+
+/// How long a Redis command may take before the broker counts it lost.
+const REDIS_TIMEOUT_MS: u64 = 40;
+/// The Unix time at the simulation's start.
+const UNIX_BASE_MS: u64 = 1_700_000_000_000;
+const PREFIX: &str = "herd:";
+
+/// The simulation's namespaces, interned once in this order.
+fn namespaces() -> [Ns; 2] {
+    static NS: std::sync::OnceLock<[Ns; 2]> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| [Ns::SHARED, Ns::intern("sim-b", 16).expect("a valid name")])
+}
+
+/// One seed's settings.
+#[derive(Debug, Clone)]
+struct Params {
+    brokers: usize,
+    clustered: bool,
+    faults: bool,
+    timeout_ms: u64,
+    lease_ms: u64,
+    queue_capacity: usize,
+    threads: usize,
+    /// Distinct inputs (each in both namespaces).
+    inputs: usize,
+    max_pending: usize,
+    error_ttl_s: u64,
+    notice_inline_bytes: usize,
+    writeback_max: usize,
+}
+
+impl Params {
+    fn draw(rng: &mut StdRng) -> Params {
+        let brokers = rng.random_range(1..=3);
+        let clustered = brokers > 1 || rng.random_bool(0.5);
+        Params {
+            brokers,
+            clustered,
+            faults: clustered && rng.random_bool(0.7),
+            timeout_ms: *pick(rng, &[60, 150, 300, 700]),
+            lease_ms: *pick(rng, &[150, 300, 600]),
+            queue_capacity: *pick(rng, &[1, 2, 5, 16]),
+            threads: rng.random_range(1..=3),
+            inputs: *pick(rng, &[1, 3, 8, 20]),
+            max_pending: *pick(rng, &[2, 6, 12]),
+            error_ttl_s: *pick(rng, &[0, 0, 60]),
+            notice_inline_bytes: *pick(rng, &[0, 4096, 4096]),
+            writeback_max: *pick(rng, &[1, 4, 1000]),
+        }
+    }
+}
+
+fn pick<'a, T>(rng: &mut StdRng, from: &'a [T]) -> &'a T {
+    &from[rng.random_range(0..from.len())]
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    /// A model session on this broker does something.
+    Op,
+    /// A model executor ends a job.
+    ExecDone {
+        inc: u64,
+        evaluator: usize,
+        gen: Gen,
+        key: Key,
+        outcome: Outcome,
+    },
+    /// A command reaches Redis (Redis's side: not held up by a paused broker).
+    Exec {
+        inc: u64,
+        op: OpId,
+        cmd: RedisOp,
+        restarts: u64,
+    },
+    /// A command's reply reaches the broker (None: it timed out).
+    Reply {
+        inc: u64,
+        op: OpId,
+        reply: Option<RedisReply>,
+    },
+    /// A command's time is up.
+    Deadline { inc: u64, op: OpId },
+    /// What the broker's listener hears.
+    Pubsub { inc: u64, event: PubsubEvent },
+    /// The broker's listener subscribes, or pings its subscription.
+    Listen { inc: u64 },
+    /// A fault starts or ends.
+    Fault,
+}
+
+impl Ev {
+    /// Whether it happens in Redis rather than in the broker.
+    fn redis_side(&self) -> bool {
+        matches!(self, Ev::Exec { .. })
+    }
+
+    /// The broker incarnation it belongs to (None: any).
+    fn inc(&self) -> Option<u64> {
+        match self {
+            Ev::ExecDone { inc, .. }
+            | Ev::Exec { inc, .. }
+            | Ev::Reply { inc, .. }
+            | Ev::Deadline { inc, .. }
+            | Ev::Pubsub { inc, .. }
+            | Ev::Listen { inc } => Some(*inc),
+            Ev::Op | Ev::Fault => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Done(Result<Arc<str>, EvalError>),
+    /// The worker went away; its task goes back to the queue.
+    Requeued,
+}
+
+struct Exec {
+    /// Threads (or worker slots) free.
+    free: usize,
+    queue: VecDeque<(Gen, Key)>,
+    running: HashMap<Gen, Key>,
+    /// Jobs taken back from a worker: their late outcome is dropped.
+    revoked: HashSet<Gen>,
+    abandon_running: bool,
+}
+
+/// The listener's subscription.
+#[derive(Debug, Clone, Copy)]
+struct Sub {
+    /// Messages published from then on reach it.
+    since: u64,
+    /// The last delivery scheduled: deliveries keep their order.
+    last: u64,
+}
+
+struct Broker {
+    /// Its incarnation: a broker killed and started again is a new one.
+    inc: u64,
+    core: Core,
+    /// Its results cache: what sessions are answered from.
+    cache: HashMap<Key, Arc<str>>,
+    /// In a cluster the cache is served only until then.
+    confirmed_until: u64,
+    exec: Vec<Exec>,
+    sessions: Vec<u64>,
+    paused_until: u64,
+    pauses: u64,
+    /// Jobs offered to this broker's executors.
+    offered: HashSet<Gen>,
+    sub: Option<Sub>,
+    /// Commands sent and not yet answered: their deadline.
+    ops: HashMap<OpId, u64>,
+}
+
+/// A value in the model Redis.
+#[derive(Debug, Clone)]
+struct Stored {
+    value: String,
+    /// Expires then (ms), if ever.
+    expires: Option<u64>,
+}
+
+/// The model Redis: what the scripts in `herd_core::redis` do, on maps.
+#[derive(Default)]
+struct Redis {
+    /// The process runs (a stopped one comes back empty).
+    up: bool,
+    paused_until: u64,
+    slow: bool,
+    strings: BTreeMap<String, Stored>,
+    hashes: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Times it lost its data and its connections.
+    restarts: u64,
+}
+
+impl Redis {
+    fn get(&self, name: &str, now: u64) -> Option<&str> {
+        let stored = self.strings.get(name)?;
+        if stored.expires.is_some_and(|at| at <= now) {
+            return None;
+        }
+        Some(&stored.value)
+    }
+
+    fn set(&mut self, name: &str, value: &str, expires: Option<u64>) {
+        self.strings.insert(
+            name.to_string(),
+            Stored {
+                value: value.to_string(),
+                expires,
+            },
+        );
+    }
+
+    fn del(&mut self, name: &str) {
+        self.strings.remove(name);
+    }
+}
+
+/// A stored value's `at_ms`, as the scripts read it.
+fn at_ms(value: &str) -> u64 {
+    value
+        .split_once("\"at_ms\":")
+        .map(|(_, rest)| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+        })
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+struct Req {
+    key: Key,
+    since: u64,
+    /// A submit that waits (bound by invariant 4).
+    bounded: bool,
+    subscription: bool,
+    /// The broker's pause count when it was made.
+    pauses: u64,
+    answered_accepted: bool,
+    /// An `invalidate` (a cancel does not end it).
+    invalidation: Option<Target>,
+}
+
+/// A request: broker, session, id.
+type Request = (usize, u64, String);
+
+struct Sim {
+    seed: u64,
+    p: Params,
+    rng: StdRng,
+    base: Instant,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), (usize, Ev)>,
+    brokers: Vec<Broker>,
+    redis: Redis,
+    keys: Vec<(Key, usize)>,
+    pending: HashMap<Request, Req>,
+    next_session: u64,
+    next_req: u64,
+    faults: bool,
+    quiescing: bool,
+    evaluations: HashMap<Key, u32>,
+    /// Keys an invalidation was asked for, or whose evaluation timed out:
+    /// each may be evaluated again.
+    invalidated: HashSet<Key>,
+    /// When each output was computed.
+    computed: HashMap<Arc<str>, u64>,
+    /// For each key, the latest invalidation answered: when it was asked
+    /// for, and when it was answered.
+    invalidated_at: HashMap<Key, (u64, u64)>,
+    /// When each invalidation was asked for (kept after its session closes).
+    invalidations: HashMap<Request, u64>,
+    /// Each claim's outcome as delivered to its waiters.
+    claim_outcomes: HashMap<Arc<str>, String>,
+    /// Claims whose outcome was stored in Redis: from then on every waiter
+    /// of the evaluation can learn it. An outcome only announced (its
+    /// evaluation invalidated while it ran) reaches the waiters that hear
+    /// the announcement; one whose claimant was cut off from Redis, none.
+    published: HashSet<String>,
+    /// Claims whose stored outcome an invalidation deleted: a waiter of the
+    /// evaluation that had not heard it by then gets the result that
+    /// stands instead.
+    deleted: HashSet<String>,
+    /// Each claim taken in the model Redis: the broker (and incarnation)
+    /// that took it, and its name.
+    claims: HashMap<Arc<str>, (usize, u64, String)>,
+    trace: VecDeque<String>,
+}
+
+fn config(p: &Params, broker: usize, inc: u64) -> CoreConfig {
+    let fns = ["threads", "remote"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| FnLimits {
+            name: (*name).into(),
+            timeout: Duration::from_millis(p.timeout_ms),
+            queue_capacity: p.queue_capacity,
+            queue_bytes: 64 * p.queue_capacity,
+            abandon_running: i == 1,
+        })
+        .collect();
+    let cluster = p.clustered.then(|| ClusterConfig {
+        node: format!("b{broker}"),
+        run: format!("i{inc}"),
+        prefix: PREFIX.into(),
+        lease: Duration::from_millis(p.lease_ms),
+        result_ttl_s: 0,
+        error_ttl_s: p.error_ttl_s,
+        notice_inline_bytes: p.notice_inline_bytes,
+        max_stored: 1 << 16,
+        writeback_max: p.writeback_max,
+        versions: vec![String::new(), String::new()],
+    });
+    CoreConfig {
+        fns,
+        max_pending: p.max_pending,
+        // Namespace "sim-b"'s sessions together hold at most twice one
+        // session's bound.
+        ns_max_pending: [(namespaces()[1], 2 * p.max_pending)].into_iter().collect(),
+        cluster,
+        preview_chars: 16,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let p = Params::draw(&mut rng);
+        let base = Instant::now();
+        let brokers = (0..p.brokers)
+            .map(|b| Sim::broker(&p, b, 0, base, 0))
+            .collect();
+        // Each input in both namespaces: key 2n is input n in the shared
+        // namespace, key 2n+1 the same input in namespace "sim-b".
+        let keys = (0..2 * p.inputs)
+            .map(|i| {
+                let (n, ns) = (i / 2, namespaces()[i % 2]);
+                let evaluator = n % 2;
+                let name = ["threads", "remote"][evaluator];
+                (
+                    Key::derive(name, format!("{{\"n\":{n}}}").as_bytes()).in_ns(ns),
+                    evaluator,
+                )
+            })
+            .collect();
+        let faults = p.faults;
+        let mut sim = Sim {
+            seed,
+            p,
+            rng,
+            base,
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            brokers,
+            redis: Redis {
+                up: true,
+                ..Redis::default()
+            },
+            keys,
+            pending: HashMap::default(),
+            next_session: 1,
+            next_req: 1,
+            faults,
+            quiescing: false,
+            evaluations: HashMap::default(),
+            invalidated: HashSet::default(),
+            computed: HashMap::default(),
+            invalidated_at: HashMap::default(),
+            invalidations: HashMap::default(),
+            claim_outcomes: HashMap::default(),
+            published: HashSet::default(),
+            deleted: HashSet::default(),
+            claims: HashMap::default(),
+            trace: VecDeque::new(),
+        };
+        for b in 0..sim.brokers.len() {
+            sim.start(b);
+        }
+        if faults {
+            let at = sim.rng.random_range(100..400);
+            sim.at(at, 0, Ev::Fault);
+        }
+        sim
+    }
+
+    fn broker(p: &Params, b: usize, inc: u64, base: Instant, now: u64) -> Broker {
+        let at = base + Duration::from_millis(now);
+        Broker {
+            inc,
+            core: Core::new(config(p, b, inc), at, UNIX_BASE_MS + now),
+            cache: HashMap::default(),
+            confirmed_until: 0,
+            exec: (0..2)
+                .map(|i| Exec {
+                    free: p.threads,
+                    queue: VecDeque::new(),
+                    running: HashMap::default(),
+                    revoked: HashSet::default(),
+                    abandon_running: i == 1,
+                })
+                .collect(),
+            sessions: Vec::new(),
+            paused_until: 0,
+            pauses: 0,
+            offered: HashSet::default(),
+            sub: None,
+            ops: HashMap::default(),
+        }
+    }
+
+    /// Broker `b`'s sessions begin, and its listener.
+    fn start(&mut self, b: usize) {
+        for _ in 0..3 {
+            let at = self.rng.random_range(0..20);
+            self.at(at, b, Ev::Op);
+        }
+        if self.p.clustered {
+            let inc = self.brokers[b].inc;
+            self.at(0, b, Ev::Listen { inc });
+        }
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn at(&mut self, after: u64, broker: usize, ev: Ev) {
+        self.seq += 1;
+        self.events
+            .insert((self.now + after, self.seq), (broker, ev));
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() >= env("HERD_SIM_TRACE", 80) as usize {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("[{} ms] {line}", self.now));
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let trace: Vec<&str> = self.trace.iter().map(String::as_str).collect();
+        let held: Vec<String> = self
+            .brokers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                format!(
+                    "b{i} {:?} {:?} {:?}",
+                    b.core.counts(),
+                    b.core.cluster_holding(),
+                    b.core.cluster_status()
+                )
+            })
+            .collect();
+        panic!(
+            "simulation seed {} failed at {} ms: {what}\nbrokers: {held:#?}\nparameters: {:?}\nreplay: HERD_SIM_SEED={} cargo test -p herd-core --test sim\nlast steps:\n{}",
+            self.seed,
+            self.now,
+            self.p,
+            self.seed,
+            trace.join("\n")
+        );
+    }
+
+    /// One step: the earliest event or deadline. False when nothing is left.
+    fn step(&mut self) -> bool {
+        let next_event = self.events.keys().next().map(|(t, _)| *t);
+        let next_timer = (0..self.brokers.len())
+            .filter_map(|b| {
+                let at = self.brokers[b].core.poll_timeout()?;
+                let ms = at.saturating_duration_since(self.base).as_millis() as u64;
+                Some((ms.max(self.brokers[b].paused_until), b))
+            })
+            .min();
+        match (next_event, next_timer) {
+            (None, None) => return false,
+            (Some(e), Some((t, b))) if t < e => self.timer(t, b),
+            (None, Some((t, b))) => self.timer(t, b),
+            _ => {
+                let ((t, seq), (b, ev)) = self.events.pop_first().expect("an event");
+                self.now = self.now.max(t);
+                let stale = ev.inc().is_some_and(|inc| inc != self.brokers[b].inc);
+                if stale && !ev.redis_side() {
+                    // Of a broker since killed (Redis still runs its commands).
+                    return true;
+                }
+                if !ev.redis_side() && self.brokers[b].paused_until > self.now {
+                    // A paused broker does nothing; its events wait.
+                    let until = self.brokers[b].paused_until;
+                    self.events.insert((until, seq), (b, ev));
+                    return true;
+                }
+                self.event(b, ev);
+            }
+        }
+        self.check();
+        true
+    }
+
+    fn timer(&mut self, t: u64, b: usize) {
+        self.now = self.now.max(t);
+        let now = self.instant(self.now);
+        self.brokers[b].core.handle_timeout(now);
+        self.settle(b);
+        self.check();
+    }
+
+    fn event(&mut self, b: usize, ev: Ev) {
+        match ev {
+            Ev::Op => {
+                if !self.quiescing {
+                    self.op(b);
+                    let after = self.rng.random_range(1..15);
+                    self.at(after, b, Ev::Op);
+                }
+            }
+            Ev::ExecDone {
+                evaluator,
+                gen,
+                key,
+                outcome,
+                ..
+            } => self.exec_done(b, evaluator, gen, key, outcome),
+            Ev::Exec {
+                inc,
+                op,
+                cmd,
+                restarts,
+            } => self.exec(b, inc, op, cmd, restarts),
+            Ev::Reply { op, reply, .. } => {
+                if self.brokers[b].ops.remove(&op).is_some() {
+                    self.note(format!("b{b} reply {op}: {}", brief(&reply)));
+                    self.apply(b, Input::Redis { op, reply });
+                }
+            }
+            Ev::Deadline { op, .. } => {
+                if self.brokers[b].ops.remove(&op).is_some() {
+                    self.note(format!("b{b} op {op} timed out"));
+                    self.apply(b, Input::Redis { op, reply: None });
+                }
+            }
+            Ev::Pubsub { event, .. } => {
+                self.note(format!("b{b} pubsub {}", brief_pubsub(&event)));
+                self.apply(b, Input::Pubsub(event));
+            }
+            Ev::Listen { inc } => self.listen(b, inc),
+            Ev::Fault => {
+                if !self.quiescing {
+                    self.fault();
+                    let after = self.rng.random_range(50..600);
+                    self.at(after, 0, Ev::Fault);
+                }
+            }
+        }
+    }
+
+    /// Redis answers commands now (the process runs and is not paused).
+    fn redis_answers(&self) -> bool {
+        self.redis.up && self.redis.paused_until <= self.now
+    }
+
+    fn latency(&mut self) -> u64 {
+        if self.redis.slow {
+            self.rng.random_range(5..60)
+        } else {
+            self.rng.random_range(0..3)
+        }
+    }
+
+    /// The listener: subscribes when it has no subscription, else pings it.
+    fn listen(&mut self, b: usize, inc: u64) {
+        let lease = self.p.lease_ms;
+        if self.redis_answers() {
+            let latency = self.latency();
+            let event = match self.brokers[b].sub {
+                None => {
+                    self.brokers[b].sub = Some(Sub {
+                        since: self.now,
+                        last: self.now,
+                    });
+                    PubsubEvent::Subscribed
+                }
+                Some(_) => PubsubEvent::Pong {
+                    sent: self.instant(self.now),
+                },
+            };
+            if latency < REDIS_TIMEOUT_MS {
+                self.deliver_pubsub(b, event, latency);
+                self.at(lease / 3, b, Ev::Listen { inc });
+                return;
+            }
+        }
+        // Not answered in time: the subscription is made again.
+        self.brokers[b].sub = None;
+        self.at(
+            REDIS_TIMEOUT_MS,
+            b,
+            Ev::Pubsub {
+                inc,
+                event: PubsubEvent::Down,
+            },
+        );
+        self.at(2 * REDIS_TIMEOUT_MS, b, Ev::Listen { inc });
+    }
+
+    /// Hands broker `b`'s listener an event, after the ones before it.
+    fn deliver_pubsub(&mut self, b: usize, event: PubsubEvent, delay: u64) {
+        let Some(mut sub) = self.brokers[b].sub else {
+            return;
+        };
+        let at = (self.now + delay).max(sub.last);
+        sub.last = at;
+        self.brokers[b].sub = Some(sub);
+        let inc = self.brokers[b].inc;
+        self.at(at - self.now, b, Ev::Pubsub { inc, event });
+    }
+
+    /// Every subscription drops (its connection killed): messages in
+    /// flight are lost, and each listener subscribes again.
+    fn drop_subscriptions(&mut self) {
+        for b in 0..self.brokers.len() {
+            if self.brokers[b].sub.take().is_some() {
+                let inc = self.brokers[b].inc;
+                self.events.retain(|_, (eb, ev)| {
+                    !(*eb == b
+                        && matches!(
+                            ev,
+                            Ev::Pubsub {
+                                event: PubsubEvent::Message(_) | PubsubEvent::Pong { .. },
+                                ..
+                            }
+                        ))
+                });
+                self.at(
+                    1,
+                    b,
+                    Ev::Pubsub {
+                        inc,
+                        event: PubsubEvent::Down,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Nothing left but the periodic (pings, renewals, reads of the
+    /// epochs and of keys subscribed to): no job, claim, wait on another
+    /// broker, write-back or invalidation under way, no message on its way,
+    /// and every broker with Redis.
+    fn quiet(&self) -> bool {
+        self.events.values().all(|(_, ev)| {
+            matches!(
+                ev,
+                Ev::Listen { .. }
+                    | Ev::Exec { .. }
+                    | Ev::Reply { .. }
+                    | Ev::Deadline { .. }
+                    | Ev::Pubsub {
+                        event: PubsubEvent::Pong { .. },
+                        ..
+                    }
+            )
+        }) && self.brokers.iter().all(|b| {
+            let [claims, _, waits, _, _, _, writebacks, invalidations] = b.core.cluster_holding();
+            b.core.counts().jobs == 0
+                && claims + waits + writebacks + invalidations == 0
+                && b.core.cluster_status().is_none_or(|s| s.up())
+        })
+    }
+
+    fn fault(&mut self) {
+        match self.rng.random_range(0..8) {
+            0 => {
+                self.redis.up = !self.redis.up;
+                if self.redis.up {
+                    // A stopped Redis comes back empty.
+                    self.restart_redis();
+                } else {
+                    self.redis.restarts += 1;
+                    self.drop_subscriptions();
+                }
+                self.note(format!("fault: redis up={}", self.redis.up));
+            }
+            1 => {
+                self.redis.slow = !self.redis.slow;
+                self.note(format!("fault: slow={}", self.redis.slow));
+            }
+            2 => {
+                let pause = self
+                    .rng
+                    .random_range(self.p.lease_ms / 2..self.p.lease_ms * 3);
+                self.redis.paused_until = self.now + pause;
+                self.note(format!("fault: redis paused {pause} ms"));
+            }
+            3 => {
+                self.drop_subscriptions();
+                self.note("fault: pub/sub connections killed".into());
+            }
+            4 | 5 => {
+                let b = self.rng.random_range(0..self.brokers.len());
+                let pause = self
+                    .rng
+                    .random_range(self.p.lease_ms / 2..self.p.lease_ms * 3);
+                self.brokers[b].paused_until = self.now + pause;
+                self.brokers[b].pauses += 1;
+                self.note(format!("fault: b{b} paused {pause} ms"));
+            }
+            6 => {
+                let b = self.rng.random_range(0..self.brokers.len());
+                self.restart_broker(b);
+            }
+            _ => {
+                if self.redis.up {
+                    self.restart_redis();
+                    self.note("fault: redis restarted empty".into());
+                }
+            }
+        }
+    }
+
+    fn restart_redis(&mut self) {
+        self.redis.strings.clear();
+        self.redis.hashes.clear();
+        self.redis.restarts += 1;
+        self.redis.paused_until = 0;
+        self.drop_subscriptions();
+    }
+
+    /// Broker `b` is killed and started again: a new incarnation with
+    /// nothing, its sessions and their requests gone.
+    fn restart_broker(&mut self, b: usize) {
+        let inc = self.brokers[b].inc + 1;
+        self.note(format!("fault: b{b} killed, started again as i{inc}"));
+        self.pending.retain(|(pb, _, _), _| *pb != b);
+        let mut broker = Sim::broker(&self.p, b, inc, self.base, self.now);
+        broker.pauses = self.brokers[b].pauses + 1;
+        self.brokers[b] = broker;
+        self.events
+            .retain(|_, (eb, ev)| !(*eb == b && matches!(ev, Ev::Op)));
+        self.start(b);
+    }
+
+    /// The fn of one of the simulation's keys.
+    fn fn_of(&self, key: Key) -> usize {
+        self.keys
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(0, |(_, e)| *e)
+    }
+
+    fn req_id(&mut self) -> String {
+        self.next_req += 1;
+        format!("r{}", self.next_req)
+    }
+
+    /// Whether broker `b` serves `key` from its cache now: the output.
+    fn cached(&self, b: usize, key: &Key) -> Option<Arc<str>> {
+        let broker = &self.brokers[b];
+        if self.p.clustered && broker.confirmed_until <= self.now {
+            return None;
+        }
+        broker.cache.get(key).cloned()
+    }
+
+    fn op(&mut self, b: usize) {
+        if self.brokers[b].sessions.is_empty() || self.rng.random_bool(0.05) {
+            let s = self.next_session;
+            self.next_session += 1;
+            self.brokers[b].sessions.push(s);
+        }
+        let sessions = &self.brokers[b].sessions;
+        let session = sessions[self.rng.random_range(0..sessions.len())];
+        // A session's namespace is its number's parity: it uses that
+        // namespace's keys only.
+        let ns = namespaces()[(session % 2) as usize];
+        let pick = 2 * self.rng.random_range(0..self.keys.len() / 2) + (session % 2) as usize;
+        let (key, evaluator) = self.keys[pick];
+        let id = self.req_id();
+        let roll = self.rng.random_range(0..100);
+        let pauses = self.brokers[b].pauses;
+        let now = self.now;
+        let req = move |bounded, subscription| Req {
+            key,
+            since: now,
+            bounded,
+            subscription,
+            pauses,
+            answered_accepted: false,
+            invalidation: None,
+        };
+        match roll {
+            0..55 => {
+                let wait = roll >= 5;
+                if let Some(output) = self.cached(b, &key) {
+                    self.note(format!(
+                        "b{b} s{session} submit {} hit {output}",
+                        short(&key)
+                    ));
+                    return self.check_fresh(b, &key, &output, now);
+                }
+                self.note(format!(
+                    "b{b} s{session} {id} submit {} wait={wait}",
+                    short(&key)
+                ));
+                self.pending
+                    .insert((b, session, id.clone()), req(wait, false));
+                self.apply(
+                    b,
+                    Input::Submit {
+                        session,
+                        id: Some(id.into()),
+                        key,
+                        evaluator,
+                        input: format!("{{\"n\":{}}}", short(&key)).into(),
+                        wait,
+                        draining: false,
+                        max_age: None,
+                    },
+                );
+            }
+            55..65 => {
+                if let Some(output) = self.cached(b, &key) {
+                    return self.check_fresh(b, &key, &output, now);
+                }
+                self.note(format!("b{b} s{session} {id} subscribe {}", short(&key)));
+                self.pending
+                    .insert((b, session, id.clone()), req(false, true));
+                self.apply(
+                    b,
+                    Input::Subscribe {
+                        session,
+                        id: Some(id.into()),
+                        key,
+                    },
+                );
+            }
+            65..72 => self.apply(
+                b,
+                Input::Get {
+                    session,
+                    id: Some(id.into()),
+                    key,
+                },
+            ),
+            72..88 => {
+                self.note(format!("b{b} s{session} cancel {}", short(&key)));
+                self.pending.retain(|(pb, ps, _), r| {
+                    !(*pb == b && *ps == session && r.key == key && r.invalidation.is_none())
+                });
+                self.apply(
+                    b,
+                    Input::Cancel {
+                        session,
+                        id: Some(id.into()),
+                        key,
+                    },
+                );
+            }
+            88..93 => {
+                let target = if roll == 92 {
+                    Target::Fn(ns, evaluator)
+                } else {
+                    Target::Key(key)
+                };
+                self.note(format!("b{b} s{session} {id} invalidate {target:?}"));
+                for (k, e) in self.keys.clone() {
+                    if target.covers(k, e) {
+                        self.invalidated.insert(k);
+                    }
+                }
+                // Bound like a submit: answered, refused or not, in time.
+                let invalidation = Req {
+                    invalidation: Some(target),
+                    ..req(true, false)
+                };
+                self.pending.insert((b, session, id.clone()), invalidation);
+                self.invalidations.insert((b, session, id.clone()), now);
+                self.apply(
+                    b,
+                    Input::Invalidate {
+                        session,
+                        id: Some(id.into()),
+                        target,
+                    },
+                );
+            }
+            _ => {
+                self.note(format!("b{b} s{session} closes"));
+                self.close_session(b, session);
+            }
+        }
+    }
+
+    fn close_session(&mut self, b: usize, session: u64) {
+        self.brokers[b].sessions.retain(|s| *s != session);
+        self.pending
+            .retain(|(pb, ps, _), _| !(*pb == b && *ps == session));
+        self.apply(b, Input::SessionClosed { session });
+    }
+
+    fn apply(&mut self, b: usize, input: Input) {
+        let now = self.instant(self.now);
+        self.brokers[b].core.apply(input, now);
+        self.settle(b);
+    }
+
+    /// Performs every effect, as the hub does, applying what comes back.
+    fn settle(&mut self, b: usize) {
+        let mut follow_ups = Vec::new();
+        loop {
+            while let Some(effect) = self.brokers[b].core.poll() {
+                self.perform(b, effect, &mut follow_ups);
+            }
+            if follow_ups.is_empty() {
+                break;
+            }
+            let now = self.instant(self.now);
+            for input in std::mem::take(&mut follow_ups) {
+                self.brokers[b].core.apply(input, now);
+            }
+        }
+    }
+
+    fn answered(
+        &mut self,
+        b: usize,
+        session: u64,
+        id: &Option<Box<str>>,
+        what: &str,
+    ) -> Option<Req> {
+        let id = id.as_deref().unwrap_or("").to_string();
+        let req = self.pending.remove(&(b, session, id.clone()));
+        if req.is_none() && self.brokers[b].sessions.contains(&session) {
+            self.fail(&format!(
+                "b{b} s{session} {id}: an outcome ({what}) for a request that has none pending (twice, or after its cancel)"
+            ));
+        }
+        req
+    }
+
+    /// Whether the claim `claim` is still held in Redis by a broker that
+    /// runs (the incarnation that took it, not paused), and Redis answers.
+    fn still_evaluated(&self, claim: &str) -> bool {
+        let Some((cb, inc, name)) = self.claims.get(claim) else {
+            return false;
+        };
+        let claimant = &self.brokers[*cb];
+        self.redis_answers()
+            && self.redis.get(name, self.now) == Some(claim)
+            && claimant.inc == *inc
+            && claimant.paused_until <= self.now
+    }
+
+    /// A request made at `since` on broker `b` got `output`: it must not
+    /// have been computed before an invalidation answered by then.
+    fn check_fresh(&self, b: usize, key: &Key, output: &Arc<str>, since: u64) {
+        let (Some(computed), Some((asked, answered))) =
+            (self.computed.get(output), self.invalidated_at.get(key))
+        else {
+            return;
+        };
+        if computed < asked && *answered < since {
+            self.fail(&format!(
+                "b{b}: a request of {} made at {since} ms got {output}, computed at {computed} ms, before the invalidation asked for at {asked} ms and answered at {answered} ms",
+                short(key)
+            ));
+        }
+    }
+
+    fn perform(&mut self, b: usize, effect: Effect, follow_ups: &mut Vec<Input>) {
+        match effect {
+            Effect::Reply { session, id, reply } => match reply {
+                Reply::Accepted { .. } => {
+                    let key = (b, session, id.as_deref().unwrap_or("").to_string());
+                    match self.pending.get_mut(&key) {
+                        Some(r) if r.bounded => {
+                            if r.answered_accepted {
+                                self.fail("two accepted frames for one submit");
+                            }
+                            r.answered_accepted = true;
+                        }
+                        Some(_) => {
+                            self.pending.remove(&key);
+                        }
+                        None => self.fail("accepted for an unknown submit"),
+                    }
+                }
+                Reply::Subscribed { key, .. } => {
+                    let id = id.as_deref().unwrap_or("").to_string();
+                    let twice = self.pending.iter().any(|((pb, ps, pid), r)| {
+                        *pb == b && *ps == session && *pid != id && r.key == key && r.subscription
+                    });
+                    if twice {
+                        // A repeated subscription: the first one waits.
+                        self.pending.remove(&(b, session, id));
+                    }
+                }
+                Reply::Rejected { code, message } => {
+                    self.note(format!("b{b} s{session} rejected {code}: {message}"));
+                    if code != ErrorCode::Busy {
+                        self.fail(&format!("unexpected rejection {code}"));
+                    }
+                    self.answered(b, session, &id, "rejected");
+                }
+                Reply::Invalidated { target } => {
+                    // The promise holds once the answer is given, whether
+                    // its session is still there to read it or not.
+                    self.note(format!("b{b} s{session} invalidated {target:?}"));
+                    let request = (b, session, id.as_deref().unwrap_or("").to_string());
+                    let asked = self.invalidations.remove(&request).unwrap_or(self.now);
+                    for (k, e) in self.keys.clone() {
+                        if target.covers(k, e) {
+                            self.invalidated_at.insert(k, (asked, self.now));
+                        }
+                    }
+                    self.answered(b, session, &id, "invalidated");
+                }
+                Reply::Status { .. } | Reply::Cancelled { .. } => {}
+            },
+            Effect::Deliver(d) => {
+                let text = match &d.outcome {
+                    Ok(o) => o.to_string(),
+                    Err(e) => format!("{}: {}", e.code(), e.message()),
+                };
+                self.note(format!(
+                    "b{b} deliver {} to {} ({:?}, claim {:?}): {text}",
+                    short(&d.key),
+                    d.waiters.len(),
+                    d.source,
+                    d.claim,
+                ));
+                if let Some(claim) = &d.claim {
+                    if !d.waiters.is_empty() {
+                        let first = self
+                            .claim_outcomes
+                            .entry(Arc::clone(claim))
+                            .or_insert_with(|| text.clone())
+                            .clone();
+                        if first != text
+                            && self.published.contains(&**claim)
+                            && !self.deleted.contains(&**claim)
+                        {
+                            self.fail(&format!(
+                                "the waiters of one evaluation (claim {claim}) got different outcomes: {first} and {text}"
+                            ));
+                        }
+                    }
+                    let gave_up = matches!(&d.outcome, Err(EvalError::Timeout(m)) if m.starts_with("no outcome"))
+                        && matches!(d.source, Source::Cluster { .. });
+                    if gave_up && self.still_evaluated(claim) {
+                        self.fail(&format!(
+                            "b{b} gave eval_timeout for claim {claim}, which {} still evaluates",
+                            claim_node(claim)
+                        ));
+                    }
+                }
+                if matches!(d.outcome, Err(EvalError::Timeout(_))) {
+                    // Its evaluation may still finish, and the next one too.
+                    self.invalidated.insert(d.key);
+                }
+                for w in &d.waiters {
+                    let request = (b, w.session, w.id.as_deref().unwrap_or("").to_string());
+                    if self.pending.get(&request).is_some_and(|r| r.key != d.key) {
+                        self.fail(&format!(
+                            "b{b} s{}: the result of {:?} reached a wait for another key or namespace",
+                            w.session, d.key
+                        ));
+                    }
+                    if let Some(req) = self.answered(b, w.session, &w.id, "result") {
+                        if let Ok(output) = &d.outcome {
+                            self.check_fresh(b, &d.key, output, req.since);
+                        }
+                    }
+                }
+            }
+            Effect::Busy { waiters, .. } => {
+                for w in &waiters {
+                    self.answered(b, w.session, &w.id, "busy");
+                }
+            }
+            Effect::Offer {
+                evaluator,
+                key,
+                gen,
+                ..
+            } => {
+                self.note(format!("b{b} offer {} g{gen}", short(&key)));
+                self.brokers[b].offered.insert(gen);
+                self.brokers[b].exec[evaluator].queue.push_back((gen, key));
+                self.start_jobs(b, evaluator, follow_ups);
+            }
+            Effect::Withdraw {
+                evaluator,
+                gen,
+                overran,
+            } => {
+                self.note(format!("b{b} withdraw g{gen} overran={overran}"));
+                let exec = &mut self.brokers[b].exec[evaluator];
+                exec.queue.retain(|(g, _)| *g != gen);
+                if exec.running.contains_key(&gen) && (exec.abandon_running || overran) {
+                    // A worker is sent revoke; an overrunning thread is replaced by a spare.
+                    exec.running.remove(&gen);
+                    exec.free += 1;
+                    if exec.abandon_running {
+                        exec.revoked.insert(gen);
+                    }
+                }
+                self.start_jobs(b, evaluator, follow_ups);
+            }
+            Effect::Cache { key, outcome, .. } => {
+                if let Ok(output) = outcome {
+                    self.note(format!("b{b} caches {} = {output}", short(&key)));
+                    self.brokers[b].cache.insert(key, output);
+                }
+            }
+            Effect::Drop(target) => {
+                let keys = self.keys.clone();
+                let cache = &mut self.brokers[b].cache;
+                for (k, e) in keys {
+                    if target.covers(k, e) {
+                        cache.remove(&k);
+                    }
+                }
+            }
+            Effect::ConfirmCache(until) => {
+                let until = until.saturating_duration_since(self.base).as_millis() as u64;
+                let broker = &mut self.brokers[b];
+                broker.confirmed_until = broker.confirmed_until.max(until);
+            }
+            Effect::ForgetCache => self.brokers[b].cache.clear(),
+            Effect::Redis { op, cmd } => self.send(b, op, cmd),
+        }
+    }
+
+    /// Broker `b` sends a command to Redis.
+    fn send(&mut self, b: usize, op: OpId, cmd: RedisOp) {
+        if !matches!(
+            cmd,
+            RedisOp::Ping | RedisOp::Sync { .. } | RedisOp::Renew { .. }
+        ) {
+            let text = format!("{cmd:?}");
+            self.note(format!("b{b} sends {op}: {}", &text[..text.len().min(140)]));
+        }
+        let inc = self.brokers[b].inc;
+        let deadline = self.now + REDIS_TIMEOUT_MS;
+        self.brokers[b].ops.insert(op, deadline);
+        self.at(REDIS_TIMEOUT_MS, b, Ev::Deadline { inc, op });
+        if !self.redis.up {
+            // Refused at once, or lost until the timeout.
+            if self.rng.random_bool(0.5) {
+                let after = self.rng.random_range(0..3);
+                self.at(
+                    after,
+                    b,
+                    Ev::Reply {
+                        inc,
+                        op,
+                        reply: None,
+                    },
+                );
+            }
+            return;
+        }
+        let latency = self.latency();
+        let restarts = self.redis.restarts;
+        self.at(
+            latency,
+            b,
+            Ev::Exec {
+                inc,
+                op,
+                cmd,
+                restarts,
+            },
+        );
+    }
+
+    /// A command reaches Redis: it waits out a pause, runs, and its reply
+    /// goes back unless its time is up.
+    fn exec(&mut self, b: usize, inc: u64, op: OpId, cmd: RedisOp, restarts: u64) {
+        if restarts != self.redis.restarts || !self.redis.up {
+            // Its connection was lost with the Redis it was sent to.
+            return;
+        }
+        if self.redis.paused_until > self.now {
+            let until = self.redis.paused_until - self.now;
+            self.at(
+                until,
+                b,
+                Ev::Exec {
+                    inc,
+                    op,
+                    cmd,
+                    restarts,
+                },
+            );
+            return;
+        }
+        let reply = self.execute(b, &cmd);
+        if !matches!(
+            cmd,
+            RedisOp::Ping | RedisOp::Sync { .. } | RedisOp::Renew { .. }
+        ) {
+            self.note(format!(
+                "redis runs b{b}i{inc} {op}: {}",
+                brief(&Some(reply.clone()))
+            ));
+        }
+        let latency = self.latency();
+        if inc != self.brokers[b].inc {
+            return;
+        }
+        let Some(deadline) = self.brokers[b].ops.get(&op).copied() else {
+            return;
+        };
+        if self.now + latency <= deadline {
+            self.at(
+                latency,
+                b,
+                Ev::Reply {
+                    inc,
+                    op,
+                    reply: Some(reply),
+                },
+            );
+        }
+    }
+
+    /// What the command does to the model Redis, and its reply: the
+    /// meaning of each script in `herd_core::redis`.
+    fn execute(&mut self, from: usize, cmd: &RedisOp) -> RedisReply {
+        let now = self.now;
+        let redis = &mut self.redis;
+        match cmd {
+            RedisOp::Ping => RedisReply::Pong,
+            RedisOp::Acquire {
+                result,
+                claim,
+                value,
+                lease_ms,
+                since_ms,
+                waited,
+                waited_result,
+                wait_for,
+            } => {
+                if !wait_for.is_empty() {
+                    if redis.get(waited, now) == Some(wait_for.as_str()) {
+                        return RedisReply::Acquired(Acquired::Held(wait_for.clone()));
+                    }
+                    let named = format!("\"claim\":\"{wait_for}\"");
+                    if let Some(w) = redis.get(waited_result, now).filter(|w| w.contains(&named)) {
+                        return RedisReply::Acquired(Acquired::Found(w.to_string()));
+                    }
+                }
+                if let Some(r) = redis.get(result, now) {
+                    if at_ms(r) >= *since_ms {
+                        return RedisReply::Acquired(Acquired::Found(r.to_string()));
+                    }
+                }
+                match redis.get(claim, now) {
+                    None => {
+                        redis.set(claim, value, Some(now + lease_ms));
+                        let inc = self.brokers[from].inc;
+                        self.claims
+                            .insert(value.as_str().into(), (from, inc, claim.clone()));
+                        RedisReply::Acquired(Acquired::Claimed)
+                    }
+                    Some(holder) => RedisReply::Acquired(Acquired::Held(holder.to_string())),
+                }
+            }
+            RedisOp::Read { names } => RedisReply::Values(
+                names
+                    .iter()
+                    .map(|n| redis.get(n, now).map(str::to_string))
+                    .collect(),
+            ),
+            RedisOp::Finish {
+                result,
+                claim,
+                dropped,
+                token,
+                stored,
+                ttl_s: _,
+                keep,
+                replace_before_ms,
+                channel: _,
+                notice,
+                shared,
+            } => {
+                if !token.is_empty() && redis.get(claim, now) == Some(token.as_str()) {
+                    redis.del(claim);
+                }
+                if !keep {
+                    self.publish(notice);
+                    return RedisReply::Finished {
+                        stored: false,
+                        current: None,
+                    };
+                }
+                let marker = redis
+                    .get(dropped, now)
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or(0);
+                if at_ms(stored) <= marker {
+                    if !shared.is_empty() {
+                        self.publish(shared);
+                    }
+                    return RedisReply::Finished {
+                        stored: false,
+                        current: None,
+                    };
+                }
+                let current = redis.get(result, now).map(str::to_string);
+                let failed = |v: &str| v.contains("\"ok\":false") && !v.contains("\"ok\":true");
+                let replace = current.as_deref().is_none_or(|r| {
+                    at_ms(r) < *replace_before_ms || (failed(r) && !failed(stored))
+                });
+                if replace {
+                    if let Some((_, rest)) = stored.split_once("\"claim\":\"") {
+                        let value = rest.split('"').next().unwrap_or("");
+                        self.published.insert(value.to_string());
+                    }
+                    let redis = &mut self.redis;
+                    redis.set(result, stored, None);
+                    self.publish(notice);
+                    return RedisReply::Finished {
+                        stored: true,
+                        current: None,
+                    };
+                }
+                if !shared.is_empty() {
+                    self.publish(shared);
+                }
+                RedisReply::Finished {
+                    stored: false,
+                    current,
+                }
+            }
+            RedisOp::Renew { claims, lease_ms } => RedisReply::Renewed(
+                claims
+                    .iter()
+                    .map(|(name, value)| {
+                        let ours = redis.get(name, now) == Some(value.as_str());
+                        if ours {
+                            redis.set(name, value, Some(now + lease_ms));
+                        }
+                        ours
+                    })
+                    .collect(),
+            ),
+            RedisOp::Release { claim, value } => {
+                if redis.get(claim, now) == Some(value.as_str()) {
+                    redis.del(claim);
+                }
+                RedisReply::Done
+            }
+            RedisOp::Raise {
+                hash,
+                field,
+                at_least,
+            } => {
+                let fields = redis.hashes.entry(hash.clone()).or_default();
+                let epoch = fields.get(field).copied().unwrap_or(0).max(*at_least) + 1;
+                fields.insert(field.clone(), epoch);
+                RedisReply::Raised(epoch)
+            }
+            RedisOp::Sync { hashes } => RedisReply::Epochs(
+                hashes
+                    .iter()
+                    .map(|(hash, known)| {
+                        let fields = redis.hashes.entry(hash.clone()).or_default();
+                        for (field, epoch) in known {
+                            let have = fields.entry(field.clone()).or_default();
+                            *have = (*have).max(*epoch);
+                        }
+                        fields.iter().map(|(f, e)| (f.clone(), *e)).collect()
+                    })
+                    .collect(),
+            ),
+            RedisOp::Publish { message, .. } => {
+                self.publish(message);
+                RedisReply::Done
+            }
+            RedisOp::Drop {
+                names,
+                dropped,
+                before_ms,
+                ttl_s: _,
+            } => {
+                for name in names {
+                    if let Some(r) = redis.get(name, now).filter(|r| at_ms(r) < *before_ms) {
+                        if let Some((_, rest)) = r.split_once("\"claim\":\"") {
+                            let claim = rest.split('"').next().unwrap_or("").to_string();
+                            self.deleted.insert(claim);
+                        }
+                        redis.del(name);
+                    }
+                }
+                let marker: u64 = redis
+                    .get(dropped, now)
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or(0);
+                if *before_ms > marker {
+                    redis.set(dropped, &before_ms.to_string(), None);
+                }
+                RedisReply::Done
+            }
+        }
+    }
+
+    /// A message on the completion channel reaches every subscription made
+    /// before now, in order.
+    fn publish(&mut self, message: &str) {
+        for b in 0..self.brokers.len() {
+            let subscribed = self.brokers[b].sub.is_some_and(|s| s.since <= self.now);
+            if subscribed {
+                let delay = self.latency();
+                self.deliver_pubsub(b, PubsubEvent::Message(message.to_string()), delay);
+            }
+        }
+    }
+
+    fn start_jobs(&mut self, b: usize, evaluator: usize, follow_ups: &mut Vec<Input>) {
+        loop {
+            let exec = &mut self.brokers[b].exec[evaluator];
+            if exec.free == 0 {
+                return;
+            }
+            let Some((gen, key)) = exec.queue.pop_front() else {
+                return;
+            };
+            exec.free -= 1;
+            exec.running.insert(gen, key);
+            follow_ups.push(Input::Started {
+                gen,
+                worker: (evaluator == 1).then(|| Arc::from("worker")),
+            });
+            let roll = self.rng.random_range(0..100);
+            let inc = self.brokers[b].inc;
+            let outcome = match roll {
+                0..8 => Some(Outcome::Done(Err(EvalError::Failed(format!(
+                    "boom-b{b}i{inc}g{gen}"
+                ))))),
+                8..11 => None,
+                11..15 if self.faults && evaluator == 1 => Some(Outcome::Requeued),
+                15..17 if self.faults && evaluator == 1 => {
+                    Some(Outcome::Done(Err(EvalError::Failed("worker lost".into()))))
+                }
+                _ => Some(Outcome::Done(Ok(format!(
+                    "\"v{}-b{b}i{inc}g{gen}\"",
+                    short(&key)
+                )
+                .into()))),
+            };
+            if let Some(outcome) = outcome {
+                // Mostly within the timeout, sometimes past it.
+                let took = self.rng.random_range(1..self.p.timeout_ms * 5 / 4);
+                let inc = self.brokers[b].inc;
+                self.at(
+                    took,
+                    b,
+                    Ev::ExecDone {
+                        inc,
+                        evaluator,
+                        gen,
+                        key,
+                        outcome,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Starts queued jobs on the executor's free threads, as its reports.
+    fn refill(&mut self, b: usize, evaluator: usize) {
+        let mut follow_ups = Vec::new();
+        self.start_jobs(b, evaluator, &mut follow_ups);
+        let now = self.instant(self.now);
+        for input in follow_ups {
+            self.brokers[b].core.apply(input, now);
+        }
+        self.settle(b);
+    }
+
+    fn exec_done(&mut self, b: usize, evaluator: usize, gen: Gen, key: Key, outcome: Outcome) {
+        let exec = &mut self.brokers[b].exec[evaluator];
+        if exec.revoked.remove(&gen) {
+            return;
+        }
+        let was_running = exec.running.remove(&gen).is_some();
+        if was_running {
+            exec.free += 1;
+        }
+        match outcome {
+            Outcome::Requeued => {
+                if !was_running {
+                    return;
+                }
+                self.note(format!("b{b} worker lost, g{gen} requeued"));
+                self.brokers[b].exec[evaluator].queue.push_front((gen, key));
+                self.apply(b, Input::Requeued { gen });
+                self.refill(b, evaluator);
+            }
+            Outcome::Done(outcome) => {
+                if let Ok(output) = &outcome {
+                    *self.evaluations.entry(key).or_default() += 1;
+                    self.computed.insert(Arc::clone(output), self.now);
+                }
+                self.note(format!(
+                    "b{b} finished {} g{gen} ok={}",
+                    short(&key),
+                    outcome.is_ok()
+                ));
+                self.apply(
+                    b,
+                    Input::Finished {
+                        key,
+                        gen,
+                        evaluator,
+                        outcome,
+                        eval_ms: 1.0,
+                    },
+                );
+                self.refill(b, evaluator);
+            }
+        }
+    }
+
+    fn check(&mut self) {
+        let p = &self.p;
+        let bound = 3 * p.timeout_ms + 4 * p.lease_ms + 200;
+        let late = self.pending.iter().find(|((b, _, _), r)| {
+            r.bounded
+                && r.pauses == self.brokers[*b].pauses
+                && self.now > r.since + bound
+                && self.brokers[*b].paused_until <= r.since
+        });
+        if let Some(((b, s, id), r)) = late {
+            let what = format!(
+                "b{b} s{s} {id}: a submit of {} made at {} ms is unanswered after {bound} ms",
+                short(&r.key),
+                r.since
+            );
+            self.fail(&what);
+        }
+        for (i, broker) in self.brokers.iter().enumerate() {
+            if let Err(what) = broker.core.audit() {
+                self.fail(&format!("b{i}: {what}"));
+            }
+            let counts = broker.core.counts();
+            let sessions = broker.sessions.len().max(counts.sessions);
+            if counts.entries > sessions * p.max_pending + self.keys.len() {
+                self.fail(&format!(
+                    "b{i}: the wait table outgrew its bounds: {counts:?}"
+                ));
+            }
+            if counts.queued > 2 * p.queue_capacity + p.threads {
+                self.fail(&format!("b{i}: queues outgrew queue_capacity: {counts:?}"));
+            }
+        }
+        if !self.faults {
+            let again = |key: &Key| self.invalidated.contains(key);
+            if let Some((key, n)) = self
+                .evaluations
+                .iter()
+                .find(|(key, n)| **n > 1 && !again(key))
+            {
+                let what = format!("without faults, {} was evaluated {n} times", short(key));
+                self.fail(&what);
+            }
+        }
+    }
+
+    /// Runs until all is quiet for three leases, within a bound.
+    fn settle_down(&mut self, what: &str) {
+        let mut quiet_since: Option<u64> = None;
+        let mut steps = 0;
+        loop {
+            if self.quiet() {
+                let since = *quiet_since.get_or_insert(self.now);
+                if self.now >= since + 3 * self.p.lease_ms {
+                    return;
+                }
+            } else {
+                quiet_since = None;
+            }
+            if !self.step() {
+                return;
+            }
+            steps += 1;
+            if steps > 300_000 {
+                let held: Vec<_> = self
+                    .brokers
+                    .iter()
+                    .map(|b| (b.core.counts(), b.core.cluster_holding(), b.ops.len()))
+                    .collect();
+                self.fail(&format!("not quiet after 300000 steps {what}: {held:?}"));
+            }
+        }
+    }
+
+    /// Ends faults, lets everything settle, checks that the brokers agree
+    /// with Redis and nobody is stranded, then closes every session and
+    /// checks that nothing is left.
+    fn quiesce(&mut self) {
+        self.quiescing = true;
+        if !self.redis.up {
+            self.redis.up = true;
+            self.restart_redis();
+        }
+        self.redis.paused_until = 0;
+        self.redis.slow = false;
+        for b in &mut self.brokers {
+            b.paused_until = b.paused_until.min(self.now);
+        }
+        self.note("quiescing".into());
+        self.settle_down("with faults over");
+        if self.p.clustered {
+            self.agree_with_redis();
+        }
+        self.no_one_stranded();
+        for b in 0..self.brokers.len() {
+            for session in self.brokers[b].sessions.clone() {
+                self.close_session(b, session);
+            }
+        }
+        self.settle_down("with every session closed");
+        let left: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(_, r)| r.invalidation.is_none())
+            .collect();
+        if !left.is_empty() {
+            self.fail(&format!("requests left unanswered: {left:?}"));
+        }
+        for (i, broker) in self.brokers.iter().enumerate() {
+            let counts = broker.core.counts();
+            if counts != Default::default() {
+                self.fail(&format!("b{i}: left at quiescence: {counts:?}"));
+            }
+            // Pings and reads of the epochs go on for ever.
+            let mut held = broker.core.cluster_holding();
+            held[5] = 0;
+            if held != [0; 8] {
+                self.fail(&format!(
+                    "b{i}: the cluster's decisions hold [claims, jobs begun, waits, looked up, keys busy, commands, write-backs, invalidations] {held:?} at quiescence"
+                ));
+            }
+        }
+    }
+
+    /// The result of `key` stored in the model Redis under broker `b`'s
+    /// current tag.
+    fn stored(&self, b: usize, key: &Key) -> Option<String> {
+        let evaluator = self.fn_of(*key);
+        let epoch = self.brokers[b].core.cluster_epoch(key.ns(), evaluator);
+        let hex = key.to_hex();
+        let name = if key.ns().is_shared() {
+            format!("{PREFIX}result:{{{hex}}}:{epoch}:")
+        } else {
+            format!("{PREFIX}{}/result:{{{hex}}}:{epoch}:", key.ns())
+        };
+        let value = self.redis.get(&name, self.now)?;
+        let output = value.split_once(",\"output\":")?.1;
+        Some(output[..output.len() - 1].to_string())
+    }
+
+    fn agree_with_redis(&self) {
+        for (b, broker) in self.brokers.iter().enumerate() {
+            if broker
+                .core
+                .cluster_status()
+                .is_some_and(|s| s.link != Link::Up)
+            {
+                self.fail(&format!("b{b}: Redis is up, yet the broker serves alone"));
+            }
+            for (key, output) in &broker.cache {
+                match self.stored(b, key) {
+                    Some(stored) if stored == **output => {}
+                    stored => self.fail(&format!(
+                        "b{b} caches {output} for {}, Redis holds {stored:?}",
+                        short(key)
+                    )),
+                }
+            }
+        }
+    }
+
+    fn no_one_stranded(&self) {
+        for ((b, s, id), r) in &self.pending {
+            if !r.subscription {
+                continue;
+            }
+            let elsewhere =
+                (0..self.brokers.len()).find(|o| self.brokers[*o].cache.contains_key(&r.key));
+            let in_redis = self.p.clustered && self.stored(*b, &r.key).is_some();
+            if in_redis || elsewhere.is_some() {
+                self.fail(&format!(
+                    "b{b} s{s} {id}: a subscription to {} is stranded, while its result is in {}",
+                    short(&r.key),
+                    if in_redis {
+                        "Redis".to_string()
+                    } else {
+                        format!("b{}'s cache", elsewhere.unwrap())
+                    }
+                ));
+            }
+        }
+    }
+}
+
+fn short(key: &Key) -> String {
+    let ns = if key.ns().is_shared() { "" } else { "b/" };
+    format!("{ns}{}", &key.to_hex()[..6])
+}
+
+fn brief(reply: &Option<RedisReply>) -> String {
+    let text = format!("{reply:?}");
+    text.chars().take(160).collect()
+}
+
+fn brief_pubsub(event: &PubsubEvent) -> String {
+    let text = format!("{event:?}");
+    text.chars().take(160).collect()
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut sim = Sim::new(seed);
+    for _ in 0..steps {
+        if !sim.step() {
+            break;
+        }
+    }
+    sim.quiesce();
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn the_core_keeps_its_invariants_under_simulated_faults() {
+    let steps = env("HERD_SIM_STEPS", 3000) as usize;
+    if let Ok(seed) = std::env::var("HERD_SIM_SEED") {
+        let seed = seed.parse().expect("HERD_SIM_SEED is a number");
+        return run(seed, steps);
+    }
+    let seeds = env("HERD_SIM_SEEDS", 300);
+    let first = env("HERD_SIM_FIRST_SEED", 0);
+    for seed in first..first + seeds {
+        run(seed, steps);
+    }
+}
