@@ -81,7 +81,10 @@ fn error_codes_match() {
         .map(str::to_string)
         .collect();
     assert!(code.contains("busy") && code.contains("eval_timeout"));
-    assert_eq!(documented, code, "documented error codes vs core/src/error.rs");
+    assert_eq!(
+        documented, code,
+        "documented error codes vs core/src/error.rs"
+    );
 }
 
 #[test]

@@ -1636,7 +1636,12 @@ impl Coordinator {
                 how,
                 back,
             } => {
-                let Some(RedisReply::Finished { stored, current }) = reply else {
+                let Some(RedisReply::Finished {
+                    stored,
+                    current,
+                    dropped,
+                }) = reply
+                else {
                     if let Some(back) = back {
                         self.keep_back(back, out);
                     }
@@ -1649,6 +1654,12 @@ impl Coordinator {
                     }
                     return;
                 };
+                if dropped {
+                    // Redis knows of an invalidation of the key after this
+                    // was computed: nobody keeps it, this broker included.
+                    self.events
+                        .push_back(ClusterEvent::Dropped(Target::Key(key)));
+                }
                 let instead = current
                     .filter(|_| !stored)
                     .and_then(|text| self.parse(&text, key.ns()))

@@ -103,10 +103,12 @@ pub enum RedisReply {
     /// `Read`: each name's value.
     Values(Vec<Option<String>>),
     /// `Finish`: stored, or not and what is stored instead (None: nothing,
-    /// for an outcome that was not to be kept).
+    /// for an outcome that was not to be kept); `dropped`: not stored
+    /// because the key was dropped after it was computed.
     Finished {
         stored: bool,
         current: Option<String>,
+        dropped: bool,
     },
     /// `Renew`: for each claim, whether it was still ours.
     Renewed(Vec<bool>),
@@ -141,8 +143,9 @@ pub const ACQUIRE: &str = "if ARGV[4] ~= '' then if redis.call('GET', KEYS[3]) =
 /// token ('' for none), `ARGV[2]` value, `ARGV[3]` ttl s, `ARGV[4]` keep
 /// ('1' or '0'), `ARGV[5]` channel, `ARGV[6]` notice, `ARGV[7]` shared
 /// notice ('' for none), `ARGV[8]` replace before ms. A stored value
-/// begins `{"at_ms":<ms>,"ok":<bool>`. Returns `{stored, current}`.
-pub const FINISH: &str = "if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end if ARGV[4] == '0' then redis.call('PUBLISH', ARGV[5], ARGV[6]) return {0, ''} end local at = tonumber(string.match(ARGV[2], '\"at_ms\":(%d+)')) or 0 if at <= (tonumber(redis.call('GET', KEYS[3]) or '0') or 0) then if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {0, ''} end local r = redis.call('GET', KEYS[1]) if (not r) or (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) < tonumber(ARGV[8]) or (string.match(r, '^{\"at_ms\":%d+,\"ok\":false') and string.match(ARGV[2], '^{\"at_ms\":%d+,\"ok\":true')) then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end redis.call('PUBLISH', ARGV[5], ARGV[6]) return {1, ''} end if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {0, r}";
+/// begins `{"at_ms":<ms>,"ok":<bool>`. Returns `{1, ''}` (stored), `{0,
+/// current}`, or `{2, ''}` (the key was dropped after it was computed).
+pub const FINISH: &str = "if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end if ARGV[4] == '0' then redis.call('PUBLISH', ARGV[5], ARGV[6]) return {0, ''} end local at = tonumber(string.match(ARGV[2], '\"at_ms\":(%d+)')) or 0 if at <= (tonumber(redis.call('GET', KEYS[3]) or '0') or 0) then if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {2, ''} end local r = redis.call('GET', KEYS[1]) if (not r) or (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) < tonumber(ARGV[8]) or (string.match(r, '^{\"at_ms\":%d+,\"ok\":false') and string.match(ARGV[2], '^{\"at_ms\":%d+,\"ok\":true')) then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end redis.call('PUBLISH', ARGV[5], ARGV[6]) return {1, ''} end if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {0, r}";
 
 /// `KEYS[1]` claim; `ARGV[1]` value, `ARGV[2]` lease ms. Returns 1 if renewed.
 pub const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";

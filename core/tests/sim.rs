@@ -742,7 +742,9 @@ impl Sim {
                 let pause = self
                     .rng
                     .random_range(self.p.lease_ms / 2..self.p.lease_ms * 3);
-                self.redis.paused_until = self.now + pause;
+                // A pause under way is not cut short: what it holds back
+                // comes out in order.
+                self.redis.paused_until = self.redis.paused_until.max(self.now + pause);
                 self.note(format!("fault: redis paused {pause} ms"));
             }
             3 => {
@@ -754,7 +756,8 @@ impl Sim {
                 let pause = self
                     .rng
                     .random_range(self.p.lease_ms / 2..self.p.lease_ms * 3);
-                self.brokers[b].paused_until = self.now + pause;
+                let broker = &mut self.brokers[b];
+                broker.paused_until = broker.paused_until.max(self.now + pause);
                 self.brokers[b].pauses += 1;
                 self.note(format!("fault: b{b} paused {pause} ms"));
             }
@@ -1082,8 +1085,12 @@ impl Sim {
                     d.source,
                     d.claim,
                 ));
+                let gave_up = matches!(&d.outcome, Err(EvalError::Timeout(m)) if m.starts_with("no outcome"))
+                    && matches!(d.source, Source::Cluster { .. });
                 if let Some(claim) = &d.claim {
-                    if !d.waiters.is_empty() {
+                    // Giving up is no outcome of the evaluation: whether it
+                    // was too early is checked below.
+                    if !d.waiters.is_empty() && !gave_up {
                         let first = self
                             .claim_outcomes
                             .entry(Arc::clone(claim))
@@ -1098,8 +1105,6 @@ impl Sim {
                             ));
                         }
                     }
-                    let gave_up = matches!(&d.outcome, Err(EvalError::Timeout(m)) if m.starts_with("no outcome"))
-                        && matches!(d.source, Source::Cluster { .. });
                     if gave_up && self.still_evaluated(claim) {
                         self.fail(&format!(
                             "b{b} gave eval_timeout for claim {claim}, which {} still evaluates",
@@ -1348,6 +1353,7 @@ impl Sim {
                     return RedisReply::Finished {
                         stored: false,
                         current: None,
+                        dropped: false,
                     };
                 }
                 let marker = redis
@@ -1361,6 +1367,7 @@ impl Sim {
                     return RedisReply::Finished {
                         stored: false,
                         current: None,
+                        dropped: true,
                     };
                 }
                 let current = redis.get(result, now).map(str::to_string);
@@ -1379,6 +1386,7 @@ impl Sim {
                     return RedisReply::Finished {
                         stored: true,
                         current: None,
+                        dropped: false,
                     };
                 }
                 if !shared.is_empty() {
@@ -1387,6 +1395,7 @@ impl Sim {
                 RedisReply::Finished {
                     stored: false,
                     current,
+                    dropped: false,
                 }
             }
             RedisOp::Renew { claims, lease_ms } => RedisReply::Renewed(
@@ -1661,11 +1670,9 @@ impl Sim {
             self.redis.up = true;
             self.restart_redis();
         }
-        self.redis.paused_until = 0;
+        // Pauses under way run their course: what they held back comes
+        // out in order.
         self.redis.slow = false;
-        for b in &mut self.brokers {
-            b.paused_until = b.paused_until.min(self.now);
-        }
         self.note("quiescing".into());
         self.settle_down("with faults over");
         if self.p.clustered {
@@ -1730,10 +1737,20 @@ impl Sim {
             for (key, output) in &broker.cache {
                 match self.stored(b, key) {
                     Some(stored) if stored == **output => {}
-                    stored => self.fail(&format!(
-                        "b{b} caches {output} for {}, Redis holds {stored:?}",
-                        short(key)
-                    )),
+                    stored => {
+                        let names: Vec<(&String, &str)> = self
+                            .redis
+                            .strings
+                            .iter()
+                            .filter(|(n, _)| n.contains(&key.to_hex()))
+                            .map(|(n, v)| (n, v.value.as_str()))
+                            .collect();
+                        self.fail(&format!(
+                            "b{b} caches {output} for {}, Redis holds {stored:?} (epoch {}; {names:?})",
+                            short(key),
+                            broker.core.cluster_epoch(key.ns(), self.fn_of(*key)),
+                        ))
+                    }
                 }
             }
         }

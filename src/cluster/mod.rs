@@ -329,6 +329,7 @@ async fn perform(
             Some(RedisReply::Finished {
                 stored: stored == 1,
                 current: (!current.is_empty()).then_some(current),
+                dropped: stored == 2,
             })
         }
         RedisOp::Renew { claims, lease_ms } => {
