@@ -1880,6 +1880,15 @@ impl Core {
             }
             _ => self.maybe_abandon(key),
         }
+        // Subscriptions left without a job: the cluster looks for them.
+        if self
+            .table
+            .get(&key)
+            .is_some_and(|e| e.job.is_none() && !e.looked)
+        {
+            self.table.get_mut(&key).expect("just found").looked = true;
+            self.ask(ClusterCmd::Lookup { key });
+        }
     }
 }
 

@@ -322,13 +322,17 @@ struct Sim {
     invalidated_at: HashMap<Key, (u64, u64)>,
     /// When each invalidation was asked for (kept after its session closes).
     invalidations: HashMap<Request, u64>,
-    /// Each claim's outcome as delivered to its waiters.
+    /// Each claim's outcome as its claimant delivered it to its own waiters.
     claim_outcomes: HashMap<Arc<str>, String>,
-    /// Claims whose outcome was stored in Redis: from then on every waiter
-    /// of the evaluation can learn it. An outcome only announced (its
+    /// What waiters of each claim on other brokers got, and when.
+    claim_joined: HashMap<Arc<str>, Vec<(u64, String)>>,
+    /// When each claim's outcome was first stored in Redis: from then on
+    /// every waiter of the evaluation can learn it, and gets it. Before,
+    /// a waiter elsewhere may give up on a claimant whose lease ran out and
+    /// take the result that stands; an outcome only announced (its
     /// evaluation invalidated while it ran) reaches the waiters that hear
-    /// the announcement; one whose claimant was cut off from Redis, none.
-    published: HashSet<String>,
+    /// the announcement.
+    published: HashMap<String, u64>,
     /// Claims whose stored outcome an invalidation deleted: a waiter of the
     /// evaluation that had not heard it by then gets the result that
     /// stands instead.
@@ -421,7 +425,8 @@ impl Sim {
             invalidated_at: HashMap::default(),
             invalidations: HashMap::default(),
             claim_outcomes: HashMap::default(),
-            published: HashSet::default(),
+            claim_joined: HashMap::default(),
+            published: HashMap::default(),
             deleted: HashSet::default(),
             claims: HashMap::default(),
             trace: VecDeque::new(),
@@ -994,6 +999,38 @@ impl Sim {
         req
     }
 
+    /// Broker `b` handed `text` to waiters of the evaluation under `claim`:
+    /// its claimant's waiters and every waiter elsewhere that got it after
+    /// it was stored got the same.
+    fn same_outcome(&mut self, b: usize, claim: &Arc<str>, text: String) {
+        if self.deleted.contains(&**claim) {
+            return;
+        }
+        let stored_at = self.published.get(&**claim).copied();
+        let learnable = |at: u64| stored_at.is_some_and(|s| s <= at);
+        if claim_node(claim) == format!("b{b}") {
+            let joined = self.claim_joined.get(claim).cloned().unwrap_or_default();
+            if let Some((at, other)) = joined.iter().find(|(at, o)| *o != text && learnable(*at)) {
+                self.fail(&format!(
+                    "the waiters of one evaluation (claim {claim}) got different outcomes: {text} from its claimant, {other} elsewhere at {at} ms"
+                ));
+            }
+            self.claim_outcomes.insert(Arc::clone(claim), text);
+            return;
+        }
+        if let Some(own) = self.claim_outcomes.get(claim) {
+            if *own != text && learnable(self.now) {
+                self.fail(&format!(
+                    "the waiters of one evaluation (claim {claim}) got different outcomes: {own} from its claimant, {text} on b{b}"
+                ));
+            }
+        }
+        self.claim_joined
+            .entry(Arc::clone(claim))
+            .or_default()
+            .push((self.now, text));
+    }
+
     /// Whether the claim `claim` is still held in Redis by a broker that
     /// runs (the incarnation that took it, not paused), and Redis answers.
     fn still_evaluated(&self, claim: &str) -> bool {
@@ -1091,19 +1128,7 @@ impl Sim {
                     // Giving up is no outcome of the evaluation: whether it
                     // was too early is checked below.
                     if !d.waiters.is_empty() && !gave_up {
-                        let first = self
-                            .claim_outcomes
-                            .entry(Arc::clone(claim))
-                            .or_insert_with(|| text.clone())
-                            .clone();
-                        if first != text
-                            && self.published.contains(&**claim)
-                            && !self.deleted.contains(&**claim)
-                        {
-                            self.fail(&format!(
-                                "the waiters of one evaluation (claim {claim}) got different outcomes: {first} and {text}"
-                            ));
-                        }
+                        self.same_outcome(b, claim, text);
                     }
                     if gave_up && self.still_evaluated(claim) {
                         self.fail(&format!(
@@ -1378,7 +1403,7 @@ impl Sim {
                 if replace {
                     if let Some((_, rest)) = stored.split_once("\"claim\":\"") {
                         let value = rest.split('"').next().unwrap_or("");
-                        self.published.insert(value.to_string());
+                        self.published.entry(value.to_string()).or_insert(now);
                     }
                     let redis = &mut self.redis;
                     redis.set(result, stored, None);
