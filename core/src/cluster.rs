@@ -284,6 +284,14 @@ pub(crate) enum ClusterEvent {
         at_ms: u64,
         keep: bool,
     },
+    /// Another broker's outcome of `key` was stored before this broker's:
+    /// its cache takes that one instead.
+    Replace {
+        key: Key,
+        evaluator: usize,
+        outcome: Result<Arc<str>, EvalError>,
+        at_ms: u64,
+    },
     /// `target`'s results were dropped elsewhere: drop them here too.
     Dropped(Target),
     /// The answer to [`ClusterCmd::Invalidate`].
@@ -1674,11 +1682,11 @@ impl Coordinator {
                         // Another broker's result was stored first: this
                         // broker's cache takes it instead of its own.
                         if let Some(read) = instead {
-                            out.push_back(Effect::Cache {
+                            self.events.push_back(ClusterEvent::Replace {
                                 key,
                                 evaluator,
                                 outcome: read.outcome,
-                                at_ms: Some(read.at_ms),
+                                at_ms: read.at_ms,
                             });
                         }
                     }

@@ -1665,6 +1665,26 @@ impl Core {
                 self.outcome_from_cluster(key, evaluator, outcome, from, now)
             }
             ClusterEvent::Dropped(target) => self.drop_results(target, now),
+            ClusterEvent::Replace {
+                key,
+                evaluator,
+                outcome,
+                at_ms,
+            } => {
+                // Not what was dropped here lately (an invalidation that
+                // Redis may not have carried out yet): then neither.
+                let effect = if self.dropped_lately(key, evaluator, now) {
+                    Effect::Drop(Target::Key(key))
+                } else {
+                    Effect::Cache {
+                        key,
+                        evaluator,
+                        outcome,
+                        at_ms: Some(at_ms),
+                    }
+                };
+                self.effects.push_back(effect);
+            }
             ClusterEvent::Invalidated {
                 target,
                 session,
