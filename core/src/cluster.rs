@@ -1872,6 +1872,11 @@ impl Coordinator {
             PubsubEvent::Down => {
                 if self.pubsub {
                     tracing::warn!("cluster: the completion channel's subscription is down; keys waited on are looked up every lease");
+                    // Redis may have restarted: a PING finds out before a
+                    // command of someone's is lost to a dead connection.
+                    if self.link == Link::Up {
+                        self.send(Pending::Ping, RedisOp::Ping, out);
+                    }
                 }
                 self.pubsub = false;
             }

@@ -1,6 +1,8 @@
 //! A real broker on 127.0.0.1:0 and a real WebSocket client for the tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use futures::{SinkExt, StreamExt};
 use herd::Config;
 use serde_json::{json, Value};
