@@ -1,16 +1,17 @@
 //! The hub: the driver of the coordination core, as one task.
 //!
 //! The hub is the singular update queue: one task owns the [`Core`] (the
-//! wait table and every key's lifecycle) and the executors, and applies
-//! what arrives one message at a time: sessions' requests and closes,
-//! evaluator threads' reports, worker sessions' `serve` and `complete`,
-//! the cluster task's replies, and the core's own deadlines. After each
-//! input it performs every effect the core asked for: frames into
-//! sessions' outboxes (never awaited), jobs offered to or withdrawn from
-//! executors, results into the cache, commands to the cluster task. What
-//! the executors or the cluster task answer at once (a full queue, a full
-//! cluster inbox) goes back into the core as the next input, so nothing
-//! re-enters the core while it changes.
+//! wait table, every key's lifecycle and, in a cluster, the cluster's
+//! decisions) and the executors, and applies what arrives one message at a
+//! time: sessions' requests and closes, evaluator threads' reports, worker
+//! sessions' `serve` and `complete`, Redis's replies and pub/sub messages
+//! (from the cluster shell), and the core's own deadlines. After each input
+//! it performs every effect the core asked for: frames into sessions'
+//! outboxes (never awaited), jobs offered to or withdrawn from executors,
+//! results into the cache, Redis commands to the cluster shell (never
+//! awaited). What the executors answer at once (a full queue) goes back
+//! into the core as the next input, so nothing re-enters the core while it
+//! changes.
 //!
 //! Before a submit or subscription reaches the core the hub checks the
 //! cache again: a result may have landed between a session's miss and its

@@ -100,7 +100,7 @@ pub struct Metrics {
     ns_label_limit: std::sync::atomic::AtomicUsize,
     /// Whether this broker runs in cluster mode.
     pub cluster_mode: std::sync::atomic::AtomicBool,
-    /// The cluster's totals and its brokers, as the cluster task last
+    /// The cluster's totals and its brokers, as the figures exchange last
     /// read them.
     pub cluster_totals: std::sync::Mutex<Option<(Totals, Vec<BrokerFigures>)>>,
     /// The core's cluster figures, as the hub last published them.

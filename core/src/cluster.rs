@@ -5,7 +5,7 @@
 //! no I/O either: it chooses [`RedisOp`]s (pushed as [`Effect::Redis`]),
 //! reads their replies ([`crate::Input::Redis`]) and the completion
 //! channel's messages ([`crate::Input::Pubsub`]), and tells the wait table
-//! what they mean ([`ClusterEvent`]). The broker's cluster shell sends the
+//! what they mean. The broker's cluster shell sends the
 //! commands; the simulation answers them from a model Redis. Both run this
 //! same code.
 //!

@@ -1,7 +1,7 @@
 //! Namespaces: a tenant's private world of results.
 //!
 //! Every session belongs to one namespace, named by its credential; every
-//! key it uses carries that namespace ([`crate::Key::ns`]), so the wait
+//! key it uses carries that namespace ([`crate::key::Key::ns`]), so the wait
 //! table, the cache and the cluster's Redis names keep namespaces apart
 //! without any of them knowing what a namespace is. A name is interned once
 //! for the life of the process and travels as a small copyable [`Ns`];

@@ -1,14 +1,16 @@
-//! The coordination core: the wait table and every key's lifecycle, as a
-//! state machine that does no I/O.
+//! The wait table and every key's lifecycle, as a state machine that does
+//! no I/O.
 //!
-//! [`Core`] holds `key → {waiters, job}` and what each session holds in it.
-//! Its one way in is [`Core::apply`] (something happened: a request, an
-//! executor's report, a cluster reply) and [`Core::handle_timeout`] (the
-//! clock passed [`Core::poll_timeout`]); both take `now` from the caller and
-//! push [`Effect`]s that the caller takes with [`Core::poll`] and performs
-//! after `apply` returns. No channel, clock, socket or await lives here, so
-//! nothing re-enters the table while it changes, and the same core runs in
-//! the broker (`hub`) and in the deterministic simulation (`tests/sim.rs`).
+//! [`Core`] holds `key → {waiters, job}` and what each session holds in it,
+//! and in cluster mode the cluster's decisions ([`crate::cluster`]). Its
+//! one way in is [`Core::apply`] (something happened: a request, an
+//! executor's report, a Redis reply or pub/sub message) and
+//! [`Core::handle_timeout`] (the clock passed [`Core::poll_timeout`]); both
+//! take `now` from the caller and push [`Effect`]s that the caller takes
+//! with [`Core::poll`] and performs after `apply` returns. No channel,
+//! clock, socket or await lives here, so nothing re-enters the table while
+//! it changes, and the same core runs in the broker (`hub`) and in the
+//! deterministic simulation (`tests/sim.rs`).
 //!
 //! The core never asks how a job runs: threads, process children and
 //! remote workers sit behind one executor boundary. The core offers a job
@@ -20,37 +22,42 @@
 //! # A key's lifecycle
 //!
 //! A key with an entry has waiters (submits that wait, subscriptions), a
-//! job, or both. The job's [`Phase`]:
+//! job, or both. The job's [`Phase`] (T: the fn's `timeout_ms`, L: the
+//! lease; "cluster" is the cluster's decisions):
 //!
 //! | from | event | to | who is told | what is released |
 //! |---|---|---|---|---|
 //! | (none) | submit, lone broker | `Queued` | submitter `accepted` | |
 //! | (none) | submit, queue full | (none) | submitter `busy` | |
-//! | (none) | submit, cluster | `Asking` | submitter `accepted`; cluster `Acquire` | |
-//! | `Asking` | `Claimed` / `Takeover` | `Queued` (claimed) | executor `Offer` | |
+//! | (none) | submit, cluster | `Asking` (deadline T + L) | submitter `accepted`; cluster `Acquire` (a claim held at most 2T + L) | |
+//! | `Asking` | `Claimed` | `Queued` (claimed) | executor `Offer` | |
 //! | `Asking` | `Local` (Redis away) | `Queued` | executor `Offer` | |
-//! | `Asking` | `Waiting` | `Waiting` | | timer reset to timeout + lease |
-//! | `Waiting` | `Takeover` / `Local` | `Queued` | executor `Offer` | |
+//! | `Asking` | `Waiting` | `Waiting` (deadline 2T + 2L), or abandoned if nobody waits any more | | |
+//! | `Waiting` | `Claimed` (a takeover) / `Local` | `Queued` | executor `Offer` | |
 //! | `Asking`, `Waiting` | settle with the queue full | (none) | every waiter `busy` | claim, timer, `wait:false` holds |
-//! | `Queued` | `Started` | `Running` | | timer reset to timeout |
+//! | `Queued` | `Started` | `Running` | | timer reset to T |
 //! | `Running` | `Requeued` (worker gone) | `Queued` | | |
-//! | `Queued`, `Running` | `Finished` | (none) | every waiter the outcome; cache; cluster `Finished` | timer, claim (by `Finished`), holds |
-//! | `Queued`, `Running` with a claim asked for half a lease ago or more | `Finished` | `Storing` | cluster `Finished` (confirm) | slot, running count |
+//! | `Queued`, `Running` | `Finished` | (none) | every waiter the outcome; cache; cluster `Finished` (stored if nothing is; another result stored first replaces this broker's copy) | timer, claim (by `Finished`), holds |
+//! | `Queued`, `Running` with a claim asked for L/2 ago or more, or taken over | `Finished` | `Storing` (deadline L) | cluster `Finished` (confirm) | slot, running count |
 //! | `Storing` | `Verdict` (or its own notice) | (none) | every waiter the result that stands (another broker's if stored first); cache | timer, holds |
-//! | `Storing` | deadline (one lease) | (none) | every waiter its own outcome; cache | timer, holds |
+//! | `Storing` | deadline | (none) | every waiter its own outcome; cache | timer, holds |
 //! | `Queued`, `Running` | deadline | (none) | every waiter `eval_timeout`; cache; cluster `Finished`; executor `Withdraw` | timer, claim, slot, holds |
 //! | `Asking`, `Waiting` | deadline | (none) | every waiter `eval_timeout` (never published: the claim is not ours); cluster `Forget` | timer, claim if any, holds |
-//! | any | `Found` / `Done` from the cluster | (none) | every waiter the outcome; cache | `Withdraw`, claim (`Release`), timer, holds |
-//! | any with a claim | `Done` failure under another claim | unchanged | nobody (an earlier job's failure) | |
+//! | `Waiting` on claim c | c's outcome (a notice, or its own look once c is gone) | (none) | every waiter that came in time (see [`Core`]'s `outcome_from_cluster`) | `Forget`, timer, holds |
+//! | `Asking` | a success from the cluster, or its own look's answer | (none) | the same | claim, timer, holds |
+//! | `Queued`, `Running` | a success kept in Redis | (none) | every waiter; cache | `Withdraw`, claim (`Release`), timer, holds |
+//! | any | a failure under another claim, an outcome shared with another evaluation's waiters | unchanged | nobody | |
 //! | any | `Stored` (a large output, not in the notice) | unchanged | cluster `Lookup`, which brings `Found` | |
 //! | `Queued`, `Refused` by the executor | | (none) | every waiter `busy` | claim, timer, holds |
 //! | any | last waiter leaves, no `wait:false` hold | (none), or kept | | see below |
-//! | any | `Invalidate` of its key or fn (here, or `Dropped` from another broker) | unchanged, marked dropped | cache `Drop`; in a cluster, `Invalidate` (the answer waits for `Invalidated`) | |
-//! | `Queued`, `Running`, marked dropped | `Finished` | (none) | every waiter the outcome; not cached, not stored | claim (`Release`), timer, holds |
+//! | any | `Invalidate` of its key or fn (here, or `Dropped` from another broker or from Redis) | unchanged, marked dropped | cache `Drop`; in a cluster, `Invalidate` (the answer waits for `Invalidated`) | |
+//! | `Queued`, `Running`, marked dropped or begun under a fn's older epoch | `Finished` (or deadline) | (none) | every waiter the outcome; shared with its evaluation's waiters elsewhere, kept nowhere | claim (by `Finished`), timer, holds |
 //!
-//! A late outcome (its job ended) is cached unless something was dropped
-//! since its job began; an outcome from the cluster of a key or fn dropped
-//! within the last lease is delivered but not cached.
+//! A late outcome (its job ended) on a lone broker is cached unless
+//! something was dropped since its job began; in a cluster it is only
+//! offered to Redis (stored if nothing is), and reaches this broker from
+//! there. An outcome from the cluster of a key or fn dropped within the
+//! last lease is delivered but not cached.
 //!
 //! When the last waiter of a key leaves (cancel, session closed) and no
 //! `wait:false` submit holds its job: a `Queued` job is withdrawn; a
@@ -61,8 +68,8 @@
 //!
 //! A claim, a timer and a queue slot each belong to exactly one job (one
 //! generation: a later job of the same key has a new one) and end with it.
-//! Every phase has a deadline, so no job outlives its timeout (plus one
-//! lease while it depends on another broker).
+//! Every phase has a deadline, so no job outlives twice its timeout (plus
+//! two leases while it depends on another broker).
 
 use crate::cluster::{
     ClusterCmd, ClusterConfig, ClusterEvent, ClusterStatus, Coordinator, Finish, OpId, PubsubEvent,
@@ -209,7 +216,7 @@ pub enum Phase {
     Running,
     /// Evaluated here under a claim that may have lapsed (the job outlived
     /// half a lease): its outcome waits for Redis's word on whose result
-    /// stands ([`ClusterEvent::Verdict`]).
+    /// stands (a verdict).
     Storing,
 }
 
