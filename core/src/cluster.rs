@@ -414,8 +414,8 @@ enum Pending {
     },
     /// A fn's epoch raised; its announcement follows.
     Raise(Invalidation),
-    /// A key's results (computed before then) deleted; its announcement
-    /// follows.
+    /// A key's results (computed before then) deleted and the drop
+    /// announced.
     Delete(Invalidation, Vec<String>, u64),
     /// Announced; answered a lease on (a key's results deleted again first).
     Announce(Invalidation, Option<Again>),
@@ -1209,16 +1209,20 @@ impl Coordinator {
                 self.send(Pending::Raise(invalidation), op, out);
             }
             Target::Key(key) => {
-                // Deleted, announced, and a lease later deleted again if
-                // what is stored was computed before now (a broker that
-                // evaluated it may store it before it hears).
+                // Deleted and announced in one step, and a lease later
+                // deleted again if what is stored was computed before now
+                // (a broker that evaluated it may store it before it hears).
                 let names = self.result_names(&key);
                 let before_ms = self.unix_ms(now);
+                let notice =
+                    serde_json::json!({"drop": key.to_hex(), "ns": &*key.ns().name()}).to_string();
                 let op = RedisOp::Drop {
                     names: names.clone(),
                     dropped: self.name("dropped", &key, ""),
                     before_ms,
                     ttl_s: self.config.result_ttl_s,
+                    channel: self.channel(),
+                    notice,
                 };
                 self.send(Pending::Delete(invalidation, names, before_ms), op, out);
             }
@@ -1260,6 +1264,8 @@ impl Coordinator {
                         dropped: self.name("dropped", &key, ""),
                         before_ms,
                         ttl_s: self.config.result_ttl_s,
+                        channel: self.channel(),
+                        notice: String::new(),
                     };
                     self.send(Pending::DeleteAgain(invalidation), op, out)
                 }
@@ -1742,15 +1748,13 @@ impl Coordinator {
                 self.announce(invalidation, message, None, out);
             }
             Pending::Delete(invalidation, names, before_ms) => {
-                let Target::Key(key) = invalidation.target else {
-                    return;
-                };
                 if reply.is_none() {
                     return self.answer(invalidation, false);
                 }
-                let message =
-                    serde_json::json!({"drop": key.to_hex(), "ns": &*key.ns().name()}).to_string();
-                self.announce(invalidation, message, Some((names, before_ms)), out);
+                // A lease on, every broker has heard it or serves nothing.
+                let again = Some((names, before_ms));
+                self.announced
+                    .push((now + self.config.lease, invalidation, again));
             }
             Pending::Announce(invalidation, again) => {
                 if reply.is_none() {

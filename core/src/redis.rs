@@ -81,14 +81,17 @@ pub enum RedisOp {
     /// `PUBLISH channel message`.
     Publish { channel: String, message: String },
     /// [`DROP`]: delete each of `names` that holds a result computed
-    /// before `before_ms` (Unix ms), and set the key's drop marker
-    /// `dropped` to `before_ms` (for `ttl_s`, 0: no expiry): nothing
-    /// computed before then is stored for the key after.
+    /// before `before_ms` (Unix ms), set the key's drop marker `dropped` to
+    /// `before_ms` (for `ttl_s`, 0: no expiry): nothing computed before
+    /// then is stored for the key after; and publish `notice` (if not
+    /// empty) on `channel`, in the same step.
     Drop {
         names: Vec<String>,
         dropped: String,
         before_ms: u64,
         ttl_s: u64,
+        channel: String,
+        notice: String,
     },
 }
 
@@ -160,5 +163,6 @@ pub const RAISE: &str = "local e = tonumber(redis.call('HGET', KEYS[1], ARGV[1])
 pub const SYNC: &str = "for i = 1, #ARGV, 2 do local have = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') if have < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end end return redis.call('HGETALL', KEYS[1])";
 
 /// `KEYS[1]` the drop marker, then the results of one key (one slot);
-/// `ARGV[1]` before ms, `ARGV[2]` the marker's ttl s.
-pub const DROP: &str = "local before = tonumber(ARGV[1]) for i = 2, #KEYS do local r = redis.call('GET', KEYS[i]) if r and (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) < before then redis.call('DEL', KEYS[i]) end end if before > (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) then if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end end return 0";
+/// `ARGV[1]` before ms, `ARGV[2]` the marker's ttl s, `ARGV[3]` channel,
+/// `ARGV[4]` notice ('' for none).
+pub const DROP: &str = "local before = tonumber(ARGV[1]) for i = 2, #KEYS do local r = redis.call('GET', KEYS[i]) if r and (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) < before then redis.call('DEL', KEYS[i]) end end if before > (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) then if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end end if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end return 0";

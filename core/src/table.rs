@@ -403,6 +403,17 @@ struct Job {
     evaluated: Option<(Result<Arc<str>, EvalError>, f64)>,
     /// Its result was invalidated while it ran: delivered, never kept.
     dropped: bool,
+    /// While asking: the last outcome announced under a claim, in case
+    /// this job then finds that claim is the one to wait on.
+    heard: Option<Heard>,
+}
+
+/// An outcome announced under a claim, heard by a job still asking.
+struct Heard {
+    claim: Arc<str>,
+    outcome: Result<Arc<str>, EvalError>,
+    at_ms: u64,
+    keep: bool,
 }
 
 impl Job {
@@ -855,6 +866,10 @@ impl Core {
         self.table.get(key)?.job.as_ref()
     }
 
+    fn job_mut_of(&mut self, key: &Key) -> Option<&mut Job> {
+        self.table.get_mut(key)?.job.as_mut()
+    }
+
     fn set_deadline(&mut self, gen: Gen, at: Option<Instant>) {
         let Some(job) = self.job_mut(gen) else {
             return;
@@ -1021,6 +1036,7 @@ impl Core {
             wanted: Vec::new(),
             evaluated: None,
             dropped: false,
+            heard: None,
         });
         if !self.clustered() {
             return self.queue(gen, now);
@@ -1639,7 +1655,9 @@ impl Core {
                     return;
                 }
                 job.phase = Phase::Waiting;
-                job.claim = Some(holder);
+                job.claim = Some(Arc::clone(&holder));
+                // Its claimant's outcome may have been announced already.
+                let heard = job.heard.take().filter(|h| h.claim == holder);
                 // The claimant's job may wait in its queue and then run,
                 // each up to the timeout, and wait a lease for Redis's
                 // verdict; a lease more notices that it is gone.
@@ -1649,6 +1667,16 @@ impl Core {
                     .saturating_mul(2)
                     .saturating_add(lease.saturating_mul(2));
                 self.set_deadline(gen, now.checked_add(wait));
+                if let Some(heard) = heard {
+                    let from = From {
+                        claim: Some(heard.claim),
+                        at_ms: heard.at_ms,
+                        keep: heard.keep,
+                        for_gen: None,
+                        read_at: None,
+                    };
+                    return self.outcome_from_cluster(key, evaluator, heard.outcome, from, now);
+                }
                 // Its last waiter may have left while it asked.
                 self.maybe_abandon(key);
             }
@@ -1844,6 +1872,16 @@ impl Core {
             Some((Phase::Storing, _)) => false,
         };
         if !takes {
+            if let (Some(job), Some(claim)) = (self.job_mut_of(&key), claim) {
+                if job.phase == Phase::Asking {
+                    job.heard = Some(Heard {
+                        claim,
+                        outcome,
+                        at_ms,
+                        keep,
+                    });
+                }
+            }
             return;
         }
         let lease = self.lease();

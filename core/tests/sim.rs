@@ -333,6 +333,19 @@ struct Sim {
     /// evaluation invalidated while it ran) reaches the waiters that hear
     /// the announcement.
     published: HashMap<String, u64>,
+    /// The outcome of each claim whose notice each broker (incarnation)
+    /// heard after it began waiting on that claim: from then on its waiters
+    /// of that evaluation get that.
+    heard: HashMap<(usize, u64, Arc<str>), String>,
+    /// The claims each broker (incarnation) has waited on.
+    joined: HashSet<(usize, u64, Arc<str>)>,
+    /// Times each fn's epoch (per namespace) was raised in Redis, and each
+    /// broker's drops of a whole fn's results (and, under `usize::MAX - b`,
+    /// the invalidations of it asked for there): a broker drops a fn's
+    /// results only for an invalidation (heard, read or its own) or its
+    /// first read of the epochs.
+    rises: HashMap<String, u64>,
+    fn_drops: HashMap<(usize, String), u64>,
     /// Claims whose stored outcome an invalidation deleted: a waiter of the
     /// evaluation that had not heard it by then gets the result that
     /// stands instead.
@@ -428,6 +441,10 @@ impl Sim {
             claim_joined: HashMap::default(),
             published: HashMap::default(),
             deleted: HashSet::default(),
+            heard: HashMap::default(),
+            joined: HashSet::default(),
+            rises: HashMap::default(),
+            fn_drops: HashMap::default(),
             claims: HashMap::default(),
             trace: VecDeque::new(),
         };
@@ -586,6 +603,11 @@ impl Sim {
                 restarts,
             } => self.exec(b, inc, op, cmd, restarts),
             Ev::Reply { op, reply, .. } => {
+                if let Some(RedisReply::Acquired(Acquired::Held(holder))) = &reply {
+                    // From now on b waits on that claim (its notices bind).
+                    let inc = self.brokers[b].inc;
+                    self.joined.insert((b, inc, holder.as_str().into()));
+                }
                 if self.brokers[b].ops.remove(&op).is_some() {
                     self.note(format!("b{b} reply {op}: {}", brief(&reply)));
                     self.apply(b, Input::Redis { op, reply });
@@ -599,6 +621,9 @@ impl Sim {
             }
             Ev::Pubsub { event, .. } => {
                 self.note(format!("b{b} pubsub {}", brief_pubsub(&event)));
+                if let PubsubEvent::Message(text) = &event {
+                    self.hear(b, text);
+                }
                 self.apply(b, Input::Pubsub(event));
             }
             Ev::Listen { inc } => self.listen(b, inc),
@@ -780,6 +805,11 @@ impl Sim {
     }
 
     fn restart_redis(&mut self) {
+        // Every stored outcome is gone: a waiter that had not learnt one
+        // gets the result that stands later instead.
+        for claim in self.published.keys() {
+            self.deleted.insert(claim.clone());
+        }
         self.redis.strings.clear();
         self.redis.hashes.clear();
         self.redis.restarts += 1;
@@ -936,6 +966,13 @@ impl Sim {
                 };
                 self.pending.insert((b, session, id.clone()), invalidation);
                 self.invalidations.insert((b, session, id.clone()), now);
+                if let Target::Fn(ns, e) = target {
+                    // Asked here: dropped here at once, whatever Redis says.
+                    *self
+                        .fn_drops
+                        .entry((usize::MAX - b, epoch_field(ns, e)))
+                        .or_default() += 1;
+                }
                 self.apply(
                     b,
                     Input::Invalidate {
@@ -999,10 +1036,44 @@ impl Sim {
         req
     }
 
+    /// Broker `b` hears a notice: the outcome of the claim it names.
+    fn hear(&mut self, b: usize, text: &str) {
+        let Ok(notice) = serde_json::from_str::<serde_json::Value>(text) else {
+            return;
+        };
+        let Some(claim) = notice["claim"].as_str() else {
+            return;
+        };
+        let outcome = if let Some(output) = notice.get("output") {
+            output.to_string()
+        } else if let Some(error) = notice.get("error") {
+            format!(
+                "{}: {}",
+                error["code"].as_str().unwrap_or(""),
+                error["message"].as_str().unwrap_or("")
+            )
+        } else {
+            return;
+        };
+        let inc = self.brokers[b].inc;
+        let claim: Arc<str> = claim.into();
+        if self.joined.contains(&(b, inc, Arc::clone(&claim))) {
+            self.heard.entry((b, inc, claim)).or_insert(outcome);
+        }
+    }
+
     /// Broker `b` handed `text` to waiters of the evaluation under `claim`:
     /// its claimant's waiters and every waiter elsewhere that got it after
     /// it was stored got the same.
     fn same_outcome(&mut self, b: usize, claim: &Arc<str>, text: String) {
+        let inc = self.brokers[b].inc;
+        if let Some(heard) = self.heard.get(&(b, inc, Arc::clone(claim))) {
+            if *heard != text {
+                self.fail(&format!(
+                    "b{b} heard {heard} for claim {claim}, then gave its waiters {text}"
+                ));
+            }
+        }
         if self.deleted.contains(&**claim) {
             return;
         }
@@ -1197,6 +1268,26 @@ impl Sim {
                 }
             }
             Effect::Drop(target) => {
+                if let Target::Fn(ns, e) = target {
+                    let field = epoch_field(ns, e);
+                    let inc = self.brokers[b].inc;
+                    let asked = self.fn_drops.get(&(usize::MAX - b, field.clone())).copied();
+                    let drops = self.fn_drops.entry((b, field.clone())).or_default();
+                    *drops += 1;
+                    // Its own invalidation drops, and so may hearing it
+                    // and reading it; plus one read per incarnation.
+                    let bound = 3 * self.rises.get(&field).copied().unwrap_or(0)
+                        + asked.unwrap_or(0)
+                        + inc
+                        + 1;
+                    if *drops > bound {
+                        let drops = *drops;
+                        self.fail(&format!(
+                            "b{b} dropped every result of {field} {drops} times, for {} raises of its epoch",
+                            self.rises.get(&field).copied().unwrap_or(0)
+                        ));
+                    }
+                }
                 let keys = self.keys.clone();
                 let cache = &mut self.brokers[b].cache;
                 for (k, e) in keys {
@@ -1449,6 +1540,7 @@ impl Sim {
                 let fields = redis.hashes.entry(hash.clone()).or_default();
                 let epoch = fields.get(field).copied().unwrap_or(0).max(*at_least) + 1;
                 fields.insert(field.clone(), epoch);
+                *self.rises.entry(field.clone()).or_default() += 1;
                 RedisReply::Raised(epoch)
             }
             RedisOp::Sync { hashes } => RedisReply::Epochs(
@@ -1473,6 +1565,8 @@ impl Sim {
                 dropped,
                 before_ms,
                 ttl_s: _,
+                channel: _,
+                notice,
             } => {
                 for name in names {
                     if let Some(r) = redis.get(name, now).filter(|r| at_ms(r) < *before_ms) {
@@ -1489,6 +1583,9 @@ impl Sim {
                     .unwrap_or(0);
                 if *before_ms > marker {
                     redis.set(dropped, &before_ms.to_string(), None);
+                }
+                if !notice.is_empty() {
+                    self.publish(notice);
                 }
                 RedisReply::Done
             }
@@ -1801,6 +1898,16 @@ impl Sim {
                 ));
             }
         }
+    }
+}
+
+/// A fn's field in the epochs hashes: `<fn>`, or `<ns>/<fn>`.
+fn epoch_field(ns: Ns, evaluator: usize) -> String {
+    let name = ["threads", "remote"][evaluator];
+    if ns.is_shared() {
+        name.to_string()
+    } else {
+        format!("{ns}/{name}")
     }
 }
 

@@ -392,12 +392,18 @@ async fn perform(
             dropped,
             before_ms,
             ttl_s,
+            channel,
+            notice,
         } => {
             let mut invocation = scripts.drop.key(dropped);
             for name in names {
                 invocation.key(name);
             }
-            invocation.arg(before_ms).arg(ttl_s);
+            invocation
+                .arg(before_ms)
+                .arg(ttl_s)
+                .arg(channel)
+                .arg(notice);
             let _: i64 = timed(limit, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Done)
         }
