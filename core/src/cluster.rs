@@ -1591,10 +1591,13 @@ impl Coordinator {
                         }
                     }
                     Some(RedisReply::Acquired(Acquired::Held(holder))) => {
-                        if recheck {
+                        if recheck && holder == wait_for {
                             // Still claimed by the broker it waits on.
                             return;
                         }
+                        // The claim waited on is gone without an outcome,
+                        // and another broker holds the key now: its
+                        // evaluation is the one to wait for.
                         let wait = Wait {
                             gen,
                             evaluator,

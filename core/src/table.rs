@@ -1651,9 +1651,13 @@ impl Core {
                 let Some(job) = self.job_mut(gen) else {
                     return self.ask(ClusterCmd::Forget { key, gen });
                 };
-                if job.phase != Phase::Asking {
-                    return;
-                }
+                let switched = match job.phase {
+                    Phase::Asking => false,
+                    // The claim it waited on went without an outcome: it
+                    // waits on the one that holds the key now, as long.
+                    Phase::Waiting => true,
+                    _ => return,
+                };
                 job.phase = Phase::Waiting;
                 job.claim = Some(Arc::clone(&holder));
                 // Its claimant's outcome may have been announced already.
@@ -1667,6 +1671,9 @@ impl Core {
                     .saturating_mul(2)
                     .saturating_add(lease.saturating_mul(2));
                 self.set_deadline(gen, now.checked_add(wait));
+                if switched {
+                    return;
+                }
                 if let Some(heard) = heard {
                     let from = From {
                         claim: Some(heard.claim),

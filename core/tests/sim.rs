@@ -574,6 +574,11 @@ impl Sim {
 
     fn timer(&mut self, t: u64, b: usize) {
         self.now = self.now.max(t);
+        if std::env::var("HERD_SIM_DEBUG").is_ok() {
+            let held = self.brokers[b].core.cluster_holding();
+            let status = self.brokers[b].core.cluster_status();
+            self.note(format!("b{b} tick {held:?} {status:?}"));
+        }
         let now = self.instant(self.now);
         self.brokers[b].core.handle_timeout(now);
         self.settle(b);
@@ -1201,6 +1206,11 @@ impl Sim {
                     if !d.waiters.is_empty() && !gave_up {
                         self.same_outcome(b, claim, text);
                     }
+                    if gave_up && !self.faults {
+                        self.fail(&format!(
+                            "b{b}: without faults, waiters of claim {claim} were given up on"
+                        ));
+                    }
                     if gave_up && self.still_evaluated(claim) {
                         self.fail(&format!(
                             "b{b} gave eval_timeout for claim {claim}, which {} still evaluates",
@@ -1712,7 +1722,13 @@ impl Sim {
 
     fn check(&mut self) {
         let p = &self.p;
-        let bound = 3 * p.timeout_ms + 4 * p.lease_ms + 200;
+        // Queued then running, then a lease for Redis's verdict; with
+        // faults, a takeover's two leases and a wait on a dead claimant.
+        let bound = if self.faults {
+            3 * p.timeout_ms + 4 * p.lease_ms + 200
+        } else {
+            2 * p.timeout_ms + p.lease_ms + 100
+        };
         let late = self.pending.iter().find(|((b, _, _), r)| {
             r.bounded
                 && r.pauses == self.brokers[*b].pauses
@@ -1743,6 +1759,11 @@ impl Sim {
             }
         }
         if !self.faults {
+            for (i, broker) in self.brokers.iter().enumerate() {
+                if broker.core.cluster_status().is_some_and(|s| s.degraded > 0) {
+                    self.fail(&format!("b{i}: without faults, Redis went away"));
+                }
+            }
             let again = |key: &Key| self.invalidated.contains(key);
             if let Some((key, n)) = self
                 .evaluations
