@@ -623,8 +623,8 @@ impl Coordinator {
     }
 
     /// What it holds: claims, jobs begun, keys waited on, keys looked up,
-    /// keys with commands waiting or in flight, commands in flight,
-    /// write-backs, invalidations under way.
+    /// keys with commands waiting or in flight plus commands parked,
+    /// commands in flight, write-backs, invalidations under way.
     pub fn holding(&self) -> [usize; 8] {
         [
             self.held.len(),
@@ -1960,11 +1960,363 @@ impl Coordinator {
 
 #[cfg(test)]
 mod tests {
-    use super::claim_node;
+    use super::*;
+
+    const LEASE: Duration = Duration::from_millis(300);
+
+    struct Rig {
+        c: Coordinator,
+        now: Instant,
+        out: VecDeque<Effect>,
+    }
+
+    /// A coordinator for fns "f" and "g", its clock at Unix ms 1000.
+    fn rig() -> Rig {
+        let now = Instant::now();
+        let config = ClusterConfig {
+            node: "n".into(),
+            run: "r".into(),
+            prefix: "herd:".into(),
+            lease: LEASE,
+            result_ttl_s: 60,
+            error_ttl_s: 0,
+            notice_inline_bytes: 16,
+            max_stored: 200,
+            writeback_max: 2,
+            versions: vec![String::new(), "2".into()],
+        };
+        let fns = vec![Arc::from("f"), Arc::from("g")];
+        Rig {
+            c: Coordinator::new(config, fns, now, 1_000),
+            now,
+            out: VecDeque::new(),
+        }
+    }
+
+    impl Rig {
+        /// The commands sent since the last look.
+        fn sent(&mut self) -> Vec<(OpId, RedisOp)> {
+            self.out
+                .drain(..)
+                .filter_map(|e| match e {
+                    Effect::Redis { op, cmd } => Some((op, cmd)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn events(&mut self) -> Vec<ClusterEvent> {
+            std::iter::from_fn(|| self.c.take_event()).collect()
+        }
+
+        fn reply(&mut self, op: OpId, reply: Option<RedisReply>) {
+            self.c.reply(op, reply, self.now, &mut self.out);
+        }
+
+        fn tick_at(&mut self, after: Duration) {
+            self.now += after;
+            self.c.tick(self.now, &mut self.out);
+        }
+
+        fn command(&mut self, cmd: ClusterCmd) {
+            self.c.command(cmd, self.now, &mut self.out);
+        }
+
+        /// Redis answers the first probe and the first read of the epochs.
+        fn up(&mut self) {
+            self.tick_at(Duration::ZERO);
+            let probe = self.sent();
+            assert_eq!(probe.len(), 1, "{probe:?}");
+            assert_eq!(probe[0].1, RedisOp::Ping);
+            assert!(!self.c.status().up(), "up before Redis answered");
+            self.reply(probe[0].0, Some(RedisReply::Pong));
+            assert!(!self.c.status().up(), "up before the epochs were read");
+            let sync = self.sent();
+            assert!(matches!(sync[..], [(_, RedisOp::Sync { .. })]), "{sync:?}");
+            self.reply(sync[0].0, Some(RedisReply::Epochs(vec![vec![], vec![]])));
+            assert!(self.c.status().up());
+        }
+
+        fn acquire(&mut self, key: Key, gen: Gen) {
+            self.command(ClusterCmd::Acquire {
+                key,
+                gen,
+                evaluator: 0,
+                hold: LEASE * 3,
+                max_age: None,
+            });
+        }
+    }
+
+    fn key() -> Key {
+        Key::from_bytes([7; 16])
+    }
 
     #[test]
     fn a_claim_names_its_broker() {
         assert_eq!(claim_node("b:7f3a:12"), "b");
         assert_eq!(claim_node("eu:west:1:7f3a:12"), "eu:west:1");
+    }
+
+    #[test]
+    fn commands_wait_for_the_first_answer_from_redis() {
+        let mut r = rig();
+        r.acquire(key(), 1);
+        assert!(r.sent().is_empty(), "an acquire before Redis was heard");
+        assert_eq!(r.c.holding()[4], 2, "one key busy, one command parked");
+        r.up();
+        let sent = r.sent();
+        assert!(
+            matches!(&sent[..], [(_, RedisOp::Acquire { .. })]),
+            "{sent:?}"
+        );
+        assert_eq!(r.c.holding()[4], 1, "its key busy");
+        assert_eq!(r.c.holding()[5], 1, "one command in flight");
+    }
+
+    #[test]
+    fn a_broker_redis_never_answered_serves_alone() {
+        let mut r = rig();
+        r.acquire(key(), 1);
+        r.tick_at(Duration::ZERO);
+        let probe = r.sent();
+        r.reply(probe[0].0, None);
+        assert_eq!(r.c.status().link, Link::Down);
+        assert!(matches!(
+            r.events()[..],
+            [ClusterEvent::Local { gen: 1, .. }]
+        ));
+        // Away: answered at once, no command sent.
+        r.acquire(Key::from_bytes([8; 16]), 2);
+        assert!(r.sent().is_empty());
+        assert!(matches!(
+            r.events()[..],
+            [ClusterEvent::Local { gen: 2, .. }]
+        ));
+    }
+
+    #[test]
+    fn redis_that_stops_answering_is_away_until_a_probe_answers() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(sent[0].0, None);
+        let status = r.c.status();
+        assert_eq!((status.link, status.degraded), (Link::Down, 1));
+        assert!(!status.up());
+        r.events();
+        r.acquire(Key::from_bytes([8; 16]), 2);
+        assert!(r.sent().is_empty(), "a command to a Redis that is away");
+        r.tick_at(LEASE / 3);
+        let probe = r.sent();
+        assert!(matches!(probe[..], [(_, RedisOp::Ping)]), "{probe:?}");
+        r.reply(probe[0].0, Some(RedisReply::Pong));
+        assert_eq!(r.c.status().link, Link::Up);
+        assert_eq!(r.c.status().degraded, 1);
+    }
+
+    #[test]
+    fn names_in_redis_are_as_documented() {
+        let mut r = rig();
+        r.up();
+        let hex = key().to_hex();
+        r.acquire(key(), 1);
+        let team = Ns::intern("team", 16).unwrap();
+        r.command(ClusterCmd::Acquire {
+            key: Key::from_bytes([9; 16]).in_ns(team),
+            gen: 2,
+            evaluator: 1,
+            hold: LEASE,
+            max_age: None,
+        });
+        let sent = r.sent();
+        let RedisOp::Acquire { result, claim, .. } = &sent[0].1 else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(result, &format!("herd:result:{{{hex}}}:0:"));
+        assert_eq!(claim, &format!("herd:claim:{{{hex}}}:0:"));
+        let RedisOp::Acquire { result, .. } = &sent[1].1 else {
+            panic!("{sent:?}")
+        };
+        let other = Key::from_bytes([9; 16]).to_hex();
+        assert_eq!(result, &format!("herd:team/result:{{{other}}}:0:2"));
+        let invalidate = |target| ClusterCmd::Invalidate {
+            target,
+            session: 1,
+            id: None,
+        };
+        r.command(invalidate(Target::Fn(Ns::SHARED, 0)));
+        r.command(invalidate(Target::Fn(team, 1)));
+        r.command(invalidate(Target::Key(key())));
+        let sent = r.sent();
+        let fields: Vec<(String, String)> = sent
+            .iter()
+            .filter_map(|(_, op)| match op {
+                RedisOp::Raise { hash, field, .. } => Some((hash.clone(), field.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("herd:epochs".to_string(), "f".to_string()),
+                ("herd:ns-epochs".to_string(), "team/g".to_string())
+            ]
+        );
+        let Some(RedisOp::Drop {
+            dropped,
+            channel,
+            notice,
+            ..
+        }) = sent
+            .iter()
+            .map(|(_, op)| op)
+            .find(|op| matches!(op, RedisOp::Drop { .. }))
+        else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(dropped, &format!("herd:dropped:{{{hex}}}"));
+        assert_eq!(channel, "herd:done");
+        assert!(notice.contains(&hex), "{notice}");
+    }
+
+    #[test]
+    fn the_clock_of_stored_results_follows_the_broker_s() {
+        let r = rig();
+        assert_eq!(r.c.unix_ms(r.now), 1_000);
+        assert_eq!(r.c.unix_ms(r.now + LEASE), 1_300);
+        assert_eq!(r.c.instant_of(1_300), r.now + LEASE);
+        assert_eq!(r.c.instant_of(1_000), r.now);
+        if let Some(before) = r.now.checked_sub(Duration::from_millis(400)) {
+            assert_eq!(r.c.instant_of(600), before);
+        }
+    }
+
+    #[test]
+    fn notices_say_what_they_carry() {
+        let mut r = rig();
+        r.up();
+        let hex = key().to_hex();
+        let notice = |body: &str| {
+            format!("{{\"key\":\"{hex}\",\"at_ms\":5,\"fn\":\"f\",\"tag\":\"0:\",\"claim\":\"c\",{body}}}")
+        };
+        r.c.pubsub(
+            PubsubEvent::Message(notice("\"output\":1")),
+            r.now,
+            &mut r.out,
+        );
+        r.c.pubsub(
+            PubsubEvent::Message(notice("\"keep\":false,\"output\":2")),
+            r.now,
+            &mut r.out,
+        );
+        r.c.pubsub(
+            PubsubEvent::Message(notice(
+                "\"error\":{\"code\":\"eval_timeout\",\"message\":\"slow\"}",
+            )),
+            r.now,
+            &mut r.out,
+        );
+        r.c.pubsub(
+            PubsubEvent::Message(notice(
+                "\"error\":{\"code\":\"eval_failed\",\"message\":\"boom\"}",
+            )),
+            r.now,
+            &mut r.out,
+        );
+        let seen: Vec<(Result<Arc<str>, EvalError>, bool)> = r
+            .events()
+            .into_iter()
+            .map(|e| match e {
+                ClusterEvent::Done {
+                    outcome,
+                    keep,
+                    claim,
+                    ..
+                } => {
+                    assert_eq!(claim.as_deref(), Some("c"));
+                    (outcome, keep)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (Ok(Arc::from("1")), true),
+                (Ok(Arc::from("2")), false),
+                (Err(EvalError::Timeout("slow".into())), true),
+                (Err(EvalError::Failed("boom".into())), true),
+            ]
+        );
+        // Too long to be one of ours: ignored.
+        let long = notice(&format!("\"output\":\"{}\"", "x".repeat(200)));
+        r.c.pubsub(PubsubEvent::Message(long), r.now, &mut r.out);
+        assert!(r.events().is_empty());
+    }
+
+    #[test]
+    fn an_epoch_read_again_drops_nothing_again() {
+        let mut r = rig();
+        r.up();
+        let epochs = || RedisReply::Epochs(vec![vec![("f".into(), 2)], vec![]]);
+        r.tick_at(LEASE);
+        let sync = r
+            .sent()
+            .into_iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }));
+        r.reply(sync.unwrap().0, Some(epochs()));
+        assert!(matches!(
+            r.events()[..],
+            [ClusterEvent::Dropped(Target::Fn(Ns::SHARED, 0))]
+        ));
+        r.tick_at(LEASE);
+        let sync = r
+            .sent()
+            .into_iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }));
+        let (op, RedisOp::Sync { hashes }) = sync.unwrap() else {
+            unreachable!()
+        };
+        // What this broker knows is written back.
+        assert_eq!(hashes[0].1, [("f".to_string(), 2)]);
+        r.reply(op, Some(epochs()));
+        assert!(r.events().is_empty());
+    }
+
+    #[test]
+    fn a_large_output_stays_out_of_its_notice() {
+        let mut r = rig();
+        r.up();
+        let finish = |r: &mut Rig, output: &str| {
+            r.command(ClusterCmd::Finished {
+                key: key(),
+                gen: None,
+                evaluator: 0,
+                outcome: Ok(Arc::from(output)),
+                how: Finish::Late,
+            });
+            let sent = r.sent();
+            let Some((op, RedisOp::Finish { notice, .. })) = sent.into_iter().next() else {
+                panic!()
+            };
+            r.reply(
+                op,
+                Some(RedisReply::Finished {
+                    stored: true,
+                    current: None,
+                    dropped: false,
+                }),
+            );
+            notice
+        };
+        let inline = "x".repeat(16);
+        assert!(finish(&mut r, &inline).contains(&inline));
+        let large = finish(&mut r, &"y".repeat(17));
+        assert!(
+            large.contains("\"stored\":true") && !large.contains("yyy"),
+            "{large}"
+        );
     }
 }

@@ -61,3 +61,34 @@ impl EvalError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ErrorCode, EvalError};
+
+    #[test]
+    fn codes_are_the_protocol_s() {
+        let codes = [
+            (ErrorCode::BadJson, "bad_json"),
+            (ErrorCode::BadRequest, "bad_request"),
+            (ErrorCode::UnknownOp, "unknown_op"),
+            (ErrorCode::UnknownFn, "unknown_fn"),
+            (ErrorCode::Forbidden, "forbidden"),
+            (ErrorCode::Busy, "busy"),
+            (ErrorCode::RateLimited, "rate_limited"),
+            (ErrorCode::ShuttingDown, "shutting_down"),
+            (ErrorCode::StaleTask, "stale_task"),
+        ];
+        for (code, text) in codes {
+            assert_eq!(code.as_str(), text);
+            assert_eq!(code.to_string(), text);
+        }
+        let failed = EvalError::Failed("boom".into());
+        let timeout = EvalError::Timeout("slow".into());
+        assert_eq!((failed.code(), failed.message()), ("eval_failed", "boom"));
+        assert_eq!(
+            (timeout.code(), timeout.message()),
+            ("eval_timeout", "slow")
+        );
+    }
+}

@@ -564,6 +564,16 @@ impl Core {
         self.sessions.get(&session).map_or(0, |s| s.total)
     }
 
+    /// Waits a namespace with a `max_pending` holds, its sessions' together.
+    pub fn held_in(&self, ns: Ns) -> usize {
+        self.ns_held.get(&ns).copied().unwrap_or(0)
+    }
+
+    /// Jobs queued on evaluator `evaluator`, and their input bytes.
+    pub fn queued(&self, evaluator: usize) -> (usize, usize) {
+        self.queues[evaluator]
+    }
+
     /// Checks what the table's counts say against what it holds: each
     /// session's count is its waits plus its holds, each wait is in the
     /// table, each namespace's count is its sessions', each queue's count

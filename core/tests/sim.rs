@@ -51,7 +51,8 @@ use herd_core::ns::Ns;
 use herd_core::redis::Acquired;
 use herd_core::{
     claim_node, ClusterConfig, Core, CoreConfig, Effect, FnLimits, Gen, Input, Link, OpId,
-    PubsubEvent, RedisOp, RedisReply, Reply, Source, Target,
+    PubsubEvent, RedisOp, RedisReply, Reply, Source, Target, NS_PENDING_FULL, PENDING_FULL,
+    QUEUE_BYTES_FULL, QUEUE_FULL,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1041,6 +1042,33 @@ impl Sim {
         req
     }
 
+    /// A request refused `busy` was refused for a bound it reached: its
+    /// session's or namespace's waits, its evaluator's queue, or (with
+    /// faults) Redis not answering an invalidation.
+    fn busy_for_a_reason(&self, b: usize, session: u64, id: &Option<Box<str>>, message: &str) {
+        let core = &self.brokers[b].core;
+        let ns = namespaces()[(session % 2) as usize];
+        let request = (b, session, id.as_deref().unwrap_or("").to_string());
+        let reached = match message {
+            PENDING_FULL => core.held_by(session) >= self.p.max_pending,
+            NS_PENDING_FULL => core.held_in(ns) >= 2 * self.p.max_pending,
+            QUEUE_FULL | QUEUE_BYTES_FULL => {
+                let Some(req) = self.pending.get(&request) else {
+                    return;
+                };
+                let (jobs, bytes) = core.queued(self.fn_of(req.key));
+                jobs >= self.p.queue_capacity || bytes + 16 > 64 * self.p.queue_capacity
+            }
+            m if m.starts_with("Redis did not answer") => self.faults,
+            _ => false,
+        };
+        if !reached {
+            self.fail(&format!(
+                "b{b} s{session}: refused busy ({message}) below its bound"
+            ));
+        }
+    }
+
     /// Broker `b` hears a notice: the outcome of the claim it names.
     fn hear(&mut self, b: usize, text: &str) {
         let Ok(notice) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -1169,6 +1197,7 @@ impl Sim {
                     if code != ErrorCode::Busy {
                         self.fail(&format!("unexpected rejection {code}"));
                     }
+                    self.busy_for_a_reason(b, session, &id, message);
                     self.answered(b, session, &id, "rejected");
                 }
                 Reply::Invalidated { target } => {
@@ -1184,7 +1213,29 @@ impl Sim {
                     }
                     self.answered(b, session, &id, "invalidated");
                 }
-                Reply::Status { .. } | Reply::Cancelled { .. } => {}
+                Reply::Status {
+                    key,
+                    state,
+                    waiters,
+                    ..
+                } => {
+                    // What `get` says is what the table holds.
+                    let now = self.instant(self.now);
+                    let row = self.brokers[b]
+                        .core
+                        .view(now, usize::MAX)
+                        .into_iter()
+                        .find(|r| r.key == key);
+                    let said = (state != herd_core::KeyState::Unknown).then_some(waiters);
+                    if said != row.as_ref().map(|r| r.waiters) {
+                        self.fail(&format!(
+                            "b{b}: get says {state:?} with {waiters} waiters for {}, the table {:?}",
+                            short(&key),
+                            row.map(|r| (r.running, r.waiters))
+                        ));
+                    }
+                }
+                Reply::Cancelled { .. } => {}
             },
             Effect::Deliver(d) => {
                 let text = match &d.outcome {
@@ -1237,7 +1288,10 @@ impl Sim {
                     }
                 }
             }
-            Effect::Busy { waiters, .. } => {
+            Effect::Busy { waiters, message } => {
+                if ![QUEUE_FULL, QUEUE_BYTES_FULL].contains(&message) {
+                    self.fail(&format!("b{b}: waiters told busy: {message}"));
+                }
                 for w in &waiters {
                     self.answered(b, w.session, &w.id, "busy");
                 }
