@@ -787,12 +787,15 @@ impl Hub {
         let before = self.cluster_status.unwrap_or(crate::core::ClusterStatus {
             takeovers: 0,
             degraded: 0,
+            redis_resets: 0,
             ..status
         });
         m.cluster_takeovers
             .inc_by(status.takeovers.saturating_sub(before.takeovers));
         m.cluster_degraded
             .inc_by(status.degraded.saturating_sub(before.degraded));
+        m.cluster_redis_resets
+            .inc_by(status.redis_resets.saturating_sub(before.redis_resets));
         *m.cluster_status.lock().expect("not poisoned") = Some(status);
         self.cluster_status = Some(status);
     }

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub cluster_pubsub_up: Gauge,
     pub cluster_takeovers: Counter,
     pub cluster_degraded: Counter,
+    pub cluster_redis_resets: Counter,
     ns_sessions: Family<NsLabel, Gauge>,
     ns_submits: Family<NsLabel, Counter>,
     ns_cache_hits: Family<NsLabel, Counter>,
@@ -316,6 +317,12 @@ impl Metrics {
                 r,
                 "cluster_degraded",
                 "Times Redis stopped answering and the broker went to local mode",
+                Counter::default(),
+            ),
+            cluster_redis_resets: registered(
+                r,
+                "cluster_redis_resets",
+                "Times Redis was found to have lost its data (restarted empty): evaluations begun before are not stored",
                 Counter::default(),
             ),
             ns_sessions: registered(

@@ -352,6 +352,23 @@ async fn right_after_redis_restarts_an_invalidation_is_recorded() {
     a.stop().await;
 }
 
+/// Waits until the sample `name` in a `herd serve` child's `/metrics`
+/// satisfies `done`.
+async fn wait_child_metric(addr: std::net::SocketAddr, name: &str, done: impl Fn(f64) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = common::http_get(addr, "/metrics").await;
+        if common::metric_in(&body, name).is_some_and(&done) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached the expected value:\n{body}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Submits `input` on a fresh `herd serve` child of this cluster and
 /// returns the answer.
 async fn submit_on(addr: &str, input: &Value) -> Value {
@@ -392,4 +409,97 @@ async fn a_broker_started_after_an_invalidation_serves_nothing_from_before_it() 
     let r = submit_on(&addr, &input).await;
     assert_eq!(r["source"], "eval", "{r}");
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluation_older_than_an_invalidation_redis_forgot_is_not_stored() {
+    // A (a `herd serve` child) evaluates a key on its worker. While A is
+    // paused its subscription is killed, so A never hears that B then
+    // invalidates the key; and Redis restarts empty, forgetting the
+    // invalidation. A's result, begun before it, is still not stored or
+    // kept: its waiter has it, and the key is evaluated again after.
+    let mut redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, addr) = serve_child(&dir, &redis.config("a", EMBED));
+    let b = broker_with(&redis.config("b", EMBED)).await;
+    let ws = format!("ws://{addr}/ws");
+    let mut worker_a = Client::connect(&ws).await;
+    let r = worker_a
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 4}))
+        .await;
+    assert_eq!(r["type"], "serving", "{r}");
+    let input = json!({"forgotten": "invalidation"});
+    let key = key_of("embed", &input);
+    let submit = json!({"op": "submit", "fn": "embed", "input": input});
+    let mut on_a = Client::connect(&ws).await;
+    on_a.send(submit.clone()).await;
+    let task = worker_a.recv_type("task").await;
+    signal(a.id(), "-STOP");
+    let killed = redis_cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed.trim().parse::<u32>().unwrap() >= 2, "{killed}");
+    let mut admin = b.client().await;
+    let r = admin
+        .request(json!({"op": "invalidate", "id": "i", "key": key}))
+        .await;
+    assert_eq!(r["type"], "invalidated", "{r}");
+    redis.stop();
+    redis.restart().await;
+    signal(a.id(), "-CONT");
+    // A finds Redis lost its data, and is back.
+    let a_addr: std::net::SocketAddr = addr.parse().unwrap();
+    wait_child_metric(a_addr, "herd_cluster_redis_resets_total", |v| v == 1.0).await;
+    wait_child_metric(a_addr, "herd_cluster_up", |v| v == 1.0).await;
+    worker_a
+        .send(json!({"op": "complete", "task": task["task"], "output": {"by": "before"}}))
+        .await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "before", "{r}");
+    // Asked again (after A's outcome went to Redis: commands for one key
+    // run in order), A evaluates it again.
+    on_a.send(submit.clone()).await;
+    let task = worker_a.recv_type("task").await;
+    worker_a
+        .send(json!({"op": "complete", "task": task["task"], "output": {"by": "after"}}))
+        .await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "after", "{r}");
+    // B is given that one, stored (B has no worker of its own).
+    let mut on_b = b.client().await;
+    on_b.send(submit).await;
+    let r = on_b.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "after", "{r}");
+    assert_eq!(stored(&redis, &key)["by"], "after");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_key_is_not_served_from_a_result_of_another_version() {
+    // A rolling upgrade: A runs version 2 of the fn, B still version 1.
+    // B invalidates a key A has a result for; that result (stored under
+    // version 2's name, which B does not know) is served by nobody after.
+    let redis = Redis::start().await;
+    let a = broker_with(&redis.config(
+        "a",
+        &SIMULATE.replace("threads", "version = \"2\"\nthreads"),
+    ))
+    .await;
+    let b = broker(&redis, "b").await;
+    let input = json!({"sleep_ms": 5, "versions": "rolling"});
+    let key = key_of("default", &input);
+    let mut on_a = a.client().await;
+    on_a.send(json!({"op": "submit", "input": input})).await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["source"], "eval", "{r}");
+    let name = format!("herd:result:{{{key}}}:0:2");
+    assert!(redis_cli(redis.port, &["GET", &name]).contains("output"));
+    let mut admin = b.client().await;
+    let r = admin
+        .request(json!({"op": "invalidate", "id": "i", "key": key}))
+        .await;
+    assert_eq!(r["type"], "invalidated", "{r}");
+    on_a.send(json!({"op": "submit", "input": input})).await;
+    let r = on_a.recv_type("result").await;
+    assert_eq!(r["source"], "eval", "{r}");
+    a.stop().await;
+    b.stop().await;
 }

@@ -136,6 +136,9 @@ pub struct ClusterStatus {
     pub l2_hits: u64,
     /// Outcomes waiting to be written back.
     pub writeback: usize,
+    /// Times Redis was found to have lost its data (its boot marker
+    /// changed).
+    pub redis_resets: u64,
 }
 
 impl ClusterStatus {
@@ -284,8 +287,8 @@ pub(crate) enum ClusterEvent {
         at_ms: u64,
         keep: bool,
     },
-    /// Another broker's outcome of `key` was stored before this broker's:
-    /// its cache takes that one instead.
+    /// The outcome of `key` that stands in Redis (this broker's own, once
+    /// stored, or another broker's, stored first): its cache takes it.
     Replace {
         key: Key,
         evaluator: usize,
@@ -332,6 +335,12 @@ struct Begun {
     tag: String,
     claim: Option<String>,
     since_ms: u64,
+    /// When it began (Unix ms): a key dropped since refuses its result.
+    began_ms: u64,
+    /// Redis's boot marker as this broker knew it then: a Redis that
+    /// forgot its data since refuses its result (it may have forgotten a
+    /// drop).
+    boot: Option<Arc<str>>,
 }
 
 /// A key this broker waits on another broker for.
@@ -356,6 +365,10 @@ struct WriteBack {
     claim: Option<String>,
     output: Arc<str>,
     at_ms: u64,
+    began_ms: u64,
+    boot: Option<Arc<str>>,
+    /// Its waiters had it here: this broker keeps it once it is stored.
+    own: bool,
 }
 
 /// An invalidation under way.
@@ -386,6 +399,8 @@ enum Pending {
         since_ms: u64,
         max_age: Option<Duration>,
         sent: Instant,
+        /// Redis's boot marker as known when it was sent.
+        boot: Option<Arc<str>>,
         /// A re-check of a key waited on.
         recheck: bool,
         /// The claim waited on (empty: none).
@@ -402,6 +417,8 @@ enum Pending {
         how: Finish,
         /// To keep for a write-back if Redis does not answer.
         back: Option<WriteBack>,
+        /// This broker's own outcome, kept here once it is stored.
+        own: Option<Result<Arc<str>, EvalError>>,
     },
     Release {
         key: Key,
@@ -451,6 +468,9 @@ struct Stored<'a> {
     /// When it was computed (Unix ms).
     #[serde(default)]
     at_ms: u64,
+    /// When its evaluation began (Unix ms).
+    #[serde(default)]
+    began_ms: u64,
     /// An invalidation: every result of `fn_name` before this epoch is dropped.
     #[serde(default)]
     epoch: Option<u64>,
@@ -503,12 +523,14 @@ impl Stored<'_> {
     }
 }
 
-/// A stored result as read: its fn, outcome, claim and `at_ms`.
+/// A stored result as read: its fn, outcome, claim, `at_ms` and
+/// `began_ms`.
 struct Read {
     evaluator: usize,
     outcome: Result<Arc<str>, EvalError>,
     claim: Option<Arc<str>>,
     at_ms: u64,
+    began_ms: u64,
 }
 
 /// An error as JSON: `{"code":…,"message":…}`.
@@ -543,6 +565,9 @@ pub struct Coordinator {
     sync_after: Instant,
     /// A read of the epochs in flight, sent then.
     syncing: Option<Instant>,
+    /// Redis's boot marker, as last read: it changes when Redis loses its
+    /// data.
+    boot: Option<Arc<str>>,
     pubsub: bool,
     /// The subscription answered a ping sent a lease before this.
     confirmed_until: Option<Instant>,
@@ -564,9 +589,12 @@ pub struct Coordinator {
     announced: Vec<(Instant, Invalidation, Option<Again>)>,
     next_renew: Instant,
     next_recheck: Instant,
+    /// A re-check waits for the read of the epochs under way.
+    recheck_due: bool,
     takeovers: u64,
     degraded: u64,
     l2_hits: u64,
+    redis_resets: u64,
     events: VecDeque<ClusterEvent>,
 }
 
@@ -584,6 +612,7 @@ impl Coordinator {
             synced_at: None,
             sync_after: now,
             syncing: None,
+            boot: None,
             pubsub: false,
             confirmed_until: None,
             epochs: HashMap::new(),
@@ -602,9 +631,11 @@ impl Coordinator {
             // The first probe goes out at once.
             next_renew: now,
             next_recheck: now,
+            recheck_due: false,
             takeovers: 0,
             degraded: 0,
             l2_hits: 0,
+            redis_resets: 0,
             events: VecDeque::new(),
         }
     }
@@ -619,6 +650,7 @@ impl Coordinator {
             degraded: self.degraded,
             l2_hits: self.l2_hits,
             writeback: self.writeback.len(),
+            redis_resets: self.redis_resets,
         }
     }
 
@@ -727,6 +759,13 @@ impl Coordinator {
         }
     }
 
+    /// What a look at `key` reads: its drop marker, then its results.
+    fn read_names(&self, key: &Key) -> Vec<String> {
+        let mut names = vec![self.name("dropped", key, "")];
+        names.extend(self.result_names(key));
+        names
+    }
+
     /// The names `key`'s results may have now: one per fn (the key says
     /// which fn, but only to whoever knows the input).
     fn result_names(&self, key: &Key) -> Vec<String> {
@@ -746,6 +785,12 @@ impl Coordinator {
         format!("{}done", self.config.prefix)
     }
 
+    /// Redis's boot marker: set once by the first broker to read the
+    /// epochs, gone when Redis loses its data.
+    fn boot_name(&self) -> String {
+        format!("{}boot", self.config.prefix)
+    }
+
     fn send(&mut self, pending: Pending, op: RedisOp, out: &mut VecDeque<Effect>) {
         if let Some(key) = pending.key() {
             self.busy.entry(key).or_default().in_flight += 1;
@@ -760,7 +805,7 @@ impl Coordinator {
     /// connect and subscription, and every invalidation answered by now is
     /// known here (the epochs were read within a lease, or the
     /// subscription answered a ping sent within one).
-    fn ready(&self, now: Instant) -> bool {
+    pub(crate) fn ready(&self, now: Instant) -> bool {
         let lease = self.config.lease;
         self.link == Link::Up
             && self.synced
@@ -828,7 +873,7 @@ impl Coordinator {
                 max_age,
             } => {
                 if self.link != Link::Up {
-                    return self.local(key, gen, evaluator);
+                    return self.local(key, gen, evaluator, now);
                 }
                 // A result computed before then is passed over.
                 let since_ms = max_age.map_or(0, |age| {
@@ -848,7 +893,7 @@ impl Coordinator {
                 if self.link != Link::Up {
                     return;
                 }
-                let names = self.result_names(&key);
+                let names = self.read_names(&key);
                 let pending = Pending::Read { key, sent: now };
                 self.send(pending, RedisOp::Read { names }, out);
             }
@@ -900,7 +945,7 @@ impl Coordinator {
 
     /// Job `gen` runs here without a claim: its result will be stored under
     /// its fn's tag as of now.
-    fn local(&mut self, key: Key, gen: Gen, evaluator: usize) {
+    fn local(&mut self, key: Key, gen: Gen, evaluator: usize, now: Instant) {
         if self.waiting.get(&key).is_some_and(|w| w.gen == gen) {
             self.waiting.remove(&key);
         }
@@ -909,6 +954,8 @@ impl Coordinator {
             tag,
             claim: None,
             since_ms: 0,
+            began_ms: self.unix_ms(now),
+            boot: self.boot.clone(),
         };
         self.begun.insert(gen, begun);
         self.events.push_back(ClusterEvent::Local { key, gen });
@@ -940,6 +987,7 @@ impl Coordinator {
         let op = RedisOp::Acquire {
             result: self.name("result", &key, &tag),
             claim: name.clone(),
+            dropped: self.name("dropped", &key, ""),
             value: value.clone(),
             lease_ms: self.lease_ms(),
             since_ms,
@@ -958,6 +1006,7 @@ impl Coordinator {
             since_ms,
             max_age,
             sent: now,
+            boot: self.boot.clone(),
             recheck,
             wait_for: wait.holder,
         };
@@ -967,6 +1016,7 @@ impl Coordinator {
     /// The stored form of an outcome computed under `tag` and `claim` at
     /// `at_ms` (its `at_ms` and whether it succeeded first, where the
     /// scripts read them).
+    #[allow(clippy::too_many_arguments)]
     fn stored_form(
         &self,
         key: &Key,
@@ -975,6 +1025,7 @@ impl Coordinator {
         claim: Option<&str>,
         outcome: &Result<Arc<str>, EvalError>,
         at_ms: u64,
+        began_ms: u64,
     ) -> String {
         let ns = if key.ns().is_shared() {
             String::new()
@@ -985,7 +1036,7 @@ impl Coordinator {
             .map(|c| format!(",\"claim\":{}", json_str(c)))
             .unwrap_or_default();
         let origin = format!(
-            "\"at_ms\":{at_ms},\"ok\":{}{ns},\"fn\":{},\"tag\":{}{claim}",
+            "\"at_ms\":{at_ms},\"ok\":{},\"began_ms\":{began_ms}{ns},\"fn\":{},\"tag\":{}{claim}",
             outcome.is_ok(),
             json_str(&self.fns[evaluator]),
             json_str(tag),
@@ -1042,7 +1093,10 @@ impl Coordinator {
             None => self.tag(key.ns(), evaluator),
         };
         let at_ms = self.unix_ms(now);
+        // A late outcome's job is gone: taken as begun long ago.
+        let began_ms = begun.as_ref().map_or(0, |b| b.began_ms);
         let claim = begun.as_ref().and_then(|b| b.claim.clone());
+        let boot = begun.as_ref().and_then(|b| b.boot.clone());
         let back = match (&outcome, how) {
             (Ok(output), Finish::Deliver | Finish::Confirm | Finish::Late) => Some(WriteBack {
                 key,
@@ -1051,6 +1105,9 @@ impl Coordinator {
                 claim: claim.clone(),
                 output: Arc::clone(output),
                 at_ms,
+                began_ms,
+                boot: boot.clone(),
+                own: how == Finish::Deliver,
             }),
             _ => None,
         };
@@ -1076,7 +1133,15 @@ impl Coordinator {
         };
         // Named by the claim it was computed under, so a broker waiting on
         // that claim knows it, and one waiting on another ignores it.
-        let stored = self.stored_form(&key, evaluator, &tag, claim.as_deref(), &outcome, at_ms);
+        let stored = self.stored_form(
+            &key,
+            evaluator,
+            &tag,
+            claim.as_deref(),
+            &outcome,
+            at_ms,
+            began_ms,
+        );
         let large = outcome
             .as_ref()
             .is_ok_and(|o| o.len() > self.config.notice_inline_bytes);
@@ -1094,6 +1159,8 @@ impl Coordinator {
         let op = RedisOp::Finish {
             result: self.name("result", &key, &tag),
             dropped: self.name("dropped", &key, ""),
+            boot: self.boot_name(),
+            began_under: boot.as_deref().unwrap_or_default().to_string(),
             claim: match &held {
                 Some(held) => held.name.clone(),
                 None => self.name("claim", &key, &tag),
@@ -1107,12 +1174,14 @@ impl Coordinator {
             notice,
             shared,
         };
+        let own = (how == Finish::Deliver).then_some(outcome);
         let pending = Pending::Finish {
             key,
             gen,
             evaluator,
             how,
             back,
+            own,
         };
         self.send(pending, op, out);
     }
@@ -1156,6 +1225,7 @@ impl Coordinator {
                 claim,
                 &outcome,
                 back.at_ms,
+                back.began_ms,
             );
             let large = back.output.len() > self.config.notice_inline_bytes;
             // Where another result stands, the waiters elsewhere of this
@@ -1168,6 +1238,8 @@ impl Coordinator {
                 result: self.name("result", &back.key, &back.tag),
                 claim: self.name("claim", &back.key, &back.tag),
                 dropped: self.name("dropped", &back.key, ""),
+                boot: self.boot_name(),
+                began_under: back.boot.as_deref().unwrap_or_default().to_string(),
                 token: String::new(),
                 notice: self.notice(&back.key, &stored, large),
                 stored,
@@ -1177,12 +1249,14 @@ impl Coordinator {
                 channel: self.channel(),
                 shared,
             };
+            let own = back.own.then(|| Ok(Arc::clone(&back.output)));
             let pending = Pending::Finish {
                 key: back.key,
                 gen: None,
                 evaluator: back.evaluator,
                 how: Finish::Deliver,
                 back: Some(back),
+                own,
             };
             self.send(pending, op, out);
         }
@@ -1347,8 +1421,12 @@ impl Coordinator {
             }
         }
         let [a, b] = known;
+        // Unique to this broker's run and this read.
+        let candidate = format!("{}:{}:{}", self.config.node, self.config.run, self.next_op);
         let op = RedisOp::Sync {
             hashes: vec![(shared, a), (others, b)],
+            boot: self.boot_name(),
+            candidate,
         };
         self.syncing = Some(now);
         self.send(Pending::Sync { sent: now }, op, out);
@@ -1363,7 +1441,7 @@ impl Coordinator {
                 let mut waiting: Vec<(Key, Wait)> = self.waiting.drain().collect();
                 waiting.sort_unstable_by_key(|(k, _)| *k);
                 for (key, wait) in waiting {
-                    self.local(key, wait.gen, wait.evaluator);
+                    self.local(key, wait.gen, wait.evaluator, now);
                 }
             }
             Link::Up => {
@@ -1372,6 +1450,9 @@ impl Coordinator {
                     // Write-backs first: a key looked up waits for its own.
                     self.write_back(out);
                     self.look_again(now, out);
+                } else {
+                    // Once the epochs are read.
+                    self.recheck_due = true;
                 }
             }
         }
@@ -1400,7 +1481,7 @@ impl Coordinator {
             self.acquire(key, wait, (0, None), true, now, out);
         }
         for key in looked {
-            let names = self.result_names(&key);
+            let names = self.read_names(&key);
             self.send(
                 Pending::Read { key, sent: now },
                 RedisOp::Read { names },
@@ -1501,6 +1582,7 @@ impl Coordinator {
                 since_ms,
                 max_age,
                 sent,
+                boot,
                 recheck,
                 wait_for,
             } => {
@@ -1559,7 +1641,7 @@ impl Coordinator {
                                 }
                             }
                             None if recheck => return,
-                            None => return self.local(key, gen, evaluator),
+                            None => return self.local(key, gen, evaluator, now),
                         }
                     }
                     Some(RedisReply::Acquired(Acquired::Claimed)) => {
@@ -1568,6 +1650,8 @@ impl Coordinator {
                             tag,
                             claim: Some(value.clone()),
                             since_ms,
+                            began_ms: self.unix_ms(sent),
+                            boot,
                         };
                         self.begun.insert(gen, begun);
                         let held = Held {
@@ -1613,7 +1697,7 @@ impl Coordinator {
                         }
                     }
                     // Redis went away: evaluate here rather than wait.
-                    _ => return self.local(key, gen, evaluator),
+                    _ => return self.local(key, gen, evaluator, now),
                 };
                 self.events.push_back(event);
             }
@@ -1624,12 +1708,21 @@ impl Coordinator {
                     return;
                 }
                 // The first result of the key's fn under its current tag
-                // (another fn's name under an equal tag may hold an old one).
+                // (another fn's name under an equal tag may hold an old one),
+                // unless it began before the key was last dropped.
                 let found = match reply {
-                    Some(RedisReply::Values(values)) => values
-                        .into_iter()
-                        .flatten()
-                        .find_map(|text| self.parse(&text, key.ns())),
+                    Some(RedisReply::Values(values)) => {
+                        let mut values = values.into_iter();
+                        let dropped: u64 = values
+                            .next()
+                            .flatten()
+                            .and_then(|d| d.parse().ok())
+                            .unwrap_or(0);
+                        values
+                            .flatten()
+                            .find_map(|text| self.parse(&text, key.ns()))
+                            .filter(|read| dropped == 0 || read.began_ms > dropped)
+                    }
                     _ => None,
                 };
                 // Looked at again every lease until the table lets it go.
@@ -1652,6 +1745,7 @@ impl Coordinator {
                 evaluator,
                 how,
                 back,
+                own,
             } => {
                 let Some(RedisReply::Finished {
                     stored,
@@ -1688,9 +1782,18 @@ impl Coordinator {
                             .push_back(ClusterEvent::Verdict { key, gen, stored });
                     }
                     (Finish::Deliver, _) => {
-                        // Another broker's result was stored first: this
-                        // broker's cache takes it instead of its own.
-                        if let Some(read) = instead {
+                        // Stored: this broker keeps its own. Another
+                        // broker's result was stored first: this broker's
+                        // cache takes that one instead.
+                        if let (true, Some(outcome)) = (stored, own) {
+                            let at_ms = self.unix_ms(now);
+                            self.events.push_back(ClusterEvent::Replace {
+                                key,
+                                evaluator,
+                                outcome,
+                                at_ms,
+                            });
+                        } else if let Some(read) = instead {
                             self.events.push_back(ClusterEvent::Replace {
                                 key,
                                 evaluator,
@@ -1718,10 +1821,19 @@ impl Coordinator {
                 if self.syncing == Some(sent) {
                     self.syncing = None;
                 }
-                let Some(RedisReply::Epochs(hashes)) = reply else {
+                let Some(RedisReply::Epochs { hashes, boot }) = reply else {
                     return;
                 };
                 self.epochs_read(hashes);
+                if self.boot.as_deref() != Some(boot.as_str()) {
+                    if self.boot.is_some() {
+                        tracing::warn!(
+                            "cluster: Redis lost its data; what began before is not stored"
+                        );
+                        self.redis_resets += 1;
+                    }
+                    self.boot = Some(boot.into());
+                }
                 if sent < self.sync_after || self.link != Link::Up {
                     // Sent before the last connect or subscription: another follows.
                     return self.sync(now, out);
@@ -1730,7 +1842,7 @@ impl Coordinator {
                 self.synced = true;
                 self.synced_at = Some(self.synced_at.map_or(sent, |at| at.max(sent)));
                 self.unpark(now, out);
-                if first {
+                if first || std::mem::take(&mut self.recheck_due) {
                     self.write_back(out);
                     self.look_again(now, out);
                 }
@@ -1824,6 +1936,7 @@ impl Coordinator {
             outcome: stored.outcome()?,
             claim: stored.claim.map(Arc::from),
             at_ms: stored.at_ms,
+            began_ms: stored.began_ms,
         })
     }
 
@@ -1839,6 +1952,7 @@ impl Coordinator {
             outcome: stored.outcome()?,
             claim: stored.claim.map(Arc::from),
             at_ms: stored.at_ms,
+            began_ms: stored.began_ms,
         })
     }
 
@@ -2033,7 +2147,13 @@ mod tests {
             assert!(!self.c.status().up(), "up before the epochs were read");
             let sync = self.sent();
             assert!(matches!(sync[..], [(_, RedisOp::Sync { .. })]), "{sync:?}");
-            self.reply(sync[0].0, Some(RedisReply::Epochs(vec![vec![], vec![]])));
+            self.reply(
+                sync[0].0,
+                Some(RedisReply::Epochs {
+                    hashes: vec![vec![], vec![]],
+                    boot: "b".into(),
+                }),
+            );
             assert!(self.c.status().up());
         }
 
@@ -2260,7 +2380,10 @@ mod tests {
     fn an_epoch_read_again_drops_nothing_again() {
         let mut r = rig();
         r.up();
-        let epochs = || RedisReply::Epochs(vec![vec![("f".into(), 2)], vec![]]);
+        let epochs = || RedisReply::Epochs {
+            hashes: vec![vec![("f".into(), 2)], vec![]],
+            boot: "b".into(),
+        };
         r.tick_at(LEASE);
         let sync = r
             .sent()
@@ -2276,13 +2399,166 @@ mod tests {
             .sent()
             .into_iter()
             .find(|(_, op)| matches!(op, RedisOp::Sync { .. }));
-        let (op, RedisOp::Sync { hashes }) = sync.unwrap() else {
+        let (op, RedisOp::Sync { hashes, .. }) = sync.unwrap() else {
             unreachable!()
         };
         // What this broker knows is written back.
         assert_eq!(hashes[0].1, [("f".to_string(), 2)]);
         r.reply(op, Some(epochs()));
         assert!(r.events().is_empty());
+    }
+
+    #[test]
+    fn a_broker_subscribed_again_reads_nothing_before_the_epochs() {
+        let mut r = rig();
+        r.up();
+        r.c.pubsub(PubsubEvent::Subscribed, r.now, &mut r.out);
+        assert!(!r.c.status().up());
+        let sync = r.sent();
+        assert!(matches!(sync[..], [(_, RedisOp::Sync { .. })]), "{sync:?}");
+        r.acquire(key(), 1);
+        r.command(ClusterCmd::Lookup {
+            key: Key::from_bytes([8; 16]),
+        });
+        assert!(r.sent().is_empty(), "a read before the epochs were");
+        r.reply(
+            sync[0].0,
+            Some(RedisReply::Epochs {
+                hashes: vec![vec![], vec![]],
+                boot: "b".into(),
+            }),
+        );
+        let sent = r.sent();
+        assert!(
+            matches!(
+                &sent[..],
+                [(_, RedisOp::Acquire { .. }), (_, RedisOp::Read { .. })]
+            ),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_key_subscribed_to_is_looked_up_at_once_and_every_lease() {
+        let mut r = rig();
+        r.up();
+        r.command(ClusterCmd::Lookup { key: key() });
+        let sent = r.sent();
+        assert!(matches!(sent[..], [(_, RedisOp::Read { .. })]), "{sent:?}");
+        r.reply(sent[0].0, Some(RedisReply::Values(vec![None, None])));
+        // A lease on, once the epochs are read again, it is read again.
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        let sync = sent
+            .iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }))
+            .expect("a read of the epochs");
+        r.reply(
+            sync.0,
+            Some(RedisReply::Epochs {
+                hashes: vec![vec![], vec![]],
+                boot: "b".into(),
+            }),
+        );
+        assert!(r
+            .sent()
+            .iter()
+            .any(|(_, op)| matches!(op, RedisOp::Read { .. })));
+        r.command(ClusterCmd::Unlook { key: key() });
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        if let Some((op, _)) = sent
+            .iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }))
+        {
+            r.reply(
+                *op,
+                Some(RedisReply::Epochs {
+                    hashes: vec![vec![], vec![]],
+                    boot: "b".into(),
+                }),
+            );
+        }
+        assert!(!r
+            .sent()
+            .iter()
+            .chain(sent.iter())
+            .any(|(_, op)| matches!(op, RedisOp::Read { .. })));
+    }
+
+    #[test]
+    fn a_job_that_stops_waiting_is_not_looked_at_again() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Held("o:r:1".into()))),
+        );
+        assert!(matches!(
+            r.events()[..],
+            [ClusterEvent::Waiting { gen: 1, .. }]
+        ));
+        r.command(ClusterCmd::Forget { key: key(), gen: 1 });
+        assert_eq!(r.c.holding()[2], 0, "still waiting");
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        if let Some((op, _)) = sent
+            .iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }))
+        {
+            r.reply(
+                *op,
+                Some(RedisReply::Epochs {
+                    hashes: vec![vec![], vec![]],
+                    boot: "b".into(),
+                }),
+            );
+        }
+        assert!(!r
+            .sent()
+            .iter()
+            .chain(sent.iter())
+            .any(|(_, op)| matches!(op, RedisOp::Acquire { .. })));
+    }
+
+    #[test]
+    fn a_drop_heard_takes_the_key_out_of_what_waits_to_be_written_back() {
+        let mut r = rig();
+        r.tick_at(Duration::ZERO);
+        let probe = r.sent();
+        r.reply(probe[0].0, None);
+        let late = |key| ClusterCmd::Finished {
+            key,
+            gen: None,
+            evaluator: 0,
+            outcome: Ok(Arc::from("1")),
+            how: Finish::Late,
+        };
+        r.command(late(key()));
+        r.command(late(Key::from_bytes([8; 16])));
+        assert_eq!(r.c.status().writeback, 2);
+        r.c.dropped(Target::Key(key()));
+        assert_eq!(r.c.status().writeback, 1);
+        r.c.dropped(Target::Fn(Ns::SHARED, 0));
+        assert_eq!(r.c.status().writeback, 0);
+    }
+
+    #[test]
+    fn a_job_begun_before_its_fn_was_invalidated_is_not_current() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(sent[0].0, Some(RedisReply::Acquired(Acquired::Claimed)));
+        assert!(r.c.began_current(&key(), 1, 0));
+        r.c.pubsub(
+            PubsubEvent::Message("{\"fn\":\"f\",\"epoch\":1,\"ns\":\"\"}".into()),
+            r.now,
+            &mut r.out,
+        );
+        assert!(!r.c.began_current(&key(), 1, 0));
     }
 
     #[test]

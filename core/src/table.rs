@@ -1380,13 +1380,18 @@ impl Core {
         if may_have_lapsed {
             return self.store_first(key, gen, outcome, eval_ms, now);
         }
-        // Cache first: a miss racing this completion then finds the result.
-        self.effects.push_back(Effect::Cache {
-            key,
-            evaluator,
-            outcome: outcome.clone(),
-            at_ms: None,
-        });
+        // Cache first: a miss racing this completion then finds the
+        // result. In a cluster it is kept once Redis has it (a miss racing
+        // it waits behind the store, and finds it there): an invalidation
+        // this broker has not heard may have dropped it already.
+        if !self.clustered() {
+            self.effects.push_back(Effect::Cache {
+                key,
+                evaluator,
+                outcome: outcome.clone(),
+                at_ms: None,
+            });
+        }
         let job = self.end_job(key).expect("current");
         if self.clustered() {
             self.ask(ClusterCmd::Finished {
@@ -1524,7 +1529,7 @@ impl Core {
             Some(stored) => (stored, Source::Cluster { at_ms: None }),
             None => (own, Source::Eval { eval_ms }),
         };
-        if !job.dropped {
+        if !job.dropped && self.may_keep(self.now) {
             self.effects.push_back(Effect::Cache {
                 key,
                 evaluator: job.evaluator,
@@ -1533,6 +1538,14 @@ impl Core {
             });
         }
         self.deliver(key, Some(job.evaluator), job.claim, outcome, source);
+    }
+
+    /// Whether this broker may keep an outcome it computed: in a cluster,
+    /// only while it knows every invalidation answered so far (otherwise
+    /// one it has not heard yet may have dropped it; it reaches the cache
+    /// from Redis later).
+    fn may_keep(&self, now: Instant) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.ready(now))
     }
 
     /// Ends a job whose outcome came from elsewhere: taken back from its
@@ -1609,12 +1622,14 @@ impl Core {
                 if job.dropped {
                     self.share_dropped(key, &job, &outcome);
                 } else {
-                    self.effects.push_back(Effect::Cache {
-                        key,
-                        evaluator: job.evaluator,
-                        outcome: outcome.clone(),
-                        at_ms: None,
-                    });
+                    if !self.clustered() {
+                        self.effects.push_back(Effect::Cache {
+                            key,
+                            evaluator: job.evaluator,
+                            outcome: outcome.clone(),
+                            at_ms: None,
+                        });
+                    }
                     if self.clustered() {
                         self.ask(ClusterCmd::Finished {
                             key,

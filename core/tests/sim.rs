@@ -137,7 +137,7 @@ enum Ev {
     Exec {
         inc: u64,
         op: OpId,
-        cmd: RedisOp,
+        cmd: Box<RedisOp>,
         restarts: u64,
     },
     /// A command's reply reaches the broker (None: it timed out).
@@ -266,6 +266,19 @@ impl Redis {
     }
 }
 
+/// A stored value's `began_ms`, as the scripts read it.
+fn began_ms(value: &str) -> u64 {
+    value
+        .split_once("\"began_ms\":")
+        .map(|(_, rest)| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+        })
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A stored value's `at_ms`, as the scripts read it.
 fn at_ms(value: &str) -> u64 {
     value
@@ -347,6 +360,9 @@ struct Sim {
     /// first read of the epochs.
     rises: HashMap<String, u64>,
     fn_drops: HashMap<(usize, String), u64>,
+    /// When each evaluation (`b<broker>i<incarnation>g<gen>`) was offered
+    /// to its executor.
+    began: HashMap<String, u64>,
     /// Claims whose stored outcome an invalidation deleted: a waiter of the
     /// evaluation that had not heard it by then gets the result that
     /// stands instead.
@@ -443,6 +459,7 @@ impl Sim {
             published: HashMap::default(),
             deleted: HashSet::default(),
             heard: HashMap::default(),
+            began: HashMap::default(),
             joined: HashSet::default(),
             rises: HashMap::default(),
             fn_drops: HashMap::default(),
@@ -1069,6 +1086,33 @@ impl Sim {
         }
     }
 
+    /// Broker `b` keeps `output` for `key`: not if its evaluation was
+    /// under way when an invalidation of the key was asked for, and that
+    /// invalidation has been answered (an evaluation under way is
+    /// delivered to its waiters, never kept), while the broker's cache is
+    /// served (a broker that has not heard every invalidation serves
+    /// nothing from its cache, and empties it when it subscribes again).
+    fn not_kept_if_invalidated(&self, b: usize, key: &Key, output: &str) {
+        let Some((asked, answered)) = self.invalidated_at.get(key) else {
+            return;
+        };
+        if self.p.clustered && self.brokers[b].confirmed_until <= self.now {
+            return;
+        }
+        let Some(evaluation) = output.trim_matches('"').rsplit('-').next() else {
+            return;
+        };
+        let Some(began) = self.began.get(evaluation) else {
+            return;
+        };
+        if *began < *asked && *answered <= self.now {
+            self.fail(&format!(
+                "b{b} keeps {output} of {}, begun at {began} ms, though an invalidation asked for at {asked} ms was answered at {answered} ms",
+                short(key)
+            ));
+        }
+    }
+
     /// Broker `b` hears a notice: the outcome of the claim it names.
     fn hear(&mut self, b: usize, text: &str) {
         let Ok(notice) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -1304,6 +1348,8 @@ impl Sim {
             } => {
                 self.note(format!("b{b} offer {} g{gen}", short(&key)));
                 self.brokers[b].offered.insert(gen);
+                let inc = self.brokers[b].inc;
+                self.began.insert(format!("b{b}i{inc}g{gen}"), self.now);
                 self.brokers[b].exec[evaluator].queue.push_back((gen, key));
                 self.start_jobs(b, evaluator, follow_ups);
             }
@@ -1328,6 +1374,7 @@ impl Sim {
             Effect::Cache { key, outcome, .. } => {
                 if let Ok(output) = outcome {
                     self.note(format!("b{b} caches {} = {output}", short(&key)));
+                    self.not_kept_if_invalidated(b, &key, &output);
                     self.brokers[b].cache.insert(key, output);
                 }
             }
@@ -1407,7 +1454,7 @@ impl Sim {
             Ev::Exec {
                 inc,
                 op,
-                cmd,
+                cmd: Box::new(cmd),
                 restarts,
             },
         );
@@ -1415,7 +1462,7 @@ impl Sim {
 
     /// A command reaches Redis: it waits out a pause, runs, and its reply
     /// goes back unless its time is up.
-    fn exec(&mut self, b: usize, inc: u64, op: OpId, cmd: RedisOp, restarts: u64) {
+    fn exec(&mut self, b: usize, inc: u64, op: OpId, cmd: Box<RedisOp>, restarts: u64) {
         if restarts != self.redis.restarts || !self.redis.up {
             // Its connection was lost with the Redis it was sent to.
             return;
@@ -1436,7 +1483,7 @@ impl Sim {
         }
         let reply = self.execute(b, &cmd);
         if !matches!(
-            cmd,
+            *cmd,
             RedisOp::Ping | RedisOp::Sync { .. } | RedisOp::Renew { .. }
         ) {
             self.note(format!(
@@ -1474,6 +1521,7 @@ impl Sim {
             RedisOp::Acquire {
                 result,
                 claim,
+                dropped,
                 value,
                 lease_ms,
                 since_ms,
@@ -1481,17 +1529,25 @@ impl Sim {
                 waited_result,
                 wait_for,
             } => {
+                let marker: u64 = redis
+                    .get(dropped, now)
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or(0);
+                let kept = |v: &str| marker == 0 || began_ms(v) > marker;
                 if !wait_for.is_empty() {
                     if redis.get(waited, now) == Some(wait_for.as_str()) {
                         return RedisReply::Acquired(Acquired::Held(wait_for.clone()));
                     }
                     let named = format!("\"claim\":\"{wait_for}\"");
-                    if let Some(w) = redis.get(waited_result, now).filter(|w| w.contains(&named)) {
+                    if let Some(w) = redis
+                        .get(waited_result, now)
+                        .filter(|w| w.contains(&named) && kept(w))
+                    {
                         return RedisReply::Acquired(Acquired::Found(w.to_string()));
                     }
                 }
                 if let Some(r) = redis.get(result, now) {
-                    if at_ms(r) >= *since_ms {
+                    if at_ms(r) >= *since_ms && kept(r) {
                         return RedisReply::Acquired(Acquired::Found(r.to_string()));
                     }
                 }
@@ -1516,6 +1572,8 @@ impl Sim {
                 result,
                 claim,
                 dropped,
+                boot,
+                began_under,
                 token,
                 stored,
                 ttl_s: _,
@@ -1540,7 +1598,8 @@ impl Sim {
                     .get(dropped, now)
                     .and_then(|d| d.parse().ok())
                     .unwrap_or(0);
-                if at_ms(stored) <= marker {
+                let forgot = !boot.is_empty() && redis.get(boot, now) != Some(began_under.as_str());
+                if began_ms(stored) <= marker || forgot {
                     if !shared.is_empty() {
                         self.publish(shared);
                     }
@@ -1607,8 +1666,12 @@ impl Sim {
                 *self.rises.entry(field.clone()).or_default() += 1;
                 RedisReply::Raised(epoch)
             }
-            RedisOp::Sync { hashes } => RedisReply::Epochs(
-                hashes
+            RedisOp::Sync {
+                hashes,
+                boot,
+                candidate,
+            } => {
+                let hashes = hashes
                     .iter()
                     .map(|(hash, known)| {
                         let fields = redis.hashes.entry(hash.clone()).or_default();
@@ -1618,8 +1681,13 @@ impl Sim {
                         }
                         fields.iter().map(|(f, e)| (f.clone(), *e)).collect()
                     })
-                    .collect(),
-            ),
+                    .collect();
+                if redis.get(boot, now).is_none() {
+                    redis.set(boot, candidate, None);
+                }
+                let boot = redis.get(boot, now).unwrap_or_default().to_string();
+                RedisReply::Epochs { hashes, boot }
+            }
             RedisOp::Publish { message, .. } => {
                 self.publish(message);
                 RedisReply::Done
@@ -1633,7 +1701,7 @@ impl Sim {
                 notice,
             } => {
                 for name in names {
-                    if let Some(r) = redis.get(name, now).filter(|r| at_ms(r) < *before_ms) {
+                    if let Some(r) = redis.get(name, now).filter(|r| began_ms(r) < *before_ms) {
                         if let Some((_, rest)) = r.split_once("\"claim\":\"") {
                             let claim = rest.split('"').next().unwrap_or("").to_string();
                             self.deleted.insert(claim);

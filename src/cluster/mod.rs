@@ -22,7 +22,7 @@
 pub mod figures;
 
 use crate::config::ClusterConfig;
-use herd_core::redis::{Acquired, ACQUIRE, DROP, FINISH, RAISE, RELEASE, RENEW, SYNC};
+use herd_core::redis::{Acquired, ACQUIRE, BOOT, DROP, FINISH, RAISE, RELEASE, RENEW, SYNC};
 use herd_core::{OpId, PubsubEvent, RedisOp, RedisReply};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
@@ -218,6 +218,7 @@ struct Scripts {
     release: Script,
     raise: Script,
     sync: Script,
+    boot: Script,
     drop: Script,
 }
 
@@ -230,6 +231,7 @@ impl Scripts {
             release: Script::new(RELEASE),
             raise: Script::new(RAISE),
             sync: Script::new(SYNC),
+            boot: Script::new(BOOT),
             drop: Script::new(DROP),
         }
     }
@@ -265,6 +267,7 @@ async fn perform(
         RedisOp::Acquire {
             result,
             claim,
+            dropped,
             value,
             lease_ms,
             since_ms,
@@ -281,6 +284,7 @@ async fn perform(
                 .key(claim)
                 .key(waited)
                 .key(waited_result)
+                .key(dropped)
                 .arg(value)
                 .arg(lease_ms)
                 .arg(since_ms)
@@ -303,6 +307,8 @@ async fn perform(
             result,
             claim,
             dropped,
+            boot,
+            began_under,
             token,
             stored,
             ttl_s,
@@ -313,9 +319,12 @@ async fn perform(
             shared,
         } => {
             let mut invocation = scripts.finish.key(result);
+            invocation.key(claim).key(dropped);
+            // On a Redis Cluster the boot marker is on another slot.
+            if !matches!(conn, Conn::Cluster(_)) && !boot.is_empty() {
+                invocation.key(boot);
+            }
             invocation
-                .key(claim)
-                .key(dropped)
                 .arg(token)
                 .arg(stored)
                 .arg(ttl_s)
@@ -323,7 +332,8 @@ async fn perform(
                 .arg(channel)
                 .arg(notice)
                 .arg(shared)
-                .arg(replace_before_ms);
+                .arg(replace_before_ms)
+                .arg(began_under);
             let (stored, current): (i64, String) =
                 timed(limit, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Finished {
@@ -363,7 +373,16 @@ async fn perform(
             let epoch: u64 = timed(limit, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Raised(epoch))
         }
-        RedisOp::Sync { hashes } => {
+        RedisOp::Sync {
+            hashes,
+            boot,
+            candidate,
+        } => {
+            let mut marker = scripts.boot.key(boot);
+            marker.arg(candidate);
+            let mut boot_conn = conn.clone();
+            let boot =
+                async move { timed::<String>(limit, marker.invoke_async(&mut boot_conn)).await };
             let reads = hashes.into_iter().map(|(hash, known)| {
                 let mut conn = conn.clone();
                 let mut invocation = scripts.sync.key(hash);
@@ -378,9 +397,12 @@ async fn perform(
                     Some(all)
                 }
             });
-            let read: Option<Vec<Vec<(String, u64)>>> =
-                futures::future::join_all(reads).await.into_iter().collect();
-            Some(RedisReply::Epochs(read?))
+            let (read, boot) = futures::future::join(futures::future::join_all(reads), boot).await;
+            let hashes: Option<Vec<Vec<(String, u64)>>> = read.into_iter().collect();
+            Some(RedisReply::Epochs {
+                hashes: hashes?,
+                boot: boot?,
+            })
         }
         RedisOp::Publish { channel, message } => {
             let publish = redis::cmd("PUBLISH").arg(channel).arg(message).to_owned();
