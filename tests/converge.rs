@@ -503,3 +503,71 @@ async fn an_invalidated_key_is_not_served_from_a_result_of_another_version() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Waits until the in-flight row of `key` on the broker at `ws` satisfies
+/// `done`.
+async fn wait_row_on(ws: &str, key: &str, done: impl Fn(&Value) -> bool) {
+    let mut c = Client::connect(ws).await;
+    c.send(json!({"op": "watch", "interval_ms": 100})).await;
+    loop {
+        let snap = c.recv_type("snapshot").await;
+        let inflight = snap["inflight"].as_array().cloned().unwrap_or_default();
+        if inflight.iter().any(|e| e["key"] == key && done(e)) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_after_an_invalidation_is_not_given_what_the_claim_it_joined_stored_before() {
+    // A (a `herd serve` child) waits on B's evaluation of a key. A is
+    // paused and its subscription killed, so it misses B's result (stored)
+    // and then the invalidation of the fn. A second session's submit, sent
+    // meanwhile, is taken when A resumes and joins the wait: it is not
+    // given that result (from before the invalidation, answered before it
+    // came) when A finds it in Redis; the first session is.
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, addr) = serve_child(&dir, &redis.config("a", EMBED));
+    let b = broker_with(&redis.config("b", EMBED)).await;
+    let ws = format!("ws://{addr}/ws");
+    let mut worker_a = Client::connect(&ws).await;
+    let r = worker_a
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 4}))
+        .await;
+    assert_eq!(r["type"], "serving", "{r}");
+    let mut worker_b = worker(&b).await;
+    let input = json!({"joined": "before the invalidation"});
+    let key = key_of("embed", &input);
+    let submit = json!({"op": "submit", "fn": "embed", "input": input});
+    let mut on_b = b.client().await;
+    on_b.send(submit.clone()).await;
+    let task = worker_b.recv_type("task").await;
+    let mut first = Client::connect(&ws).await;
+    first.send(submit.clone()).await;
+    wait_row_on(&ws, &key, |row| row["broker"] == "b").await;
+    let mut second = Client::connect(&ws).await;
+    signal(a.id(), "-STOP");
+    let killed = redis_cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed.trim().parse::<u32>().unwrap() >= 2, "{killed}");
+    worker_b
+        .send(json!({"op": "complete", "task": task["task"], "output": {"by": "before"}}))
+        .await;
+    assert_eq!(on_b.recv_type("result").await["output"]["by"], "before");
+    let mut admin = b.client().await;
+    let r = admin
+        .request(json!({"op": "invalidate", "id": "i", "fn": "embed"}))
+        .await;
+    assert_eq!(r["type"], "invalidated", "{r}");
+    second.send(submit).await;
+    signal(a.id(), "-CONT");
+    let r = first.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "before", "{r}");
+    let task = worker_a.recv_type("task").await;
+    worker_a
+        .send(json!({"op": "complete", "task": task["task"], "output": {"by": "after"}}))
+        .await;
+    let r = second.recv_type("result").await;
+    assert_eq!(r["output"]["by"], "after", "{r}");
+    b.stop().await;
+}

@@ -1870,8 +1870,8 @@ impl Core {
     /// - subscriptions alone: anything kept.
     ///
     /// It may be older than what a late waiter may be given: an outcome
-    /// shared but not kept was computed at `at_ms`, a read found what was
-    /// current when it was sent. A submit that came more than a lease after
+    /// shared but not kept (read or heard) was computed at `at_ms`, a read
+    /// of a kept one found what was current when it was sent. A submit that came more than a lease after
     /// that may have come after an invalidation was answered: it gets a new
     /// evaluation instead (and subscriptions, when it is not kept, wait
     /// on). Cached when kept, unless dropped lately or read too long ago.
@@ -1918,8 +1918,8 @@ impl Core {
         }
         let lease = self.lease();
         let since = match (keep, read_at) {
-            (_, Some(sent)) => Some(sent),
-            (false, None) => self.cluster.as_ref().map(|c| c.instant_of(at_ms)),
+            (true, Some(sent)) => Some(sent),
+            (false, _) => self.cluster.as_ref().map(|c| c.instant_of(at_ms)),
             (true, None) => None,
         };
         let cutoff = since.map(|t| t + lease);
