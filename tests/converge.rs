@@ -500,6 +500,21 @@ async fn an_invalidated_key_is_not_served_from_a_result_of_another_version() {
     on_a.send(json!({"op": "submit", "input": input})).await;
     let r = on_a.recv_type("result").await;
     assert_eq!(r["source"], "eval", "{r}");
+    // And the new result replaces the one passed over in Redis.
+    let marker: u64 = redis_cli(redis.port, &["GET", &format!("herd:dropped:{{{key}}}")])
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = redis_cli(redis.port, &["GET", &name]);
+        let stored: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+        if stored["began_ms"].as_u64().is_some_and(|b| b > marker) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {text}");
+        tokio::task::yield_now().await;
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -167,10 +167,11 @@ pub const ACQUIRE: &str = "local d = tonumber(redis.call('GET', KEYS[5]) or '0')
 /// `ARGV[6]` notice, `ARGV[7]` shared notice ('' for none), `ARGV[8]`
 /// replace before ms, `ARGV[9]` the boot marker when the evaluation began.
 /// A stored value begins `{"at_ms":<ms>,"ok":<bool>,"began_ms":<ms>`.
-/// Returns `{1, ''}` (stored), `{0, current}`, or `{2, ''}` (the key was
-/// dropped after it was computed, or Redis may have forgotten that it
+/// A stored result that began at or before the drop marker counts as
+/// none. Returns `{1, ''}` (stored), `{0, current}`, or `{2, ''}` (the key
+/// was dropped after it was computed, or Redis may have forgotten that it
 /// was).
-pub const FINISH: &str = "if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end if ARGV[4] == '0' then redis.call('PUBLISH', ARGV[5], ARGV[6]) return {0, ''} end local began = tonumber(string.match(ARGV[2], '\"began_ms\":(%d+)')) or 0 if began <= (tonumber(redis.call('GET', KEYS[3]) or '0') or 0) or (KEYS[4] and redis.call('GET', KEYS[4]) ~= ARGV[9]) then if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {2, ''} end local r = redis.call('GET', KEYS[1]) if (not r) or (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) < tonumber(ARGV[8]) or (string.match(r, '^{\"at_ms\":%d+,\"ok\":false') and string.match(ARGV[2], '^{\"at_ms\":%d+,\"ok\":true')) then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end redis.call('PUBLISH', ARGV[5], ARGV[6]) return {1, ''} end if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {0, r}";
+pub const FINISH: &str = "if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end if ARGV[4] == '0' then redis.call('PUBLISH', ARGV[5], ARGV[6]) return {0, ''} end local d = tonumber(redis.call('GET', KEYS[3]) or '0') or 0 local function began(v) return tonumber(string.match(v, '\"began_ms\":(%d+)')) or 0 end if began(ARGV[2]) <= d or (KEYS[4] and redis.call('GET', KEYS[4]) ~= ARGV[9]) then if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {2, ''} end local r = redis.call('GET', KEYS[1]) if (not r) or (d > 0 and began(r) <= d) or (tonumber(string.match(r, '\"at_ms\":(%d+)')) or 0) < tonumber(ARGV[8]) or (string.match(r, '^{\"at_ms\":%d+,\"ok\":false') and string.match(ARGV[2], '^{\"at_ms\":%d+,\"ok\":true')) then if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end redis.call('PUBLISH', ARGV[5], ARGV[6]) return {1, ''} end if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[7]) end return {0, r}";
 
 /// `KEYS[1]` claim; `ARGV[1]` value, `ARGV[2]` lease ms. Returns 1 if renewed.
 pub const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";

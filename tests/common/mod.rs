@@ -148,6 +148,22 @@ impl TestServer {
         }
     }
 
+    /// Waits until `key`'s result is in this broker's cache (`get`).
+    pub async fn wait_cached(&self, key: &str) {
+        let mut c = self.client().await;
+        let deadline = tokio::time::Instant::now() + FRAME_WAIT;
+        loop {
+            let r = c.request(json!({"op": "get", "id": "g", "key": key})).await;
+            if r["state"] == "done" {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key} never reached the cache: {r}"
+            );
+        }
+    }
+
     /// The value of one sample in `/metrics` (`name` with its labels, as
     /// written there), or None while it is absent.
     pub async fn metric(&self, name: &str) -> Option<f64> {
