@@ -1240,7 +1240,9 @@ impl Coordinator {
                 dropped: self.name("dropped", &back.key, ""),
                 boot: self.boot_name(),
                 began_under: back.boot.as_deref().unwrap_or_default().to_string(),
-                token: String::new(),
+                // Its claim, if still held, goes: brokers waiting on it look
+                // at once rather than when its lease runs out.
+                token: back.claim.clone().unwrap_or_default(),
                 notice: self.notice(&back.key, &stored, large),
                 stored,
                 ttl_s: self.config.result_ttl_s,
@@ -2033,11 +2035,6 @@ impl Coordinator {
             }
             return;
         }
-        // Until the epochs are read, a current notice cannot be told from
-        // one of before an invalidation; what waits is looked at then.
-        if !self.synced {
-            return;
-        }
         let Some(key) = notice.key.and_then(Key::parse) else {
             return;
         };
@@ -2049,8 +2046,9 @@ impl Coordinator {
             return;
         };
         // Another version's, or from before an invalidation (or this broker
-        // cannot tell now, not knowing every invalidation answered by now):
-        // nobody keeps it, and only the waiters of its own evaluation take it.
+        // cannot tell now: the epochs not read since it subscribed, or not
+        // knowing every invalidation answered by now): nobody keeps it, and
+        // only the waiters of its own evaluation take it.
         let current = self.current(&notice, ns).is_some() && self.ready(now);
         if !current && notice.claim.is_none() {
             return;
