@@ -343,6 +343,9 @@ struct Sim {
     /// When Redis last ran a look of broker `b` waiting on a claim: a
     /// waiter given what that look found got it as of then.
     looked: HashMap<(usize, Arc<str>), u64>,
+    /// When broker `b` first delivered a failure (not kept: error_ttl_s
+    /// 0), by key and text.
+    failed: HashMap<(usize, Key, String), u64>,
     /// When each claim's outcome was first stored in Redis: from then on
     /// every waiter of the evaluation can learn it, and gets it. Before,
     /// a waiter elsewhere may give up on a claimant whose lease ran out and
@@ -460,6 +463,7 @@ impl Sim {
             claim_outcomes: HashMap::default(),
             claim_joined: HashMap::default(),
             looked: HashMap::default(),
+            failed: HashMap::default(),
             published: HashMap::default(),
             deleted: HashSet::default(),
             heard: HashMap::default(),
@@ -1317,7 +1321,7 @@ impl Sim {
                     // Giving up is no outcome of the evaluation: whether it
                     // was too early is checked below.
                     if !d.waiters.is_empty() && !gave_up {
-                        self.same_outcome(b, claim, text);
+                        self.same_outcome(b, claim, text.clone());
                     }
                     if gave_up && !self.faults {
                         self.fail(&format!(
@@ -1347,7 +1351,24 @@ impl Sim {
                         if let Ok(output) = &d.outcome {
                             self.check_fresh(b, &d.key, output, req.since);
                         }
+                        // A failure that is not kept answers only the
+                        // waiters of its evaluation: not a submit made
+                        // after this broker had delivered it.
+                        let once = self.p.error_ttl_s == 0 && text.contains(": boom-");
+                        let seen = self.failed.get(&(b, d.key, text.clone())).copied();
+                        if let Some(at) =
+                            seen.filter(|at| once && !req.subscription && *at < req.since)
+                        {
+                            self.fail(&format!(
+                                "b{b}: a submit of {} made at {} ms got {text}, which this broker had delivered at {at} ms",
+                                short(&d.key),
+                                req.since
+                            ));
+                        }
                     }
+                }
+                if d.outcome.is_err() && !d.waiters.is_empty() {
+                    self.failed.entry((b, d.key, text)).or_insert(self.now);
                 }
             }
             Effect::Busy { waiters, message } => {
