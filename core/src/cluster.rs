@@ -2593,4 +2593,280 @@ mod tests {
             "{large}"
         );
     }
+
+    /// A job claimed here: the claim taken, its `Finish` asked for.
+    fn claimed(r: &mut Rig, gen: Gen) {
+        r.acquire(key(), gen);
+        let sent = r.sent();
+        r.reply(sent[0].0, Some(RedisReply::Acquired(Acquired::Claimed)));
+        r.events();
+    }
+
+    fn stored(r: &mut Rig, op: OpId) {
+        r.reply(
+            op,
+            Some(RedisReply::Finished {
+                stored: true,
+                current: None,
+                dropped: false,
+            }),
+        );
+    }
+
+    /// Answers the read of the epochs among `sent`, with boot marker `boot`.
+    fn epochs_read(r: &mut Rig, sent: &[(OpId, RedisOp)], boot: &str) {
+        let (op, _) = sent
+            .iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }))
+            .expect("a read of the epochs");
+        r.reply(
+            *op,
+            Some(RedisReply::Epochs {
+                hashes: vec![vec![], vec![]],
+                boot: boot.into(),
+            }),
+        );
+    }
+
+    fn finish_op(
+        r: &mut Rig,
+        gen: Option<Gen>,
+        outcome: Result<Arc<str>, EvalError>,
+        how: Finish,
+    ) -> (OpId, RedisOp) {
+        r.command(ClusterCmd::Finished {
+            key: key(),
+            gen,
+            evaluator: 0,
+            outcome,
+            how,
+        });
+        let sent = r.sent();
+        sent.into_iter()
+            .find(|(_, op)| matches!(op, RedisOp::Finish { .. }))
+            .expect("a Finish")
+    }
+
+    #[test]
+    fn an_outcome_carries_redis_s_boot_marker_from_when_its_job_began() {
+        let mut r = rig();
+        r.up();
+        claimed(&mut r, 1);
+        // Redis lost its data meanwhile: the next read of the epochs says so.
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        let (
+            sync,
+            RedisOp::Sync {
+                boot, candidate, ..
+            },
+        ) = sent
+            .into_iter()
+            .find(|(_, op)| matches!(op, RedisOp::Sync { .. }))
+            .expect("a read of the epochs every lease")
+        else {
+            unreachable!()
+        };
+        assert_eq!(boot, "herd:boot");
+        assert!(candidate.starts_with("n:r:"), "{candidate}");
+        r.reply(
+            sync,
+            Some(RedisReply::Epochs {
+                hashes: vec![vec![], vec![]],
+                boot: "c".into(),
+            }),
+        );
+        assert_eq!(r.c.status().redis_resets, 1);
+        let (op, cmd) = finish_op(&mut r, Some(1), Ok(Arc::from("1")), Finish::Deliver);
+        let RedisOp::Finish {
+            boot, began_under, ..
+        } = cmd
+        else {
+            unreachable!()
+        };
+        assert_eq!((boot.as_str(), began_under.as_str()), ("herd:boot", "b"));
+        stored(&mut r, op);
+        // A job begun now is under the new one.
+        claimed(&mut r, 2);
+        let (_, op) = finish_op(&mut r, Some(2), Ok(Arc::from("2")), Finish::Deliver);
+        let RedisOp::Finish { began_under, .. } = op else {
+            unreachable!()
+        };
+        assert_eq!(began_under, "c");
+    }
+
+    #[test]
+    fn what_a_finish_keeps_shares_and_takes_back() {
+        let mut r = rig();
+        r.up();
+        // A failure is not stored when failures are not kept.
+        claimed(&mut r, 1);
+        let failed = Err(EvalError::Failed("boom".into()));
+        let (op, cmd) = finish_op(&mut r, Some(1), failed, Finish::Deliver);
+        let RedisOp::Finish { keep, .. } = cmd else {
+            unreachable!()
+        };
+        assert!(!keep);
+        stored(&mut r, op);
+        r.events();
+        // A success under a claim: kept, and shared if another stands.
+        claimed(&mut r, 2);
+        let (op, cmd) = finish_op(&mut r, Some(2), Ok(Arc::from("2")), Finish::Deliver);
+        let RedisOp::Finish { keep, shared, .. } = cmd else {
+            unreachable!()
+        };
+        assert!(keep);
+        assert!(shared.contains("\"keep\":false"), "{shared}");
+        // Stored: this broker keeps its own.
+        stored(&mut r, op);
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Replace { outcome: Ok(o), .. }] if &**o == "2"),
+            "{events:?}"
+        );
+        // A verdict asked for is a verdict, not a copy kept.
+        claimed(&mut r, 3);
+        let (op, _) = finish_op(&mut r, Some(3), Ok(Arc::from("3")), Finish::Confirm);
+        stored(&mut r, op);
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Verdict { stored: None, .. }]),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn claims_are_renewed_while_their_job_may_live() {
+        let mut r = rig();
+        r.up();
+        claimed(&mut r, 1);
+        assert_eq!(r.c.status().claims, 1);
+        r.tick_at(LEASE / 3);
+        let renewed: Vec<RedisOp> = r
+            .sent()
+            .into_iter()
+            .map(|(_, op)| op)
+            .filter(|op| matches!(op, RedisOp::Renew { .. }))
+            .collect();
+        assert!(
+            matches!(&renewed[..], [RedisOp::Renew { claims, .. }] if claims.len() == 1),
+            "{renewed:?}"
+        );
+        // Past its hold (three leases here), the claim is let go.
+        r.tick_at(LEASE * 3);
+        r.tick_at(LEASE / 3);
+        assert_eq!(r.c.status().claims, 0);
+        let renewed = r
+            .sent()
+            .into_iter()
+            .filter(|(_, op)| matches!(op, RedisOp::Renew { .. }))
+            .count();
+        assert_eq!(renewed, 0);
+    }
+
+    #[test]
+    fn results_found_count_as_second_level_hits() {
+        let mut r = rig();
+        r.up();
+        let stored = |output: &str| {
+            format!(
+                "{{\"at_ms\":1000,\"ok\":true,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"0:\",\"output\":{output}}}"
+            )
+        };
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Found(stored("1")))),
+        );
+        assert_eq!(r.c.status().l2_hits, 1);
+        r.command(ClusterCmd::Lookup { key: key() });
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Values(vec![None, Some(stored("2")), None])),
+        );
+        assert_eq!(r.c.status().l2_hits, 2);
+        // The longest value read is read; a longer one is not.
+        let at_limit = stored(&format!("\"{}\"", "x".repeat(200 - stored("\"\"").len())));
+        assert_eq!(at_limit.len(), 200);
+        r.acquire(key(), 2);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Found(at_limit.clone()))),
+        );
+        assert_eq!(r.c.status().l2_hits, 3);
+        r.acquire(key(), 3);
+        let sent = r.sent();
+        let longer = at_limit.replace("xx", "xxx");
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Found(longer))),
+        );
+        assert_eq!(r.c.status().l2_hits, 3);
+    }
+
+    #[test]
+    fn a_result_begun_before_the_key_s_drop_marker_is_passed_over() {
+        let mut r = rig();
+        r.up();
+        let stored = |began: u64| {
+            format!(
+                "{{\"at_ms\":1000,\"ok\":true,\"began_ms\":{began},\"fn\":\"f\",\"tag\":\"0:\",\"output\":1}}"
+            )
+        };
+        for (began, found) in [(900, false), (950, false), (951, true)] {
+            r.command(ClusterCmd::Lookup { key: key() });
+            let sent = r.sent();
+            let (op, RedisOp::Read { names }) = &sent[0] else {
+                panic!("{sent:?}")
+            };
+            assert_eq!(names[0], format!("herd:dropped:{{{}}}", key().to_hex()));
+            r.reply(
+                *op,
+                Some(RedisReply::Values(vec![
+                    Some("950".into()),
+                    Some(stored(began)),
+                    None,
+                ])),
+            );
+            let events = r.events();
+            assert_eq!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, ClusterEvent::Found { .. })),
+                found,
+                "began {began}: {events:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_takeover_is_counted() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
+        );
+        r.events();
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        epochs_read(&mut r, &sent, "b");
+        let sent = r.sent();
+        let (op, _) = sent
+            .into_iter()
+            .find(|(_, op)| matches!(op, RedisOp::Acquire { wait_for, .. } if wait_for == "m:x:1"))
+            .expect("the key waited on is looked at again");
+        r.reply(op, Some(RedisReply::Acquired(Acquired::Claimed)));
+        assert_eq!(r.c.status().takeovers, 1);
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Claimed { takeover: true, .. }]),
+            "{events:?}"
+        );
+    }
 }
