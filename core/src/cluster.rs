@@ -2869,4 +2869,121 @@ mod tests {
             "{events:?}"
         );
     }
+
+    #[test]
+    fn a_confirmed_subscription_keeps_reads_going_after_the_epochs_age() {
+        let mut r = rig();
+        r.up();
+        let t0 = r.now;
+        r.c.pubsub(PubsubEvent::Subscribed, r.now, &mut r.out);
+        let confirms = |r: &Rig, until: Instant| {
+            r.out
+                .iter()
+                .any(|e| matches!(e, Effect::ConfirmCache(u) if *u == until))
+        };
+        assert!(confirms(&r, t0 + LEASE), "{:?}", r.out);
+        let sent = r.sent();
+        epochs_read(&mut r, &sent, "b");
+        r.c.pubsub(PubsubEvent::Pong { sent: t0 }, r.now, &mut r.out);
+        let later = t0 + LEASE / 2;
+        r.c.pubsub(PubsubEvent::Pong { sent: later }, r.now, &mut r.out);
+        assert!(confirms(&r, later + LEASE), "{:?}", r.out);
+        r.sent();
+        // The epochs were read a lease ago and more; the subscription
+        // answered a ping sent within one: reads go on.
+        r.now = t0 + LEASE + LEASE / 4;
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        assert!(
+            matches!(&sent[..], [(_, RedisOp::Acquire { .. }), ..]),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_subscription_that_drops_pings_redis() {
+        let mut r = rig();
+        r.up();
+        r.c.pubsub(PubsubEvent::Subscribed, r.now, &mut r.out);
+        r.sent();
+        r.c.pubsub(PubsubEvent::Down, r.now, &mut r.out);
+        let sent = r.sent();
+        assert!(sent.iter().any(|(_, op)| *op == RedisOp::Ping), "{sent:?}");
+    }
+
+    #[test]
+    fn a_late_outcome_leaves_the_claim_of_the_job_after_it_alone() {
+        let mut r = rig();
+        r.up();
+        claimed(&mut r, 2);
+        let (op, _) = finish_op(&mut r, Some(1), Ok(Arc::from("1")), Finish::Late);
+        stored(&mut r, op);
+        assert_eq!(r.c.status().claims, 1);
+    }
+
+    #[test]
+    fn a_look_sent_before_a_new_subscription_finds_nothing() {
+        let mut r = rig();
+        r.up();
+        r.command(ClusterCmd::Lookup { key: key() });
+        let sent = r.sent();
+        r.now += Duration::from_millis(1);
+        r.c.pubsub(PubsubEvent::Subscribed, r.now, &mut r.out);
+        let stored = "{\"at_ms\":1000,\"ok\":true,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"0:\",\"output\":1}";
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Values(vec![None, Some(stored.into()), None])),
+        );
+        let events = r.events();
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, ClusterEvent::Found { .. })),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_written_back_result_s_notice_carries_it_up_to_the_inline_limit() {
+        for (len, inline) in [(16, true), (17, false)] {
+            let mut r = rig();
+            r.up();
+            claimed(&mut r, 1);
+            // Redis stops answering: the outcome waits to be written back.
+            r.command(ClusterCmd::Lookup {
+                key: Key::from_bytes([3; 16]),
+            });
+            let sent = r.sent();
+            r.reply(sent[0].0, None);
+            assert!(!r.c.status().up());
+            let output = "z".repeat(len);
+            r.command(ClusterCmd::Finished {
+                key: key(),
+                gen: Some(1),
+                evaluator: 0,
+                outcome: Ok(Arc::from(output.as_str())),
+                how: Finish::Deliver,
+            });
+            assert_eq!(r.c.status().writeback, 1);
+            // It answers again: the probe, the epochs, then the write-back.
+            r.tick_at(LEASE);
+            let sent = r.sent();
+            let (probe, _) = sent
+                .iter()
+                .find(|(_, op)| *op == RedisOp::Ping)
+                .expect("a probe");
+            r.reply(*probe, Some(RedisReply::Pong));
+            let sent = r.sent();
+            epochs_read(&mut r, &sent, "b");
+            let sent = r.sent();
+            let Some((_, RedisOp::Finish { notice, token, .. })) = sent
+                .into_iter()
+                .find(|(_, op)| matches!(op, RedisOp::Finish { .. }))
+            else {
+                panic!("no write-back")
+            };
+            assert_eq!(notice.contains(&output), inline, "{notice}");
+            assert!(token.starts_with("n:r:"), "{token}");
+        }
+    }
 }
