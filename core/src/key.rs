@@ -108,4 +108,21 @@ mod tests {
         assert_eq!(Key::parse(&k.to_hex().to_uppercase()), None);
         assert_eq!(Key::parse(&"g".repeat(32)), None);
     }
+
+    #[test]
+    fn a_key_shows_its_bytes_and_namespace() {
+        let mut bytes = [0u8; 16];
+        bytes[0] = 2;
+        bytes[15] = 0xab;
+        let k = Key::from_bytes(bytes);
+        assert_eq!(k.bytes(), &bytes);
+        assert_eq!(k.seed(), 2);
+        assert_eq!(k.to_string(), "020000000000000000000000000000ab");
+        assert_eq!(format!("{k:?}"), "Key(020000000000000000000000000000ab)");
+        let team = crate::ns::Ns::intern("key-team", 16).unwrap();
+        assert_eq!(
+            format!("{:?}", k.in_ns(team)),
+            "Key(key-team/020000000000000000000000000000ab)"
+        );
+    }
 }

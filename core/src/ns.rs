@@ -149,4 +149,16 @@ mod tests {
         assert_eq!(Ns::intern("never-seen-before", 1), Err(Refused::TooMany));
         assert_eq!(Ns::find("team-a"), Some(a));
     }
+
+    #[test]
+    fn a_namespace_shows_its_name_and_number() {
+        assert_eq!(Ns::SHARED.id(), 0);
+        let first = Ns::intern("ns-first", 1000).unwrap();
+        let second = Ns::intern("ns-second", 1000).unwrap();
+        assert!(first.id() > 0 && second.id() > 0 && first.id() != second.id());
+        assert_eq!(format!("{first:?}"), "Ns(\"ns-first\")");
+        assert_eq!(first.to_string(), "ns-first");
+        assert!(Refused::BadName.to_string().contains("at most 64"));
+        assert!(Refused::TooMany.to_string().contains("auth.max_namespaces"));
+    }
 }
