@@ -2986,4 +2986,116 @@ mod tests {
             assert!(token.starts_with("n:r:"), "{token}");
         }
     }
+
+    fn stored_under(tag: &str, claim: &str) -> String {
+        format!(
+            "{{\"at_ms\":1000,\"ok\":true,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"{tag}\",\"claim\":\"{claim}\",\"output\":1}}"
+        )
+    }
+
+    #[test]
+    fn a_result_found_before_a_new_subscription_is_asked_for_again() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.now += Duration::from_millis(1);
+        r.c.pubsub(PubsubEvent::Subscribed, r.now, &mut r.out);
+        let sync = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Found(stored_under(
+                "0:", "m:x:1",
+            )))),
+        );
+        assert!(r.events().is_empty());
+        // Asked again once the epochs are read.
+        epochs_read(&mut r, &sync, "b");
+        let sent = r.sent();
+        assert!(
+            sent.iter()
+                .any(|(_, op)| matches!(op, RedisOp::Acquire { .. })),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_result_of_another_tag_answers_only_a_wait_on_its_claim() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Found(stored_under(
+                "9:", "m:x:1",
+            )))),
+        );
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Local { .. }]),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_wait_looked_at_again_while_its_claim_holds_goes_on() {
+        let mut r = rig();
+        r.up();
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
+        );
+        r.events();
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        epochs_read(&mut r, &sent, "b");
+        let sent = r.sent();
+        let (op, _) = sent
+            .iter()
+            .find(|(_, op)| matches!(op, RedisOp::Acquire { .. }))
+            .expect("looked at again");
+        r.reply(
+            *op,
+            Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
+        );
+        assert!(r.events().is_empty());
+    }
+
+    #[test]
+    fn a_claim_found_lost_at_renewal_is_let_go() {
+        let mut r = rig();
+        r.up();
+        claimed(&mut r, 1);
+        r.tick_at(LEASE / 3);
+        let sent = r.sent();
+        let (op, _) = sent
+            .iter()
+            .find(|(_, op)| matches!(op, RedisOp::Renew { .. }))
+            .expect("renewed");
+        r.reply(*op, Some(RedisReply::Renewed(vec![false])));
+        assert_eq!(r.c.status().claims, 0);
+    }
+
+    #[test]
+    fn epochs_read_before_a_new_subscription_do_not_count() {
+        let mut r = rig();
+        r.up();
+        r.tick_at(LEASE);
+        let stale = r.sent();
+        r.now += Duration::from_millis(1);
+        r.c.pubsub(PubsubEvent::Subscribed, r.now, &mut r.out);
+        r.sent();
+        epochs_read(&mut r, &stale, "b");
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        assert!(
+            !sent
+                .iter()
+                .any(|(_, op)| matches!(op, RedisOp::Acquire { .. })),
+            "{sent:?}"
+        );
+    }
 }
