@@ -2002,3 +2002,94 @@ struct From {
     /// When the read that found it was sent (None: a notice).
     read_at: Option<Instant>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(clustered: bool) -> (Core, Instant) {
+        let now = Instant::now();
+        let config = CoreConfig {
+            fns: vec![FnLimits {
+                name: "f".into(),
+                timeout: Duration::from_secs(1),
+                queue_capacity: 4,
+                queue_bytes: 1024,
+                abandon_running: false,
+            }],
+            max_pending: 8,
+            ns_max_pending: HashMap::new(),
+            cluster: clustered.then(|| ClusterConfig {
+                node: "n".into(),
+                run: "r".into(),
+                prefix: "herd:".into(),
+                lease: Duration::from_millis(300),
+                result_ttl_s: 0,
+                error_ttl_s: 0,
+                notice_inline_bytes: 16,
+                max_stored: 1024,
+                writeback_max: 4,
+                versions: vec![String::new()],
+            }),
+            preview_chars: 8,
+        };
+        (Core::new(config, now, 1_000), now)
+    }
+
+    fn submit(session: SessionId) -> Input {
+        Input::Submit {
+            session,
+            id: Some("s".into()),
+            key: Key::from_bytes([5; 16]),
+            evaluator: 0,
+            input: Arc::from("{}"),
+            wait: true,
+            draining: false,
+            max_age: None,
+        }
+    }
+
+    fn states(core: &mut Core) -> Vec<KeyState> {
+        std::iter::from_fn(|| core.poll())
+            .filter_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::Accepted { state, .. } | Reply::Status { state, .. },
+                    ..
+                } => Some(state),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_reports_queued_then_running() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        let offered = std::iter::from_fn(|| core.poll()).find_map(|e| match e {
+            Effect::Offer { gen, .. } => Some(gen),
+            _ => None,
+        });
+        let gen = offered.expect("offered to its executor");
+        assert_eq!(core.counts().queued, 1);
+        assert_eq!(core.held_by(1), 1);
+        core.apply(Input::Started { gen, worker: None }, now);
+        core.apply(submit(2), now);
+        assert_eq!(states(&mut core), [KeyState::Queued, KeyState::Running]);
+        assert_eq!(core.counts().running, 1);
+        assert_eq!(core.held_by(2), 1);
+        assert_eq!(
+            [KeyState::Queued, KeyState::Running, KeyState::Unknown].map(KeyState::as_str),
+            ["queued", "running", "unknown"]
+        );
+        assert!(core.cluster_status().is_none());
+    }
+
+    #[test]
+    fn a_clustered_core_reports_what_its_cluster_holds() {
+        let (mut core, now) = core(true);
+        assert!(core.cluster_status().is_some());
+        core.apply(submit(1), now);
+        // The key waits for Redis's first answer, parked.
+        assert!(core.cluster_holding().iter().sum::<usize>() > 0);
+    }
+}
