@@ -30,13 +30,17 @@
 //!    no waiter gets `eval_timeout` for a claim whose broker is still
 //!    evaluating it;
 //! 7. no request made after an `invalidated` answer gets a result computed
-//!    before it, from an evaluation or a cache.
+//!    before it, from an evaluation or a cache, and no broker keeps one
+//!    begun before it;
+//! 8. a broker that heard its evaluation's outcome while submits of it
+//!    waited gives them that; with failures not kept, no submit made after
+//!    a broker delivered a failure is given that failure.
 //!
 //! Once faults are over and all is quiet:
-//! 8. every broker's cached result of a key is the one Redis holds, or it
+//! 9. every broker's cached result of a key is the one Redis holds, or it
 //!    holds none;
-//! 9. no subscription waits for a key whose result Redis or a cache holds;
-//! 10. once every session closes, nothing is left: no entry, job, timer,
+//! 10. no subscription waits for a key whose result Redis or a cache holds;
+//! 11. once every session closes, nothing is left: no entry, job, timer,
 //!     session record, claim, key waited on or looked up, command in
 //!     flight.
 //!
