@@ -2092,4 +2092,99 @@ mod tests {
         // The key waits for Redis's first answer, parked.
         assert!(core.cluster_holding().iter().sum::<usize>() > 0);
     }
+
+    fn submit_key(session: SessionId, n: u8) -> Input {
+        Input::Submit {
+            session,
+            id: Some(n.to_string().into()),
+            key: Key::from_bytes([n; 16]),
+            evaluator: 0,
+            input: Arc::from("{}"),
+            wait: true,
+            draining: false,
+            max_age: None,
+        }
+    }
+
+    fn rejected(core: &mut Core) -> Vec<&'static str> {
+        std::iter::from_fn(|| core.poll())
+            .filter_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::Rejected { message, .. },
+                    ..
+                } => Some(message),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_session_holds_at_most_max_pending_and_a_queue_its_capacity() {
+        let (mut core, now) = core(false);
+        // Queue capacity 4: the fifth new key is refused.
+        for n in 1..=4 {
+            core.apply(submit_key(1, n), now);
+        }
+        assert!(rejected(&mut core).is_empty());
+        core.apply(submit_key(1, 5), now);
+        assert_eq!(rejected(&mut core), [QUEUE_FULL]);
+        // Max pending 8: the ninth wait of one session is refused, a
+        // subscription too; another session's is not.
+        for _ in 0..4 {
+            core.apply(submit_key(1, 1), now);
+        }
+        assert!(rejected(&mut core).is_empty());
+        assert_eq!(core.held_by(1), 8);
+        core.apply(submit_key(1, 2), now);
+        core.apply(
+            Input::Subscribe {
+                session: 1,
+                id: None,
+                key: Key::from_bytes([9; 16]),
+            },
+            now,
+        );
+        assert_eq!(rejected(&mut core), [PENDING_FULL, PENDING_FULL]);
+        core.apply(submit_key(2, 2), now);
+        assert!(rejected(&mut core).is_empty());
+    }
+
+    #[test]
+    fn get_reports_a_key_s_state() {
+        let (mut core, now) = core(false);
+        let get = |key| Input::Get {
+            session: 3,
+            id: None,
+            key: Key::from_bytes([key; 16]),
+        };
+        core.apply(get(5), now);
+        core.apply(submit(1), now);
+        core.apply(get(5), now);
+        let replies: Vec<Reply> = std::iter::from_fn(|| core.poll())
+            .filter_map(|e| match e {
+                Effect::Reply {
+                    session: 3, reply, ..
+                } => Some(reply),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            matches!(
+                &replies[..],
+                [
+                    Reply::Status {
+                        state: KeyState::Unknown,
+                        waiters: 0,
+                        ..
+                    },
+                    Reply::Status {
+                        state: KeyState::Queued,
+                        waiters: 1,
+                        ..
+                    }
+                ]
+            ),
+            "{replies:?}"
+        );
+    }
 }
