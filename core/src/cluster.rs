@@ -1015,7 +1015,7 @@ impl Coordinator {
 
     /// The stored form of an outcome computed under `tag` and `claim` at
     /// `at_ms` (its `at_ms` and whether it succeeded first, where the
-    /// scripts read them).
+    /// scripts read them), and where its origin (all but the outcome) ends.
     #[allow(clippy::too_many_arguments)]
     fn stored_form(
         &self,
@@ -1026,7 +1026,7 @@ impl Coordinator {
         outcome: &Result<Arc<str>, EvalError>,
         at_ms: u64,
         began_ms: u64,
-    ) -> String {
+    ) -> (String, usize) {
         let ns = if key.ns().is_shared() {
             String::new()
         } else {
@@ -1041,19 +1041,20 @@ impl Coordinator {
             json_str(&self.fns[evaluator]),
             json_str(tag),
         );
-        match outcome {
+        let form = match outcome {
             Ok(output) => format!("{{{origin},\"output\":{output}}}"),
             Err(error) => format!("{{{origin},\"error\":{}}}", eval_error_json(error)),
-        }
+        };
+        (form, origin.len() + 1)
     }
 
     /// The notice of a stored form: the key added, and a large output left
-    /// to be read from the store.
-    fn notice(&self, key: &Key, stored: &str, large: bool) -> String {
+    /// to be read from the store (`large`: where the form's origin ends).
+    fn notice(&self, key: &Key, stored: &str, large: Option<usize>) -> String {
         let hex = key.to_hex();
-        if large {
+        if let Some(end) = large {
             // Only brokers with waiters for it read it from Redis.
-            let origin = &stored[1..stored.find(",\"output\":").unwrap_or(stored.len() - 1)];
+            let origin = &stored[1..end];
             format!("{{\"key\":\"{hex}\",{origin},\"stored\":true}}")
         } else {
             format!("{{\"key\":\"{hex}\",{}", &stored[1..])
@@ -1133,7 +1134,7 @@ impl Coordinator {
         };
         // Named by the claim it was computed under, so a broker waiting on
         // that claim knows it, and one waiting on another ignores it.
-        let stored = self.stored_form(
+        let (stored, origin_end) = self.stored_form(
             &key,
             evaluator,
             &tag,
@@ -1144,7 +1145,8 @@ impl Coordinator {
         );
         let large = outcome
             .as_ref()
-            .is_ok_and(|o| o.len() > self.config.notice_inline_bytes);
+            .is_ok_and(|o| o.len() > self.config.notice_inline_bytes)
+            .then_some(origin_end);
         let notice = if how == Finish::Shared {
             self.shared_notice(&key, &stored)
         } else {
@@ -1218,7 +1220,7 @@ impl Coordinator {
         for back in now_free {
             let outcome = Ok(Arc::clone(&back.output));
             let claim = back.claim.as_deref();
-            let stored = self.stored_form(
+            let (stored, origin_end) = self.stored_form(
                 &back.key,
                 back.evaluator,
                 &back.tag,
@@ -1227,7 +1229,7 @@ impl Coordinator {
                 back.at_ms,
                 back.began_ms,
             );
-            let large = back.output.len() > self.config.notice_inline_bytes;
+            let large = (back.output.len() > self.config.notice_inline_bytes).then_some(origin_end);
             // Where another result stands, the waiters elsewhere of this
             // evaluation still get this one.
             let shared = match claim {
@@ -3097,5 +3099,264 @@ mod tests {
                 .any(|(_, op)| matches!(op, RedisOp::Acquire { .. })),
             "{sent:?}"
         );
+    }
+
+    /// `make(filler)` grown by its filler to exactly `len` bytes.
+    fn sized(len: usize, make: impl Fn(&str) -> String) -> String {
+        let text = make(&"x".repeat(len - make("").len()));
+        assert_eq!(text.len(), len);
+        text
+    }
+
+    fn acquires(sent: &[(OpId, RedisOp)]) -> Vec<OpId> {
+        sent.iter()
+            .filter(|(_, op)| matches!(op, RedisOp::Acquire { .. }))
+            .map(|(op, _)| *op)
+            .collect()
+    }
+
+    #[test]
+    fn results_are_read_only_within_a_lease_of_the_epochs_read() {
+        let mut r = rig();
+        r.up();
+        r.now += LEASE - Duration::from_millis(1);
+        r.acquire(key(), 1);
+        assert_eq!(acquires(&r.sent()).len(), 1);
+        // A lease on, and the epochs not read again: parked until they are.
+        r.now += Duration::from_millis(1);
+        r.acquire(Key::from_bytes([8; 16]), 2);
+        let sent = r.sent();
+        assert!(acquires(&sent).is_empty(), "{sent:?}");
+        epochs_read(&mut r, &sent, "b");
+        assert_eq!(acquires(&r.sent()).len(), 1);
+    }
+
+    /// A wait on claim `m:x:1`, looked at again a lease on: the look's
+    /// command.
+    fn waiting_looked_again(r: &mut Rig) -> OpId {
+        r.acquire(key(), 1);
+        let sent = r.sent();
+        r.reply(
+            sent[0].0,
+            Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
+        );
+        r.events();
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        epochs_read(r, &sent, "b");
+        let looks = acquires(&r.sent());
+        assert_eq!(looks.len(), 1);
+        looks[0]
+    }
+
+    #[test]
+    fn a_wait_redis_left_runs_here_once() {
+        let mut r = rig();
+        r.up();
+        let look = waiting_looked_again(&mut r);
+        r.reply(look, None);
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Local { gen: 1, .. }]),
+            "{events:?}"
+        );
+        r.tick_at(LEASE);
+        r.sent();
+        let events = r.events();
+        assert!(events.is_empty(), "{events:?}");
+    }
+
+    #[test]
+    fn a_wait_takes_a_result_of_another_tag_only_from_its_own_claim() {
+        let mut r = rig();
+        r.up();
+        let look = waiting_looked_again(&mut r);
+        let found = |text: String| Some(RedisReply::Acquired(Acquired::Found(text)));
+        // Another evaluation's: the wait goes on.
+        r.reply(look, found(stored_under("9:", "m:y:2")));
+        assert!(r.events().is_empty());
+        // Its own claim's, but longer than any result of ours: the same.
+        let own = |len| {
+            sized(len, |x| {
+                format!(
+                    "{{\"at_ms\":1000,\"ok\":true,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"9:\",\"claim\":\"m:x:1\",\"output\":\"{x}\"}}"
+                )
+            })
+        };
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        epochs_read(&mut r, &sent, "b");
+        let look = acquires(&r.sent())[0];
+        r.reply(look, found(own(201)));
+        assert!(r.events().is_empty());
+        // At the bound: taken, not kept.
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        epochs_read(&mut r, &sent, "b");
+        let look = acquires(&r.sent())[0];
+        r.reply(look, found(own(200)));
+        let events = r.events();
+        assert!(
+            matches!(
+                &events[..],
+                [ClusterEvent::Found {
+                    evaluator: 0,
+                    keep: false,
+                    gen: Some(1),
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_result_written_back_is_kept_here_only_if_this_broker_delivered_it() {
+        let mut r = rig();
+        r.tick_at(Duration::ZERO);
+        let probe = r.sent();
+        r.reply(probe[0].0, None);
+        let finished = |key, output: &str, how| ClusterCmd::Finished {
+            key,
+            gen: None,
+            evaluator: 0,
+            outcome: Ok(Arc::from(output)),
+            how,
+        };
+        let late = Key::from_bytes([8; 16]);
+        r.command(finished(key(), "1", Finish::Deliver));
+        r.command(finished(late, "2", Finish::Late));
+        r.tick_at(LEASE / 3);
+        let probe = r.sent();
+        r.reply(probe[0].0, Some(RedisReply::Pong));
+        let sent = r.sent();
+        epochs_read(&mut r, &sent, "b");
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        let finishes: Vec<OpId> = sent
+            .iter()
+            .filter(|(_, op)| matches!(op, RedisOp::Finish { .. }))
+            .map(|(op, _)| *op)
+            .collect();
+        assert_eq!(finishes.len(), 2, "{sent:?}");
+        for op in finishes {
+            stored(&mut r, op);
+        }
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Replace { key: k, outcome: Ok(o), .. }] if *k == key() && &**o == "1"),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn failures_are_stored_when_failures_are_kept() {
+        let mut r = rig();
+        r.c.config.error_ttl_s = 5;
+        r.up();
+        claimed(&mut r, 1);
+        let failed = Err(EvalError::Failed("boom".into()));
+        let (_, cmd) = finish_op(&mut r, Some(1), failed, Finish::Deliver);
+        let RedisOp::Finish { keep, ttl_s, .. } = cmd else {
+            unreachable!()
+        };
+        assert!(keep);
+        assert_eq!(ttl_s, 5);
+    }
+
+    #[test]
+    fn an_invalidation_due_while_redis_is_away_is_not_confirmed() {
+        let mut r = rig();
+        r.up();
+        r.command(ClusterCmd::Invalidate {
+            target: Target::Key(key()),
+            session: 1,
+            id: None,
+        });
+        let sent = r.sent();
+        r.reply(sent[0].0, Some(RedisReply::Done));
+        assert!(r.events().is_empty());
+        // Redis goes away before the lease is up.
+        r.acquire(Key::from_bytes([8; 16]), 2);
+        let sent = r.sent();
+        r.reply(sent[0].0, None);
+        r.events();
+        r.tick_at(LEASE);
+        let sent = r.sent();
+        assert!(
+            !sent
+                .iter()
+                .any(|(_, op)| matches!(op, RedisOp::Drop { .. })),
+            "{sent:?}"
+        );
+        let events = r.events();
+        assert!(
+            matches!(&events[..], [ClusterEvent::Invalidated { ok: false, .. }]),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_claim_is_let_go_at_its_job_s_deadline_and_renewed_one_at_a_time() {
+        let mut r = rig();
+        r.up();
+        claimed(&mut r, 1);
+        r.tick_at(LEASE / 3);
+        let renews = |sent: Vec<(OpId, RedisOp)>| -> Vec<OpId> {
+            sent.into_iter()
+                .filter(|(_, op)| matches!(op, RedisOp::Renew { .. }))
+                .map(|(op, _)| op)
+                .collect()
+        };
+        let first = renews(r.sent());
+        assert_eq!(first.len(), 1);
+        // Not again while one is in flight.
+        r.tick_at(LEASE / 3);
+        assert!(renews(r.sent()).is_empty());
+        r.reply(first[0], Some(RedisReply::Renewed(vec![true])));
+        assert_eq!(r.c.status().claims, 1);
+        // Its hold is three leases from the claim.
+        r.tick_at(LEASE * 3 - LEASE / 3 * 2);
+        assert_eq!(r.c.status().claims, 0);
+    }
+
+    #[test]
+    fn a_notice_is_kept_when_current_and_taken_by_its_fn() {
+        let mut r = rig();
+        r.up();
+        let hex = key().to_hex();
+        let notice = |f: &str, tag: &str, rest: &str| {
+            format!("{{\"key\":\"{hex}\",\"at_ms\":5,\"fn\":\"{f}\",\"tag\":\"{tag}\"{rest}}}")
+        };
+        let mut heard = |text: String| {
+            r.c.pubsub(PubsubEvent::Message(text), r.now, &mut r.out);
+            std::iter::from_fn(|| r.c.take_event()).collect::<Vec<_>>()
+        };
+        // Written back without a claim, current: kept, and g's.
+        let events = heard(notice("g", "0:2", ",\"output\":1"));
+        assert!(
+            matches!(
+                &events[..],
+                [ClusterEvent::Done {
+                    evaluator: 1,
+                    keep: true,
+                    claim: None,
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+        // Of another version, without a claim: nobody's.
+        assert!(heard(notice("g", "0:", ",\"output\":1")).is_empty());
+        // A large one stored under another version's claim: not looked up.
+        assert!(heard(notice("g", "0:", ",\"claim\":\"c\",\"stored\":true")).is_empty());
+        let events = heard(notice("g", "0:2", ",\"claim\":\"c\",\"stored\":true"));
+        assert!(
+            matches!(&events[..], [ClusterEvent::Stored { .. }]),
+            "{events:?}"
+        );
+        // At the bound of what is read.
+        let at_bound = sized(200, |x| notice("f", "0:", &format!(",\"output\":\"{x}\"")));
+        assert_eq!(heard(at_bound).len(), 1);
     }
 }

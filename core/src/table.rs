@@ -2008,8 +2008,12 @@ mod tests {
     use super::*;
 
     fn core(clustered: bool) -> (Core, Instant) {
+        core_with(clustered, |_| {})
+    }
+
+    fn core_with(clustered: bool, edit: impl FnOnce(&mut CoreConfig)) -> (Core, Instant) {
         let now = Instant::now();
-        let config = CoreConfig {
+        let mut config = CoreConfig {
             fns: vec![FnLimits {
                 name: "f".into(),
                 timeout: Duration::from_secs(1),
@@ -2033,6 +2037,7 @@ mod tests {
             }),
             preview_chars: 8,
         };
+        edit(&mut config);
         (Core::new(config, now, 1_000), now)
     }
 
@@ -2185,6 +2190,298 @@ mod tests {
                 ]
             ),
             "{replies:?}"
+        );
+    }
+
+    fn effects(core: &mut Core) -> Vec<Effect> {
+        std::iter::from_fn(|| core.poll()).collect()
+    }
+
+    /// The jobs offered to executors among `effects`.
+    fn offered(effects: &[Effect]) -> Vec<Gen> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Offer { gen, .. } => Some(*gen),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn input_of(session: SessionId, n: u8, input: &str, wait: bool) -> Input {
+        Input::Submit {
+            session,
+            id: None,
+            key: Key::from_bytes([n; 16]),
+            evaluator: 0,
+            input: Arc::from(input),
+            wait,
+            draining: false,
+            max_age: None,
+        }
+    }
+
+    #[test]
+    fn the_dashboard_shows_the_oldest_jobs_first_and_which_run() {
+        let (mut core, now) = core(false);
+        for n in 1..=3 {
+            core.apply(submit_key(1, n), now + Duration::from_millis(n.into()));
+        }
+        let gens = offered(&effects(&mut core));
+        core.apply(
+            Input::Started {
+                gen: gens[0],
+                worker: None,
+            },
+            now,
+        );
+        let later = now + Duration::from_millis(5);
+        let rows = core.view(later, 2);
+        let mut shown: Vec<(Key, bool, usize)> =
+            rows.iter().map(|r| (r.key, r.running, r.waiters)).collect();
+        shown.sort_unstable();
+        assert_eq!(
+            shown,
+            [
+                (Key::from_bytes([1; 16]), true, 1),
+                (Key::from_bytes([2; 16]), false, 1)
+            ]
+        );
+        assert!(rows.iter().all(|r| r.elsewhere.is_none()));
+        assert_eq!(core.view(later, 3).len(), 3);
+    }
+
+    #[test]
+    fn a_job_whose_worker_left_waits_in_its_queue_again() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(
+            Input::Started {
+                gen,
+                worker: Some("w".into()),
+            },
+            now,
+        );
+        assert_eq!((core.counts().queued, core.counts().running), (0, 1));
+        core.apply(Input::Requeued { gen }, now);
+        assert_eq!((core.counts().queued, core.counts().running), (1, 0));
+    }
+
+    #[test]
+    fn a_job_its_executor_refused_answers_busy() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(
+            Input::Refused {
+                gen,
+                reason: "no room",
+            },
+            now,
+        );
+        let busy = effects(&mut core);
+        assert!(
+            matches!(&busy[..], [Effect::Busy { waiters, message: "no room" }] if waiters.len() == 1),
+            "{busy:?}"
+        );
+        assert_eq!(core.counts().entries, 0);
+        // A running job is not refused.
+        core.apply(submit(1), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(Input::Started { gen, worker: None }, now);
+        core.apply(
+            Input::Refused {
+                gen,
+                reason: "no room",
+            },
+            now,
+        );
+        assert_eq!(core.counts().running, 1);
+    }
+
+    #[test]
+    fn a_queue_holds_up_to_its_bytes() {
+        let (mut core, now) = core(false);
+        core.apply(input_of(1, 1, &"x".repeat(1000), true), now);
+        core.apply(input_of(1, 2, &"x".repeat(24), true), now);
+        assert!(rejected(&mut core).is_empty());
+        core.apply(input_of(1, 3, "x", true), now);
+        assert_eq!(rejected(&mut core), [QUEUE_BYTES_FULL]);
+    }
+
+    #[test]
+    fn accepted_says_whether_the_job_is_new_and_who_waits() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        core.apply(submit(2), now);
+        let accepted: Vec<(bool, usize)> = effects(&mut core)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Reply {
+                    reply: Reply::Accepted { first, waiters, .. },
+                    ..
+                } => Some((first, waiters)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(accepted, [(true, 1), (false, 2)]);
+    }
+
+    #[test]
+    fn a_submit_that_does_not_wait_holds_a_place_of_its_session_s() {
+        let (mut core, now) = core_with(false, |c| {
+            c.max_pending = 2;
+            c.fns[0].queue_capacity = 8;
+        });
+        core.apply(input_of(1, 1, "{}", false), now);
+        core.apply(input_of(1, 2, "{}", false), now);
+        assert!(rejected(&mut core).is_empty());
+        assert_eq!(core.held_by(1), 2);
+        core.apply(input_of(1, 3, "{}", false), now);
+        assert_eq!(rejected(&mut core), [PENDING_FULL]);
+    }
+
+    #[test]
+    fn the_last_cancel_takes_a_queued_job_back() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(
+            Input::Cancel {
+                session: 1,
+                id: None,
+                key: Key::from_bytes([5; 16]),
+            },
+            now,
+        );
+        let effects = effects(&mut core);
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Withdraw { gen: g, overran: false, .. } if *g == gen)),
+            "{effects:?}"
+        );
+        assert_eq!(core.counts().entries, 0);
+    }
+
+    #[test]
+    fn a_timeout_is_cached_and_says_whether_the_job_ran_over() {
+        let (mut core, now) = core(false);
+        core.apply(submit_key(1, 1), now);
+        core.apply(submit_key(1, 2), now);
+        let gens = offered(&effects(&mut core));
+        core.apply(
+            Input::Started {
+                gen: gens[1],
+                worker: None,
+            },
+            now,
+        );
+        core.handle_timeout(now + Duration::from_secs(1));
+        let effects = effects(&mut core);
+        let withdrawn: Vec<(Gen, bool)> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Withdraw { gen, overran, .. } => Some((*gen, *overran)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(withdrawn, [(gens[0], false), (gens[1], true)]);
+        let cached = effects
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Cache {
+                        outcome: Err(EvalError::Timeout(_)),
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(cached, 2);
+    }
+
+    /// Job of key 5 timed out running; session 2 then submits it again.
+    fn timed_out_then_submitted_again(core: &mut Core, now: Instant) -> (Gen, Gen) {
+        core.apply(submit(1), now);
+        let gen = offered(&effects(core))[0];
+        core.apply(Input::Started { gen, worker: None }, now);
+        let later = now + Duration::from_secs(1);
+        core.handle_timeout(later);
+        core.apply(submit(2), later);
+        let again = offered(&effects(core))[0];
+        (gen, again)
+    }
+
+    fn finished(gen: Gen, outcome: Result<Arc<str>, EvalError>) -> Input {
+        Input::Finished {
+            key: Key::from_bytes([5; 16]),
+            gen,
+            evaluator: 0,
+            outcome,
+            eval_ms: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_late_success_is_kept_and_answers_the_job_after_it() {
+        let (mut core, now) = core(false);
+        let (late, again) = timed_out_then_submitted_again(&mut core, now);
+        core.apply(finished(late, Ok(Arc::from("1"))), now);
+        let effects = effects(&mut core);
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Cache { outcome: Ok(_), .. })),
+            "{effects:?}"
+        );
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Withdraw { gen, .. } if *gen == again)),
+            "{effects:?}"
+        );
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::Deliver(d) if d.waiters.len() == 1 && d.waiters[0].session == 2)),
+            "{effects:?}"
+        );
+        assert_eq!(core.counts().entries, 0);
+    }
+
+    #[test]
+    fn a_late_failure_leaves_the_job_after_it_alone() {
+        let (mut core, now) = core(false);
+        let (late, _) = timed_out_then_submitted_again(&mut core, now);
+        core.apply(finished(late, Err(EvalError::Failed("boom".into()))), now);
+        let effects = effects(&mut core);
+        assert!(effects.is_empty(), "{effects:?}");
+        assert_eq!(core.counts().queued, 1);
+    }
+
+    #[test]
+    fn a_late_outcome_reaches_the_key_s_subscribers() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(Input::Started { gen, worker: None }, now);
+        let later = now + Duration::from_secs(1);
+        core.handle_timeout(later);
+        core.apply(
+            Input::Subscribe {
+                session: 3,
+                id: None,
+                key: Key::from_bytes([5; 16]),
+            },
+            later,
+        );
+        effects(&mut core);
+        core.apply(finished(gen, Ok(Arc::from("1"))), later);
+        let effects = effects(&mut core);
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::Deliver(d) if d.waiters.len() == 1 && d.waiters[0].session == 3)),
+            "{effects:?}"
         );
     }
 }
