@@ -2006,6 +2006,7 @@ struct From {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redis::Acquired;
 
     fn core(clustered: bool) -> (Core, Instant) {
         core_with(clustered, |_| {})
@@ -2483,5 +2484,352 @@ mod tests {
             effects.iter().any(|e| matches!(e, Effect::Deliver(d) if d.waiters.len() == 1 && d.waiters[0].session == 3)),
             "{effects:?}"
         );
+    }
+
+    const LEASE: Duration = Duration::from_millis(300);
+
+    /// Answers every ping and read of the epochs sent (Redis up, nothing
+    /// invalidated); what else was done.
+    fn answered(core: &mut Core, now: Instant) -> Vec<Effect> {
+        let mut rest = Vec::new();
+        loop {
+            let effects = effects(core);
+            if effects.is_empty() {
+                return rest;
+            }
+            for effect in effects {
+                let reply = match &effect {
+                    Effect::Redis {
+                        cmd: RedisOp::Ping, ..
+                    } => RedisReply::Pong,
+                    Effect::Redis {
+                        cmd: RedisOp::Sync { .. },
+                        ..
+                    } => RedisReply::Epochs {
+                        hashes: vec![vec![], vec![]],
+                        boot: "b".into(),
+                    },
+                    _ => {
+                        rest.push(effect);
+                        continue;
+                    }
+                };
+                let Effect::Redis { op, .. } = effect else {
+                    unreachable!()
+                };
+                core.apply(
+                    Input::Redis {
+                        op,
+                        reply: Some(reply),
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// A clustered core whose Redis answered, and read its epochs, at `now`.
+    fn cluster_up() -> (Core, Instant) {
+        let (mut core, now) = core(true);
+        core.handle_timeout(now);
+        answered(&mut core, now);
+        assert!(core.cluster_status().is_some_and(|s| s.up()));
+        (core, now)
+    }
+
+    /// The commands among `effects`.
+    fn commands(effects: Vec<Effect>) -> Vec<(OpId, RedisOp)> {
+        effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Redis { op, cmd } => Some((op, cmd)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn redis(core: &mut Core, op: OpId, reply: RedisReply, now: Instant) {
+        core.apply(
+            Input::Redis {
+                op,
+                reply: Some(reply),
+            },
+            now,
+        );
+    }
+
+    /// Session 1 submits key 5; the look for it, and the claim it offers.
+    fn asked(core: &mut Core, now: Instant) -> (OpId, String) {
+        core.apply(submit(1), now);
+        let sent = commands(answered(core, now));
+        match &sent[..] {
+            [(op, RedisOp::Acquire { value, .. })] => (*op, value.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Key 5 claimed here for session 1 and running: its job.
+    fn running_here(core: &mut Core, now: Instant) -> Gen {
+        let (op, _) = asked(core, now);
+        redis(core, op, RedisReply::Acquired(Acquired::Claimed), now);
+        let gen = offered(&answered(core, now))[0];
+        core.apply(Input::Started { gen, worker: None }, now);
+        gen
+    }
+
+    /// Who was given what.
+    type Given = (Vec<SessionId>, Result<Arc<str>, EvalError>);
+
+    fn delivered(effects: &[Effect]) -> Vec<Given> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Deliver(d) => Some((
+                    d.waiters.iter().map(|w| w.session).collect(),
+                    d.outcome.clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cached(effects: &[Effect]) -> usize {
+        effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Cache { .. }))
+            .count()
+    }
+
+    fn ok(output: &str) -> Result<Arc<str>, EvalError> {
+        Ok(Arc::from(output))
+    }
+
+    #[test]
+    fn a_job_finished_while_its_claim_is_fresh_is_delivered_at_once() {
+        let (mut core, now) = cluster_up();
+        let gen = running_here(&mut core, now);
+        let at = now + LEASE / 2 - Duration::from_millis(1);
+        core.apply(finished(gen, ok("1")), at);
+        let effects = answered(&mut core, at);
+        assert_eq!(delivered(&effects), [(vec![1], ok("1"))]);
+        let sent = commands(effects);
+        assert!(
+            matches!(&sent[..], [(_, RedisOp::Finish { shared, .. })] if !shared.is_empty()),
+            "{sent:?}"
+        );
+    }
+
+    /// Key 5's job finished here half a lease after it was claimed: the
+    /// store it asked for.
+    fn finished_after_its_claim_may_have_lapsed(core: &mut Core, now: Instant) -> (OpId, RedisOp) {
+        let gen = running_here(core, now);
+        let at = now + LEASE / 2;
+        core.apply(finished(gen, ok("1")), at);
+        let effects = answered(core, at);
+        assert!(delivered(&effects).is_empty(), "{effects:?}");
+        let mut sent = commands(effects);
+        assert!(
+            matches!(&sent[..], [(_, RedisOp::Finish { shared, .. })] if shared.is_empty()),
+            "{sent:?}"
+        );
+        sent.remove(0)
+    }
+
+    #[test]
+    fn a_job_finished_after_its_claim_may_have_lapsed_waits_for_redis_s_word() {
+        let (mut core, now) = cluster_up();
+        let (op, _) = finished_after_its_claim_may_have_lapsed(&mut core, now);
+        let at = now + LEASE / 2;
+        let verdict = RedisReply::Finished {
+            stored: true,
+            current: None,
+            dropped: false,
+        };
+        redis(&mut core, op, verdict, at);
+        let effects = answered(&mut core, at);
+        assert_eq!(delivered(&effects), [(vec![1], ok("1"))]);
+        assert_eq!(cached(&effects), 1);
+    }
+
+    #[test]
+    fn a_job_whose_store_redis_never_answered_is_delivered_and_not_kept() {
+        let (mut core, now) = cluster_up();
+        let (op, _) = finished_after_its_claim_may_have_lapsed(&mut core, now);
+        let at = now + LEASE / 2;
+        core.apply(Input::Redis { op, reply: None }, at);
+        let effects = effects(&mut core);
+        assert_eq!(delivered(&effects), [(vec![1], ok("1"))]);
+        assert_eq!(cached(&effects), 0);
+    }
+
+    #[test]
+    fn a_job_s_own_notice_ahead_of_redis_s_word_delivers_it() {
+        let (mut core, now) = cluster_up();
+        let (_, store) = finished_after_its_claim_may_have_lapsed(&mut core, now);
+        let RedisOp::Finish { notice, .. } = store else {
+            unreachable!()
+        };
+        let at = now + LEASE / 2;
+        core.apply(Input::Pubsub(PubsubEvent::Message(notice)), at);
+        let effects = answered(&mut core, at);
+        assert_eq!(delivered(&effects), [(vec![1], ok("1"))]);
+    }
+
+    /// The notice of an outcome of key 5 computed under `claim` at Unix ms
+    /// 1000.
+    fn notice(claim: &str, keep: bool, output: &str) -> Input {
+        let hex = Key::from_bytes([5; 16]).to_hex();
+        Input::Pubsub(PubsubEvent::Message(format!(
+            "{{\"key\":\"{hex}\",\"at_ms\":1000,\"ok\":true,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"0:\",\"claim\":\"{claim}\",\"keep\":{keep},\"output\":{output}}}"
+        )))
+    }
+
+    #[test]
+    fn a_claimant_s_outcome_heard_while_asking_answers_once_its_claim_is_known() {
+        let (mut core, now) = cluster_up();
+        let (op, _) = asked(&mut core, now);
+        core.apply(notice("m:x:1", false, "7"), now);
+        assert!(delivered(&effects(&mut core)).is_empty());
+        let held = RedisReply::Acquired(Acquired::Held("m:x:1".into()));
+        redis(&mut core, op, held, now);
+        assert_eq!(delivered(&answered(&mut core, now)), [(vec![1], ok("7"))]);
+    }
+
+    #[test]
+    fn a_wait_on_another_broker_s_claim_shows_it_and_takes_its_outcome() {
+        let (mut core, now) = cluster_up();
+        let (op, _) = asked(&mut core, now);
+        let held = RedisReply::Acquired(Acquired::Held("m:x:1".into()));
+        redis(&mut core, op, held, now);
+        answered(&mut core, now);
+        let rows = core.view(now, 10);
+        assert_eq!(rows[0].elsewhere.as_deref(), Some("m:x:1"));
+        core.apply(notice("m:y:2", false, "6"), now);
+        assert!(delivered(&effects(&mut core)).is_empty());
+        core.apply(notice("m:x:1", false, "7"), now);
+        assert_eq!(delivered(&answered(&mut core, now)), [(vec![1], ok("7"))]);
+    }
+
+    #[test]
+    fn a_result_found_in_redis_answers_the_submit_and_is_kept() {
+        let (mut core, now) = cluster_up();
+        let (op, _) = asked(&mut core, now);
+        let stored = "{\"at_ms\":1000,\"ok\":true,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"0:\",\"output\":3}";
+        let found = RedisReply::Acquired(Acquired::Found(stored.into()));
+        redis(&mut core, op, found, now);
+        let effects = answered(&mut core, now);
+        assert_eq!(delivered(&effects), [(vec![1], ok("3"))]);
+        assert_eq!(cached(&effects), 1);
+        assert!(offered(&effects).is_empty());
+    }
+
+    #[test]
+    fn a_submit_made_a_lease_after_an_unkept_outcome_gets_an_evaluation_of_its_own() {
+        let (mut core, now) = cluster_up();
+        let (op, _) = asked(&mut core, now);
+        let held = RedisReply::Acquired(Acquired::Held("m:x:1".into()));
+        redis(&mut core, op, held, now);
+        answered(&mut core, now);
+        let later = now + LEASE * 2;
+        core.apply(submit(2), later);
+        answered(&mut core, later);
+        core.apply(notice("m:x:1", false, "7"), later);
+        let effects = answered(&mut core, later);
+        assert_eq!(delivered(&effects), [(vec![1], ok("7"))]);
+        let sent = commands(effects);
+        assert!(
+            sent.iter()
+                .any(|(_, op)| matches!(op, RedisOp::Acquire { .. })),
+            "{sent:?}"
+        );
+    }
+
+    fn subscribe(session: SessionId) -> Input {
+        Input::Subscribe {
+            session,
+            id: None,
+            key: Key::from_bytes([5; 16]),
+        }
+    }
+
+    #[test]
+    fn subscriptions_left_without_a_job_are_looked_up_once() {
+        // Subscribed after the submit: looked up once the job is gone.
+        let (mut core, now) = cluster_up();
+        let (op, _) = asked(&mut core, now);
+        let held = RedisReply::Acquired(Acquired::Held("m:x:1".into()));
+        redis(&mut core, op, held, now);
+        core.apply(subscribe(3), now);
+        let sent = commands(answered(&mut core, now));
+        assert!(sent.is_empty(), "{sent:?}");
+        core.apply(notice("m:x:1", false, "7"), now);
+        let effects = answered(&mut core, now);
+        assert_eq!(delivered(&effects), [(vec![1], ok("7"))]);
+        let sent = commands(effects);
+        assert!(matches!(&sent[..], [(_, RedisOp::Read { .. })]), "{sent:?}");
+        // Subscribed first: looked up then, not again.
+        let (mut core, now) = cluster_up();
+        core.apply(subscribe(3), now);
+        let sent = commands(answered(&mut core, now));
+        let [(read, RedisOp::Read { .. })] = &sent[..] else {
+            panic!("{sent:?}")
+        };
+        redis(&mut core, *read, RedisReply::Values(vec![None, None]), now);
+        let (op, _) = asked(&mut core, now);
+        let held = RedisReply::Acquired(Acquired::Held("m:x:1".into()));
+        redis(&mut core, op, held, now);
+        answered(&mut core, now);
+        core.apply(notice("m:x:1", false, "7"), now);
+        let effects = answered(&mut core, now);
+        assert_eq!(delivered(&effects), [(vec![1], ok("7"))]);
+        let sent = commands(effects);
+        assert!(sent.is_empty(), "{sent:?}");
+    }
+
+    #[test]
+    fn outcomes_heard_within_a_lease_of_an_invalidation_are_not_kept() {
+        let (mut core, now) = cluster_up();
+        let hex = Key::from_bytes([5; 16]).to_hex();
+        // Heard by a subscriber, kept.
+        let heard_at = |core: &mut Core, at: Instant| {
+            core.apply(subscribe(3), at);
+            answered(core, at);
+            core.apply(Input::Pubsub(PubsubEvent::Pong { sent: at }), at);
+            core.apply(notice("c", true, "1"), at);
+            let effects = answered(core, at);
+            assert_eq!(delivered(&effects), [(vec![3], ok("1"))]);
+            cached(&effects)
+        };
+        assert_eq!(heard_at(&mut core, now), 1);
+        let drop = format!("{{\"drop\":\"{hex}\"}}");
+        core.apply(Input::Pubsub(PubsubEvent::Message(drop)), now);
+        answered(&mut core, now);
+        assert_eq!(heard_at(&mut core, now + LEASE), 0);
+        assert_eq!(
+            heard_at(&mut core, now + LEASE + Duration::from_millis(1)),
+            1
+        );
+    }
+
+    #[test]
+    fn the_audit_finds_counts_that_do_not_add_up() {
+        let corrupted = |corrupt: fn(&mut Core)| {
+            let (mut core, now) = core(false);
+            core.apply(submit(1), now);
+            effects(&mut core);
+            assert_eq!(core.audit(), Ok(()));
+            corrupt(&mut core);
+            core.audit()
+        };
+        let err = corrupted(|c| c.running += 1).unwrap_err();
+        assert!(err.contains("running"), "{err}");
+        let err = corrupted(|c| {
+            let (at, gen) = *c.timers.first().expect("a timer");
+            c.timers.insert((at + Duration::from_millis(1), gen));
+        })
+        .unwrap_err();
+        assert!(err.contains("timers"), "{err}");
+        let err = corrupted(|c| c.sessions.get_mut(&1).expect("held").total += 1).unwrap_err();
+        assert!(err.contains("session 1"), "{err}");
     }
 }
