@@ -125,4 +125,19 @@ mod tests {
             "Key(key-team/020000000000000000000000000000ab)"
         );
     }
+
+    #[test]
+    fn a_key_hashes_apart_from_itself_in_another_namespace() {
+        use std::hash::{BuildHasher, RandomState};
+        let team = crate::ns::Ns::intern("hash-team", 1024).expect("a name");
+        let hashes = RandomState::new();
+        for bytes in [[0; 16], [0xff; 16]] {
+            let key = Key::from_bytes(bytes);
+            assert_ne!(
+                hashes.hash_one(key),
+                hashes.hash_one(key.in_ns(team)),
+                "{key:?}"
+            );
+        }
+    }
 }
