@@ -81,6 +81,14 @@ def redis_cli(port, *args):
     return out.stdout.strip()
 
 
+def redis_gets(port, names):
+    """GET of each name, in one redis-cli run (None where nothing is stored)."""
+    script = "".join(f'GET "{name}"\n' for name in names)
+    out = subprocess.run(["redis-cli", "-p", str(port)], input=script, capture_output=True, text=True)
+    values = out.stdout.split("\n")[: len(names)]
+    return [v or None for v in values]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -328,17 +336,21 @@ class Chaos:
             epochs[fn] = redis_cli(self.redis_port, "HGET", "herd:epochs", fn) or "0"
         disagreements, examples = 0, []
         in_any = set()
+        keys = list(self.inputs)
+        names = [f"herd:result:{{{key}}}:{epochs[self.inputs[key][0]]}:" for key in keys]
+        in_redis_by_key = {}
+        for key, stored in zip(keys, redis_gets(self.redis_port, names)):
+            in_redis_by_key[key] = json.loads(stored).get("output") if stored else None
         for b in self.brokers:
             async with websockets.connect(self.url(b), open_timeout=3, ping_interval=None) as ws:
                 await ws.recv()
-                for key, (fn, _) in self.inputs.items():
+                for key in self.inputs:
                     await ws.send(json.dumps({"op": "get", "id": key, "key": key}))
                     while True:
                         got = json.loads(await ws.recv())
                         if got.get("id") == key:
                             break
-                    stored = redis_cli(self.redis_port, "GET", f"herd:result:{{{key}}}:{epochs[fn]}:")
-                    in_redis = json.loads(stored).get("output") if stored else None
+                    in_redis = in_redis_by_key[key]
                     if in_redis is not None:
                         in_any.add(key)
                     if got.get("state") == "done":
