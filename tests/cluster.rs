@@ -4,7 +4,8 @@
 mod common;
 
 use common::cluster::{
-    broker, broker_with, evaluations, redis_cli, serve_child, signal, Broker, Redis, SIMULATE,
+    broker, broker_with, evaluations, redis_cli, serve_child, signal, wait_redis, Broker, Redis,
+    SIMULATE,
 };
 use common::{key_of, Client, TestServer};
 use serde_json::{json, Value};
@@ -292,7 +293,11 @@ async fn a_new_version_serves_no_result_of_the_old_one_from_redis() {
     let mut c = v2.client().await;
     assert_eq!(answer(&mut c, submit("3")).await["source"], "eval");
     assert!(redis_cli(redis.port, &["GET", &result_name(&key, "1")]).contains("output"));
-    assert!(redis_cli(redis.port, &["GET", &result_name(&key, "2")]).contains("output"));
+    // Delivered at once; stored in Redis alongside.
+    wait_redis(redis.port, &result_name(&key, "2"), |v| {
+        v.contains("output")
+    })
+    .await;
     v2.stop().await;
 }
 
@@ -312,7 +317,9 @@ async fn max_age_ms_passes_over_an_older_result_in_redis_and_replaces_it() {
         let v: Value = serde_json::from_str(text.trim()).expect("a stored result");
         v["at_ms"].as_u64().expect("at_ms")
     };
-    let first = stored_at(redis_cli(redis.port, &["GET", &result_name(&key, "")]));
+    // Delivered at once; stored in Redis alongside.
+    let name = result_name(&key, "");
+    let first = stored_at(wait_redis(redis.port, &name, |v| !v.is_empty()).await);
     let r = answer(&mut on_b, submit("young", 600_000)).await;
     assert_eq!(r["source"], "cluster", "young enough: {r}");
     let r = answer(&mut on_b, submit("fresh", 0)).await;
@@ -320,11 +327,11 @@ async fn max_age_ms_passes_over_an_older_result_in_redis_and_replaces_it() {
         r["source"], "eval",
         "Redis's result is older than 0 ms: {r}"
     );
-    let second = stored_at(redis_cli(redis.port, &["GET", &result_name(&key, "")]));
-    assert!(
-        second > first,
-        "the fresh result replaced it: {first} then {second}"
-    );
+    // The fresh result replaces it.
+    wait_redis(redis.port, &name, |v| {
+        serde_json::from_str::<Value>(v).is_ok_and(|v| v["at_ms"].as_u64() > Some(first))
+    })
+    .await;
     assert_eq!(evaluations(&[&a, &b]).await, 2);
     a.stop().await;
     b.stop().await;

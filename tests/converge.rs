@@ -8,7 +8,7 @@
 mod common;
 
 use common::cluster::{
-    broker, broker_with, evaluations, redis_cli, serve_child, signal, Redis, SIMULATE,
+    broker, broker_with, evaluations, redis_cli, serve_child, signal, wait_redis, Redis, SIMULATE,
 };
 use common::{key_of, Client, TestServer};
 use serde_json::{json, Value};
@@ -106,7 +106,9 @@ async fn a_claimant_that_lost_its_claim_takes_the_result_that_stands() {
         .send(json!({"op": "complete", "task": task_b["task"], "output": {"by": "b"}}))
         .await;
     assert_eq!(on_b.recv_type("result").await["output"]["by"], "b");
-    assert_eq!(stored(&redis, &key)["by"], "b");
+    // Delivered at once; stored in Redis alongside.
+    let name = format!("herd:result:{{{key}}}:0:");
+    wait_redis(redis.port, &name, |v| v.contains("\"by\":\"b\"")).await;
     // A's worker answers too (its task may have been revoked by then).
     worker_a
         .send(json!({"op": "complete", "task": task_a["task"], "output": {"by": "a"}}))
@@ -177,6 +179,11 @@ async fn a_waiting_broker_waits_as_long_as_the_claimant_may_take() {
     on_a.send(json!({"op": "submit", "id": "a", "input": input}))
         .await;
     a.wait_inflight(&key, "queued").await;
+    // Claimed by A (a key shows "queued" while its broker asks Redis too).
+    wait_redis(redis.port, &format!("herd:claim:{{{key}}}:0:"), |v| {
+        !v.is_empty()
+    })
+    .await;
     let mut on_b = b.client().await;
     on_b.send(json!({"op": "submit", "id": "b", "input": input}))
         .await;
@@ -463,6 +470,9 @@ async fn an_evaluation_older_than_an_invalidation_redis_forgot_is_not_stored() {
         .await;
     let r = on_a.recv_type("result").await;
     assert_eq!(r["output"]["by"], "after", "{r}");
+    // Delivered at once; stored in Redis alongside.
+    let name = format!("herd:result:{{{key}}}:0:");
+    wait_redis(redis.port, &name, |v| v.contains("\"by\":\"after\"")).await;
     // B is given that one, stored (B has no worker of its own).
     let mut on_b = b.client().await;
     on_b.send(submit).await;
@@ -491,7 +501,7 @@ async fn an_invalidated_key_is_not_served_from_a_result_of_another_version() {
     let r = on_a.recv_type("result").await;
     assert_eq!(r["source"], "eval", "{r}");
     let name = format!("herd:result:{{{key}}}:0:2");
-    assert!(redis_cli(redis.port, &["GET", &name]).contains("output"));
+    wait_redis(redis.port, &name, |v| v.contains("output")).await;
     let mut admin = b.client().await;
     let r = admin
         .request(json!({"op": "invalidate", "id": "i", "key": key}))

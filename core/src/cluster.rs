@@ -2590,9 +2590,18 @@ mod tests {
         let inline = "x".repeat(16);
         assert!(finish(&mut r, &inline).contains(&inline));
         let large = finish(&mut r, &"y".repeat(17));
+        let hex = key().to_hex();
+        assert_eq!(
+            large,
+            format!("{{\"key\":\"{hex}\",\"at_ms\":1000,\"ok\":true,\"began_ms\":0,\"fn\":\"f\",\"tag\":\"0:\",\"stored\":true}}")
+        );
+        // Heard, it sends a broker whose subscribers wait for the key to
+        // read it.
+        r.c.pubsub(PubsubEvent::Message(large), r.now, &mut r.out);
+        let events = r.events();
         assert!(
-            large.contains("\"stored\":true") && !large.contains("yyy"),
-            "{large}"
+            matches!(&events[..], [ClusterEvent::Stored { .. }]),
+            "{events:?}"
         );
     }
 
@@ -3129,6 +3138,23 @@ mod tests {
         assert!(acquires(&sent).is_empty(), "{sent:?}");
         epochs_read(&mut r, &sent, "b");
         assert_eq!(acquires(&r.sent()).len(), 1);
+        // A ping answered on the subscription confirms a lease from when
+        // it was sent.
+        let epochs_at = r.now;
+        r.c.pubsub(
+            PubsubEvent::Pong {
+                sent: epochs_at + LEASE,
+            },
+            r.now,
+            &mut r.out,
+        );
+        r.now = epochs_at + LEASE * 2 - Duration::from_millis(1);
+        r.sent();
+        r.acquire(Key::from_bytes([9; 16]), 3);
+        assert_eq!(acquires(&r.sent()).len(), 1);
+        r.now += Duration::from_millis(1);
+        r.acquire(Key::from_bytes([10; 16]), 4);
+        assert!(acquires(&r.sent()).is_empty());
     }
 
     /// A wait on claim `m:x:1`, looked at again a lease on: the look's

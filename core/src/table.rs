@@ -2832,4 +2832,44 @@ mod tests {
         let err = corrupted(|c| c.sessions.get_mut(&1).expect("held").total += 1).unwrap_err();
         assert!(err.contains("session 1"), "{err}");
     }
+
+    #[test]
+    fn a_late_outcome_nobody_waits_for_is_only_kept() {
+        let (mut core, now) = core(false);
+        core.apply(submit(1), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(Input::Started { gen, worker: None }, now);
+        let later = now + Duration::from_secs(1);
+        core.handle_timeout(later);
+        effects(&mut core);
+        core.apply(finished(gen, ok("1")), later);
+        let effects = effects(&mut core);
+        assert!(
+            matches!(&effects[..], [Effect::Cache { outcome: Ok(_), .. }]),
+            "{effects:?}"
+        );
+    }
+
+    /// The notice of a failure of key 5 under `claim`, kept.
+    fn failure_notice(claim: &str) -> Input {
+        let hex = Key::from_bytes([5; 16]).to_hex();
+        Input::Pubsub(PubsubEvent::Message(format!(
+            "{{\"key\":\"{hex}\",\"at_ms\":1000,\"ok\":false,\"began_ms\":900,\"fn\":\"f\",\"tag\":\"0:\",\"claim\":\"{claim}\",\"error\":{{\"code\":\"eval_failed\",\"message\":\"boom\"}}}}"
+        )))
+    }
+
+    #[test]
+    fn only_a_kept_success_heard_answers_a_job_asking_or_running() {
+        let (mut core, now) = cluster_up();
+        asked(&mut core, now);
+        core.apply(notice("m:x:1", true, "7"), now);
+        assert_eq!(delivered(&answered(&mut core, now)), [(vec![1], ok("7"))]);
+        let (mut core, now) = cluster_up();
+        running_here(&mut core, now);
+        core.apply(notice("m:x:1", false, "7"), now);
+        core.apply(failure_notice("m:x:1"), now);
+        assert!(delivered(&effects(&mut core)).is_empty());
+        core.apply(notice("m:x:1", true, "8"), now);
+        assert_eq!(delivered(&answered(&mut core, now)), [(vec![1], ok("8"))]);
+    }
 }

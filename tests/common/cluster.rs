@@ -82,6 +82,23 @@ impl Redis {
 }
 
 /// What `redis-cli -p PORT ARGS` prints.
+/// What Redis holds under `name` once it satisfies `done` (polled until
+/// then).
+pub async fn wait_redis(port: u16, name: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + super::FRAME_WAIT;
+    loop {
+        let text = redis_cli(port, &["GET", name]);
+        if done(text.trim()) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never held what was expected: {text:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 pub fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
