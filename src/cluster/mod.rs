@@ -12,14 +12,16 @@
 //! - [`listen`] keeps one subscription to the completion channel, pings it
 //!   every third of a lease, and hands the hub what it sees
 //!   ([`PubsubEvent`]);
-//! - [`figures::exchange`] publishes this broker's counters every lease and
+//! - [`exchange`] publishes this broker's counters every lease and
 //!   reads every broker's, for the cluster's totals on the page.
 //!
 //! The hub never awaits any of them: commands go out on an unbounded
 //! channel (the core bounds what is in flight by the jobs and keys it
 //! holds) and come back on a bounded one.
 
-pub mod figures;
+mod figures;
+
+pub use figures::{exchange, Exchange};
 
 use crate::config::ClusterConfig;
 use herd_core::redis::{Acquired, ACQUIRE, BOOT, DROP, FINISH, RAISE, RELEASE, RENEW, SYNC};

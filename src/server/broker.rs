@@ -5,8 +5,7 @@
 //! not here (the hub task owns it alone).
 
 use crate::cache::ResultCache;
-use crate::cluster::figures::{exchange, Exchange};
-use crate::cluster::{listen, Listener, Shell};
+use crate::cluster::{exchange, listen, Exchange, Listener, Shell};
 use crate::config::Config;
 use crate::error::HerdError;
 use crate::exec::pool::{EvaluatorTable, Pool};
