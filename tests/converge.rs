@@ -164,17 +164,18 @@ async fn invalidating_a_fn_after_redis_restarts_empty_still_drops_its_results() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_broker_waits_as_long_as_the_claimant_may_take() {
-    // One thread, timeout_ms 2000: A's key waits in A's queue behind a
-    // 1.8 s job, then runs 1.8 s. B waits on A's claim all that time.
+    // One thread, timeout_ms 3500: A's key waits in A's queue behind a
+    // 3 s job, then runs 3 s. B waits on A's claim all that time (it gave
+    // up at the timeout plus a lease, 4.5 s, before).
     let redis = Redis::start().await;
     let one =
-        "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\ntimeout_ms = 2000\n";
+        "[[evaluator]]\nfn = \"default\"\nkind = \"simulate\"\nthreads = 1\ntimeout_ms = 3500\n";
     let a = broker_with(&redis.config("a", one)).await;
     let b = broker_with(&redis.config("b", one)).await;
     let mut on_a = a.client().await;
-    on_a.send(json!({"op": "submit", "id": "busy", "input": {"sleep_ms": 1800, "ahead": 1}}))
+    on_a.send(json!({"op": "submit", "id": "busy", "input": {"sleep_ms": 3000, "ahead": 1}}))
         .await;
-    let input = json!({"sleep_ms": 1800, "behind": 1});
+    let input = json!({"sleep_ms": 3000, "behind": 1});
     let key = key_of("default", &input);
     on_a.send(json!({"op": "submit", "id": "a", "input": input}))
         .await;
@@ -473,7 +474,12 @@ async fn an_evaluation_older_than_an_invalidation_redis_forgot_is_not_stored() {
     // Delivered at once; stored in Redis alongside.
     let name = format!("herd:result:{{{key}}}:0:");
     wait_redis(redis.port, &name, |v| v.contains("\"by\":\"after\"")).await;
-    // B is given that one, stored (B has no worker of its own).
+    // B is given that one, stored (B has no worker of its own), once B
+    // too is back on the restarted Redis (until then it would evaluate
+    // alone).
+    b.wait_metric("herd_cluster_redis_resets_total", |v| v == 1.0)
+        .await;
+    b.wait_metric("herd_cluster_up", |v| v == 1.0).await;
     let mut on_b = b.client().await;
     on_b.send(submit).await;
     let r = on_b.recv_type("result").await;
