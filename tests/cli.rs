@@ -218,7 +218,23 @@ async fn every_bench_scenario_reports_its_fields() {
                 "--duration-s",
                 "0.5",
             ],
-            vec!["hits_per_s", "p50_ms", "p99_ms", "cpu_s_per_m"],
+            vec!["hits_per_s", "p50_ms", "p99_ms", "cpu_s_per_m", "depth"],
+        ),
+        (
+            vec![
+                "hits",
+                "--fn",
+                "default",
+                "--warm",
+                "50",
+                "--sessions",
+                "4",
+                "--pipeline",
+                "8",
+                "--duration-s",
+                "0.5",
+            ],
+            vec!["hits_per_s", "p50_ms", "p99_ms", "cpu_s_per_m", "pipeline"],
         ),
         (
             vec!["fanout", "--fn", "default", "--subscribers", "40"],
@@ -278,7 +294,13 @@ async fn every_bench_scenario_reports_its_fields() {
             "agents" => assert_eq!(report["evaluations"], report["distinct_keys"]),
             "burst" => assert_eq!(report["evaluations"], 3),
             "fanout" => assert_eq!(report["delivered"], 40),
-            "hits" => assert_eq!(report["misses"], 0),
+            "hits" => {
+                assert_eq!(report["misses"], 0);
+                // Batches of `--pipeline` are answered whole.
+                if let Some(batch) = report["pipeline"].as_u64() {
+                    assert_eq!(report["hits"].as_u64().unwrap() % batch, 0, "{report}");
+                }
+            }
             _ => {}
         }
     }

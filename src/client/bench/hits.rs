@@ -1,4 +1,5 @@
-//! S3 `hits`: the cache-hit path, pipelined like `redis-benchmark -P`.
+//! S3 `hits`: the cache-hit path, with requests kept in flight, or sent in
+//! batches exactly as `redis-benchmark -P` sends them.
 
 use super::{cpu_seconds, percentile, progress, sorted, Report, Socket, Target};
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -15,17 +16,23 @@ pub struct HitsArgs {
     /// Sessions.
     #[arg(long, default_value_t = 64)]
     pub sessions: usize,
-    /// Submits each session keeps in flight.
+    /// Submits each session keeps in flight, each reply answered by a new
+    /// submit.
     #[arg(long, default_value_t = 16)]
     pub depth: usize,
+    /// Instead of `--depth`: each session sends this many submits in one
+    /// write and waits for all their replies before the next write, as
+    /// `redis-benchmark -P` does.
+    #[arg(long, conflicts_with = "depth")]
+    pub pipeline: Option<usize>,
     /// Measured duration, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration_s: f64,
     /// Evaluator to use.
     #[arg(long = "fn", default_value = "sleep")]
     pub fn_name: String,
-    /// Also run `redis-benchmark -t get -c SESSIONS -P DEPTH` against a local
-    /// redis-server and report the ratio.
+    /// Also run `redis-benchmark -t get -c SESSIONS -P PIPELINE` (or
+    /// `-P DEPTH`) against a local redis-server and report the ratio.
     #[arg(long)]
     pub redis: bool,
     /// Requests for the redis-benchmark reference run.
@@ -43,8 +50,8 @@ struct SessionRun {
 
 pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        args.warm > 0 && args.sessions > 0 && args.depth > 0,
-        "warm, sessions and depth must be positive"
+        args.warm > 0 && args.sessions > 0 && args.depth > 0 && args.pipeline != Some(0),
+        "warm, sessions, depth and pipeline must be positive"
     );
     let inputs: Vec<String> = (0..args.warm)
         .map(|i| json!({"bench": "hits", "seed": seed, "i": i, "sleep_ms": 0}).to_string())
@@ -84,7 +91,13 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
     let tasks: Vec<_> = sockets
         .into_iter()
         .enumerate()
-        .map(|(n, ws)| tokio::spawn(session(ws, requests.clone(), n, args.depth, end)))
+        .map(|(n, ws)| {
+            let requests = requests.clone();
+            match args.pipeline {
+                Some(batch) => tokio::spawn(batches(ws, requests, n, batch, end).boxed()),
+                None => tokio::spawn(session(ws, requests, n, args.depth, end).boxed()),
+            }
+        })
         .collect();
     let mut latencies = Vec::new();
     let mut misses = 0;
@@ -101,6 +114,10 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
     let hits = latencies.len() as f64;
     let latencies = sorted(latencies);
     let mut report = Report::new("hits");
+    match args.pipeline {
+        Some(batch) => report.add("pipeline", batch),
+        None => report.add("depth", args.depth),
+    }
     report.add("hits", latencies.len());
     report.add("misses", misses);
     report.add("hits_per_s", super::round3(hits / elapsed));
@@ -196,6 +213,48 @@ async fn session(
     Ok(run)
 }
 
+/// One session as `redis-benchmark -P batch` drives a connection: `batch`
+/// submits in one write, then all their replies, then the next write.
+async fn batches(
+    mut ws: Socket,
+    requests: std::sync::Arc<Vec<Utf8Bytes>>,
+    offset: usize,
+    batch: usize,
+    end: Instant,
+) -> anyhow::Result<SessionRun> {
+    let mut next = offset * 7919;
+    let mut run = SessionRun {
+        latencies: Vec::new(),
+        misses: 0,
+    };
+    while Instant::now() < end {
+        let sent = Instant::now();
+        for _ in 0..batch {
+            let request = requests[next % requests.len()].clone();
+            next += 1;
+            ws.feed(Message::Text(request)).await?;
+        }
+        ws.flush().await?;
+        let mut replies = 0;
+        while replies < batch {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    replies += 1;
+                    if is_cache_hit(&text) {
+                        run.latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        run.misses += 1;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => anyhow::bail!("session ended: {other:?}"),
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(run)
+}
+
 /// `redis-benchmark -t get` with the same connections and pipeline depth;
 /// returns GET requests per second.
 async fn redis_reference(args: &HitsArgs) -> anyhow::Result<f64> {
@@ -206,7 +265,7 @@ async fn redis_reference(args: &HitsArgs) -> anyhow::Result<f64> {
             "-c",
             &args.sessions.to_string(),
             "-P",
-            &args.depth.to_string(),
+            &args.pipeline.unwrap_or(args.depth).to_string(),
             "-n",
             &args.redis_requests.to_string(),
             "-q",
