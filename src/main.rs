@@ -134,6 +134,9 @@ enum Scenario {
     Burst(herd::client::bench::burst::BurstArgs),
     /// S3: the cache-hit path.
     Hits(herd::client::bench::hits::HitsArgs),
+    /// The transport's floor beside S3: the same client against a
+    /// WebSocket echo server (examples/echo_server).
+    Echo(herd::client::bench::hits::EchoArgs),
     /// S4: one result, many subscribers.
     Fanout(herd::client::bench::fanout::FanoutArgs),
     /// S5: many idle sessions.
@@ -278,6 +281,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Agents(a) => bench::agents::run(&target, a, seed).await,
             Scenario::Burst(a) => bench::burst::run(&target, a, seed).await,
             Scenario::Hits(a) => bench::hits::run(&target, a, seed).await,
+            Scenario::Echo(a) => bench::hits::echo(&target, a, seed).await,
             Scenario::Fanout(a) => bench::fanout::run(&target, a, seed).await,
             Scenario::Idle(a) => bench::idle::run(&target, a).await,
         }

@@ -634,3 +634,64 @@ async fn invalidate_drops_a_key_or_a_fn_from_the_command_line() {
     assert_eq!(out.status.code(), Some(2), "--key or --fn is required");
     server.stop().await;
 }
+
+/// A minimal WebSocket echo server (one task per connection); its URL.
+async fn echo_server() -> String {
+    use futures::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() && ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("ws://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_echo_measures_the_transport_with_the_hits_client() {
+    let url = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("echo.json");
+    let out = run_plain(
+        &[
+            "bench",
+            "--url",
+            &url,
+            "--json",
+            file.to_str().unwrap(),
+            "echo",
+            "--frames",
+            "20",
+            "--sessions",
+            "2",
+            "--pipeline",
+            "4",
+            "--duration-s",
+            "0.3",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let messages = report["messages"].as_u64().unwrap();
+    assert!(messages > 0 && messages % 4 == 0, "{report}");
+    assert_eq!(report["others"], 0, "{report}");
+    assert!(report["messages_per_s"].is_number(), "{report}");
+    assert_eq!(report["pipeline"], 4, "{report}");
+}

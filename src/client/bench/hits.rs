@@ -53,9 +53,7 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
         args.warm > 0 && args.sessions > 0 && args.depth > 0 && args.pipeline != Some(0),
         "warm, sessions, depth and pipeline must be positive"
     );
-    let inputs: Vec<String> = (0..args.warm)
-        .map(|i| json!({"bench": "hits", "seed": seed, "i": i, "sleep_ms": 0}).to_string())
-        .collect();
+    let inputs = inputs(seed, args.warm);
     if args.redis {
         // redis-benchmark waits forever for a server that is not there.
         tokio::net::TcpStream::connect(("127.0.0.1", args.redis_port))
@@ -70,70 +68,133 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
             })?;
     }
     warm(target, args, &inputs).await?;
-    let requests: std::sync::Arc<Vec<Utf8Bytes>> = std::sync::Arc::new(
+    let mut sockets = Vec::with_capacity(args.sessions);
+    for _ in 0..args.sessions {
+        sockets.push(target.socket().await?);
+    }
+    let load = Load {
+        sessions: sockets,
+        requests: submits(&inputs, &args.fn_name),
+        depth: args.depth,
+        pipeline: args.pipeline,
+        duration_s: args.duration_s,
+    };
+    let mut report = Report::new("hits");
+    let figures = load.run(target.pid, is_cache_hit).await?;
+    figures.report(&mut report, ["hits", "misses", "hits_per_s"]);
+    if args.redis {
+        let redis = redis_reference(args).await?;
+        report.add("redis_get_per_s", super::round3(redis));
+        report.add(
+            "ratio_to_redis",
+            super::round3(figures.counted as f64 / figures.elapsed / redis),
+        );
+    }
+    Ok(report)
+}
+
+/// The submit frames of `inputs`, as every session sends them.
+fn submits(inputs: &[String], fn_name: &str) -> std::sync::Arc<Vec<Utf8Bytes>> {
+    std::sync::Arc::new(
         inputs
             .iter()
             .map(|input| {
                 Utf8Bytes::from(format!(
                     r#"{{"op":"submit","fn":{},"input":{input}}}"#,
-                    json!(args.fn_name)
+                    json!(fn_name)
                 ))
             })
             .collect(),
-    );
-    let mut sockets = Vec::with_capacity(args.sessions);
-    for _ in 0..args.sessions {
-        sockets.push(target.socket().await?);
-    }
-    let cpu_before = target.pid.and_then(cpu_seconds);
-    let started = Instant::now();
-    let end = started + Duration::from_secs_f64(args.duration_s);
-    let tasks: Vec<_> = sockets
-        .into_iter()
-        .enumerate()
-        .map(|(n, ws)| {
-            let requests = requests.clone();
-            match args.pipeline {
-                Some(batch) => tokio::spawn(batches(ws, requests, n, batch, end).boxed()),
-                None => tokio::spawn(session(ws, requests, n, args.depth, end).boxed()),
-            }
+    )
+}
+
+/// Open sessions, the frames they send, and how.
+struct Load {
+    sessions: Vec<Socket>,
+    requests: std::sync::Arc<Vec<Utf8Bytes>>,
+    depth: usize,
+    pipeline: Option<usize>,
+    duration_s: f64,
+}
+
+/// What a [`Load`] measured.
+struct Figures {
+    /// Replies that counted, and their latencies (ms, sorted).
+    counted: usize,
+    latencies: Vec<f64>,
+    others: u64,
+    elapsed: f64,
+    cpu: Option<f64>,
+    depth: usize,
+    pipeline: Option<usize>,
+}
+
+impl Load {
+    /// Drives every session for the duration; `counts` tells the replies
+    /// measured from the others.
+    async fn run(self, pid: Option<u32>, counts: fn(&str) -> bool) -> anyhow::Result<Figures> {
+        let cpu_before = pid.and_then(cpu_seconds);
+        let started = Instant::now();
+        let end = started + Duration::from_secs_f64(self.duration_s);
+        let tasks: Vec<_> = self
+            .sessions
+            .into_iter()
+            .enumerate()
+            .map(|(n, ws)| {
+                let requests = self.requests.clone();
+                match self.pipeline {
+                    Some(batch) => {
+                        tokio::spawn(batches(ws, requests, n, batch, end, counts).boxed())
+                    }
+                    None => tokio::spawn(session(ws, requests, n, self.depth, end, counts).boxed()),
+                }
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        let mut others = 0;
+        for t in tasks {
+            let run = t.await??;
+            latencies.extend(run.latencies);
+            others += run.misses;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        Ok(Figures {
+            counted: latencies.len(),
+            latencies: sorted(latencies),
+            others,
+            elapsed,
+            cpu,
+            depth: self.depth,
+            pipeline: self.pipeline,
         })
-        .collect();
-    let mut latencies = Vec::new();
-    let mut misses = 0;
-    for t in tasks {
-        let run = t.await??;
-        latencies.extend(run.latencies);
-        misses += run.misses;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = match (cpu_before, target.pid.and_then(cpu_seconds)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let hits = latencies.len() as f64;
-    let latencies = sorted(latencies);
-    let mut report = Report::new("hits");
-    match args.pipeline {
-        Some(batch) => report.add("pipeline", batch),
-        None => report.add("depth", args.depth),
+}
+
+impl Figures {
+    /// Adds the figures, named: the replies counted, the others, and the
+    /// rate of the counted; then their latencies and the CPU per million.
+    fn report(&self, report: &mut Report, [counted, others, rate]: [&'static str; 3]) {
+        match self.pipeline {
+            Some(batch) => report.add("pipeline", batch),
+            None => report.add("depth", self.depth),
+        }
+        let n = self.counted as f64;
+        report.add(counted, self.counted);
+        report.add(others, self.others);
+        report.add(rate, super::round3(n / self.elapsed));
+        report.ms("p50_ms", percentile(&self.latencies, 50.0));
+        report.ms("p99_ms", percentile(&self.latencies, 99.0));
+        report.add(
+            "cpu_s_per_m",
+            self.cpu
+                .map(|c| json!(super::round3(c / (n / 1e6))))
+                .unwrap_or(json!(null)),
+        );
     }
-    report.add("hits", latencies.len());
-    report.add("misses", misses);
-    report.add("hits_per_s", super::round3(hits / elapsed));
-    report.ms("p50_ms", percentile(&latencies, 50.0));
-    report.ms("p99_ms", percentile(&latencies, 99.0));
-    report.add(
-        "cpu_s_per_m",
-        cpu.map(|c| json!(super::round3(c / (hits / 1e6))))
-            .unwrap_or(json!(null)),
-    );
-    if args.redis {
-        let redis = redis_reference(args).await?;
-        report.add("redis_get_per_s", super::round3(redis));
-        report.add("ratio_to_redis", super::round3(hits / elapsed / redis));
-    }
-    Ok(report)
 }
 
 async fn warm(target: &Target, args: &HitsArgs, inputs: &[String]) -> anyhow::Result<()> {
@@ -155,6 +216,62 @@ async fn warm(target: &Target, args: &HitsArgs, inputs: &[String]) -> anyhow::Re
     Ok(())
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct EchoArgs {
+    /// Distinct frames: the submits `hits` sends for as many inputs.
+    #[arg(long, default_value_t = 10_000)]
+    pub frames: usize,
+    /// Sessions.
+    #[arg(long, default_value_t = 64)]
+    pub sessions: usize,
+    /// Frames each session keeps in flight, each echo answered by a new
+    /// frame.
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+    /// Instead of `--depth`: frames sent in one write, then all their
+    /// echoes, as `hits --pipeline`.
+    #[arg(long, conflicts_with = "depth")]
+    pub pipeline: Option<usize>,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_s: f64,
+    /// The fn named in the frames.
+    #[arg(long = "fn", default_value = "sleep")]
+    pub fn_name: String,
+}
+
+/// The transport's floor: the client of `hits`, its frames and its
+/// pacing, against a WebSocket echo server (`examples/echo_server`, herd's
+/// own transport with an echo behind it) instead of a broker.
+pub async fn echo(target: &Target, args: &EchoArgs, seed: u64) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        args.frames > 0 && args.sessions > 0 && args.depth > 0 && args.pipeline != Some(0),
+        "frames, sessions, depth and pipeline must be positive"
+    );
+    let mut sessions = Vec::with_capacity(args.sessions);
+    for _ in 0..args.sessions {
+        sessions.push(target.raw_socket().await?);
+    }
+    let load = Load {
+        sessions,
+        requests: submits(&inputs(seed, args.frames), &args.fn_name),
+        depth: args.depth,
+        pipeline: args.pipeline,
+        duration_s: args.duration_s,
+    };
+    let mut report = Report::new("echo");
+    let figures = load.run(target.pid, |_| true).await?;
+    figures.report(&mut report, ["messages", "others", "messages_per_s"]);
+    Ok(report)
+}
+
+/// The inputs of `hits` (and of `echo`'s frames) for `seed`.
+fn inputs(seed: u64, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| json!({"bench": "hits", "seed": seed, "i": i, "sleep_ms": 0}).to_string())
+        .collect()
+}
+
 /// One pipelined session: `depth` requests in flight, each reply answered by
 /// a new request, replies drained in batches and requests flushed once per batch.
 async fn session(
@@ -163,6 +280,7 @@ async fn session(
     offset: usize,
     depth: usize,
     end: Instant,
+    counts: fn(&str) -> bool,
 ) -> anyhow::Result<SessionRun> {
     let mut sent: VecDeque<Instant> = VecDeque::with_capacity(depth);
     let mut next = offset * 7919;
@@ -191,7 +309,7 @@ async fn session(
             match reply {
                 Some(Ok(Message::Text(text))) => {
                     let t0 = sent.pop_front().unwrap_or(now);
-                    if is_cache_hit(&text) {
+                    if counts(&text) {
                         run.latencies.push((now - t0).as_secs_f64() * 1000.0);
                     } else {
                         run.misses += 1;
@@ -221,6 +339,7 @@ async fn batches(
     offset: usize,
     batch: usize,
     end: Instant,
+    counts: fn(&str) -> bool,
 ) -> anyhow::Result<SessionRun> {
     let mut next = offset * 7919;
     let mut run = SessionRun {
@@ -240,7 +359,7 @@ async fn batches(
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => {
                     replies += 1;
-                    if is_cache_hit(&text) {
+                    if counts(&text) {
                         run.latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
                     } else {
                         run.misses += 1;

@@ -59,6 +59,13 @@ impl Target {
             .0)
     }
 
+    /// Opens a socket to a plain WebSocket server, which sends no `hello`
+    /// (`herd bench echo`'s echo server).
+    pub async fn raw_socket(&self) -> anyhow::Result<Socket> {
+        let (socket, _) = tokio_tungstenite::connect_async(self.url(0)).await?;
+        Ok(socket)
+    }
+
     /// The `stats` now, its counters summed over every broker.
     pub async fn stats(&self) -> anyhow::Result<Value> {
         let mut total = Map::new();
