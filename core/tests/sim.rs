@@ -1038,10 +1038,20 @@ impl Sim {
     }
 
     /// Performs every effect, as the hub does, applying what comes back.
+    /// A core that acts for ever on what its own effects bring back (a
+    /// loop within one step, which would hang a broker's hub) fails.
     fn settle(&mut self, b: usize) {
+        const MAX_EFFECTS: usize = 100_000;
         let mut follow_ups = Vec::new();
+        let mut effects = 0;
         loop {
             while let Some(effect) = self.brokers[b].core.poll() {
+                effects += 1;
+                if effects > MAX_EFFECTS {
+                    self.fail(&format!(
+                        "b{b}: still acting after {MAX_EFFECTS} effects in one step"
+                    ));
+                }
                 self.perform(b, effect, &mut follow_ups);
             }
             if follow_ups.is_empty() {
