@@ -25,7 +25,9 @@
 //!    brokers (unless it was invalidated);
 //! 4. a submit is answered within three timeouts plus four leases, unless
 //!    its broker was paused;
-//! 5. the wait table stays within its bounds;
+//! 5. the wait table stays within its bounds, and a core stops acting
+//!    within each step (no loop between it and what its effects bring
+//!    back);
 //! 6. every waiter of one evaluation (one claim) gets the same outcome, and
 //!    no waiter gets `eval_timeout` for a claim whose broker is still
 //!    evaluating it;
