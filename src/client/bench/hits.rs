@@ -8,19 +8,17 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+/// How `hits` and `echo` drive their sessions.
 #[derive(Debug, Clone, clap::Args)]
-pub struct HitsArgs {
-    /// Keys evaluated first (not measured).
-    #[arg(long, default_value_t = 10_000)]
-    pub warm: usize,
+pub struct LoadArgs {
     /// Sessions.
     #[arg(long, default_value_t = 64)]
     pub sessions: usize,
-    /// Submits each session keeps in flight, each reply answered by a new
-    /// submit.
+    /// Requests each session keeps in flight, each reply answered by a new
+    /// request.
     #[arg(long, default_value_t = 16)]
     pub depth: usize,
-    /// Instead of `--depth`: each session sends this many submits in one
+    /// Instead of `--depth`: each session sends this many requests in one
     /// write and waits for all their replies before the next write, as
     /// `redis-benchmark -P` does.
     #[arg(long, conflicts_with = "depth")]
@@ -28,9 +26,35 @@ pub struct HitsArgs {
     /// Measured duration, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration_s: f64,
-    /// Evaluator to use.
+    /// The fn named in the submits.
     #[arg(long = "fn", default_value = "sleep")]
     pub fn_name: String,
+}
+
+impl LoadArgs {
+    /// `sessions` sending the submits of `inputs` as these flags say.
+    fn load(&self, sessions: Vec<Socket>, inputs: &[String]) -> Load {
+        Load {
+            sessions,
+            requests: submits(inputs, &self.fn_name),
+            depth: self.depth,
+            pipeline: self.pipeline,
+            duration_s: self.duration_s,
+        }
+    }
+
+    fn positive(&self) -> bool {
+        self.sessions > 0 && self.depth > 0 && self.pipeline != Some(0)
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HitsArgs {
+    /// Keys evaluated first (not measured).
+    #[arg(long, default_value_t = 10_000)]
+    pub warm: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Also run `redis-benchmark -t get -c SESSIONS -P PIPELINE` (or
     /// `-P DEPTH`) against a local redis-server and report the ratio.
     #[arg(long)]
@@ -50,7 +74,7 @@ struct SessionRun {
 
 pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        args.warm > 0 && args.sessions > 0 && args.depth > 0 && args.pipeline != Some(0),
+        args.warm > 0 && args.load.positive(),
         "warm, sessions, depth and pipeline must be positive"
     );
     let inputs = inputs(seed, args.warm);
@@ -68,17 +92,11 @@ pub async fn run(target: &Target, args: &HitsArgs, seed: u64) -> anyhow::Result<
             })?;
     }
     warm(target, args, &inputs).await?;
-    let mut sockets = Vec::with_capacity(args.sessions);
-    for _ in 0..args.sessions {
+    let mut sockets = Vec::with_capacity(args.load.sessions);
+    for _ in 0..args.load.sessions {
         sockets.push(target.socket().await?);
     }
-    let load = Load {
-        sessions: sockets,
-        requests: submits(&inputs, &args.fn_name),
-        depth: args.depth,
-        pipeline: args.pipeline,
-        duration_s: args.duration_s,
-    };
+    let load = args.load.load(sockets, &inputs);
     let mut report = Report::new("hits");
     let figures = load.run(target.pid, is_cache_hit).await?;
     figures.report(&mut report, ["hits", "misses", "hits_per_s"]);
@@ -202,7 +220,7 @@ async fn warm(target: &Target, args: &HitsArgs, inputs: &[String]) -> anyhow::Re
     let bar = progress(inputs.len() as u64, "warming");
     let mut pending = futures::stream::iter(inputs.iter().map(|text| {
         let client = client.clone();
-        let fn_name = args.fn_name.clone();
+        let fn_name = args.load.fn_name.clone();
         let input: serde_json::Value = serde_json::from_str(text).expect("own JSON");
         async move { client.submit(&fn_name, input).await }
     }))
@@ -221,23 +239,8 @@ pub struct EchoArgs {
     /// Distinct frames: the submits `hits` sends for as many inputs.
     #[arg(long, default_value_t = 10_000)]
     pub frames: usize,
-    /// Sessions.
-    #[arg(long, default_value_t = 64)]
-    pub sessions: usize,
-    /// Frames each session keeps in flight, each echo answered by a new
-    /// frame.
-    #[arg(long, default_value_t = 16)]
-    pub depth: usize,
-    /// Instead of `--depth`: frames sent in one write, then all their
-    /// echoes, as `hits --pipeline`.
-    #[arg(long, conflicts_with = "depth")]
-    pub pipeline: Option<usize>,
-    /// Measured duration, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration_s: f64,
-    /// The fn named in the frames.
-    #[arg(long = "fn", default_value = "sleep")]
-    pub fn_name: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// The transport's floor: the client of `hits`, its frames and its
@@ -245,20 +248,14 @@ pub struct EchoArgs {
 /// own transport with an echo behind it) instead of a broker.
 pub async fn echo(target: &Target, args: &EchoArgs, seed: u64) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        args.frames > 0 && args.sessions > 0 && args.depth > 0 && args.pipeline != Some(0),
+        args.frames > 0 && args.load.positive(),
         "frames, sessions, depth and pipeline must be positive"
     );
-    let mut sessions = Vec::with_capacity(args.sessions);
-    for _ in 0..args.sessions {
+    let mut sessions = Vec::with_capacity(args.load.sessions);
+    for _ in 0..args.load.sessions {
         sessions.push(target.raw_socket().await?);
     }
-    let load = Load {
-        sessions,
-        requests: submits(&inputs(seed, args.frames), &args.fn_name),
-        depth: args.depth,
-        pipeline: args.pipeline,
-        duration_s: args.duration_s,
-    };
+    let load = args.load.load(sessions, &inputs(seed, args.frames));
     let mut report = Report::new("echo");
     let figures = load.run(target.pid, |_| true).await?;
     figures.report(&mut report, ["messages", "others", "messages_per_s"]);
@@ -382,9 +379,9 @@ async fn redis_reference(args: &HitsArgs) -> anyhow::Result<f64> {
             "-t",
             "get",
             "-c",
-            &args.sessions.to_string(),
+            &args.load.sessions.to_string(),
             "-P",
-            &args.pipeline.unwrap_or(args.depth).to_string(),
+            &args.load.pipeline.unwrap_or(args.load.depth).to_string(),
             "-n",
             &args.redis_requests.to_string(),
             "-q",
