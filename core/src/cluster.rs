@@ -2857,21 +2857,7 @@ mod tests {
     fn a_takeover_is_counted() {
         let mut r = rig();
         r.up();
-        r.acquire(key(), 1);
-        let sent = r.sent();
-        r.reply(
-            sent[0].0,
-            Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
-        );
-        r.events();
-        r.tick_at(LEASE);
-        let sent = r.sent();
-        epochs_read(&mut r, &sent, "b");
-        let sent = r.sent();
-        let (op, _) = sent
-            .into_iter()
-            .find(|(_, op)| matches!(op, RedisOp::Acquire { wait_for, .. } if wait_for == "m:x:1"))
-            .expect("the key waited on is looked at again");
+        let op = waiting_looked_again(&mut r);
         r.reply(op, Some(RedisReply::Acquired(Acquired::Claimed)));
         assert_eq!(r.c.status().takeovers, 1);
         let events = r.events();
@@ -3053,23 +3039,9 @@ mod tests {
     fn a_wait_looked_at_again_while_its_claim_holds_goes_on() {
         let mut r = rig();
         r.up();
-        r.acquire(key(), 1);
-        let sent = r.sent();
+        let op = waiting_looked_again(&mut r);
         r.reply(
-            sent[0].0,
-            Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
-        );
-        r.events();
-        r.tick_at(LEASE);
-        let sent = r.sent();
-        epochs_read(&mut r, &sent, "b");
-        let sent = r.sent();
-        let (op, _) = sent
-            .iter()
-            .find(|(_, op)| matches!(op, RedisOp::Acquire { .. }))
-            .expect("looked at again");
-        r.reply(
-            *op,
+            op,
             Some(RedisReply::Acquired(Acquired::Held("m:x:1".into()))),
         );
         assert!(r.events().is_empty());
@@ -3170,9 +3142,15 @@ mod tests {
         r.tick_at(LEASE);
         let sent = r.sent();
         epochs_read(r, &sent, "b");
-        let looks = acquires(&r.sent());
-        assert_eq!(looks.len(), 1);
-        looks[0]
+        let looks: Vec<(OpId, RedisOp)> = r
+            .sent()
+            .into_iter()
+            .filter(|(_, op)| matches!(op, RedisOp::Acquire { .. }))
+            .collect();
+        match &looks[..] {
+            [(op, RedisOp::Acquire { wait_for, .. })] if wait_for == "m:x:1" => *op,
+            other => panic!("the key waited on is not looked at again: {other:?}"),
+        }
     }
 
     #[test]
