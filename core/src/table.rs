@@ -2042,17 +2042,9 @@ mod tests {
         (Core::new(config, now, 1_000), now)
     }
 
+    /// `session` submits key 5.
     fn submit(session: SessionId) -> Input {
-        Input::Submit {
-            session,
-            id: Some("s".into()),
-            key: Key::from_bytes([5; 16]),
-            evaluator: 0,
-            input: Arc::from("{}"),
-            wait: true,
-            draining: false,
-            max_age: None,
-        }
+        submit_key(session, 5)
     }
 
     fn states(core: &mut Core) -> Vec<KeyState> {
