@@ -1,13 +1,14 @@
 //! A session's outbound queue, its byte budget and its close signal.
 //!
-//! Everything that replies to a client pushes frames into that session's
-//! queue; only the session's writer takes them out. Two bounds hold every
-//! queue: `limits.outbound_queue` frames and `limits.outbound_bytes` bytes.
-//! Pushes from the hub and the snapshot renderer never wait
-//! ([`Outbox::push`]): a queue without room means the client is not
-//! reading, and the session is closed with 4001. The session's own reader
-//! waits for room instead ([`Outbox::reply`]), which stops it reading more
-//! requests from a client that is not reading its answers.
+//! Everything that answers a client from outside its session (the hub, the
+//! snapshot renderer, the HTTP API) pushes frames into that session's queue;
+//! only the session's task takes them out and writes them. Two
+//! bounds hold every queue: `limits.outbound_queue` frames and
+//! `limits.outbound_bytes` bytes. Pushes from the hub and the snapshot
+//! renderer never wait ([`Outbox::push`]): a queue without room means the
+//! client is not reading, and the session is closed with 4001. A reply to
+//! an HTTP request waits for room instead ([`Outbox::reply`]); a WebSocket
+//! session writes its own replies to its socket in place.
 
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};

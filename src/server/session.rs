@@ -1,11 +1,12 @@
-//! One WebSocket session: a reader that serves requests and a writer that
-//! drains the session's outbound queue.
+//! One WebSocket session, served by one task that owns its socket.
 //!
-//! The reader answers what it can by itself (cache hits, `ping`, request
-//! errors) and hands misses, subscriptions and cancels to the hub. The
-//! writer is the only code that writes to the socket: it batches frames
-//! (`feed`, then one `flush`), sends heartbeats, and closes the session with
-//! the code chosen by whoever asked first.
+//! The task answers what it can in place (cache hits, `ping`, request
+//! errors), writing the reply into the socket's buffer, and hands misses,
+//! subscriptions and cancels to the hub, whose answers come back through
+//! the session's outbound queue. Each turn takes every message and queued
+//! frame already there and writes their replies with one flush; the same
+//! task sends heartbeats and closes the session with the code chosen by
+//! whoever asked first.
 
 use crate::config::{Limits, Role};
 use crate::core::Target;
@@ -23,13 +24,11 @@ use crate::server::auth::{Identity, ServeRight};
 use crate::server::broker::Broker;
 use crate::server::snapshot::WatchMsg;
 use crate::server::tenants::Seat;
-use futures::future::{Fuse, FutureExt};
-use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -41,7 +40,6 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::WaitForCancellationFuture;
 use tracing::{debug, info, Instrument};
 
 /// Whether `identity` may use `op` (which fns it may serve is checked apart).
@@ -68,9 +66,6 @@ fn allows(identity: &Identity, op: &Op) -> bool {
 
 /// Serves one upgraded connection until it closes. The caller has taken a
 /// connection slot with [`Broker::admit`]; it is given back here.
-///
-/// Only the socket's two halves go into the session's task (what a future
-/// is given stays in it for its whole life), so an idle session stays small.
 pub fn serve<S>(
     ws: WebSocketStream<S>,
     broker: Arc<Broker>,
@@ -83,13 +78,11 @@ where
 {
     let uuid = uuid::Uuid::new_v4();
     let span = tracing::info_span!("session", %peer, session = %uuid, token = %identity.name);
-    let (sink, stream) = ws.split();
-    run_session(sink, stream, broker, uuid, identity, seat).instrument(span)
+    run_session(ws, broker, uuid, identity, seat).instrument(span)
 }
 
 async fn run_session<S>(
-    sink: Sink<S>,
-    stream: SplitStream<WebSocketStream<S>>,
+    ws: WebSocketStream<S>,
     broker: Arc<Broker>,
     uuid: uuid::Uuid,
     identity: Identity,
@@ -106,7 +99,7 @@ async fn run_session<S>(
     let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
     outbox.push(hello(&broker, uuid, &identity));
     info!(role = role.as_str(), "session open");
-    let reader = Reader {
+    let mut reader = Reader {
         broker: &broker,
         outbox,
         identity: &identity,
@@ -115,10 +108,11 @@ async fn run_session<S>(
         watching: false,
     };
     tokio::join!(
-        reader.run(stream, &ctl, limits),
-        write_loop(sink, rx, &ctl, limits),
+        run_socket(ws, &mut reader, rx, &ctl, limits),
         expire(identity.expires, &ctl)
     );
+    reader.unwatch().await;
+    drop(reader);
     let closed = HubMsg::SessionClosed { session: id };
     if let Err(TrySendError::Full(closed)) = broker.hub.try_send(closed) {
         let _ = Box::pin(broker.hub.send(closed)).await;
@@ -169,7 +163,9 @@ pub async fn serve_one(
         watching: false,
     };
     let then = reader.handle(text);
-    reader.act(then).await;
+    if let Some(reply) = reader.act(then).await {
+        reader.outbox.reply(reply).await;
+    }
 }
 
 /// Closes the session with 1008 "token expired" when its signed token
@@ -245,50 +241,20 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    async fn run<S>(
-        mut self,
-        mut stream: SplitStream<WebSocketStream<S>>,
-        ctl: &SessionCtl,
-        limits: &Limits,
-    ) where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        // One registration for the session's life, not one per message.
-        let closing = ctl.closing().cancelled();
-        tokio::pin!(closing);
-        while let Some(message) = next_message(&mut stream, &mut closing, ctl, limits).await {
-            match message {
-                Message::Text(text) => {
-                    let then = self.handle(&text);
-                    self.act(then).await
-                }
-                _ => {
-                    self.outbox
-                        .reply(error_frame(
-                            &None,
-                            ErrorCode::BadRequest.as_str(),
-                            "binary frames are not accepted; send JSON in text frames",
-                        ))
-                        .await
-                }
-            }
-        }
-        self.unwatch().await;
-    }
-
-    /// Carries out what a request asked for: the one wait each request has.
-    async fn act(&mut self, then: Then<'_>) {
+    /// Carries out what a request asked for (the one wait each request
+    /// has); returns the reply to send in place, if any.
+    async fn act(&mut self, then: Then<'_>) -> Option<Frame> {
         match then {
-            Then::Reply(frame) => self.outbox.reply(frame).await,
+            Then::Reply(frame) => return Some(frame),
             Then::Hit {
                 frame,
                 spec,
                 arrived,
             } => {
-                self.outbox.reply(frame).await;
                 spec.metrics
                     .latency_seconds
                     .observe(arrived.elapsed().as_secs_f64());
+                return Some(frame);
             }
             // The hub outlives every session; a send fails only while the
             // broker stops. Waiting for room in its queue is the rare case.
@@ -302,6 +268,7 @@ impl<'a> Reader<'a> {
             }
             Then::Unwatch => Box::pin(self.unwatch()).await,
         }
+        None
     }
 
     /// Serves one request as far as it can without waiting, and says what
@@ -585,61 +552,316 @@ async fn hard_close(ctl: &SessionCtl) {
     }
 }
 
-/// While the writer sends the close frame, keeps reading (and dropping)
-/// what the client still sends until its close reply, so the socket is not
-/// torn down with unread data (which would reset the connection and could
-/// cost the client the frames it has not read yet).
-async fn linger<S>(stream: &mut SplitStream<WebSocketStream<S>>, limits: &Limits)
+/// What a session does with each text or binary message it reads.
+pub(crate) trait Handler {
+    /// Serves `message`; returns the reply to write in place, if any.
+    fn message(&mut self, message: Message) -> impl Future<Output = Option<Frame>> + Send;
+}
+
+impl Handler for Reader<'_> {
+    async fn message(&mut self, message: Message) -> Option<Frame> {
+        match message {
+            Message::Text(text) => {
+                let then = self.handle(&text);
+                self.act(then).await
+            }
+            _ => Some(
+                error_frame(
+                    &None,
+                    ErrorCode::BadRequest.as_str(),
+                    "binary frames are not accepted; send JSON in text frames",
+                )
+                .into(),
+            ),
+        }
+    }
+}
+
+/// A session's socket, owned by the session's one task. Messages are fed
+/// into tungstenite's write buffer and flushed once per batch; only a write
+/// the socket cannot take at once waits, within `limits.write_timeout_ms`
+/// (past it the session closes with 4001) and until a hard close.
+struct Socket<'c, S> {
+    ws: WebSocketStream<S>,
+    ctl: &'c SessionCtl,
+    write_timeout: Duration,
+    /// Outbound-queue budget of the frames fed since the last flush, given
+    /// back once they are written.
+    unflushed_cost: usize,
+    /// A write was given up midway: no frame can follow it.
+    abandoned: bool,
+}
+
+impl<S> Socket<'_, S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let limit = Duration::from_millis(limits.close_timeout_ms);
-    let _ = tokio::time::timeout(limit, async {
-        while let Some(Ok(message)) = stream.next().await {
+    /// Feeds a frame taken from the outbound queue.
+    async fn queued(&mut self, frame: Frame) -> Result<(), ()> {
+        self.unflushed_cost += self.ctl.cost(frame.len()) as usize;
+        self.reply(frame).await
+    }
+
+    /// Feeds a frame's messages.
+    async fn reply(&mut self, frame: Frame) -> Result<(), ()> {
+        for message in frame.into_messages() {
+            self.feed(message).await?;
+        }
+        Ok(())
+    }
+
+    async fn feed(&mut self, message: Message) -> Result<(), ()> {
+        let mut feed = self.ws.feed(message);
+        match futures::poll!(&mut feed) {
+            Poll::Ready(result) => self.written(result),
+            Poll::Pending => {
+                let result = Box::pin(wait_for_write(feed, self.ctl, self.write_timeout)).await;
+                self.finished(result)
+            }
+        }
+    }
+
+    /// Writes everything fed so far.
+    async fn flush(&mut self) -> Result<(), ()> {
+        let mut flush = self.ws.flush();
+        let result = match futures::poll!(&mut flush) {
+            Poll::Ready(result) => self.written(result),
+            Poll::Pending => {
+                let result = Box::pin(wait_for_write(flush, self.ctl, self.write_timeout)).await;
+                self.finished(result)
+            }
+        };
+        if result.is_ok() {
+            self.ctl.release(std::mem::take(&mut self.unflushed_cost));
+        }
+        result
+    }
+
+    fn written(&mut self, result: Result<(), WsError>) -> Result<(), ()> {
+        result.map_err(|error| {
+            debug!(%error, "write failed");
+            self.ctl.close_with(close::ABNORMAL);
+        })
+    }
+
+    fn finished(&mut self, result: Option<Result<(), WsError>>) -> Result<(), ()> {
+        match result {
+            Some(result) => self.written(result),
+            None => {
+                self.abandoned = true;
+                Err(())
+            }
+        }
+    }
+}
+
+/// Waits for a write the socket could not take at once; None if it was
+/// given up: past `write_timeout` (the session closes with 4001) or on a
+/// hard close.
+async fn wait_for_write<F>(
+    write: F,
+    ctl: &SessionCtl,
+    write_timeout: Duration,
+) -> Option<Result<(), WsError>>
+where
+    F: Future<Output = Result<(), WsError>>,
+{
+    tokio::select! {
+        biased;
+        _ = hard_close(ctl) => None,
+        written = tokio::time::timeout(write_timeout, write) => match written {
+            Ok(result) => Some(result),
+            Err(_) => {
+                debug!("write made no progress within write_timeout_ms");
+                ctl.close_with(close::SLOW_CONSUMER);
+                None
+            }
+        },
+    }
+}
+
+/// Runs a session's socket until the session closes: reads messages and
+/// serves them with `handler`, writes what its outbound queue `rx` holds,
+/// sends heartbeats, then closes with the code chosen by whoever asked first.
+///
+/// One task owns the socket. Each turn waits for one thing (a queued frame,
+/// a message, the heartbeat, closing), then takes whatever else is already
+/// there, up to `limits.write_batch` frames and messages, and writes the
+/// whole turn's replies with one flush. A write the socket cannot take
+/// stops reading until it is written, so a client that does not read its
+/// answers is not read either.
+async fn run_socket<S, H>(
+    ws: WebSocketStream<S>,
+    handler: &mut H,
+    mut rx: mpsc::Receiver<Frame>,
+    ctl: &SessionCtl,
+    limits: &Limits,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: Handler,
+{
+    let mut socket = Socket {
+        ws,
+        ctl,
+        write_timeout: Duration::from_millis(limits.write_timeout_ms),
+        unflushed_cost: 0,
+        abandoned: false,
+    };
+    let heartbeat = Duration::from_millis(limits.heartbeat_ms);
+    let mut pings = interval_at(Instant::now() + heartbeat, heartbeat);
+    pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut silent_intervals = 0u32;
+    // One registration for the session's life, not one per message.
+    let closing = ctl.closing().cancelled();
+    tokio::pin!(closing);
+    loop {
+        // Queued frames first: they were answered before what is read now.
+        let turn = tokio::select! {
+            biased;
+            _ = &mut closing => break,
+            frame = rx.recv() => match frame {
+                Some(frame) => socket.queued(frame).await,
+                None => break,
+            },
+            message = socket.ws.next() => serve_message(&mut socket, handler, message).await,
+            _ = pings.tick() => {
+                if ctl.take_seen() {
+                    silent_intervals = 0;
+                } else {
+                    silent_intervals += 1;
+                    if silent_intervals >= 3 {
+                        ctl.close_with(close::HEARTBEAT_TIMEOUT);
+                        break;
+                    }
+                }
+                socket.feed(Message::Ping(Default::default())).await
+            }
+        };
+        if turn.is_err() || !take_ready(&mut socket, handler, &mut rx, limits).await {
+            break;
+        }
+        if socket.flush().await.is_err() {
+            break;
+        }
+    }
+    Box::pin(finish_close(socket, rx, ctl, limits)).await;
+    ctl.writer_stopped();
+}
+
+/// Takes the queued frames and read messages that are already there, up to
+/// `limits.write_batch` of them; false once the session ends.
+async fn take_ready<S, H>(
+    socket: &mut Socket<'_, S>,
+    handler: &mut H,
+    rx: &mut mpsc::Receiver<Frame>,
+    limits: &Limits,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: Handler,
+{
+    let mut taken = 1;
+    while taken < limits.write_batch && !socket.ctl.closing().is_cancelled() {
+        let mut progressed = false;
+        if let Ok(frame) = rx.try_recv() {
+            if socket.queued(frame).await.is_err() {
+                return false;
+            }
+            taken += 1;
+            progressed = true;
+        }
+        if let Poll::Ready(message) = futures::poll!(socket.ws.next()) {
+            if serve_message(socket, handler, message).await.is_err() {
+                return false;
+            }
+            taken += 1;
+            progressed = true;
+        }
+        if !progressed {
+            break;
+        }
+    }
+    true
+}
+
+/// Serves what reading gave; Err once the session ends: the client closed,
+/// or reading failed (the close code is set to say why), or a reply could
+/// not be written.
+async fn serve_message<S, H>(
+    socket: &mut Socket<'_, S>,
+    handler: &mut H,
+    message: Option<Result<Message, WsError>>,
+) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: Handler,
+{
+    socket.ctl.mark_seen();
+    match message {
+        Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => match handler.message(m).await {
+            Some(reply) => socket.reply(reply).await,
+            None => Ok(()),
+        },
+        Some(Ok(Message::Close(_))) | None => {
+            socket.ctl.close_by_peer();
+            Err(())
+        }
+        // tungstenite answers pings itself; the pong goes with the next flush.
+        Some(Ok(_)) => Ok(()),
+        Some(Err(error)) => {
+            debug!(%error, "read failed");
+            socket.ctl.close_with(close_code_for(&error));
+            Err(())
+        }
+    }
+}
+
+/// Sends the close frame (after what is still queued, for a graceful
+/// close), then keeps reading (and dropping) what the client still sends
+/// until its close reply, so the socket is not torn down with unread data
+/// (which would reset the connection and could cost the client the frames
+/// it has not read yet); all within `limits.close_timeout_ms`.
+async fn finish_close<S>(
+    socket: Socket<'_, S>,
+    mut rx: mpsc::Receiver<Frame>,
+    ctl: &SessionCtl,
+    limits: &Limits,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let code = ctl.code();
+    if socket.abandoned || code == close::ABNORMAL {
+        return;
+    }
+    let mut ws = socket.ws;
+    let finish = async {
+        if ctl.closed_by_peer() {
+            // tungstenite queued the close reply when it read the client's
+            // close frame; nothing else may be sent after it.
+            return SinkExt::close(&mut ws).await;
+        }
+        if is_graceful(code) {
+            // A graceful close still delivers what was already queued.
+            while let Ok(frame) = rx.try_recv() {
+                for message in frame.into_messages() {
+                    ws.feed(message).await?;
+                }
+            }
+        }
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: ctl.reason().into(),
+        })))
+        .await?;
+        while let Some(Ok(message)) = ws.next().await {
             if message.is_close() {
                 break;
             }
         }
-    })
-    .await;
-}
-
-/// The next text or binary message, or None once the session ends: closing
-/// was asked for (then it lingers for the client's close reply), the client
-/// closed, or reading failed (the close code is set to say why).
-async fn next_message<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
-    closing: &mut Pin<&mut WaitForCancellationFuture<'_>>,
-    ctl: &SessionCtl,
-    limits: &Limits,
-) -> Option<Message>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        let next = tokio::select! {
-            biased;
-            next = stream.next() => next,
-            _ = closing.as_mut() => {
-                Box::pin(linger(stream, limits)).await;
-                return None;
-            }
-        };
-        ctl.mark_seen();
-        match next {
-            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return Some(m),
-            Some(Ok(Message::Close(_))) | None => {
-                ctl.close_by_peer();
-                return None;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(error)) => {
-                debug!(%error, "read failed");
-                ctl.close_with(close_code_for(&error));
-                return None;
-            }
-        }
-    }
+        SinkExt::close(&mut ws).await
+    };
+    let close_timeout = Duration::from_millis(limits.close_timeout_ms);
+    let _ = tokio::time::timeout(close_timeout, finish).await;
 }
 
 /// The tokio-tungstenite settings for a session, from the limits.
@@ -664,201 +886,24 @@ fn close_code_for(error: &WsError) -> u16 {
     }
 }
 
-/// Echoes every text and binary message back through the same outbound
-/// queue and writer as a broker session: the transport without the broker,
-/// for WebSocket conformance runs (examples/echo_server.rs).
+/// Echoes every text and binary message back.
+struct Echo;
+
+impl Handler for Echo {
+    async fn message(&mut self, message: Message) -> Option<Frame> {
+        Some(Frame::Other(Box::new(message)))
+    }
+}
+
+/// Echoes every text and binary message back through the same socket loop
+/// as a broker session: the transport without the broker, for WebSocket
+/// conformance runs and as the floor hits are measured against
+/// (examples/echo_server.rs).
 pub async fn echo<S>(ws: WebSocketStream<S>, limits: &Limits)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctl = Arc::new(SessionCtl::new(0, limits.outbound_bytes));
-    let (outbox, rx) = Outbox::channel(Arc::clone(&ctl), limits.outbound_queue);
-    let (sink, mut stream) = ws.split();
-    let reader = async {
-        let closing = ctl.closing().cancelled();
-        tokio::pin!(closing);
-        while let Some(message) = next_message(&mut stream, &mut closing, &ctl, limits).await {
-            outbox.reply(Frame::Other(Box::new(message))).await;
-        }
-    };
-    tokio::join!(reader, write_loop(sink, rx, &ctl, limits));
-}
-
-/// The writing half of a session's socket.
-type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
-
-/// Writes one batch and hands back the sink and the (emptied) batch buffer.
-async fn write_batch<S>(
-    mut sink: Sink<S>,
-    mut batch: Vec<Message>,
-) -> (Sink<S>, Vec<Message>, Result<(), WsError>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut result = Ok(());
-    for message in batch.drain(..) {
-        if let Err(e) = sink.feed(message).await {
-            result = Err(e);
-            break;
-        }
-    }
-    if result.is_ok() {
-        result = sink.flush().await;
-    }
-    batch.clear();
-    (sink, batch, result)
-}
-
-/// Writes queued frames in batches until the session closes, then sends
-/// the close frame.
-///
-/// One loop, one select; each arm is one concern: the queue (gather a batch
-/// and start writing it), the write in progress (its end, or its deadline:
-/// a write that takes longer than `limits.write_timeout_ms` closes the
-/// session with 4001), the heartbeat (checked even while a write is stuck),
-/// and closing (a hard close abandons a write in progress; a graceful one
-/// lets it finish, then sends what is still queued).
-///
-/// A write in progress and the close live on the heap only while they
-/// run, so an idle session's task stays small.
-async fn write_loop<S>(
-    sink: Sink<S>,
-    mut rx: mpsc::Receiver<Frame>,
-    ctl: &SessionCtl,
-    limits: &Limits,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let heartbeat = Duration::from_millis(limits.heartbeat_ms);
-    let write_timeout = Duration::from_millis(limits.write_timeout_ms);
-    let mut pings = interval_at(Instant::now() + heartbeat, heartbeat);
-    pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut silent_intervals = 0u32;
-    // The sink is here while idle and inside `write` while a batch is written.
-    let mut sink = Some(sink);
-    let mut batch: Vec<Message> = Vec::new();
-    let mut batch_cost = 0usize;
-    let mut ping_owed = false;
-    let closing = ctl.closing().cancelled();
-    let hard = hard_close(ctl);
-    let mut write = Fuse::terminated();
-    tokio::pin!(closing, hard);
-    loop {
-        let writing = sink.is_none();
-        let mut start = false;
-        tokio::select! {
-            biased;
-            _ = &mut hard => break,
-            _ = &mut closing, if !writing => break,
-            written = &mut write, if writing => {
-                ctl.release(std::mem::take(&mut batch_cost));
-                let Ok((done, used, result)) = written else {
-                    debug!("write made no progress within write_timeout_ms");
-                    ctl.close_with(close::SLOW_CONSUMER);
-                    break;
-                };
-                let result: Result<(), WsError> = result;
-                if result.is_err() {
-                    ctl.close_with(close::ABNORMAL);
-                    break;
-                }
-                sink = Some(done);
-                // The batch's room is kept while frames wait, and given
-                // back when the session goes quiet.
-                if !rx.is_empty() {
-                    batch = used;
-                }
-                if ping_owed {
-                    ping_owed = false;
-                    batch.push(Message::Ping(Default::default()));
-                    start = true;
-                }
-            }
-            frame = rx.recv(), if !writing => {
-                let Some(frame) = frame else { break };
-                batch_cost += ctl.cost(frame.len()) as usize;
-                batch.extend(frame.into_messages());
-                for _ in 1..limits.write_batch {
-                    match rx.try_recv() {
-                        Ok(frame) => {
-                            batch_cost += ctl.cost(frame.len()) as usize;
-                            batch.extend(frame.into_messages());
-                        }
-                        Err(_) => break,
-                    }
-                }
-                start = true;
-            }
-            _ = pings.tick() => {
-                if ctl.take_seen() {
-                    silent_intervals = 0;
-                } else {
-                    silent_intervals += 1;
-                    if silent_intervals >= 3 {
-                        ctl.close_with(close::HEARTBEAT_TIMEOUT);
-                        break;
-                    }
-                }
-                if writing {
-                    ping_owed = true;
-                } else {
-                    batch.push(Message::Ping(Default::default()));
-                    start = true;
-                }
-            }
-        }
-        if start {
-            let idle = sink.take().expect("a batch starts only while idle");
-            let batch = std::mem::take(&mut batch);
-            write = Box::pin(tokio::time::timeout(
-                write_timeout,
-                write_batch(idle, batch),
-            ))
-            .fuse();
-        }
-    }
-    drop(write);
-    Box::pin(finish_close(sink, rx, ctl, limits)).await;
-    ctl.writer_stopped();
-}
-
-/// Sends the close frame (after what is still queued, for a graceful close),
-/// within `limits.close_timeout_ms`.
-async fn finish_close<S>(
-    sink: Option<Sink<S>>,
-    mut rx: mpsc::Receiver<Frame>,
-    ctl: &SessionCtl,
-    limits: &Limits,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let code = ctl.code();
-    // Without the sink a write was abandoned midway: no frame can follow it.
-    let Some(mut sink) = sink else { return };
-    if code == close::ABNORMAL {
-        return;
-    }
-    let finish = async {
-        if ctl.closed_by_peer() {
-            // tungstenite queued the close reply when it read the client's
-            // close frame; nothing else may be sent after it.
-            return sink.close().await;
-        }
-        if is_graceful(code) {
-            // A graceful close still delivers what was already queued.
-            while let Ok(frame) = rx.try_recv() {
-                for message in frame.into_messages() {
-                    sink.feed(message).await?;
-                }
-            }
-        }
-        sink.send(Message::Close(Some(CloseFrame {
-            code: CloseCode::from(code),
-            reason: ctl.reason().into(),
-        })))
-        .await?;
-        sink.close().await
-    };
-    let close_timeout = Duration::from_millis(limits.close_timeout_ms);
-    let _ = tokio::time::timeout(close_timeout, finish).await;
+    let ctl = SessionCtl::new(0, limits.outbound_bytes);
+    let (_tx, rx) = mpsc::channel(1);
+    run_socket(ws, &mut Echo, rx, &ctl, limits).await;
 }
