@@ -65,17 +65,37 @@ pub enum Cached {
 
 impl Cached {
     /// The `result` frame answering a submit or subscribe from the cache,
-    /// with the age of the result.
+    /// with the age of the result. Its text is allocated at its exact
+    /// length, so that it becomes a WebSocket message's bytes as it is.
     pub fn result_frame(&self, id: &ReqId, key: &Key, age: Duration) -> String {
-        let capacity = 128 + id.as_deref().map_or(0, str::len) + self.weight();
-        self.with_answer(
-            FrameWriter::with_capacity("result", capacity)
-                .id(id)
-                .key(key),
-        )
-        .str("source", "cache")
-        .uint("age_ms", age.as_millis() as u64)
-        .finish()
+        let mut digits = itoa::Buffer::new();
+        let age_ms = digits.format(age.as_millis() as u64);
+        let failure;
+        let (name, answer) = match self {
+            Cached::Output(output) => ("output", &**output),
+            Cached::Failure(error) => {
+                failure = eval_error_json(error);
+                ("error", failure.as_str())
+            }
+        };
+        let len = "{\"type\":\"result\"".len()
+            + id.as_deref().map_or(0, |id| ",\"id\":".len() + id.len())
+            + ",\"key\":\"\"".len() // and 32 hex digits
+            + 32
+            + ",\"\":".len()
+            + name.len()
+            + answer.len()
+            + ",\"source\":\"cache\"".len()
+            + ",\"age_ms\":".len()
+            + age_ms.len()
+            + "}".len();
+        FrameWriter::with_capacity("result", len)
+            .id(id)
+            .key(key)
+            .raw(name, answer)
+            .str("source", "cache")
+            .raw("age_ms", age_ms)
+            .finish()
     }
 
     /// The `status` frame answering a `get` of a cached key.
@@ -388,6 +408,25 @@ impl ResultCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_frame_is_allocated_at_its_exact_length() {
+        let key = Key::derive("f", b"1");
+        let failure = Cached::Failure(EvalError::Failed("line\none \"quoted\"".into()));
+        for cached in [Cached::Output("{\"a\":[1,2]}".into()), failure] {
+            for id in [
+                None,
+                Some("7".into()),
+                Some("\"a-longer-request-id-than-24\"".into()),
+            ] {
+                for age in [0, 9, 10, 123_456_789] {
+                    let frame = cached.result_frame(&id, &key, Duration::from_millis(age));
+                    assert_eq!(frame.len(), frame.capacity(), "{frame}");
+                    serde_json::from_str::<serde_json::Value>(&frame).expect("JSON");
+                }
+            }
+        }
+    }
 
     fn cache(max_bytes: u64) -> ResultCache {
         ResultCache::new(

@@ -8,6 +8,7 @@
 
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
+use compact_str::ToCompactString;
 use serde::Deserialize;
 use serde_json::error::Category;
 use serde_json::value::RawValue;
@@ -25,8 +26,9 @@ pub const MAX_INPUT_DEPTH: usize = 128;
 /// The protocol version spoken.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// A request's `id`, kept as the JSON text to echo.
-pub type ReqId = Option<Box<str>>;
+/// A request's `id`, kept as the JSON text to echo (inline, without a heap
+/// allocation, up to 24 bytes).
+pub use crate::core::ReqId;
 
 /// One parsed request.
 #[derive(Debug)]
@@ -41,7 +43,7 @@ pub enum Op<'a> {
     Submit {
         /// The input as sent (parsed only when its key is not known yet).
         input: &'a RawValue,
-        fn_name: Option<String>,
+        fn_name: Option<Cow<'a, str>>,
         wait: bool,
         /// A cached result older than this is not good enough.
         max_age_ms: Option<u64>,
@@ -213,11 +215,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
             let input = members.input.ok_or_else(|| bad("missing \"input\""))?;
             let fn_name = match members.fn_name {
                 None => None,
-                Some(raw) => Some(
-                    string_of(raw)
-                        .ok_or_else(|| bad("\"fn\" must be a string"))?
-                        .into_owned(),
-                ),
+                Some(raw) => Some(string_of(raw).ok_or_else(|| bad("\"fn\" must be a string"))?),
             };
             let wait = match members.wait.map(RawValue::get) {
                 None | Some("true") => true,
@@ -398,7 +396,7 @@ fn parse_id(raw: Option<&RawValue>) -> Result<ReqId, Rejection> {
         };
     }
     match serde_json::from_str::<serde_json::Number>(raw.get()) {
-        Ok(n) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string().into())),
+        Ok(n) if n.is_i64() || n.is_u64() => Ok(Some(n.to_compact_string())),
         _ => Err(invalid()),
     }
 }
@@ -466,7 +464,17 @@ impl FrameWriter {
     }
 
     /// Adds a string member, escaped as JSON.
-    pub fn str(self, name: &str, value: &str) -> Self {
+    pub fn str(mut self, name: &str, value: &str) -> Self {
+        // A string with nothing to escape (every code, most messages) is
+        // copied as it is.
+        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.buf.push_str(",\"");
+            self.buf.push_str(name);
+            self.buf.push_str("\":\"");
+            self.buf.push_str(value);
+            self.buf.push('"');
+            return self;
+        }
         let json = serde_json::to_string(value).expect("string serializes");
         self.raw(name, &json)
     }
@@ -534,9 +542,14 @@ pub fn eval_error_json(error: &EvalError) -> String {
     serde_json::json!({"code": error.code(), "message": error.message()}).to_string()
 }
 
-/// The head `{"type":"result","id":…` of one waiter's copy of a shared result tail.
+/// One waiter's copy of a shared result `tail`: `{"type":"result","id":…`
+/// and the tail, allocated at its exact length so that it becomes a
+/// WebSocket message's bytes as it is.
 pub fn result_frame(id: &ReqId, tail: &str) -> String {
-    let mut out = String::with_capacity(32 + tail.len());
+    let len = "{\"type\":\"result\"".len()
+        + id.as_deref().map_or(0, |id| ",\"id\":".len() + id.len())
+        + tail.len();
+    let mut out = String::with_capacity(len);
     out.push_str("{\"type\":\"result\"");
     if let Some(raw) = id {
         out.push_str(",\"id\":");
@@ -600,6 +613,14 @@ mod tests {
         assert_eq!(b["output"]["x"], 1);
         assert!(b.get("id").is_none());
         assert_eq!(b["key"], "ab".repeat(16));
+        for id in [
+            None,
+            Some("1".into()),
+            Some("\"a-longer-request-id-than-24\"".into()),
+        ] {
+            let frame = result_frame(&id, &tail);
+            assert_eq!(frame.len(), frame.capacity(), "allocated at its length");
+        }
     }
 
     proptest::proptest! {

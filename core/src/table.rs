@@ -84,8 +84,8 @@ use std::time::{Duration, Instant};
 
 /// A session, as the core knows it.
 pub type SessionId = u64;
-/// A request's `id`, echoed in its answers.
-pub type ReqId = Option<Box<str>>;
+/// A request's `id`, echoed in its answers (inline up to 24 bytes).
+pub type ReqId = Option<compact_str::CompactString>;
 /// Tells a job from a later one of the same key.
 pub type Gen = u64;
 

@@ -1070,7 +1070,7 @@ impl Sim {
         &mut self,
         b: usize,
         session: u64,
-        id: &Option<Box<str>>,
+        id: &herd_core::ReqId,
         what: &str,
     ) -> Option<Req> {
         let id = id.as_deref().unwrap_or("").to_string();
@@ -1086,7 +1086,7 @@ impl Sim {
     /// A request refused `busy` was refused for a bound it reached: its
     /// session's or namespace's waits, its evaluator's queue, or (with
     /// faults) Redis not answering an invalidation.
-    fn busy_for_a_reason(&self, b: usize, session: u64, id: &Option<Box<str>>, message: &str) {
+    fn busy_for_a_reason(&self, b: usize, session: u64, id: &herd_core::ReqId, message: &str) {
         let core = &self.brokers[b].core;
         let ns = namespaces()[(session % 2) as usize];
         let request = (b, session, id.as_deref().unwrap_or("").to_string());

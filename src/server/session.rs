@@ -349,7 +349,7 @@ impl<'a> Reader<'a> {
             } => {
                 let evaluator = match self.remote_fn(&id, &fn_name) {
                     Ok(evaluator) => evaluator,
-                    Err(rejected) => return rejected,
+                    Err(rejected) => return *rejected,
                 };
                 if self.broker.is_draining() {
                     return reject_draining(&id);
@@ -368,7 +368,7 @@ impl<'a> Reader<'a> {
                     evaluator,
                     id,
                 }),
-                Err(rejected) => rejected,
+                Err(rejected) => *rejected,
             },
             Op::Invalidate(what) => {
                 let target = match what {
@@ -397,7 +397,7 @@ impl<'a> Reader<'a> {
         &self,
         id: ReqId,
         input: &serde_json::value::RawValue,
-        fn_name: Option<String>,
+        fn_name: Option<std::borrow::Cow<'_, str>>,
         wait: bool,
         max_age: Option<Duration>,
     ) -> Then<'a> {
@@ -507,7 +507,7 @@ impl<'a> Reader<'a> {
 
     /// The index of remote evaluator `fn_name` if this session may serve it;
     /// otherwise the `unknown_fn` or `forbidden` answer.
-    fn remote_fn(&self, id: &ReqId, fn_name: &str) -> Result<usize, Then<'a>> {
+    fn remote_fn(&self, id: &ReqId, fn_name: &str) -> Result<usize, Box<Then<'a>>> {
         let shown: String = fn_name.chars().take(64).collect();
         let Some(spec) = self
             .broker
@@ -515,18 +515,18 @@ impl<'a> Reader<'a> {
             .lookup(fn_name)
             .filter(|spec| spec.remote)
         else {
-            return Err(reject(
+            return Err(Box::new(reject(
                 id,
                 ErrorCode::UnknownFn,
                 &format!("no remote evaluator is configured under fn {shown:?}"),
-            ));
+            )));
         };
         if !self.identity.serve.allows(fn_name) {
-            return Err(reject(
+            return Err(Box::new(reject(
                 id,
                 ErrorCode::Forbidden,
                 &format!("token {:?} may not serve fn {shown:?}", self.identity.name),
-            ));
+            )));
         }
         Ok(spec.index)
     }
