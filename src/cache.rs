@@ -323,20 +323,36 @@ impl ResultCache {
 
     /// The cached answer for `key`, output or kept failure.
     pub fn get(&self, key: &Key) -> Option<Hit> {
-        let now = Instant::now();
-        if !self.confirmed(now) {
+        self.get_at(key, Instant::now())
+    }
+
+    /// The cached answer for `key` to a request that arrived at `arrived`
+    /// (a time to live and an age are reckoned from it). Whether the
+    /// cache is confirmed is read from the clock itself, as it is now.
+    pub fn get_at(&self, key: &Key, arrived: Instant) -> Option<Hit> {
+        if self.confirmed.is_some() && !self.confirmed(Instant::now()) {
             return None;
         }
-        self.store(key).get(key, &self.epochs, now).or_else(|| {
+        self.store(key).get(key, &self.epochs, arrived).or_else(|| {
             self.failures
                 .as_ref()
-                .and_then(|f| f.get(key, &self.epochs, now))
+                .and_then(|f| f.get(key, &self.epochs, arrived))
         })
     }
 
     /// The cached answer for `key` if it is no older than `max_age`.
     pub fn get_fresh(&self, key: &Key, max_age: Option<Duration>) -> Option<Hit> {
-        self.get(key)
+        self.get_fresh_at(key, max_age, Instant::now())
+    }
+
+    /// [`ResultCache::get_fresh`] for a request that arrived at `arrived`.
+    pub fn get_fresh_at(
+        &self,
+        key: &Key,
+        max_age: Option<Duration>,
+        arrived: Instant,
+    ) -> Option<Hit> {
+        self.get_at(key, arrived)
             .filter(|hit| max_age.is_none_or(|max| hit.age <= max))
     }
 

@@ -29,11 +29,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -106,6 +106,7 @@ async fn run_session<S>(
         ns_metrics: &seat.metrics,
         label,
         watching: false,
+        hits: Vec::new(),
     };
     tokio::join!(
         run_socket(ws, &mut reader, rx, &ctl, limits),
@@ -161,11 +162,14 @@ pub async fn serve_one(
         ns_metrics,
         label: format!("{}/http", identity.name).into(),
         watching: false,
+        hits: Vec::new(),
     };
-    let then = reader.handle(text);
+    let arrived = Instant::now();
+    let then = reader.handle(text, arrived);
     if let Some(reply) = reader.act(then).await {
         reader.outbox.reply(reply).await;
     }
+    reader.queued(arrived);
 }
 
 /// Closes the session with 1008 "token expired" when its signed token
@@ -185,11 +189,11 @@ async fn expire(expires: Option<u64>, ctl: &SessionCtl) {
 /// What is left to do for a request once it has been read: at most one wait.
 enum Then<'a> {
     Reply(Frame),
-    /// A cache hit: the reply, then its latency observed.
+    /// A cache hit: the reply, and its fn, whose latency is observed once
+    /// the reply is queued ([`Reader::queued`]).
     Hit {
         frame: Frame,
         spec: &'a EvaluatorSpec,
-        arrived: std::time::Instant,
     },
     Hub(HubMsg),
     Watchers(WatchMsg),
@@ -238,22 +242,18 @@ struct Reader<'a> {
     label: Arc<str>,
     /// Whether this session has a `watch` running.
     watching: bool,
+    /// The fns of the cache hits answered since the last [`Reader::queued`].
+    hits: Vec<&'a EvaluatorSpec>,
 }
 
 impl<'a> Reader<'a> {
     /// Carries out what a request asked for (the one wait each request
     /// has); returns the reply to send in place, if any.
-    async fn act(&mut self, then: Then<'_>) -> Option<Frame> {
+    async fn act(&mut self, then: Then<'a>) -> Option<Frame> {
         match then {
             Then::Reply(frame) => return Some(frame),
-            Then::Hit {
-                frame,
-                spec,
-                arrived,
-            } => {
-                spec.metrics
-                    .latency_seconds
-                    .observe(arrived.elapsed().as_secs_f64());
+            Then::Hit { frame, spec } => {
+                self.hits.push(spec);
                 return Some(frame);
             }
             // The hub outlives every session; a send fails only while the
@@ -271,10 +271,23 @@ impl<'a> Reader<'a> {
         None
     }
 
+    /// The replies to the requests that arrived at `arrived` are queued:
+    /// observes the latency of the cache hits among them (one clock reading
+    /// for all of them).
+    fn queued(&mut self, arrived: Instant) {
+        if self.hits.is_empty() {
+            return;
+        }
+        let latency = arrived.elapsed().as_secs_f64();
+        for spec in self.hits.drain(..) {
+            spec.metrics.latency_seconds.observe(latency);
+        }
+    }
+
     /// Serves one request as far as it can without waiting, and says what
     /// is left to wait for. Keeping every wait in [`Reader::act`] keeps the
     /// session's task small.
-    fn handle(&mut self, text: &str) -> Then<'a> {
+    fn handle(&mut self, text: &str, arrived: Instant) -> Then<'a> {
         let request = match parse_request(text) {
             Ok(r) => r,
             Err(rejection) => return Then::Reply(rejection.frame().into()),
@@ -306,9 +319,9 @@ impl<'a> Reader<'a> {
                 max_age_ms,
             } => {
                 let max_age = max_age_ms.map(Duration::from_millis);
-                self.submit(id, input, fn_name, wait, max_age)
+                self.submit(id, input, fn_name, wait, max_age, arrived)
             }
-            Op::Get { key } => match self.broker.cache.get(&self.scoped(key)) {
+            Op::Get { key } => match self.broker.cache.get_at(&self.scoped(key), arrived) {
                 Some(hit) => Then::Reply(hit.cached.status_frame(&id, &key).into()),
                 None => Then::Hub(HubMsg::Get {
                     key: self.scoped(key),
@@ -318,7 +331,7 @@ impl<'a> Reader<'a> {
             },
             Op::Subscribe { key } => {
                 let key = self.scoped(key);
-                if let Some(hit) = self.broker.cache.get(&key) {
+                if let Some(hit) = self.broker.cache.get_at(&key, arrived) {
                     return Then::Reply(hit.result_frame(&id, &key).into());
                 }
                 if self.broker.is_draining() {
@@ -400,9 +413,9 @@ impl<'a> Reader<'a> {
         fn_name: Option<std::borrow::Cow<'_, str>>,
         wait: bool,
         max_age: Option<Duration>,
+        arrived: Instant,
     ) -> Then<'a> {
         let broker: &'a Broker = self.broker;
-        let arrived = std::time::Instant::now();
         let name = fn_name.as_deref().unwrap_or("default");
         let Some(spec) = broker.evaluators.lookup(name) else {
             return reject_unknown_fn(&id, name);
@@ -478,16 +491,15 @@ impl<'a> Reader<'a> {
         spec: &'a EvaluatorSpec,
         id: &ReqId,
         key: &Key,
-        arrived: std::time::Instant,
+        arrived: Instant,
         max_age: Option<Duration>,
     ) -> Option<Then<'a>> {
-        let hit = self.broker.cache.get_fresh(key, max_age)?;
+        let hit = self.broker.cache.get_fresh_at(key, max_age, arrived)?;
         spec.metrics.cache_hits.inc();
         self.ns_metrics.cache_hits.inc();
         Some(Then::Hit {
             frame: hit.result_frame(id, key).into(),
             spec,
-            arrived,
         })
     }
 
@@ -554,15 +566,23 @@ async fn hard_close(ctl: &SessionCtl) {
 
 /// What a session does with each text or binary message it reads.
 pub(crate) trait Handler {
-    /// Serves `message`; returns the reply to write in place, if any.
-    fn message(&mut self, message: Message) -> impl Future<Output = Option<Frame>> + Send;
+    /// Serves `message`, read in a turn that began at `arrived`; returns the
+    /// reply to write in place, if any.
+    fn message(
+        &mut self,
+        message: Message,
+        arrived: Instant,
+    ) -> impl Future<Output = Option<Frame>> + Send;
+
+    /// The replies of the turn that began at `arrived` are all queued.
+    fn queued(&mut self, arrived: Instant);
 }
 
 impl Handler for Reader<'_> {
-    async fn message(&mut self, message: Message) -> Option<Frame> {
+    async fn message(&mut self, message: Message, arrived: Instant) -> Option<Frame> {
         match message {
             Message::Text(text) => {
-                let then = self.handle(&text);
+                let then = self.handle(&text, arrived);
                 self.act(then).await
             }
             _ => Some(
@@ -574,6 +594,10 @@ impl Handler for Reader<'_> {
                 .into(),
             ),
         }
+    }
+
+    fn queued(&mut self, arrived: Instant) {
+        Reader::queued(self, arrived);
     }
 }
 
@@ -708,7 +732,7 @@ async fn run_socket<S, H>(
         abandoned: false,
     };
     let heartbeat = Duration::from_millis(limits.heartbeat_ms);
-    let mut pings = interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut pings = interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut silent_intervals = 0u32;
     // One registration for the session's life, not one per message.
@@ -716,15 +740,22 @@ async fn run_socket<S, H>(
     tokio::pin!(closing);
     loop {
         // Queued frames first: they were answered before what is read now.
-        let turn = tokio::select! {
+        let event = tokio::select! {
             biased;
             _ = &mut closing => break,
             frame = rx.recv() => match frame {
-                Some(frame) => socket.queued(frame).await,
+                Some(frame) => Event::Queued(frame),
                 None => break,
             },
-            message = socket.ws.next() => serve_message(&mut socket, handler, message).await,
-            _ = pings.tick() => {
+            message = socket.ws.next() => Event::Read(message),
+            _ = pings.tick() => Event::Heartbeat,
+        };
+        // One clock reading per turn: when its requests arrived.
+        let arrived = Instant::now();
+        let turn = match event {
+            Event::Queued(frame) => socket.queued(frame).await,
+            Event::Read(message) => serve_message(&mut socket, handler, message, arrived).await,
+            Event::Heartbeat => {
                 if ctl.take_seen() {
                     silent_intervals = 0;
                 } else {
@@ -737,15 +768,22 @@ async fn run_socket<S, H>(
                 socket.feed(Message::Ping(Default::default())).await
             }
         };
-        if turn.is_err() || !take_ready(&mut socket, handler, &mut rx, limits).await {
-            break;
-        }
-        if socket.flush().await.is_err() {
+        let ended =
+            turn.is_err() || !take_ready(&mut socket, handler, &mut rx, limits, arrived).await;
+        handler.queued(arrived);
+        if ended || socket.flush().await.is_err() {
             break;
         }
     }
     Box::pin(finish_close(socket, rx, ctl, limits)).await;
     ctl.writer_stopped();
+}
+
+/// What a session's turn begins with.
+enum Event {
+    Queued(Frame),
+    Read(Option<Result<Message, WsError>>),
+    Heartbeat,
 }
 
 /// Takes the queued frames and read messages that are already there, up to
@@ -755,13 +793,14 @@ async fn take_ready<S, H>(
     handler: &mut H,
     rx: &mut mpsc::Receiver<Frame>,
     limits: &Limits,
+    arrived: Instant,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: Handler,
 {
     let mut taken = 1;
-    while taken < limits.write_batch && !socket.ctl.closing().is_cancelled() {
+    while taken < limits.write_batch && socket.ctl.code() == 0 {
         let mut progressed = false;
         if let Ok(frame) = rx.try_recv() {
             if socket.queued(frame).await.is_err() {
@@ -771,7 +810,10 @@ where
             progressed = true;
         }
         if let Poll::Ready(message) = futures::poll!(socket.ws.next()) {
-            if serve_message(socket, handler, message).await.is_err() {
+            if serve_message(socket, handler, message, arrived)
+                .await
+                .is_err()
+            {
                 return false;
             }
             taken += 1;
@@ -791,6 +833,7 @@ async fn serve_message<S, H>(
     socket: &mut Socket<'_, S>,
     handler: &mut H,
     message: Option<Result<Message, WsError>>,
+    arrived: Instant,
 ) -> Result<(), ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -798,10 +841,12 @@ where
 {
     socket.ctl.mark_seen();
     match message {
-        Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => match handler.message(m).await {
-            Some(reply) => socket.reply(reply).await,
-            None => Ok(()),
-        },
+        Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+            match handler.message(m, arrived).await {
+                Some(reply) => socket.reply(reply).await,
+                None => Ok(()),
+            }
+        }
         Some(Ok(Message::Close(_))) | None => {
             socket.ctl.close_by_peer();
             Err(())
@@ -890,9 +935,11 @@ fn close_code_for(error: &WsError) -> u16 {
 struct Echo;
 
 impl Handler for Echo {
-    async fn message(&mut self, message: Message) -> Option<Frame> {
+    async fn message(&mut self, message: Message, _: Instant) -> Option<Frame> {
         Some(Frame::Other(Box::new(message)))
     }
+
+    fn queued(&mut self, _: Instant) {}
 }
 
 /// Echoes every text and binary message back through the same socket loop
