@@ -27,6 +27,7 @@ use crate::server::tenants::Seat;
 use futures::{SinkExt, StreamExt};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -166,8 +167,11 @@ pub async fn serve_one(
     };
     let arrived = Instant::now();
     let then = reader.handle(text, arrived);
-    if let Some(reply) = reader.act(then).await {
-        reader.outbox.reply(reply).await;
+    let outbox = reader.outbox.clone();
+    match reader.act(then) {
+        Served::Done(Some(reply)) => outbox.reply(reply).await,
+        Served::Done(None) => {}
+        Served::Wait(wait) => wait.await,
     }
     reader.queued(arrived);
 }
@@ -247,28 +251,30 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// Carries out what a request asked for (the one wait each request
-    /// has); returns the reply to send in place, if any.
-    async fn act(&mut self, then: Then<'a>) -> Option<Frame> {
+    /// Carries out what a request asked for without waiting if it can:
+    /// the reply to send in place, or the wait that is left (on the heap,
+    /// so that the session's task stays small).
+    fn act(&mut self, then: Then<'a>) -> Served<'_> {
+        let broker: &'a Broker = self.broker;
         match then {
-            Then::Reply(frame) => return Some(frame),
+            Then::Reply(frame) => Served::Done(Some(frame)),
             Then::Hit { frame, spec } => {
                 self.hits.push(spec);
-                return Some(frame);
+                Served::Done(Some(frame))
             }
             // The hub outlives every session; a send fails only while the
             // broker stops. Waiting for room in its queue is the rare case.
-            Then::Hub(msg) => {
-                if let Err(TrySendError::Full(msg)) = self.broker.hub.try_send(msg) {
-                    let _ = Box::pin(self.broker.hub.send(msg)).await;
-                }
-            }
-            Then::Watchers(msg) => {
-                let _ = Box::pin(self.broker.watchers.send(msg)).await;
-            }
-            Then::Unwatch => Box::pin(self.unwatch()).await,
+            Then::Hub(msg) => match broker.hub.try_send(msg) {
+                Err(TrySendError::Full(msg)) => Served::Wait(Box::pin(async move {
+                    let _ = broker.hub.send(msg).await;
+                })),
+                _ => Served::Done(None),
+            },
+            Then::Watchers(msg) => Served::Wait(Box::pin(async move {
+                let _ = broker.watchers.send(msg).await;
+            })),
+            Then::Unwatch => Served::Wait(Box::pin(self.unwatch())),
         }
-        None
     }
 
     /// The replies to the requests that arrived at `arrived` are queued:
@@ -564,35 +570,39 @@ async fn hard_close(ctl: &SessionCtl) {
     }
 }
 
+/// What serving one message left to do.
+pub(crate) enum Served<'f> {
+    /// Nothing, or this reply to write in place.
+    Done(Option<Frame>),
+    /// A wait to finish before the next message (the rare case: the hub's
+    /// queue is full, a watch starts or stops).
+    Wait(Pin<Box<dyn Future<Output = ()> + Send + 'f>>),
+}
+
 /// What a session does with each text or binary message it reads.
 pub(crate) trait Handler {
-    /// Serves `message`, read in a turn that began at `arrived`; returns the
-    /// reply to write in place, if any.
-    fn message(
-        &mut self,
-        message: Message,
-        arrived: Instant,
-    ) -> impl Future<Output = Option<Frame>> + Send;
+    /// Serves `message`, read in a turn that began at `arrived`.
+    fn message(&mut self, message: Message, arrived: Instant) -> Served<'_>;
 
     /// The replies of the turn that began at `arrived` are all queued.
     fn queued(&mut self, arrived: Instant);
 }
 
 impl Handler for Reader<'_> {
-    async fn message(&mut self, message: Message, arrived: Instant) -> Option<Frame> {
+    fn message(&mut self, message: Message, arrived: Instant) -> Served<'_> {
         match message {
             Message::Text(text) => {
                 let then = self.handle(&text, arrived);
-                self.act(then).await
+                self.act(then)
             }
-            _ => Some(
+            _ => Served::Done(Some(
                 error_frame(
                     &None,
                     ErrorCode::BadRequest.as_str(),
                     "binary frames are not accepted; send JSON in text frames",
                 )
                 .into(),
-            ),
+            )),
         }
     }
 
@@ -842,9 +852,13 @@ where
     socket.ctl.mark_seen();
     match message {
         Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-            match handler.message(m, arrived).await {
-                Some(reply) => socket.reply(reply).await,
-                None => Ok(()),
+            match handler.message(m, arrived) {
+                Served::Done(Some(reply)) => socket.reply(reply).await,
+                Served::Done(None) => Ok(()),
+                Served::Wait(wait) => {
+                    wait.await;
+                    Ok(())
+                }
             }
         }
         Some(Ok(Message::Close(_))) | None => {
@@ -935,8 +949,8 @@ fn close_code_for(error: &WsError) -> u16 {
 struct Echo;
 
 impl Handler for Echo {
-    async fn message(&mut self, message: Message, _: Instant) -> Option<Frame> {
-        Some(Frame::Other(Box::new(message)))
+    fn message(&mut self, message: Message, _: Instant) -> Served<'_> {
+        Served::Done(Some(Frame::Other(Box::new(message))))
     }
 
     fn queued(&mut self, _: Instant) {}
