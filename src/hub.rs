@@ -30,6 +30,7 @@ use crate::exec::remote::Remote;
 use crate::exec::{Executors, Report};
 use crate::key::Key;
 use crate::metrics::Metrics;
+use crate::ns::Ns;
 use crate::outbox::{Frame, Outbox, SessionId};
 use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId};
 use bytes::Bytes;
@@ -68,6 +69,8 @@ pub enum HubMsg {
         label: Arc<str>,
         evaluator: usize,
         concurrency: usize,
+        /// The only namespace whose tasks it takes (None: every namespace).
+        scope: Option<Ns>,
         id: ReqId,
     },
     /// A worker session takes no new tasks of a remote evaluator.
@@ -496,6 +499,7 @@ impl Hub {
                 label,
                 evaluator,
                 concurrency,
+                scope,
                 id,
             } => {
                 outbox.push(
@@ -505,7 +509,8 @@ impl Hub {
                         .uint("concurrency", concurrency as u64)
                         .finish(),
                 );
-                self.exec.serve(&outbox, &label, evaluator, concurrency);
+                self.exec
+                    .serve(&outbox, &label, evaluator, concurrency, scope);
                 self.workers_changed(evaluator);
                 self.settle();
             }

@@ -327,9 +327,9 @@ async fn a_namespace_with_its_own_cache_bytes_keeps_its_results_through_a_flood(
 }
 
 #[tokio::test]
-async fn a_worker_serves_every_namespace_and_its_tasks_name_theirs() {
+async fn a_worker_of_namespace_star_serves_every_namespace_and_its_tasks_name_theirs() {
     let toml = format!(
-        "{BASIC}{TEAMS}[[token]]\nname = \"w\"\nrole = \"worker\"\nsecret = \"worker-secret\"\n[[evaluator]]\nfn = \"remote\"\nkind = \"remote\"\n"
+        "{BASIC}{TEAMS}[[token]]\nname = \"w\"\nrole = \"worker\"\nsecret = \"worker-secret\"\nnamespace = \"*\"\n[[evaluator]]\nfn = \"remote\"\nkind = \"remote\"\n"
     );
     let server = TestServer::start(config(&toml)).await;
     let mut worker = connect(&server, "worker-secret").await;
@@ -350,5 +350,91 @@ async fn a_worker_serves_every_namespace_and_its_tasks_name_theirs() {
         let r = agent.recv_type("result").await;
         assert_eq!(r["output"], ns, "{r}");
     }
+    server.stop().await;
+}
+
+const WORKERS: &str = r#"
+[[evaluator]]
+fn = "embed"
+kind = "remote"
+timeout_ms = 10000
+[[token]]
+name = "a"
+role = "agent"
+secret = "team-a-secret"
+namespace = "team-a"
+[[token]]
+name = "b"
+role = "agent"
+secret = "team-b-secret"
+namespace = "team-b"
+[[token]]
+name = "worker-a"
+role = "worker"
+secret = "worker-a-secret"
+namespace = "team-a"
+[[token]]
+name = "worker-all"
+role = "worker"
+secret = "worker-all-secret"
+namespace = "*"
+"#;
+
+/// Serves `embed` on a worker session and waits for `serving`.
+async fn serving(server: &TestServer, token: &str) -> Client {
+    let mut w = connect(server, token).await;
+    let r = w
+        .request(json!({"op": "serve", "id": "s", "fn": "embed", "concurrency": 4}))
+        .await;
+    assert_eq!(r["type"], "serving", "{r}");
+    w
+}
+
+/// Completes `task` with an output naming the worker.
+async fn complete(w: &mut Client, task: &Value, worker: &str) {
+    w.send(json!({"op": "complete", "task": task["task"], "output": {"by": worker}}))
+        .await;
+}
+
+#[tokio::test]
+async fn a_namespaced_worker_is_given_only_its_namespaces_tasks() {
+    let server = TestServer::start(config(WORKERS)).await;
+    let mut worker_a = serving(&server, "worker-a-secret").await;
+    let mut a = connect(&server, "team-a-secret").await;
+    let mut b = connect(&server, "team-b-secret").await;
+
+    // team-b's private input is submitted first, while only worker-a serves.
+    b.send(json!({"op": "submit", "id": "b1", "fn": "embed", "input": {"private": "of team-b"}}))
+        .await;
+    assert_eq!(b.recv_type("accepted").await["id"], "b1");
+    a.send(json!({"op": "submit", "id": "a1", "fn": "embed", "input": {"x": 1}}))
+        .await;
+    assert_eq!(a.recv_type("accepted").await["id"], "a1");
+
+    let task = worker_a.recv_type("task").await;
+    assert_eq!(
+        task["ns"], "team-a",
+        "worker-a got another team's task: {task}"
+    );
+    assert_eq!(task["input"], json!({"x": 1}));
+    complete(&mut worker_a, &task, "worker-a").await;
+    let result = a.recv_type("result").await;
+    assert_eq!(result["output"], json!({"by": "worker-a"}));
+
+    // A worker of every namespace takes team-b's task; worker-a never saw it.
+    let mut worker_all = serving(&server, "worker-all-secret").await;
+    let task = worker_all.recv_type("task").await;
+    assert_eq!(task["ns"], "team-b", "{task}");
+    assert_eq!(task["input"], json!({"private": "of team-b"}));
+    complete(&mut worker_all, &task, "worker-all").await;
+    let result = b.recv_type("result").await;
+    assert_eq!(result["output"], json!({"by": "worker-all"}));
+    next_is_pong(&mut worker_a, 1).await;
+
+    // worker-a's complete of a task it does not hold changes nothing.
+    let r = worker_a
+        .request(json!({"op": "complete", "id": "c", "task": task["task"], "output": {"by": "worker-a"}}))
+        .await;
+    assert_eq!(r["type"], "error", "{r}");
     server.stop().await;
 }

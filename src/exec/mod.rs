@@ -17,6 +17,7 @@ use crate::error::EvalError;
 use crate::exec::pool::{Job, JobCtl, Pool, PoolEvent, QueueFull};
 use crate::exec::remote::{Orphan, Remote};
 use crate::key::Key;
+use crate::ns::Ns;
 use crate::outbox::{Outbox, SessionId};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,8 +163,10 @@ impl Executors {
         label: &Arc<str>,
         evaluator: usize,
         concurrency: usize,
+        scope: Option<Ns>,
     ) {
-        self.remote.serve(outbox, label, evaluator, concurrency);
+        self.remote
+            .serve(outbox, label, evaluator, concurrency, scope);
         self.pump(evaluator);
     }
 

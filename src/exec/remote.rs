@@ -18,6 +18,7 @@
 use crate::config::EvaluatorConfig;
 use crate::exec::pool::Job;
 use crate::key::Key;
+use crate::ns::Ns;
 use crate::outbox::{Outbox, SessionId};
 use crate::protocol::{unix_ms, FrameWriter};
 use serde::Serialize;
@@ -83,6 +84,8 @@ struct Slot {
 struct Worker {
     outbox: Outbox,
     label: Arc<str>,
+    /// The only namespace whose tasks it is given (None: every namespace).
+    scope: Option<Ns>,
     slots: HashMap<usize, Slot>,
     tasks: HashSet<u64>,
     /// When it first offered to serve (Unix ms).
@@ -204,6 +207,8 @@ impl Remote {
     /// Hands queued tasks to sessions with free concurrency, the least
     /// loaded first, each only while its outbox keeps room (flow control:
     /// a worker that reads its frames is never closed for a full queue).
+    /// A worker scoped to a namespace is given the first task in line of
+    /// that namespace, and none of another.
     pub fn dispatch(&mut self, evaluator: usize) -> Vec<Dispatched> {
         let mut sent = Vec::new();
         let Some(q) = self.queues.get_mut(&evaluator) else {
@@ -222,10 +227,18 @@ impl Remote {
             })
             .collect();
         while let Some(Reverse((_, session))) = free.pop() {
-            let Some((&place, _)) = q.queue.first_key_value() else {
-                break;
-            };
             let worker = self.workers.get_mut(&session).expect("a serving worker");
+            let Some(place) = q
+                .queue
+                .iter()
+                .find(|(_, queued)| worker.scope.is_none_or(|ns| queued.job.key.ns() == ns))
+                .map(|(&place, _)| place)
+            else {
+                if q.queue.is_empty() {
+                    break;
+                }
+                continue;
+            };
             let slot = worker.slots.get_mut(&evaluator).expect("a slot");
             let queued = q.queue.get(&place).expect("first in line");
             let task = self.next_task;
@@ -272,18 +285,21 @@ impl Remote {
     }
 
     /// A session offers `concurrency` slots for `evaluator` (again: the new
-    /// concurrency replaces the old).
+    /// concurrency replaces the old), for the tasks of namespace `scope`
+    /// only, or of every namespace (None).
     pub fn serve(
         &mut self,
         outbox: &Outbox,
         label: &Arc<str>,
         evaluator: usize,
         concurrency: usize,
+        scope: Option<Ns>,
     ) {
         let session = outbox.session();
         let worker = self.workers.entry(session).or_insert_with(|| Worker {
             outbox: outbox.clone(),
             label: Arc::clone(label),
+            scope,
             slots: HashMap::new(),
             tasks: HashSet::new(),
             since_ms: unix_ms(),

@@ -378,6 +378,9 @@ impl<'a> Reader<'a> {
                     label: Arc::clone(&self.label),
                     evaluator,
                     concurrency,
+                    // A worker serves its own namespace's tasks only; one
+                    // with namespace "*" serves every namespace.
+                    scope: (!self.identity.sees_all).then_some(self.identity.ns),
                     id,
                 })
             }
