@@ -161,6 +161,13 @@ impl Role {
             Role::Worker => "worker",
         }
     }
+
+    /// Whether a credential of this role may have namespace `"*"`: a
+    /// viewer sees every namespace, a worker serves every namespace. An
+    /// agent or admin acts in one namespace.
+    pub fn may_span_namespaces(self) -> bool {
+        matches!(self, Role::Viewer | Role::Worker)
+    }
 }
 
 impl Default for Config {
@@ -525,6 +532,29 @@ impl EvaluatorConfig {
 
 /// A TOML error as one line that says where: `line L, column C, in
 /// [[evaluator]] #N: <what>: `<the offending line>``.
+/// A config line as an error may show it: a value that may be a secret (of
+/// a key naming a secret, a password or a URL, of an unknown key, which may
+/// be a mistyped one, or of a line that is not `key = value`) is left out.
+fn shown<'l>(line: &'l str, message: &str) -> std::borrow::Cow<'l, str> {
+    let Some((key, _)) = line.split_once('=') else {
+        return if line.starts_with('[') {
+            line.into()
+        } else {
+            "…".into()
+        };
+    };
+    let key = key.trim();
+    let lower = key.to_ascii_lowercase();
+    let secret = ["secret", "pass", "token", "redis", "url", "key"]
+        .iter()
+        .any(|word| lower.contains(word));
+    if secret || message.starts_with("unknown field") {
+        format!("{key} = …").into()
+    } else {
+        line.into()
+    }
+}
+
 fn located(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim_end();
     let Some(span) = error.span() else {
@@ -537,7 +567,7 @@ fn located(text: &str, error: &toml::de::Error) -> String {
         .chars()
         .count()
         + 1;
-    let offending = text.lines().nth(line - 1).unwrap_or("").trim();
+    let offending = shown(text.lines().nth(line - 1).unwrap_or("").trim(), message);
     // The table the line is in: its header, numbered for an array of tables.
     let mut table = String::new();
     let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -896,6 +926,13 @@ impl Config {
             }
             if t.name.is_empty() || !token_names.insert(t.name.as_str()) {
                 return bad(format!("token name {:?} is empty or used twice", t.name));
+            }
+            if t.namespace == "*" && !t.role.may_span_namespaces() {
+                return bad(format!(
+                    "token {:?}: namespace \"*\" (every namespace) is for roles \"viewer\" and \"worker\"; give role {:?} a namespace of its own",
+                    t.name,
+                    t.role.as_str()
+                ));
             }
             if let Some(fns) = &t.fns {
                 if matches!(t.role, Role::Viewer) {

@@ -477,6 +477,38 @@ async fn errors_are_one_clear_line_with_the_right_exit_code() {
         }
     }
 
+    // A config error never prints a secret: not a token's, not one under a
+    // mistyped key, not a Redis password (in the URL or as `?pass=`).
+    let secret_lines = [
+        "[[token]]\nname = \"a\"\nrole = \"agent\"\nsecret = \"tokA-unterminated\n",
+        "[[token]]\nname = \"a\"\nrole = \"agent\"\nsecrte = \"tokA-mistyped\"\n",
+        "[cluster]\nredis = redis://:tokA-password@127.0.0.1:6379/0\n",
+        "[cluster]\nredis = \"redis+unix:///tmp/herd-no.sock?db=x&pass=tokA-query\"\n",
+    ];
+    for text in secret_lines {
+        std::fs::write(&bad, text).unwrap();
+        let out = run_plain(&["serve", "--config", bad.to_str().unwrap()], &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("herd:"), "{stderr}");
+        assert!(!stderr.contains("tokA-"), "a secret printed: {stderr}");
+    }
+
+    // Only viewers and workers may span every namespace.
+    for role in ["agent", "admin"] {
+        let text = format!(
+            "[[token]]\nname = \"wide\"\nrole = \"{role}\"\nsecret = \"s\"\nnamespace = \"*\"\n"
+        );
+        std::fs::write(&bad, text).unwrap();
+        let out = run_plain(&["serve", "--config", bad.to_str().unwrap()], &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{role}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("token \"wide\"") && stderr.contains("namespace \"*\""),
+            "{stderr}"
+        );
+    }
+
     // The page's URL instead of /ws: said so, with the way out.
     let server = TestServer::start(common::config(&format!(
         "[limits]\nmax_frame_bytes = 4096\n[[token]]\nname = \"a\"\nrole = \"agent\"\nsecret = \"s3cret\"\n{}",

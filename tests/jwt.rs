@@ -126,6 +126,14 @@ async fn tampered_expired_early_and_foreign_tokens_are_refused() {
         ("wrong issuer", hs256(&claims(json!({"iss": "mallory"})))),
         ("no role", hs256(&claims(json!({"role": null})))),
         ("bad namespace", hs256(&claims(json!({"ns": "a:b"})))),
+        (
+            "an agent of every namespace",
+            hs256(&claims(json!({"role": "agent", "ns": "*"}))),
+        ),
+        (
+            "an admin of every namespace",
+            hs256(&claims(json!({"role": "admin", "ns": "*"}))),
+        ),
         ("no exp", hs256(&claims(json!({"exp": null})))),
     ];
     for (what, token) in cases {

@@ -513,14 +513,38 @@ pub async fn listen(listener: Listener, connector: Connector, stop: Cancellation
 
 /// A Redis URL fit to print: its password (and user) replaced by `***`.
 pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
     };
-    let host_start = rest.find('/').unwrap_or(rest.len());
-    match rest[..host_start].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_string(),
+    let mut shown = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let host_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..host_end].rfind('@') {
+                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                None => head.to_string(),
+            }
+        }
+        None => head.to_string(),
+    };
+    // `redis+unix://` and `unix://` URLs carry the password as `?pass=`.
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _))
+                    if name.eq_ignore_ascii_case("pass")
+                        || name.eq_ignore_ascii_case("password") =>
+                {
+                    format!("{name}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&pairs.join("&"));
     }
+    shown
 }
 
 #[cfg(test)]
@@ -537,6 +561,14 @@ mod tests {
         assert_eq!(
             redacted("redis://127.0.0.1:6379/"),
             "redis://127.0.0.1:6379/"
+        );
+        assert_eq!(
+            redacted("redis+unix:///run/redis.sock?db=x&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=x&pass=***"
+        );
+        assert_eq!(
+            redacted("unix:///run/redis.sock?user=u&password=s3cret"),
+            "unix:///run/redis.sock?user=u&password=***"
         );
     }
 }

@@ -188,6 +188,9 @@ impl Jwt {
             .ok()?
             .claims;
         let sees_all = claims.ns == "*";
+        if sees_all && !claims.role.may_span_namespaces() {
+            return None;
+        }
         let ns = if sees_all {
             Ns::SHARED
         } else {
