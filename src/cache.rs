@@ -267,7 +267,11 @@ pub struct ResultCache {
     outputs: Store,
     /// The stores of namespaces with a `cache_bytes` of their own.
     own: std::collections::HashMap<Ns, Store>,
+    /// Kept failures of the namespaces without a store of their own.
     failures: Option<Store>,
+    /// Kept failures of the namespaces with a store of their own, each
+    /// bounded by a sixteenth of that namespace's `cache_bytes`.
+    own_failures: std::collections::HashMap<Ns, Store>,
     max_bytes: u64,
     epochs: Epochs,
     /// In a cluster: results are served only until this moment.
@@ -286,8 +290,14 @@ impl ResultCache {
     /// `clustered`: it serves only while confirmed (see
     /// [`ResultCache::confirm_until`]).
     pub fn new(config: &CacheConfig, fns: usize, own: &[(Ns, u64)], clustered: bool) -> Self {
-        let failures = (config.error_ttl_s > 0)
-            .then(|| Store::new((config.max_bytes / 16).max(1), config.error_ttl_s));
+        let failure_store = |bytes: u64| Store::new((bytes / 16).max(1), config.error_ttl_s);
+        let keeps_failures = config.error_ttl_s > 0;
+        let failures = keeps_failures.then(|| failure_store(config.max_bytes));
+        let own_failures = own
+            .iter()
+            .filter(|_| keeps_failures)
+            .map(|(ns, bytes)| (*ns, failure_store(*bytes)))
+            .collect();
         ResultCache {
             outputs: Store::new(config.max_bytes, config.ttl_s),
             own: own
@@ -295,6 +305,7 @@ impl ResultCache {
                 .map(|(ns, bytes)| (*ns, Store::new(*bytes, config.ttl_s)))
                 .collect(),
             failures,
+            own_failures,
             max_bytes: config.max_bytes + own.iter().map(|(_, b)| b).sum::<u64>(),
             epochs: Epochs::new(fns),
             confirmed: clustered.then(|| Confirmed {
@@ -334,8 +345,7 @@ impl ResultCache {
             return None;
         }
         self.store(key).get(key, &self.epochs, arrived).or_else(|| {
-            self.failures
-                .as_ref()
+            self.failure_store(key)
                 .and_then(|f| f.get(key, &self.epochs, arrived))
         })
     }
@@ -358,7 +368,7 @@ impl ResultCache {
 
     /// Keeps the output of fn `fn_index` for `key`, computed at `at`.
     pub fn insert_output(&self, key: Key, fn_index: usize, output: Box<str>, at: Instant) {
-        if let Some(f) = &self.failures {
+        if let Some(f) = self.failure_store(&key) {
             f.entries.remove(&key);
         }
         let epoch = self.epochs.get(key.ns(), fn_index);
@@ -368,16 +378,22 @@ impl ResultCache {
 
     /// Keeps a failure when `error_ttl_s` asks for it; otherwise does nothing.
     pub fn insert_failure(&self, key: Key, fn_index: usize, error: EvalError) {
-        if let Some(f) = &self.failures {
+        if let Some(f) = self.failure_store(&key) {
             let epoch = self.epochs.get(key.ns(), fn_index);
             f.insert(key, Cached::Failure(error), fn_index, epoch, Instant::now());
         }
     }
 
+    /// Where a failure of `key` is kept: its namespace's own failure store,
+    /// or the shared one (None when failures are not kept).
+    fn failure_store(&self, key: &Key) -> Option<&Store> {
+        self.own_failures.get(&key.ns()).or(self.failures.as_ref())
+    }
+
     /// Drops what is kept for `key`.
     pub fn remove(&self, key: &Key) {
         self.store(key).entries.remove(key);
-        if let Some(f) = &self.failures {
+        if let Some(f) = self.failure_store(key) {
             f.entries.remove(key);
         }
     }

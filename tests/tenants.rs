@@ -438,3 +438,49 @@ async fn a_namespaced_worker_is_given_only_its_namespaces_tasks() {
     assert_eq!(r["type"], "error", "{r}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_namespace_with_its_own_cache_bytes_keeps_its_failures_through_a_flood_of_failures() {
+    let toml = format!(
+        "{BASIC}[cache]\nmax_bytes = 100000\nerror_ttl_s = 600\n[[token]]\nname = \"kept\"\nrole = \"agent\"\nsecret = \"kept-secret\"\nnamespace = \"kept\"\n[[token]]\nname = \"crowd\"\nrole = \"agent\"\nsecret = \"crowd-secret\"\n[[namespace]]\nname = \"kept\"\ncache_bytes = 100000\n"
+    );
+    let server = TestServer::start(config(&toml)).await;
+    let failing = |n: u32| json!({"sleep_ms": 0, "fail": format!("{n} {}", "x".repeat(400))});
+    // The shared failure store is full before the kept namespace's failure comes.
+    let mut crowd = connect(&server, "crowd-secret").await;
+    fail_many(&mut crowd, 1..300, failing).await;
+    let mut kept = connect(&server, "kept-secret").await;
+    let r = submit(&mut kept, "1", json!({"input": failing(0)})).await;
+    assert_eq!(r["error"]["code"], "eval_failed", "{r}");
+    assert_eq!(r["source"], "eval");
+
+    // The shared namespace's failures come to many times its store's bound.
+    fail_many(&mut crowd, 300..600, failing).await;
+    let r = submit(&mut crowd, "again", json!({"input": failing(300)})).await;
+    assert_eq!(r["source"], "eval", "the shared failure store churned: {r}");
+    let r = submit(&mut kept, "2", json!({"input": failing(0)})).await;
+    assert_eq!(
+        r["source"], "cache",
+        "kept in its own namespace's budget: {r}"
+    );
+    assert_eq!(r["error"]["code"], "eval_failed");
+    server.stop().await;
+}
+
+/// Submits the failing input of every number in `range`, all at once, and
+/// reads every result.
+async fn fail_many(c: &mut Client, range: std::ops::Range<u32>, failing: impl Fn(u32) -> Value) {
+    let count = range.len();
+    for n in range {
+        c.send(json!({"op": "submit", "id": n, "input": failing(n)}))
+            .await;
+    }
+    let mut results = 0;
+    while results < count {
+        let f = tokio::time::timeout(FRAME_WAIT, c.recv()).await.unwrap();
+        if f["type"] == "result" {
+            assert_eq!(f["error"]["code"], "eval_failed", "{f}");
+            results += 1;
+        }
+    }
+}
