@@ -342,7 +342,25 @@ async fn without_tokens_only_local_hosts_may_upgrade() {
         upgrade_status(&server, &format!("localhost:{port}"), Some(&page)).await,
         101
     );
+    // /metrics too: a rebound name is refused, this machine's are served.
+    assert_eq!(get_status(&server, "/metrics", &evil).await, 403);
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        assert_eq!(get_status(&server, "/metrics", &host).await, 200, "{host}");
+    }
     server.stop().await;
+}
+
+/// Sends `GET path` with this `Host`; returns the status.
+async fn get_status(server: &TestServer, path: &str, host: &str) -> u16 {
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 12];
+    tokio::time::timeout(common::FRAME_WAIT, tcp.read_exact(&mut head))
+        .await
+        .expect("a status line in time")
+        .unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

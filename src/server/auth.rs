@@ -292,6 +292,24 @@ impl Gate {
         })
     }
 
+    /// Checks a `/metrics` request: on a broker without tokens, its `Host`
+    /// (as for `/ws`, against DNS rebinding); with tokens and `need_token`,
+    /// its credentials.
+    pub fn admit_metrics(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        need_token: bool,
+    ) -> Result<(), Refusal> {
+        if !self.has_tokens() {
+            return self.check_host(headers);
+        }
+        if need_token {
+            self.identify(headers, uri)?;
+        }
+        Ok(())
+    }
+
     /// Checks an upgrade request's origin and credentials.
     pub fn admit(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
         self.check_origin(headers)?;

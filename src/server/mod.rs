@@ -211,16 +211,31 @@ async fn readyz(State(broker): State<Arc<Broker>>) -> Response {
     body.into_response()
 }
 
-async fn metrics(State(broker): State<Arc<Broker>>, request: Request) -> Response {
-    let gate = &broker.gate;
-    if broker.config.metrics_need_token
-        && gate.has_tokens()
-        && gate.identify(request.headers(), request.uri()).is_err()
+async fn metrics(
+    State(broker): State<Arc<Broker>>,
+    Extension(Peer(peer)): Extension<Peer>,
+    request: Request,
+) -> Response {
+    let need_token = broker.config.metrics_need_token;
+    match broker
+        .gate
+        .admit_metrics(request.headers(), request.uri(), need_token)
     {
-        return plain(
-            StatusCode::UNAUTHORIZED,
-            "a valid token is required (metrics_need_token)\n",
-        );
+        Ok(()) => {}
+        Err(Refusal::ForeignHost) => {
+            info!(%peer, "/metrics refused: host not allowed");
+            return plain(
+                StatusCode::FORBIDDEN,
+                "host not allowed: without tokens, /metrics answers only to IP addresses, localhost and allowed_hosts\n",
+            );
+        }
+        Err(_) => {
+            info!(%peer, "/metrics refused: missing or unknown token");
+            return plain(
+                StatusCode::UNAUTHORIZED,
+                "a valid token is required (metrics_need_token)\n",
+            );
+        }
     }
     (
         [(
