@@ -236,6 +236,12 @@ pub struct Limits {
     /// Longest an HTTP `/v1/submit` waits for its result (its `timeout_ms`
     /// is capped to this).
     pub http_max_timeout_ms: u64,
+    /// How long an HTTP request's body may take to arrive; past it the
+    /// request is answered 408 and its connection closed.
+    pub http_body_timeout_ms: u64,
+    /// HTTP API requests served at once (reading a body or waiting for a
+    /// result); beyond it the request is answered 503 at once.
+    pub max_http_requests: usize,
 }
 
 impl Default for Limits {
@@ -259,6 +265,8 @@ impl Default for Limits {
             key_memo_entries: 16_384,
             key_memo_max_input_bytes: 4096,
             http_max_timeout_ms: 300_000,
+            http_body_timeout_ms: 10_000,
+            max_http_requests: 256,
         }
     }
 }
@@ -703,6 +711,11 @@ impl Config {
                 l.http_max_timeout_ms.into(),
                 WEEK_MS,
             ),
+            (
+                "limits.http_body_timeout_ms".into(),
+                l.http_body_timeout_ms.into(),
+                WEEK_MS,
+            ),
             ("cache.max_bytes".into(), self.cache.max_bytes.into(), TIB),
             ("cache.ttl_s".into(), self.cache.ttl_s.into(), DECADE_S),
             (
@@ -798,6 +811,12 @@ impl Config {
         let l = &self.limits;
         if l.max_connections == 0 {
             return bad("limits.max_connections must be at least 1".into());
+        }
+        if l.max_http_requests == 0 || l.http_body_timeout_ms == 0 {
+            return bad(
+                "limits.max_http_requests and limits.http_body_timeout_ms must be at least 1"
+                    .into(),
+            );
         }
         if l.max_frame_bytes < 1024 {
             return bad("limits.max_frame_bytes must be at least 1024".into());

@@ -621,3 +621,61 @@ async fn occupy_the_thread(server: &TestServer, c: &mut Client, sleep_ms: u64) {
         .wait_inflight(&key_of("default", &blocker), "running")
         .await;
 }
+
+/// Sends the head of `POST /v1/submit` and one byte of a 100-byte body,
+/// then holds the connection open.
+async fn slow_submit(addr: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = "POST /v1/submit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp
+}
+
+/// The status of the response a connection gets (0 if it is closed without one).
+async fn status_of_response(mut tcp: TcpStream) -> u16 {
+    let mut head = [0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut head)).await {
+        Ok(Ok(_)) => String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0),
+        Ok(Err(_)) => 0,
+        Err(_) => panic!("no response within 30 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_bodies_cannot_take_every_file_descriptor() {
+    // A broker with 256 file descriptors; more slow bodies than that.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("[limits]\nmax_http_requests = 32\nhttp_body_timeout_ms = 4000\n{BASIC}");
+    let (_broker, addr) =
+        common::cluster::serve_child_under(&dir, &toml, &["prlimit", "--nofile=256:256", "--"]);
+    let slow = 300;
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..slow {
+        let tcp = slow_submit(&addr).await;
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let _ = answered.send(status_of_response(tcp).await);
+        });
+    }
+    // All but the 32 being read are refused at once, with 503.
+    for n in 0..slow - 32 {
+        let status = answers.recv().await.unwrap();
+        assert_eq!(status, 503, "answer {n}");
+    }
+    // Meanwhile the broker serves its health check and WebSocket sessions.
+    let mut health = TcpStream::connect(&addr).await.unwrap();
+    health
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status_of_response(health).await, 200);
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
+    assert_eq!(
+        c.request(json!({"op": "ping", "id": 1})).await["type"],
+        "pong"
+    );
+    // The 32 whose bodies never come are answered 408 at http_body_timeout_ms.
+    for _ in 0..32 {
+        assert_eq!(answers.recv().await.unwrap(), 408);
+    }
+}

@@ -162,6 +162,23 @@ async fn errors_have_their_statuses() {
         (a.status, a.body["error"]["code"].as_str()),
         (400, Some("bad_request"))
     );
+    // A body over max_frame_bytes: 413; a method a path does not take: 405;
+    // both with the JSON error body.
+    let big = format!("{{\"input\":\"{}\"}}", "x".repeat(1 << 20));
+    let a = http(server.addr, "POST", "/v1/submit", agent, &big).await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].as_str()),
+        (413, Some("bad_request")),
+        "{}",
+        a.body
+    );
+    let a = http(server.addr, "GET", "/v1/submit", agent, "").await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].as_str()),
+        (405, Some("bad_request")),
+        "{}",
+        a.body
+    );
 
     // A namespace's rate limit: 429 with Retry-After in whole seconds.
     let limited = Some("limited-secret");

@@ -59,6 +59,8 @@ pub struct Broker {
     pub memo: KeyMemo,
     next_session: AtomicU64,
     connections: AtomicUsize,
+    /// Room for HTTP API requests at once (`limits.max_http_requests`).
+    pub http_requests: Arc<tokio::sync::Semaphore>,
     /// The close code every session gets once shutdown closes them (0 before),
     /// so a session that registers while they are being closed closes too.
     closing_all: AtomicU16,
@@ -173,6 +175,7 @@ impl Broker {
             config.limits.key_memo_max_input_bytes,
         );
         let tenants = Arc::new(Tenants::new(&config, Arc::clone(&metrics)));
+        let http_requests = Arc::new(tokio::sync::Semaphore::new(config.limits.max_http_requests));
         Ok(Arc::new(Broker {
             config,
             gate,
@@ -189,6 +192,7 @@ impl Broker {
             memo,
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            http_requests,
             closing_all: AtomicU16::new(0),
             jobs: jobs_rx,
             hub_stop,

@@ -15,7 +15,7 @@ use crate::hub::HubMsg;
 use crate::outbox::{Outbox, SessionCtl};
 use crate::server::auth::{Identity, Refusal};
 use crate::server::broker::Broker;
-use crate::server::session;
+use crate::server::session::{self, Right};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -25,8 +25,9 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
+use tracing::info;
 
 /// `timeout_ms` of a submit that gives none.
 const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -39,6 +40,17 @@ pub fn routes() -> Router<Arc<Broker>> {
         .route("/v1/submit", post(submit))
         .route("/v1/keys/{key}", get(key))
         .route("/v1/invalidate", post(invalidate))
+        .method_not_allowed_fallback(|request: Request| async move {
+            Failure::new(
+                "bad_request",
+                format!(
+                    "{} does not take {}",
+                    request.uri().path(),
+                    request.method()
+                ),
+            )
+            .with_status(StatusCode::METHOD_NOT_ALLOWED)
+        })
 }
 
 /// An error answer: `{"error":{"code","message"}}` with the code's status.
@@ -47,6 +59,8 @@ struct Failure {
     message: String,
     /// `rate_limited`: when to try again.
     retry_after_ms: Option<u64>,
+    /// The status, when it is not the one its code maps to.
+    status: Option<StatusCode>,
 }
 
 impl Failure {
@@ -55,7 +69,14 @@ impl Failure {
             code,
             message: message.into(),
             retry_after_ms: None,
+            status: None,
         }
+    }
+
+    /// The failure, answered with `status`.
+    fn with_status(mut self, status: StatusCode) -> Failure {
+        self.status = Some(status);
+        self
     }
 
     /// The failure an `error` frame (or a failed `result`'s `error`) says.
@@ -80,10 +101,14 @@ impl Failure {
             code: known,
             message: frame["message"].as_str().unwrap_or("").to_string(),
             retry_after_ms: frame["retry_after_ms"].as_u64(),
+            status: None,
         }
     }
 
     fn status(&self) -> StatusCode {
+        if let Some(status) = self.status {
+            return status;
+        }
         match self.code {
             "unauthorized" => StatusCode::UNAUTHORIZED,
             "forbidden" => StatusCode::FORBIDDEN,
@@ -129,19 +154,48 @@ struct Exchange {
     identity: Identity,
     outbox: Outbox,
     frames: mpsc::Receiver<crate::outbox::Frame>,
+    /// Its place among `limits.max_http_requests`.
+    _room: OwnedSemaphorePermit,
 }
 
 impl Exchange {
-    fn open(broker: &Arc<Broker>, request: &Request) -> Result<Exchange, Failure> {
+    /// Admits a request for an op that needs `right`: its credentials and
+    /// role are checked, and it takes a place among the HTTP requests
+    /// served at once, before anything else (its body included) is read.
+    fn open(broker: &Arc<Broker>, request: &Request, right: Right) -> Result<Exchange, Failure> {
+        let peer = request.extensions().get::<super::Peer>().map(|p| p.0);
+        let path = request.uri().path();
         let identity = match broker.gate.admit(request.headers(), request.uri()) {
             Ok(identity) => identity,
             Err(Refusal::Unauthorized) => {
-                return Err(Failure::new("unauthorized", "a valid token is required"))
+                info!(
+                    ?peer,
+                    path, "HTTP request refused: missing or unknown token"
+                );
+                return Err(Failure::new("unauthorized", "a valid token is required"));
             }
             Err(Refusal::ForeignOrigin) => {
-                return Err(Failure::new("forbidden", "origin not allowed"))
+                info!(?peer, path, "HTTP request refused: origin not allowed");
+                return Err(Failure::new("forbidden", "origin not allowed"));
             }
-            Err(Refusal::ForeignHost) => return Err(Failure::new("forbidden", "host not allowed")),
+            Err(Refusal::ForeignHost) => {
+                info!(?peer, path, "HTTP request refused: host not allowed");
+                return Err(Failure::new("forbidden", "host not allowed"));
+            }
+        };
+        if !session::has_right(&identity, right) {
+            info!(?peer, path, token = %identity.name, "HTTP request refused: role");
+            return Err(Failure::new(
+                "forbidden",
+                format!("role {} may not use {path}", identity.role.as_str()),
+            ));
+        }
+        let Ok(room) = Arc::clone(&broker.http_requests).try_acquire_owned() else {
+            return Err(Failure::new(
+                "busy",
+                "too many HTTP requests at once (limits.max_http_requests)",
+            )
+            .with_status(StatusCode::SERVICE_UNAVAILABLE));
         };
         let limits = &broker.config.limits;
         let ctl = Arc::new(SessionCtl::new(
@@ -154,6 +208,7 @@ impl Exchange {
             identity,
             outbox,
             frames,
+            _room: room,
         })
     }
 
@@ -161,8 +216,9 @@ impl Exchange {
     async fn open_with_body(
         broker: &Arc<Broker>,
         request: Request,
+        right: Right,
     ) -> Result<(Exchange, Map<String, Value>), Failure> {
-        let exchange = Exchange::open(broker, &request)?;
+        let exchange = Exchange::open(broker, &request, right)?;
         let body = body_object(broker, request.into_body()).await?;
         Ok((exchange, body))
     }
@@ -211,15 +267,44 @@ impl Drop for Exchange {
     }
 }
 
-/// The JSON object of a request's body (at most `max_frame_bytes`).
+/// The JSON object of a request's body: at most `max_frame_bytes` (413
+/// beyond), arrived within `http_body_timeout_ms` (408 past it).
 async fn body_object(broker: &Broker, body: Body) -> Result<Map<String, Value>, Failure> {
-    let limit = broker.config.limits.max_frame_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let limits = &broker.config.limits;
+    let limit = limits.max_frame_bytes;
+    let too_large = || {
         Failure::new(
             "bad_request",
-            format!("the body is larger than {limit} bytes (max_frame_bytes), or was cut off"),
+            format!("the body is larger than {limit} bytes (max_frame_bytes)"),
         )
-    })?;
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let deadline = Duration::from_millis(limits.http_body_timeout_ms);
+    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            return Err(Failure::new(
+                "bad_request",
+                format!(
+                    "the body did not arrive within {} ms (http_body_timeout_ms)",
+                    limits.http_body_timeout_ms
+                ),
+            )
+            .with_status(StatusCode::REQUEST_TIMEOUT))
+        }
+        Ok(Err(error)) => {
+            let over = std::error::Error::source(&error)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+            return Err(if over {
+                too_large()
+            } else {
+                Failure::new("bad_request", "the body was cut off")
+            });
+        }
+        Ok(Ok(bytes)) => bytes,
+    };
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Failure::new(
@@ -247,10 +332,11 @@ fn result(frame: Value) -> Response {
 }
 
 async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response {
-    let (mut exchange, mut body) = match Exchange::open_with_body(&broker, request).await {
-        Ok(opened) => opened,
-        Err(f) => return f.into_response(),
-    };
+    let (mut exchange, mut body) =
+        match Exchange::open_with_body(&broker, request, Right::Ask).await {
+            Ok(opened) => opened,
+            Err(f) => return f.into_response(),
+        };
     let timeout_ms = match body.remove("timeout_ms") {
         None => DEFAULT_TIMEOUT_MS,
         Some(v) => match v.as_u64() {
@@ -307,7 +393,7 @@ async fn key(
     Path(key): Path<String>,
     request: Request,
 ) -> Response {
-    let mut exchange = match Exchange::open(&broker, &request) {
+    let mut exchange = match Exchange::open(&broker, &request, Right::Look) {
         Ok(e) => e,
         Err(f) => return f.into_response(),
     };
@@ -326,10 +412,11 @@ async fn key(
 }
 
 async fn invalidate(State(broker): State<Arc<Broker>>, request: Request) -> Response {
-    let (mut exchange, mut body) = match Exchange::open_with_body(&broker, request).await {
-        Ok(opened) => opened,
-        Err(f) => return f.into_response(),
-    };
+    let (mut exchange, mut body) =
+        match Exchange::open_with_body(&broker, request, Right::Invalidate).await {
+            Ok(opened) => opened,
+            Err(f) => return f.into_response(),
+        };
     body.insert("op".into(), json!("invalidate"));
     exchange.ask(body).await;
     let deadline = exchange.longest();

@@ -125,13 +125,21 @@ async fn accept_loop(
     stop: CancellationToken,
     header_timeout: Duration,
 ) {
+    // Failed accepts since the last one logged: logged once a second at most.
+    let mut failed = 0u64;
+    let mut last_logged: Option<tokio::time::Instant> = None;
     loop {
         let (tcp, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
-                    warn!(%error, "accept failed");
+                    failed += 1;
+                    if last_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        warn!(%error, failed, "accept failed (out of file descriptors?); retrying every 50 ms");
+                        failed = 0;
+                        last_logged = Some(tokio::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -43,26 +43,47 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, Instrument};
 
-/// Whether `identity` may use `op` (which fns it may serve is checked apart).
-fn allows(identity: &Identity, op: &Op) -> bool {
-    let worker_op = matches!(
-        op,
-        Op::Serve { .. } | Op::Unserve { .. } | Op::Complete { .. }
-    );
+/// What an op asks of a session's credentials.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Right {
+    /// `watch`, `unwatch`, `get`, `ping`.
+    Look,
+    /// `submit`, `subscribe`, `cancel`.
+    Ask,
+    /// `invalidate`.
+    Invalidate,
+    /// `serve`, `unserve`, `complete`.
+    Work,
+}
+
+impl Right {
+    fn of(op: &Op) -> Right {
+        match op {
+            Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping => Right::Look,
+            Op::Submit { .. } | Op::Subscribe { .. } | Op::Cancel { .. } => Right::Ask,
+            Op::Invalidate(_) => Right::Invalidate,
+            Op::Serve { .. } | Op::Unserve { .. } | Op::Complete { .. } => Right::Work,
+        }
+    }
+}
+
+/// Whether `identity` has `right` (which fns it may serve is checked apart).
+pub(crate) fn has_right(identity: &Identity, right: Right) -> bool {
     match identity.role {
         // Without tokens everyone is an agent that may also serve and
         // invalidate (as an admin may).
         Role::Agent => {
-            (!worker_op && !matches!(op, Op::Invalidate(_)))
-                || identity.serve != ServeRight::Nothing
+            matches!(right, Right::Look | Right::Ask) || identity.serve != ServeRight::Nothing
         }
-        Role::Admin => !worker_op || identity.serve != ServeRight::Nothing,
-        Role::Viewer => matches!(
-            op,
-            Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping
-        ),
-        Role::Worker => worker_op || matches!(op, Op::Ping),
+        Role::Admin => right != Right::Work || identity.serve != ServeRight::Nothing,
+        Role::Viewer => right == Right::Look,
+        Role::Worker => right == Right::Work,
     }
+}
+
+/// Whether `identity` may use `op`; `ping` is everyone's.
+fn allows(identity: &Identity, op: &Op) -> bool {
+    matches!(op, Op::Ping) || has_right(identity, Right::of(op))
 }
 
 /// Serves one upgraded connection until it closes. The caller has taken a

@@ -167,9 +167,28 @@ impl Drop for Broker {
 }
 
 pub fn serve_child(dir: &tempfile::TempDir, toml: &str) -> (Broker, String) {
+    serve_child_under(dir, toml, &[])
+}
+
+/// [`serve_child`] run by a wrapper command (`wrapper` then herd's own
+/// command line), such as `prlimit --nofile=256:256 --`.
+pub fn serve_child_under(
+    dir: &tempfile::TempDir,
+    toml: &str,
+    wrapper: &[&str],
+) -> (Broker, String) {
     let path = dir.path().join("broker.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+    let herd = env!("CARGO_BIN_EXE_herd");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(herd);
+            command
+        }
+        None => Command::new(herd),
+    };
+    let mut child = command
         .args([
             "serve",
             "--listen",
