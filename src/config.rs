@@ -349,6 +349,9 @@ pub struct ClusterConfig {
     /// Results computed while Redis was away, kept to be stored in Redis
     /// when it returns (the oldest go first, from the cache too).
     pub writeback_max: usize,
+    /// While Redis is unreachable, a WARN says so (with Redis's error) this
+    /// often.
+    pub down_warning_s: u64,
 }
 
 impl Default for ClusterConfig {
@@ -363,6 +366,7 @@ impl Default for ClusterConfig {
             redis_timeout_ms: 1_000,
             notice_inline_bytes: 4096,
             writeback_max: 10_000,
+            down_warning_s: 60,
         }
     }
 }
@@ -724,6 +728,11 @@ impl Config {
                 DECADE_S,
             ),
             ("cluster.lease_ms".into(), c.lease_ms.into(), WEEK_MS),
+            (
+                "cluster.down_warning_s".into(),
+                c.down_warning_s.into(),
+                DECADE_S,
+            ),
             (
                 "cluster.result_ttl_s".into(),
                 c.result_ttl_s.into(),

@@ -1417,3 +1417,78 @@ async fn serve_embed(worker: &mut Client) {
         .await;
     assert_eq!(r["type"], "serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_redis_refuses_it_warns_with_redis_s_words_while_it_lasts() {
+    let redis = Redis::start().await;
+    redis_cli(
+        redis.port,
+        &["CONFIG", "SET", "requirepass", "right-password"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[cluster]\nredis = \"redis://:wrong-password@127.0.0.1:{}/\"\nlease_ms = 500\nredis_timeout_ms = 200\ndown_warning_s = 1\n",
+            redis.port
+        ),
+    )
+    .unwrap();
+    let mut child = Broker(
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--config",
+            ])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + common::FRAME_WAIT;
+    let next_log = |level: &str, says: &str| loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("a {level} saying {says:?} in time"));
+        assert!(
+            !line.contains("wrong-password"),
+            "a password logged: {line}"
+        );
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        if parsed["level"] == level
+            && parsed["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says))
+        {
+            return parsed;
+        }
+    };
+    // Redis's own words, and again while it lasts.
+    for _ in 0..2 {
+        let warning = next_log("WARN", "Redis is unreachable");
+        let error = warning["fields"]["error"].as_str().unwrap_or("");
+        assert!(
+            error.to_lowercase().contains("authentication failed"),
+            "{warning}"
+        );
+    }
+    drop(child);
+}

@@ -2,7 +2,7 @@
 //! counters (`<prefix>broker:<node>:<run>`, kept three leases, listed in
 //! the sorted set `<prefix>brokers` by time) and reads every live broker's.
 
-use super::{timed, Conn, Connector};
+use super::{timed, Conn, Connector, LastError};
 use crate::metrics::{BrokerFigures, Metrics, Totals};
 use redis::AsyncCommands;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub async fn exchange(
                     l2_hits: status.l2_hits,
                     counters: (exchange.local)(),
                 };
-                once(&exchange, conn, &mine).await
+                once(&exchange, conn, &mine, &connector.last_error).await
             }
             // Away: the cluster's figures are unknown.
             _ => None,
@@ -68,6 +68,7 @@ async fn once(
     exchange: &Exchange,
     conn: Conn,
     mine: &BrokerFigures,
+    errors: &LastError,
 ) -> Option<(Totals, Vec<BrokerFigures>)> {
     let own = serde_json::to_string(mine).expect("figures serialize");
     let prefix = &exchange.prefix;
@@ -83,7 +84,7 @@ async fn once(
         .arg("PX")
         .arg(keep_ms)
         .to_owned();
-    let () = timed(limit, store.query_async(&mut c)).await?;
+    let () = timed(limit, errors, store.query_async(&mut c)).await?;
     let cutoff = now_ms.saturating_sub(keep_ms);
     let update = redis::pipe()
         .cmd("ZADD")
@@ -101,10 +102,10 @@ async fn once(
         .arg(0)
         .arg(-1)
         .to_owned();
-    let (members,): (Vec<String>,) = timed(limit, update.query_async(&mut c)).await?;
+    let (members,): (Vec<String>,) = timed(limit, errors, update.query_async(&mut c)).await?;
     let reads = members.iter().map(|member| {
         let (mut c, name) = (conn.clone(), format!("{prefix}broker:{member}"));
-        async move { timed(limit, c.get::<_, Option<String>>(name)).await }
+        async move { timed(limit, errors, c.get::<_, Option<String>>(name)).await }
     });
     let mut totals = Totals::default();
     let mut brokers = Vec::new();

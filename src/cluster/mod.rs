@@ -31,6 +31,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::Script;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +89,8 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 pub struct Connector {
     client: redis::Client,
+    /// What Redis (or the wait for it) said when a command last failed.
+    last_error: Arc<LastError>,
     single: Option<ConnectionManager>,
     cluster: Option<ClusterClient>,
     limit: Duration,
@@ -119,10 +122,17 @@ impl Connector {
         };
         Ok(Connector {
             client,
+            last_error: Arc::default(),
             single,
             cluster,
             limit,
         })
+    }
+
+    /// What Redis said when a command last failed (or that it did not
+    /// answer in time); None before any failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok()?.clone()
     }
 
     /// A connection to send on; None when a Redis Cluster one cannot be
@@ -135,10 +145,58 @@ impl Connector {
             let cluster = self.cluster.as_ref()?;
             match tokio::time::timeout(self.limit, cluster.get_async_connection()).await {
                 Ok(Ok(conn)) => *made = Some(Conn::Cluster(conn)),
-                _ => return None,
+                Ok(Err(error)) => {
+                    self.last_error.record(error.to_string());
+                    return None;
+                }
+                Err(_) => {
+                    self.last_error.record(no_reply(self.limit));
+                    return None;
+                }
             }
         }
         made.clone()
+    }
+}
+
+/// Says in the log when the cluster is down: a WARN with Redis's own words
+/// once Redis has had `grace` to answer and every `every` after that while
+/// it stays down (a broker that never joined its cluster serves alone,
+/// which `herd_cluster_up 0` alone would not tell), and an INFO when it
+/// is up again.
+pub async fn warn_while_down(
+    connector: Connector,
+    up: impl Fn() -> bool + Send,
+    grace: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let started = tokio::time::Instant::now();
+    let mut warned: Option<tokio::time::Instant> = None;
+    let mut ticks = tokio::time::interval(grace.min(every).max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if up() {
+            if warned.take().is_some() {
+                tracing::info!("cluster: Redis answers again; this broker is back in its cluster");
+            }
+            continue;
+        }
+        if started.elapsed() < grace || warned.is_some_and(|at| at.elapsed() < every) {
+            continue;
+        }
+        let error = connector
+            .last_error()
+            .unwrap_or_else(|| "no answer yet".into());
+        tracing::warn!(
+            %error,
+            "cluster: Redis is unreachable; this broker serves alone, without its cluster, until it is (herd_cluster_up 0)"
+        );
+        warned = Some(tokio::time::Instant::now());
     }
 }
 
@@ -188,9 +246,10 @@ impl Shell {
                         let conn = self.connector.conn(&mut cluster_conn).await;
                         let limit = self.limit;
                         let scripts = scripts.clone();
+                        let errors = Arc::clone(&self.connector.last_error);
                         io.push(async move {
                             let reply = match conn {
-                                Some(conn) => perform(conn, cmd, &scripts, limit).await,
+                                Some(conn) => perform(conn, cmd, &scripts, limit, &errors).await,
                                 None => None,
                             };
                             (op, reply)
@@ -239,18 +298,48 @@ impl Scripts {
     }
 }
 
-/// A Redis call under `limit`; None when it failed or took longer.
+/// The last failure of a Redis command, as Redis worded it.
+#[derive(Default)]
+pub struct LastError(std::sync::Mutex<Option<String>>);
+
+impl LastError {
+    fn record(&self, error: String) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(error);
+        }
+    }
+
+    fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, Option<String>>> {
+        self.0.lock()
+    }
+}
+
+/// The failure of a command that got no reply within `limit`.
+fn no_reply(limit: Duration) -> String {
+    format!(
+        "no reply within {} ms (cluster.redis_timeout_ms)",
+        limit.as_millis()
+    )
+}
+
+/// A Redis call under `limit`; None when it failed or took longer (the
+/// failure is recorded in `errors`).
 async fn timed<T>(
     limit: Duration,
+    errors: &LastError,
     op: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Option<T> {
     match tokio::time::timeout(limit, op).await {
         Ok(Ok(value)) => Some(value),
         Ok(Err(error)) => {
             tracing::debug!(%error, "cluster: Redis command failed");
+            errors.record(error.to_string());
             None
         }
-        Err(_) => None,
+        Err(_) => {
+            errors.record(no_reply(limit));
+            None
+        }
     }
 }
 
@@ -260,10 +349,11 @@ async fn perform(
     cmd: RedisOp,
     scripts: &Scripts,
     limit: Duration,
+    errors: &LastError,
 ) -> Option<RedisReply> {
     match cmd {
         RedisOp::Ping => {
-            let _: String = timed(limit, redis::cmd("PING").query_async(&mut conn)).await?;
+            let _: String = timed(limit, errors, redis::cmd("PING").query_async(&mut conn)).await?;
             Some(RedisReply::Pong)
         }
         RedisOp::Acquire {
@@ -293,7 +383,7 @@ async fn perform(
                 .arg(wait_for)
                 .arg(named);
             let (kind, text): (i64, String) =
-                timed(limit, invocation.invoke_async(&mut conn)).await?;
+                timed(limit, errors, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Acquired(match kind {
                 1 => Acquired::Found(text),
                 2 => Acquired::Claimed,
@@ -302,7 +392,8 @@ async fn perform(
         }
         RedisOp::Read { names } => {
             let mget = redis::cmd("MGET").arg(&names).to_owned();
-            let found: Vec<Option<String>> = timed(limit, mget.query_async(&mut conn)).await?;
+            let found: Vec<Option<String>> =
+                timed(limit, errors, mget.query_async(&mut conn)).await?;
             Some(RedisReply::Values(found))
         }
         RedisOp::Finish {
@@ -337,7 +428,7 @@ async fn perform(
                 .arg(replace_before_ms)
                 .arg(began_under);
             let (stored, current): (i64, String) =
-                timed(limit, invocation.invoke_async(&mut conn)).await?;
+                timed(limit, errors, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Finished {
                 stored: stored == 1,
                 current: (!current.is_empty()).then_some(current),
@@ -349,7 +440,7 @@ async fn perform(
                 let mut conn = conn.clone();
                 let mut invocation = scripts.renew.key(name);
                 invocation.arg(value).arg(lease_ms);
-                async move { timed::<i64>(limit, invocation.invoke_async(&mut conn)).await }
+                async move { timed::<i64>(limit, errors, invocation.invoke_async(&mut conn)).await }
             });
             let renewed: Option<Vec<i64>> = futures::future::join_all(renewals)
                 .await
@@ -362,7 +453,7 @@ async fn perform(
         RedisOp::Release { claim, value } => {
             let mut invocation = scripts.release.key(claim);
             invocation.arg(value);
-            let _: i64 = timed(limit, invocation.invoke_async(&mut conn)).await?;
+            let _: i64 = timed(limit, errors, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Done)
         }
         RedisOp::Raise {
@@ -372,7 +463,7 @@ async fn perform(
         } => {
             let mut invocation = scripts.raise.key(hash);
             invocation.arg(field).arg(at_least);
-            let epoch: u64 = timed(limit, invocation.invoke_async(&mut conn)).await?;
+            let epoch: u64 = timed(limit, errors, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Raised(epoch))
         }
         RedisOp::Sync {
@@ -383,8 +474,9 @@ async fn perform(
             let mut marker = scripts.boot.key(boot);
             marker.arg(candidate);
             let mut boot_conn = conn.clone();
-            let boot =
-                async move { timed::<String>(limit, marker.invoke_async(&mut boot_conn)).await };
+            let boot = async move {
+                timed::<String>(limit, errors, marker.invoke_async(&mut boot_conn)).await
+            };
             let reads = hashes.into_iter().map(|(hash, known)| {
                 let mut conn = conn.clone();
                 let mut invocation = scripts.sync.key(hash);
@@ -393,7 +485,7 @@ async fn perform(
                 }
                 async move {
                     let all: HashMap<String, u64> =
-                        timed(limit, invocation.invoke_async(&mut conn)).await?;
+                        timed(limit, errors, invocation.invoke_async(&mut conn)).await?;
                     let mut all: Vec<(String, u64)> = all.into_iter().collect();
                     all.sort_unstable();
                     Some(all)
@@ -408,7 +500,7 @@ async fn perform(
         }
         RedisOp::Publish { channel, message } => {
             let publish = redis::cmd("PUBLISH").arg(channel).arg(message).to_owned();
-            let _: i64 = timed(limit, publish.query_async(&mut conn)).await?;
+            let _: i64 = timed(limit, errors, publish.query_async(&mut conn)).await?;
             Some(RedisReply::Done)
         }
         RedisOp::Drop {
@@ -428,7 +520,7 @@ async fn perform(
                 .arg(ttl_s)
                 .arg(channel)
                 .arg(notice);
-            let _: i64 = timed(limit, invocation.invoke_async(&mut conn)).await?;
+            let _: i64 = timed(limit, errors, invocation.invoke_async(&mut conn)).await?;
             Some(RedisReply::Done)
         }
     }

@@ -118,6 +118,14 @@ impl Broker {
                     max_stored: settings.max_stored,
                 };
                 tokio::spawn(listen(listener, connector.clone(), hub_stop.clone()));
+                let gauge = metrics.cluster_up.clone();
+                tokio::spawn(crate::cluster::warn_while_down(
+                    connector.clone(),
+                    move || gauge.get() == 1,
+                    (settings.lease * 2).max(limit * 2),
+                    Duration::from_secs(config.cluster.down_warning_s),
+                    hub_stop.clone(),
+                ));
                 let local = {
                     let (metrics, evaluators) = (Arc::clone(&metrics), Arc::clone(&evaluators));
                     Box::new(move || metrics.totals(evaluators.figures()))
