@@ -727,3 +727,42 @@ async fn bench_echo_measures_the_transport_with_the_hits_client() {
     assert!(report["messages_per_s"].is_number(), "{report}");
     assert_eq!(report["pipeline"], 4, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_submit_prints_the_protocol_s_code_and_when_to_retry() {
+    let server = TestServer::start(common::config(&format!(
+        "[[token]]\nname = \"limited\"\nrole = \"agent\"\nsecret = \"limited-secret\"\nnamespace = \"limited\"\n[[namespace]]\nname = \"limited\"\nsubmits_per_s = 1\n{}",
+        common::BASIC
+    )))
+    .await;
+    // A bucket of one submit a second: of three submits in a row, a later
+    // one is refused.
+    let mut stdout = String::new();
+    for input in ["1", "2", "3"] {
+        let out = run_plain(
+            &[
+                "submit",
+                "--url",
+                &server.url(),
+                "--token",
+                "limited-secret",
+                "--fn",
+                "echo",
+                input,
+            ],
+            &[],
+        )
+        .await;
+        stdout.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    let limited: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["error"]["code"] == "rate_limited")
+        .collect();
+    assert!(!limited.is_empty(), "{stdout}");
+    for line in limited {
+        assert!(line["error"]["retry_after_ms"].as_u64().is_some(), "{line}");
+    }
+    server.stop().await;
+}

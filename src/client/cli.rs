@@ -9,7 +9,7 @@
 //! a request or the connection (a token it does not take); 2 the broker
 //! could not be reached or the input is not JSON.
 
-use crate::client::{Client, ClientError, Output, Source, Status};
+use crate::client::{Client, ClientError, Output, Status};
 use futures::stream::{FuturesOrdered, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
@@ -48,7 +48,7 @@ fn output_json(o: &Output) -> Value {
     let mut v = json!({
         "key": o.key,
         "output": o.output,
-        "source": match o.source { Source::Cache => "cache", Source::Eval => "eval" },
+        "source": o.source.as_str(),
     });
     if let Some(ms) = o.eval_ms {
         v["eval_ms"] = json!(ms);
@@ -57,6 +57,17 @@ fn output_json(o: &Output) -> Value {
 }
 
 fn error_json(key: Option<&str>, e: &ClientError) -> Value {
+    if let ClientError::RateLimited {
+        retry_after_ms,
+        message,
+    } = e
+    {
+        return json!({"key": key, "error": {
+            "code": "rate_limited",
+            "message": message,
+            "retry_after_ms": retry_after_ms,
+        }});
+    }
     let (code, message) = match e {
         ClientError::EvalFailed { message, .. } => ("eval_failed", message.clone()),
         ClientError::EvalTimeout { message, .. } => ("eval_timeout", message.clone()),

@@ -85,11 +85,26 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// Where a result came from.
+/// Where a result came from (the frame's `source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// The broker's cache.
     Cache,
+    /// An evaluation this broker started or joined.
     Eval,
+    /// Another broker of its cluster.
+    Cluster,
+}
+
+impl Source {
+    /// As the protocol writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Eval => "eval",
+            Source::Cluster => "cluster",
+        }
+    }
 }
 
 /// A successful evaluation's output.
@@ -489,10 +504,10 @@ fn parse_result(frame: &Value) -> Result<Output, ClientError> {
     Ok(Output {
         key,
         output,
-        source: if frame["source"] == "cache" || frame["type"] == "status" {
-            Source::Cache
-        } else {
-            Source::Eval
+        source: match frame["source"].as_str() {
+            Some("cluster") => Source::Cluster,
+            _ if frame["source"] == "cache" || frame["type"] == "status" => Source::Cache,
+            _ => Source::Eval,
         },
         eval_ms: frame["eval_ms"].as_f64(),
         shared: frame["shared"].as_u64(),
