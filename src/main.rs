@@ -197,9 +197,15 @@ fn init_tracing(format: LogFormat) {
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
+        Some(path) => {
+            let config = Config::load(path)?;
+            info!(path = %path.display(), "config read");
+            config
+        }
         None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
-            Config::load(std::path::Path::new(DEFAULT_CONFIG))?
+            let config = Config::load(std::path::Path::new(DEFAULT_CONFIG))?;
+            info!(path = DEFAULT_CONFIG, "config read (no --config given)");
+            config
         }
         None => {
             info!("no {DEFAULT_CONFIG} here; using the builtin defaults");

@@ -766,3 +766,41 @@ async fn a_rate_limited_submit_prints_the_protocol_s_code_and_when_to_retry() {
     }
     server.stop().await;
 }
+
+#[test]
+fn serve_says_which_config_file_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mine.toml");
+    std::fs::write(&path, common::BASIC).unwrap();
+    let mut child = common::cluster::Broker(
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--config",
+            ])
+            .arg(&path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.stderr.take().unwrap();
+    let mut said = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+        let parsed: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if parsed["fields"]["message"] == "config read" {
+            said = parsed["fields"]["path"].as_str().map(String::from);
+        }
+        if parsed["fields"]["addr"].is_string() {
+            break;
+        }
+    }
+    assert_eq!(
+        said.as_deref(),
+        path.to_str(),
+        "the config's path is logged before listening"
+    );
+}
