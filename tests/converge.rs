@@ -173,8 +173,11 @@ async fn a_waiting_broker_waits_as_long_as_the_claimant_may_take() {
     let a = broker_with(&redis.config("a", one)).await;
     let b = broker_with(&redis.config("b", one)).await;
     let mut on_a = a.client().await;
-    on_a.send(json!({"op": "submit", "id": "busy", "input": {"sleep_ms": 3000, "ahead": 1}}))
+    let ahead = json!({"sleep_ms": 3000, "ahead": 1});
+    on_a.send(json!({"op": "submit", "id": "busy", "input": ahead}))
         .await;
+    // The busy job holds the one thread before the other is submitted.
+    a.wait_inflight(&key_of("default", &ahead), "running").await;
     let input = json!({"sleep_ms": 3000, "behind": 1});
     let key = key_of("default", &input);
     on_a.send(json!({"op": "submit", "id": "a", "input": input}))
