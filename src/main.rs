@@ -42,11 +42,12 @@ enum Command {
         key: String,
     },
     /// Drop a key's cached result, or every result of a fn (an admin's op).
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["key", "fn_name"])))]
     Invalidate {
         #[command(flatten)]
         target: TargetArgs,
         /// The key whose result is dropped.
-        #[arg(long, conflicts_with = "fn_name", required_unless_present = "fn_name")]
+        #[arg(long)]
         key: Option<String>,
         /// The fn whose results are all dropped.
         #[arg(long = "fn")]

@@ -494,6 +494,15 @@ async fn errors_are_one_clear_line_with_the_right_exit_code() {
         assert!(!stderr.contains("tokA-"), "a secret printed: {stderr}");
     }
 
+    // `herd invalidate` without what to drop names both ways of saying it.
+    let out = run_plain(&["invalidate"], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--key") && stderr.contains("--fn"),
+        "{stderr}"
+    );
+
     // Only viewers and workers may span every namespace.
     for role in ["agent", "admin"] {
         let text = format!(
