@@ -35,7 +35,7 @@ use crate::config::CacheConfig;
 use crate::error::EvalError;
 use crate::key::Key;
 use crate::ns::Ns;
-use crate::protocol::{eval_error_json, FrameWriter, ReqId};
+use crate::protocol::{eval_error_json, result_head_len, FrameWriter, ReqId};
 use quick_cache::sync::Cache;
 use quick_cache::{OptionsBuilder, Weighter};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,8 +78,7 @@ impl Cached {
                 ("error", failure.as_str())
             }
         };
-        let len = "{\"type\":\"result\"".len()
-            + id.as_deref().map_or(0, |id| ",\"id\":".len() + id.len())
+        let len = result_head_len(id)
             + ",\"key\":\"\"".len() // and 32 hex digits
             + 32
             + ",\"\":".len()

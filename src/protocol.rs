@@ -542,14 +542,16 @@ pub fn eval_error_json(error: &EvalError) -> String {
     serde_json::json!({"code": error.code(), "message": error.message()}).to_string()
 }
 
+/// The length of a result frame's head, `{"type":"result"` and its `id`.
+pub fn result_head_len(id: &ReqId) -> usize {
+    "{\"type\":\"result\"".len() + id.as_deref().map_or(0, |id| ",\"id\":".len() + id.len())
+}
+
 /// One waiter's copy of a shared result `tail`: `{"type":"result","id":…`
 /// and the tail, allocated at its exact length so that it becomes a
 /// WebSocket message's bytes as it is.
 pub fn result_frame(id: &ReqId, tail: &str) -> String {
-    let len = "{\"type\":\"result\"".len()
-        + id.as_deref().map_or(0, |id| ",\"id\":".len() + id.len())
-        + tail.len();
-    let mut out = String::with_capacity(len);
+    let mut out = String::with_capacity(result_head_len(id) + tail.len());
     out.push_str("{\"type\":\"result\"");
     if let Some(raw) = id {
         out.push_str(",\"id\":");

@@ -669,47 +669,49 @@ where
     }
 
     async fn feed(&mut self, message: Message) -> Result<(), ()> {
-        let mut feed = self.ws.feed(message);
-        match futures::poll!(&mut feed) {
-            Poll::Ready(result) => self.written(result),
-            Poll::Pending => {
-                let result = Box::pin(wait_for_write(feed, self.ctl, self.write_timeout)).await;
-                self.finished(result)
-            }
-        }
+        let result = write_now_or_wait(self.ws.feed(message), self.ctl, self.write_timeout).await;
+        self.finished(result)
     }
 
     /// Writes everything fed so far.
     async fn flush(&mut self) -> Result<(), ()> {
-        let mut flush = self.ws.flush();
-        let result = match futures::poll!(&mut flush) {
-            Poll::Ready(result) => self.written(result),
-            Poll::Pending => {
-                let result = Box::pin(wait_for_write(flush, self.ctl, self.write_timeout)).await;
-                self.finished(result)
-            }
-        };
-        if result.is_ok() {
-            self.ctl.release(std::mem::take(&mut self.unflushed_cost));
-        }
-        result
+        let result = write_now_or_wait(self.ws.flush(), self.ctl, self.write_timeout).await;
+        self.finished(result)?;
+        self.ctl.release(std::mem::take(&mut self.unflushed_cost));
+        Ok(())
     }
 
-    fn written(&mut self, result: Result<(), WsError>) -> Result<(), ()> {
-        result.map_err(|error| {
-            debug!(%error, "write failed");
-            self.ctl.close_with(close::ABNORMAL);
-        })
-    }
-
+    /// What a write came to: a failure closes the session with 1006, a
+    /// write given up (None) leaves the socket unusable.
     fn finished(&mut self, result: Option<Result<(), WsError>>) -> Result<(), ()> {
         match result {
-            Some(result) => self.written(result),
+            Some(Ok(())) => Ok(()),
+            Some(Err(error)) => {
+                debug!(%error, "write failed");
+                self.ctl.close_with(close::ABNORMAL);
+                Err(())
+            }
             None => {
                 self.abandoned = true;
                 Err(())
             }
         }
+    }
+}
+
+/// A write done at once when the socket takes it; otherwise waited for on
+/// the heap ([`wait_for_write`]), so the session's task stays small.
+async fn write_now_or_wait<F>(
+    mut write: F,
+    ctl: &SessionCtl,
+    write_timeout: Duration,
+) -> Option<Result<(), WsError>>
+where
+    F: Future<Output = Result<(), WsError>> + Unpin,
+{
+    match futures::poll!(&mut write) {
+        Poll::Ready(result) => Some(result),
+        Poll::Pending => Box::pin(wait_for_write(write, ctl, write_timeout)).await,
     }
 }
 
