@@ -25,7 +25,9 @@
 //!
 //! Keys carry their namespace, so namespaces share the store without
 //! seeing each other's results; a namespace with a `cache_bytes` of its own
-//! has a store of its own, so it neither evicts nor is evicted by others.
+//! has a store of its own, so it neither evicts nor is evicted by others,
+//! and `[namespace_defaults] cache_bytes_together` keeps the namespaces no
+//! `[[namespace]]` lists in one store apart from the rest.
 //!
 //! In a cluster, another broker may drop a result: the cache then serves
 //! nothing unless the broker has lately confirmed that it has heard every
@@ -38,6 +40,7 @@ use crate::ns::Ns;
 use crate::protocol::{eval_error_json, result_head_len, FrameWriter, ReqId};
 use quick_cache::sync::Cache;
 use quick_cache::{OptionsBuilder, Weighter};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -261,16 +264,34 @@ impl Epochs {
     }
 }
 
+/// Which namespaces keep their results apart from the shared store.
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// The namespaces with a store of their own, and its size in bytes.
+    pub own: Vec<(Ns, u64)>,
+    /// One store of this many bytes for every namespace not in `listed`
+    /// (the shared one aside).
+    pub together: Option<u64>,
+    /// The namespaces `[[namespace]]` lists.
+    pub listed: HashSet<Ns>,
+}
+
+/// A store of outputs and, when failures are kept, one of failures a
+/// sixteenth of its size.
+struct Apart {
+    outputs: Store,
+    failures: Option<Store>,
+}
+
 /// Outputs (and, when configured, failures) by key.
 pub struct ResultCache {
     outputs: Store,
-    /// The stores of namespaces with a `cache_bytes` of their own.
-    own: std::collections::HashMap<Ns, Store>,
     /// Kept failures of the namespaces without a store of their own.
     failures: Option<Store>,
-    /// Kept failures of the namespaces with a store of their own, each
-    /// bounded by a sixteenth of that namespace's `cache_bytes`.
-    own_failures: std::collections::HashMap<Ns, Store>,
+    /// The stores of namespaces with a `cache_bytes` of their own.
+    own: HashMap<Ns, Apart>,
+    /// The store of the unlisted namespaces together, and which are listed.
+    together: Option<(Apart, HashSet<Ns>)>,
     max_bytes: u64,
     epochs: Epochs,
     /// In a cluster: results are served only until this moment.
@@ -284,28 +305,28 @@ struct Confirmed {
 }
 
 impl ResultCache {
-    /// A cache for the results of `fns` evaluators, with stores of their
-    /// own for the namespaces in `own` (and their sizes in bytes);
-    /// `clustered`: it serves only while confirmed (see
+    /// A cache for the results of `fns` evaluators, with the stores apart
+    /// of `layout`; `clustered`: it serves only while confirmed (see
     /// [`ResultCache::confirm_until`]).
-    pub fn new(config: &CacheConfig, fns: usize, own: &[(Ns, u64)], clustered: bool) -> Self {
-        let failure_store = |bytes: u64| Store::new((bytes / 16).max(1), config.error_ttl_s);
-        let keeps_failures = config.error_ttl_s > 0;
-        let failures = keeps_failures.then(|| failure_store(config.max_bytes));
-        let own_failures = own
-            .iter()
-            .filter(|_| keeps_failures)
-            .map(|(ns, bytes)| (*ns, failure_store(*bytes)))
-            .collect();
+    pub fn new(config: &CacheConfig, fns: usize, layout: Layout, clustered: bool) -> Self {
+        let apart = |bytes: u64| Apart {
+            outputs: Store::new(bytes, config.ttl_s),
+            failures: (config.error_ttl_s > 0)
+                .then(|| Store::new((bytes / 16).max(1), config.error_ttl_s)),
+        };
+        let shared = apart(config.max_bytes);
+        let apart_bytes: u64 =
+            layout.own.iter().map(|(_, b)| b).sum::<u64>() + layout.together.unwrap_or(0);
         ResultCache {
-            outputs: Store::new(config.max_bytes, config.ttl_s),
-            own: own
+            outputs: shared.outputs,
+            failures: shared.failures,
+            own: layout
+                .own
                 .iter()
-                .map(|(ns, bytes)| (*ns, Store::new(*bytes, config.ttl_s)))
+                .map(|(ns, bytes)| (*ns, apart(*bytes)))
                 .collect(),
-            failures,
-            own_failures,
-            max_bytes: config.max_bytes + own.iter().map(|(_, b)| b).sum::<u64>(),
+            together: layout.together.map(|bytes| (apart(bytes), layout.listed)),
+            max_bytes: config.max_bytes + apart_bytes,
             epochs: Epochs::new(fns),
             confirmed: clustered.then(|| Confirmed {
                 base: Instant::now(),
@@ -383,10 +404,12 @@ impl ResultCache {
         }
     }
 
-    /// Where a failure of `key` is kept: its namespace's own failure store,
-    /// or the shared one (None when failures are not kept).
+    /// Where a failure of `key` is kept (None when failures are not kept).
     fn failure_store(&self, key: &Key) -> Option<&Store> {
-        self.own_failures.get(&key.ns()).or(self.failures.as_ref())
+        match self.apart(key.ns()) {
+            Some(apart) => apart.failures.as_ref(),
+            None => self.failures.as_ref(),
+        }
     }
 
     /// Drops what is kept for `key`.
@@ -410,16 +433,28 @@ impl ResultCache {
 
     /// The store that keeps `key`'s output.
     fn store(&self, key: &Key) -> &Store {
-        if key.ns().is_shared() || self.own.is_empty() {
-            return &self.outputs;
+        self.apart(key.ns())
+            .map_or(&self.outputs, |apart| &apart.outputs)
+    }
+
+    /// The stores apart from the shared ones that keep namespace `ns`'s
+    /// results, if any do.
+    fn apart(&self, ns: Ns) -> Option<&Apart> {
+        if ns.is_shared() || (self.own.is_empty() && self.together.is_none()) {
+            return None;
         }
-        self.own.get(&key.ns()).unwrap_or(&self.outputs)
+        if let Some(apart) = self.own.get(&ns) {
+            return Some(apart);
+        }
+        let (together, listed) = self.together.as_ref()?;
+        (!listed.contains(&ns)).then_some(together)
     }
 
     /// (entries, bytes) of kept outputs.
     pub fn usage(&self) -> (u64, u64) {
         std::iter::once(&self.outputs)
-            .chain(self.own.values())
+            .chain(self.own.values().map(|a| &a.outputs))
+            .chain(self.together.iter().map(|(a, _)| &a.outputs))
             .map(|s| (s.entries.len() as u64, s.entries.weight()))
             .fold((0, 0), |(e, b), (e2, b2)| (e + e2, b + b2))
     }
@@ -427,7 +462,7 @@ impl ResultCache {
     /// (entries, bytes) of the outputs kept in the store of namespace
     /// `ns`'s own, if it has one.
     pub fn usage_of(&self, ns: Ns) -> Option<(u64, u64)> {
-        let store = self.own.get(&ns)?;
+        let store = &self.own.get(&ns)?.outputs;
         Some((store.entries.len() as u64, store.entries.weight()))
     }
 
@@ -466,7 +501,7 @@ mod tests {
                 ..CacheConfig::default()
             },
             2,
-            &[],
+            Layout::default(),
             false,
         )
     }
@@ -554,7 +589,7 @@ mod tests {
 
     #[test]
     fn a_clustered_cache_serves_only_while_confirmed() {
-        let cache = ResultCache::new(&CacheConfig::default(), 1, &[], true);
+        let cache = ResultCache::new(&CacheConfig::default(), 1, Layout::default(), true);
         cache.insert_output(key(1), 0, output(10), Instant::now());
         assert!(cache.get(&key(1)).is_none(), "not confirmed yet");
         cache.confirm_until(Instant::now() + Duration::from_secs(60));

@@ -41,6 +41,9 @@ pub struct Config {
     /// Quotas of namespaces, one entry each.
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
+    /// Quotas of every namespace without an entry (the shared one aside),
+    /// and of the keys an entry leaves unset.
+    pub namespace_defaults: NamespaceDefaults,
     /// The evaluators, one per `fn` name clients may send.
     #[serde(rename = "evaluator")]
     pub evaluators: Vec<EvaluatorConfig>,
@@ -138,6 +141,32 @@ pub struct NamespaceConfig {
     pub cache_bytes: Option<u64>,
 }
 
+/// The quotas of a namespace that `[[namespace]]` does not list (named
+/// only by a signed token, say), each for that namespace alone; a listed
+/// namespace takes from here what its entry leaves unset. The shared
+/// namespace `""` is bound by `[limits]` alone unless it is listed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceDefaults {
+    pub max_pending: Option<usize>,
+    pub submits_per_s: Option<u32>,
+    pub burst: Option<u32>,
+    pub max_sessions: Option<usize>,
+    /// The results of all unlisted namespaces together are kept in one
+    /// store of this many bytes, apart from the shared namespace's and the
+    /// listed ones' (one store each would not be bounded).
+    pub cache_bytes_together: Option<u64>,
+}
+
+/// One namespace's quotas in effect: its entry's, else the defaults'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quotas {
+    pub max_pending: Option<usize>,
+    pub submits_per_s: Option<u32>,
+    pub burst: Option<u32>,
+    pub max_sessions: Option<usize>,
+}
+
 /// What a session's credentials allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -182,6 +211,7 @@ impl Default for Config {
             tokens: Vec::new(),
             auth: AuthConfig::default(),
             namespaces: Vec::new(),
+            namespace_defaults: NamespaceDefaults::default(),
             limits: Limits::default(),
             cache: CacheConfig::default(),
             dashboard: DashboardConfig::default(),
@@ -242,6 +272,16 @@ pub struct Limits {
     /// HTTP API requests served at once (reading a body or waiting for a
     /// result); beyond it the request is answered 503 at once.
     pub max_http_requests: usize,
+    /// Wrong credentials one address may present per minute (as many at
+    /// once); past them it is answered 429 until it may try again (0: no
+    /// bound). An IPv6 address counts as its /64.
+    pub failed_logins_per_min: u32,
+    /// Addresses whose failed logins are counted at most.
+    pub failed_login_addresses: usize,
+    /// TCP connections kept open while serving no request (waiting for a
+    /// request's head, or idle between two); past it the one idle longest
+    /// is closed, so silent connections cannot take every file descriptor.
+    pub max_idle_connections: usize,
 }
 
 impl Default for Limits {
@@ -267,6 +307,9 @@ impl Default for Limits {
             http_max_timeout_ms: 300_000,
             http_body_timeout_ms: 10_000,
             max_http_requests: 256,
+            failed_logins_per_min: 30,
+            failed_login_addresses: 65_536,
+            max_idle_connections: 1024,
         }
     }
 }
@@ -542,6 +585,33 @@ impl EvaluatorConfig {
     }
 }
 
+/// Refuses a quota of `what` set to 0 (`values`, by key) and a burst
+/// without a rate (`submits_per_s`).
+fn check_quotas(
+    what: &str,
+    submits_per_s: Option<u32>,
+    values: [(&str, Option<u64>); 5],
+) -> Result<(), HerdError> {
+    let zero: Vec<&str> = values
+        .iter()
+        .filter(|(_, v)| *v == Some(0))
+        .map(|(key, _)| *key)
+        .collect();
+    if !zero.is_empty() {
+        return Err(HerdError::Config(format!(
+            "{what}: {} must be at least 1 when set",
+            zero.join(", ")
+        )));
+    }
+    let burst = values.iter().any(|(key, v)| *key == "burst" && v.is_some());
+    if burst && submits_per_s.is_none() {
+        return Err(HerdError::Config(format!(
+            "{what}: burst needs submits_per_s"
+        )));
+    }
+    Ok(())
+}
+
 /// A TOML error as one line that says where: `line L, column C, in
 /// [[evaluator]] #N: <what>: `<the offending line>``.
 /// A config line as an error may show it: a value that may be a secret (of
@@ -596,6 +666,31 @@ fn located(text: &str, error: &toml::de::Error) -> String {
 }
 
 impl Config {
+    /// The quotas in effect for the namespace of `entry` (`None`: an
+    /// unlisted namespace).
+    pub fn quotas(&self, entry: Option<&NamespaceConfig>) -> Quotas {
+        let d = &self.namespace_defaults;
+        let Some(n) = entry else {
+            return Quotas {
+                max_pending: d.max_pending,
+                submits_per_s: d.submits_per_s,
+                burst: d.burst,
+                max_sessions: d.max_sessions,
+            };
+        };
+        Quotas {
+            max_pending: n.max_pending.or(d.max_pending),
+            submits_per_s: n.submits_per_s.or(d.submits_per_s),
+            // An entry's own rate comes with its own burst (or none).
+            burst: if n.submits_per_s.is_some() {
+                n.burst
+            } else {
+                d.burst
+            },
+            max_sessions: n.max_sessions.or(d.max_sessions),
+        }
+    }
+
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, HerdError> {
         let text = std::fs::read_to_string(path)
@@ -821,6 +916,12 @@ impl Config {
         if l.max_connections == 0 {
             return bad("limits.max_connections must be at least 1".into());
         }
+        if l.failed_login_addresses == 0 || l.max_idle_connections == 0 {
+            return bad(
+                "limits.failed_login_addresses and limits.max_idle_connections must be at least 1"
+                    .into(),
+            );
+        }
         if l.max_http_requests == 0 || l.http_body_timeout_ms == 0 {
             return bad(
                 "limits.max_http_requests and limits.http_body_timeout_ms must be at least 1"
@@ -1010,23 +1111,30 @@ impl Config {
             if !ns_names.insert(n.name.as_str()) {
                 return bad(format!("namespace {:?} is configured twice", n.name));
             }
-            let zero = [
-                n.max_pending == Some(0),
-                n.submits_per_s == Some(0),
-                n.burst == Some(0),
-                n.max_sessions == Some(0),
-                n.cache_bytes == Some(0),
-            ];
-            if zero.contains(&true) {
-                return bad(format!(
-                    "namespace {:?}: max_pending, submits_per_s, burst, max_sessions and cache_bytes must be at least 1 when set",
-                    n.name
-                ));
-            }
-            if n.burst.is_some() && n.submits_per_s.is_none() {
-                return bad(format!("namespace {:?}: burst needs submits_per_s", n.name));
-            }
+            check_quotas(
+                &format!("namespace {:?}", n.name),
+                n.submits_per_s,
+                [
+                    ("max_pending", n.max_pending.map(|v| v as u64)),
+                    ("submits_per_s", n.submits_per_s.map(u64::from)),
+                    ("burst", n.burst.map(u64::from)),
+                    ("max_sessions", n.max_sessions.map(|v| v as u64)),
+                    ("cache_bytes", n.cache_bytes),
+                ],
+            )?;
         }
+        let d = &self.namespace_defaults;
+        check_quotas(
+            "namespace_defaults",
+            d.submits_per_s,
+            [
+                ("max_pending", d.max_pending.map(|v| v as u64)),
+                ("submits_per_s", d.submits_per_s.map(u64::from)),
+                ("burst", d.burst.map(u64::from)),
+                ("max_sessions", d.max_sessions.map(|v| v as u64)),
+                ("cache_bytes_together", d.cache_bytes_together),
+            ],
+        )?;
         let a = &self.auth;
         if a.max_namespaces < 1 + self.namespaces.len() + self.tokens.len() {
             return bad(
@@ -1100,6 +1208,55 @@ mod tests {
         for (text, key) in cases {
             let error = Config::from_toml(text).unwrap_err().to_string();
             assert!(error.contains(key), "{error}");
+        }
+    }
+
+    #[test]
+    fn namespace_quotas_take_the_defaults_their_entry_leaves_unset() {
+        let c = Config::from_toml(
+            "[namespace_defaults]\nmax_pending = 5\nsubmits_per_s = 10\nburst = 20\nmax_sessions = 3\n[[namespace]]\nname = \"a\"\nmax_sessions = 9\n[[namespace]]\nname = \"b\"\nsubmits_per_s = 1\n",
+        )
+        .unwrap();
+        let of = |name: &str| c.quotas(c.namespaces.iter().find(|n| n.name == name));
+        let defaults = Quotas {
+            max_pending: Some(5),
+            submits_per_s: Some(10),
+            burst: Some(20),
+            max_sessions: Some(3),
+        };
+        assert_eq!(of("unlisted"), defaults);
+        assert_eq!(
+            of("a"),
+            Quotas {
+                max_sessions: Some(9),
+                ..defaults
+            }
+        );
+        // A rate of its own comes with its own burst (by default the rate).
+        assert_eq!(
+            of("b"),
+            Quotas {
+                submits_per_s: Some(1),
+                burst: None,
+                ..defaults
+            }
+        );
+        for (text, says) in [
+            (
+                "[namespace_defaults]\nmax_sessions = 0\n",
+                "namespace_defaults: max_sessions must be at least 1",
+            ),
+            (
+                "[namespace_defaults]\nburst = 4\n",
+                "namespace_defaults: burst needs submits_per_s",
+            ),
+            (
+                "[[namespace]]\nname = \"a\"\nmax_pending = 0\ncache_bytes = 0\n",
+                "namespace \"a\": max_pending, cache_bytes must be at least 1",
+            ),
+        ] {
+            let error = Config::from_toml(text).unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
         }
     }
 

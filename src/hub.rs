@@ -217,9 +217,10 @@ pub fn core_config(config: &Config, node: &str, run: &str) -> CoreConfig {
             .iter()
             .filter_map(|n| {
                 let ns = crate::ns::Ns::intern(&n.name, config.auth.max_namespaces).ok()?;
-                Some((ns, n.max_pending?))
+                Some((ns, config.quotas(Some(n)).max_pending?))
             })
             .collect(),
+        ns_default_max_pending: config.namespace_defaults.max_pending,
         cluster,
         preview_chars: config.dashboard.input_preview_chars,
     }
@@ -579,6 +580,7 @@ impl Hub {
             Effect::Deliver(delivery) => self.deliver(delivery),
             Effect::Busy { waiters, message } => {
                 for waiter in waiters {
+                    self.metrics.record_busy(Metrics::busy_reason(message));
                     if let Some(outbox) = self.outboxes.get(&waiter.session) {
                         outbox.push(error_frame(&waiter.id, ErrorCode::Busy.as_str(), message));
                     }
@@ -680,7 +682,12 @@ impl Hub {
                 }
                 .finish()
             }
-            Reply::Rejected { code, message } => error_frame(id, code.as_str(), message),
+            Reply::Rejected { code, message } => {
+                if code == ErrorCode::Busy {
+                    self.metrics.record_busy(Metrics::busy_reason(message));
+                }
+                error_frame(id, code.as_str(), message)
+            }
         };
         outbox.push(frame);
     }

@@ -168,7 +168,7 @@ struct ServeArgs {
     /// Address to listen on, overriding the config's `listen`: `host:port`,
     /// where host is an IP address or a name such as `localhost` (port 0
     /// picks a free one).
-    #[arg(long, value_parser = listen_addr)]
+    #[arg(long, env = "HERD_LISTEN", value_parser = listen_addr)]
     listen: Option<SocketAddr>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -248,8 +248,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    info!(%addr, "herd listening; dashboard at http://{addr}/ , WebSocket at ws://{addr}/ws");
     herd::server::run(listener, config, shutdown_signal()).await?;
     Ok(())
 }

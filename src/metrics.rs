@@ -80,11 +80,15 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
     pub closes: Family<CloseLabels, Counter>,
+    /// `busy` answers, by which bound was full.
+    busy: Family<[(&'static str, &'static str); 1], Counter>,
     pub evaluator_healthy: Family<FnLabel, Gauge>,
     pub worker_restarts: Family<FnLabel, Counter>,
     pub lost_threads: Family<FnLabel, Gauge>,
     pub remote_workers: Family<FnLabel, Gauge>,
     pub snapshots_rendered: Counter,
+    /// 1 on a broker configured with a cluster (`[cluster] redis`).
+    cluster_configured: Gauge,
     /// 1 while the cluster's Redis answers, 0 while degraded (cluster mode only).
     pub cluster_up: Gauge,
     pub cluster_pubsub_up: Gauge,
@@ -271,6 +275,12 @@ impl Metrics {
                 Gauge::default(),
             ),
             closes: registered(r, "closes", "Sessions closed, by close code", Family::default()),
+            busy: registered(
+                r,
+                "busy",
+                "busy answers, by the bound that was full: max_pending, namespace_max_pending, queue (queue_capacity or queue_bytes), watchers (dashboard.max_watchers), other",
+                Family::default(),
+            ),
             evaluator_healthy: registered(
                 r,
                 "evaluator_healthy",
@@ -294,6 +304,12 @@ impl Metrics {
                 "remote_workers",
                 "Worker sessions serving a remote evaluator",
                 Family::default(),
+            ),
+            cluster_configured: registered(
+                r,
+                "cluster_configured",
+                "1 on a broker configured with a cluster (cluster.redis), 0 on a lone broker",
+                Gauge::default(),
             ),
             cluster_up: registered(
                 r,
@@ -510,5 +526,27 @@ impl Metrics {
 
     pub fn record_close(&self, code: u16) {
         self.closes.get_or_create(&CloseLabels { code }).inc();
+    }
+
+    /// Counts a `busy` answer: `reason`, the bound that was full.
+    pub fn record_busy(&self, reason: &'static str) {
+        self.busy.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// The reason label of the core's `busy` answer `message`.
+    pub fn busy_reason(message: &str) -> &'static str {
+        match message {
+            herd_core::PENDING_FULL => "max_pending",
+            herd_core::NS_PENDING_FULL => "namespace_max_pending",
+            herd_core::QUEUE_FULL | herd_core::QUEUE_BYTES_FULL => "queue",
+            _ => "other",
+        }
+    }
+
+    /// Marks this broker as one of a cluster.
+    pub fn set_clustered(&self) {
+        self.cluster_mode
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cluster_configured.set(1);
     }
 }

@@ -781,21 +781,7 @@ fn serve_says_which_config_file_it_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mine.toml");
     std::fs::write(&path, common::BASIC).unwrap();
-    let mut child = common::cluster::Broker(
-        Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--config",
-            ])
-            .arg(&path)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = common::cluster::serve_logging(&path);
     let stderr = child.stderr.take().unwrap();
     let mut said = None;
     for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {

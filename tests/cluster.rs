@@ -4,8 +4,8 @@
 mod common;
 
 use common::cluster::{
-    broker, broker_with, evaluations, redis_cli, serve_child, signal, wait_redis, Broker, Redis,
-    SIMULATE,
+    broker, broker_with, evaluations, redis_cli, serve_child, serve_logging, signal, wait_redis,
+    Broker, Redis, SIMULATE,
 };
 use common::{key_of, Client, TestServer};
 use serde_json::{json, Value};
@@ -1435,21 +1435,7 @@ async fn a_broker_whose_redis_refuses_it_warns_with_redis_s_words_while_it_lasts
         ),
     )
     .unwrap();
-    let mut child = Broker(
-        Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--config",
-            ])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = serve_logging(&path);
     let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -1491,4 +1477,136 @@ async fn a_broker_whose_redis_refuses_it_warns_with_redis_s_words_while_it_lasts
         );
     }
     drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_invalidate_on_a_cluster_says_why_it_waits() {
+    // The answer comes a lease after Redis recorded the invalidation: the
+    // CLI says what it is waiting for, then prints what was dropped.
+    let redis = Redis::start().await;
+    let toml = redis
+        .config("a", SIMULATE)
+        .replace("lease_ms = 1000", "lease_ms = 3000");
+    let a = broker_with(&toml).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["invalidate", "--url", &a.url(), "--fn", "default"])
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout} {stderr}");
+    assert_eq!(
+        serde_json::from_str::<Value>(stdout.trim()).unwrap(),
+        json!({"fn": "default", "invalidated": true})
+    );
+    assert!(
+        stderr.contains("waiting for the broker") && stderr.contains("cluster.lease_ms"),
+        "{stderr}"
+    );
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refused_by_redis_joins_once_its_password_is_accepted() {
+    // Redis asks for a password the broker does not have; the broker serves
+    // alone. Once Redis takes the broker's password, it joins its cluster
+    // with no restart.
+    let redis = Redis::start().await;
+    redis_cli(
+        redis.port,
+        &["CONFIG", "SET", "requirepass", "not-the-brokers"],
+    );
+    let url = format!("redis://:the-brokers@127.0.0.1:{}/", redis.port);
+    let toml = redis.config("a", SIMULATE).replace(&redis.url(), &url);
+    let a = TestServer::start(common::config(&toml)).await;
+    let mut c = a.client().await;
+    let r = answer(
+        &mut c,
+        json!({"op": "submit", "id": 1, "input": {"alone": 1}}),
+    )
+    .await;
+    assert_eq!(r["source"], "eval", "{r}");
+    assert_eq!(a.metric("herd_cluster_up").await, Some(0.0));
+    assert_eq!(a.metric("herd_cluster_configured").await, Some(1.0));
+    let set = redis_cli(
+        redis.port,
+        &[
+            "-a",
+            "not-the-brokers",
+            "--no-auth-warning",
+            "CONFIG",
+            "SET",
+            "requirepass",
+            "the-brokers",
+        ],
+    );
+    assert!(set.contains("OK"), "{set}");
+    a.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    a.wait_metric("herd_cluster_pubsub_up", |v| v == 1.0).await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_reaches_redis_over_tls() {
+    // A redis-server that speaks only TLS, with a certificate for
+    // 127.0.0.1 that the broker trusts through SSL_CERT_FILE (how the
+    // system's CA store is found); the broker joins it at rediss://.
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Killed when dropped, even if the test fails.
+    let _redis = common::cluster::Broker(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-auth-clients",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::env::set_var("SSL_CERT_FILE", &cert);
+    let toml = format!(
+        "[cluster]\nredis = \"rediss://127.0.0.1:{port}/\"\nnode = \"tls\"\nlease_ms = 1000\nredis_timeout_ms = 500\n{SIMULATE}"
+    );
+    let a = TestServer::start(common::config(&toml)).await;
+    a.wait_metric("herd_cluster_up", |v| v == 1.0).await;
+    a.wait_metric("herd_cluster_pubsub_up", |v| v == 1.0).await;
+    let mut c = a.client().await;
+    let r = answer(
+        &mut c,
+        json!({"op": "submit", "id": 1, "input": {"over": "tls"}}),
+    )
+    .await;
+    assert_eq!(r["source"], "eval", "{r}");
+    a.stop().await;
 }

@@ -127,6 +127,29 @@ async fn in_flight_rows_come_and_go_and_counters_move() {
     herd_no_browser,
     ignore = "needs /usr/bin/chromium and `npm ci --prefix tests/browser`"
 )]
+async fn a_page_without_a_token_asks_for_one_and_keeps_it_out_of_its_address() {
+    require_browser();
+    let server = TestServer::start(config(&format!(
+        "[[token]]\nname = \"ops\"\nrole = \"viewer\"\nsecret = \"look-only\"\n{BASIC}"
+    )))
+    .await;
+    let options = json!({
+        "mode": "token",
+        "base": format!("http://{}", server.addr),
+        "pageToken": "look-only",
+        "screenshot": artifact("dashboard-needs-token.png"),
+    });
+    let mut page = Page::open(&options);
+    assert_eq!(page.next_line().await.as_deref(), Some("ASKED"));
+    page.ends_with("OK").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    herd_no_browser,
+    ignore = "needs /usr/bin/chromium and `npm ci --prefix tests/browser`"
+)]
 async fn a_viewer_sees_the_broker_go_away() {
     require_browser();
     let server = TestServer::start(config(&format!(

@@ -641,6 +641,21 @@ async fn status_of_response(mut tcp: TcpStream) -> u16 {
     }
 }
 
+/// The broker at `addr` answers `/healthz` and serves a WebSocket session.
+async fn serves_health_and_sessions(addr: &str) {
+    let mut health = TcpStream::connect(addr).await.unwrap();
+    health
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status_of_response(health).await, 200);
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
+    assert_eq!(
+        c.request(json!({"op": "ping", "id": 1})).await["type"],
+        "pong"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_http_bodies_cannot_take_every_file_descriptor() {
     // A broker with 256 file descriptors; more slow bodies than that.
@@ -663,19 +678,45 @@ async fn slow_http_bodies_cannot_take_every_file_descriptor() {
         assert_eq!(status, 503, "answer {n}");
     }
     // Meanwhile the broker serves its health check and WebSocket sessions.
-    let mut health = TcpStream::connect(&addr).await.unwrap();
-    health
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(status_of_response(health).await, 200);
-    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
-    assert_eq!(
-        c.request(json!({"op": "ping", "id": 1})).await["type"],
-        "pong"
-    );
+    serves_health_and_sessions(&addr).await;
     // The 32 whose bodies never come are answered 408 at http_body_timeout_ms.
     for _ in 0..32 {
         assert_eq!(answers.recv().await.unwrap(), 408);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cannot_take_every_file_descriptor() {
+    // A broker with 256 file descriptors that waits a minute for a request's
+    // head; more silent connections than that. Past max_idle_connections
+    // the one idle longest is closed, so the health check and sessions
+    // still get in.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("[limits]\nmax_idle_connections = 64\nheader_timeout_ms = 60000\n{BASIC}");
+    let (_broker, addr) =
+        common::cluster::serve_child_under(&dir, &toml, &["prlimit", "--nofile=256:256", "--"]);
+    // A connection that made a request and keeps alive is idle again
+    // once answered: the first in line to be closed.
+    let mut kept = TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    kept.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer[9..12], b"200");
+    let mut silent = vec![kept];
+    for _ in 0..400 {
+        silent.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    serves_health_and_sessions(&addr).await;
+    // The oldest were closed by the broker: each reads end of stream
+    // (the kept-alive one after the rest of its answer).
+    for (n, mut tcp) in silent.drain(..300).enumerate() {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(common::FRAME_WAIT, tcp.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "connection {n} still open: {read:?}"
+        );
     }
 }

@@ -273,3 +273,57 @@ async fn a_waiting_request_whose_client_goes_away_leaves_the_wait_table() {
         .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn wrong_credentials_from_one_address_are_throttled_on_every_route() {
+    let server = TestServer::start(config(&format!(
+        "metrics_need_token = true\n[limits]\nfailed_logins_per_min = 12\n{BASIC}{TOKENS}"
+    )))
+    .await;
+    // A missing token costs nothing; twelve wrong ones (the burst) get 401.
+    // (One more is allowed every 5 s: far longer than these take.)
+    for _ in 0..70 {
+        let a = post(&server, "/v1/submit", None, json!({"input": 1})).await;
+        assert_eq!(a.status, 401);
+    }
+    for n in 0..12 {
+        let status = match n % 3 {
+            0 => {
+                post(&server, "/v1/submit", Some("wrong"), json!({"input": 1}))
+                    .await
+                    .status
+            }
+            1 => server.upgrade_status("wrong").await,
+            _ => server.http_get("/metrics?token=wrong").await.0,
+        };
+        assert_eq!(status, 401, "failure {n}");
+    }
+    // The next is refused before its credential is looked at: wrong or right.
+    for token in ["wrong", "agent-secret"] {
+        let a = post(&server, "/v1/submit", Some(token), json!({"input": 1})).await;
+        assert_eq!(
+            (a.status, a.body["error"]["code"].as_str()),
+            (429, Some("rate_limited")),
+            "{}",
+            a.body
+        );
+        let retry: u64 = a
+            .headers
+            .split("retry-after: ")
+            .nth(1)
+            .and_then(|v| v.split("\r\n").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{}", a.headers));
+        assert!((1..=5).contains(&retry), "{}", a.headers);
+        assert_eq!(server.upgrade_status(token).await, 429);
+        assert_eq!(server.http_get("/metrics?token=admin-secret").await.0, 429);
+    }
+    // A refused attempt does not count: once the bucket holds one again
+    // (within 5 s), the right token is let in.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.upgrade_status("agent-secret").await != 101 {
+        assert!(tokio::time::Instant::now() < deadline, "never let in again");
+        tokio::task::yield_now().await;
+    }
+    server.stop().await;
+}

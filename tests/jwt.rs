@@ -58,16 +58,6 @@ fn hs256(claims: &Value) -> String {
     .unwrap()
 }
 
-/// The HTTP status of an upgrade presenting `token` (101 when accepted).
-async fn upgrade_status(server: &TestServer, token: &str) -> u16 {
-    let url = format!("{}?token={token}", server.url());
-    match tokio_tungstenite::connect_async(&url).await {
-        Ok((_, response)) => response.status().as_u16(),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(other) => panic!("{other}"),
-    }
-}
-
 #[tokio::test]
 async fn a_valid_token_gives_its_role_and_namespace() {
     let server = broker("").await;
@@ -88,13 +78,139 @@ async fn a_valid_token_gives_its_role_and_namespace() {
     server.stop().await;
 }
 
+/// The result of `request`, a submit.
+async fn result(c: &mut Client, request: Value) -> Value {
+    c.send(request).await;
+    c.recv_type("result").await
+}
+
+/// A session of namespace `ns` by a signed agent token.
+async fn agent_of(server: &TestServer, ns: &str) -> Client {
+    let token = hs256(&claims(json!({"ns": ns})));
+    Client::connect(&format!("{}?token={token}", server.url())).await
+}
+
+#[tokio::test]
+async fn a_namespace_named_only_by_a_signed_token_gets_the_default_quotas() {
+    let server = broker(
+        "[namespace_defaults]\nsubmits_per_s = 5\nmax_sessions = 2\nmax_pending = 3\n[[namespace]]\nname = \"listed\"\nmax_sessions = 3\n",
+    )
+    .await;
+    // max_sessions: a third session of an unlisted namespace gets 429.
+    let mut z1 = agent_of(&server, "team-z").await;
+    let mut z2 = agent_of(&server, "team-z").await;
+    let token = hs256(&claims(json!({"ns": "team-z"})));
+    assert_eq!(server.upgrade_status(&token).await, 429);
+    // Another unlisted namespace has bounds of its own.
+    let mut y = agent_of(&server, "team-y").await;
+
+    // submits_per_s = 5 (burst 5): 60 rapid submits, most refused.
+    for n in 0..60 {
+        z1.send(json!({"op": "submit", "id": n, "fn": "echo", "input": n}))
+            .await;
+    }
+    // (Of those let through, the fourth and fifth find max_pending full.)
+    let (mut answered, mut limited) = (0, 0);
+    while answered + limited < 60 {
+        let f = z1.recv().await;
+        match (f["type"].as_str(), f["code"].as_str()) {
+            (Some("error"), Some("rate_limited")) => {
+                assert!(
+                    f["retry_after_ms"].as_u64().is_some_and(|ms| ms <= 1000),
+                    "{f}"
+                );
+                limited += 1
+            }
+            (Some("result"), _) | (Some("error"), Some("busy")) => answered += 1,
+            _ => {}
+        }
+    }
+    // Five at once, then one more for each 200 ms the 60 take to arrive.
+    assert!(
+        answered <= 15 && limited >= 45,
+        "{answered} answered, {limited} limited"
+    );
+    let r = result(
+        &mut y,
+        json!({"op": "submit", "id": 1, "fn": "echo", "input": 1}),
+    )
+    .await;
+    assert_eq!(r["output"], 1, "team-y's bucket is its own: {r}");
+
+    // max_pending = 3 across the namespace's sessions.
+    let subscribe = |n: u32| json!({"op": "subscribe", "id": n, "key": format!("{n:032x}")});
+    for n in 0..2 {
+        assert_eq!(z1.request(subscribe(n)).await["type"], "subscribed");
+    }
+    assert_eq!(z2.request(subscribe(2)).await["type"], "subscribed");
+    let r = z2.request(subscribe(3)).await;
+    assert_eq!(r["code"], "busy", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("namespace"), "{r}");
+
+    // A listed namespace takes the defaults its entry leaves unset.
+    let mut listed = Vec::new();
+    for _ in 0..3 {
+        listed.push(agent_of(&server, "listed").await);
+    }
+    let token = hs256(&claims(json!({"ns": "listed"})));
+    assert_eq!(server.upgrade_status(&token).await, 429);
+    for n in 0..3 {
+        assert_eq!(listed[0].request(subscribe(n)).await["type"], "subscribed");
+    }
+    assert_eq!(listed[0].request(subscribe(3)).await["code"], "busy");
+
+    // The shared namespace is bound by [limits] alone.
+    let mut shared = Vec::new();
+    for _ in 0..3 {
+        shared.push(agent_of(&server, "").await);
+    }
+    for n in 0..10 {
+        let submit = json!({"op": "submit", "id": n, "fn": "echo", "input": n});
+        let r = result(&mut shared[0], submit).await;
+        assert_eq!(r["output"], n, "{r}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unlisted_namespaces_keep_their_results_together_apart_from_the_rest() {
+    let server = broker(
+        "[cache]\nmax_bytes = 100000\n[namespace_defaults]\ncache_bytes_together = 100000\n",
+    )
+    .await;
+    let mut shared = agent_of(&server, "").await;
+    let input = json!(["precious", "x".repeat(400)]);
+    let submit = json!({"op": "submit", "id": "p", "fn": "echo", "input": input});
+    let r = result(&mut shared, submit.clone()).await;
+    assert_eq!(r["source"], "eval", "{r}");
+    // Unlisted namespaces write many times both stores' bound.
+    let filler = "x".repeat(400);
+    for ns in ["team-y", "team-z"] {
+        let mut flood = agent_of(&server, ns).await;
+        for n in 0..2500 {
+            flood
+                .send(json!({"op": "submit", "id": n, "fn": "echo", "input": [n, filler]}))
+                .await;
+        }
+        let mut results = 0;
+        while results < 2500 {
+            if flood.recv().await["type"] == "result" {
+                results += 1;
+            }
+        }
+    }
+    let r = result(&mut shared, submit).await;
+    assert_eq!(r["source"], "cache", "kept apart from the flood: {r}");
+    let (_, metrics) = server.http_get("/metrics").await;
+    let bytes = common::metric_in(&metrics, "herd_cache_bytes").unwrap();
+    assert!(bytes <= 200_000.0, "both stores within bounds: {bytes}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn tampered_expired_early_and_foreign_tokens_are_refused() {
     let server = broker("").await;
-    assert_eq!(
-        upgrade_status(&server, &hs256(&claims(json!({})))).await,
-        101
-    );
+    assert_eq!(server.upgrade_status(&hs256(&claims(json!({})))).await, 101);
     let good = hs256(&claims(json!({})));
     // Another payload under the same signature.
     let mut parts: Vec<String> = good.split('.').map(String::from).collect();
@@ -137,7 +253,7 @@ async fn tampered_expired_early_and_foreign_tokens_are_refused() {
         ("no exp", hs256(&claims(json!({"exp": null})))),
     ];
     for (what, token) in cases {
-        assert_eq!(upgrade_status(&server, &token).await, 401, "{what}");
+        assert_eq!(server.upgrade_status(&token).await, 401, "{what}");
     }
     server.stop().await;
 }
@@ -186,7 +302,7 @@ async fn tokens_signed_with_ed25519_and_p256_keys_verify_from_a_pem_file() {
             &EncodingKey::from_secret(b"guess"),
         )
         .unwrap();
-        assert_eq!(upgrade_status(&server, &hs).await, 401, "{alg:?}");
+        assert_eq!(server.upgrade_status(&hs).await, 401, "{alg:?}");
         server.stop().await;
     }
 }
@@ -219,14 +335,7 @@ async fn herd_token_mints_what_the_broker_accepts_and_no_token_is_logged() {
     let token = String::from_utf8(minted.stdout).unwrap().trim().to_string();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--config",
-        ])
+        .args(common::cluster::SERVE_ARGS)
         .arg(&path)
         .env(SECRET_ENV, SECRET)
         .env("RUST_LOG", "debug")

@@ -108,8 +108,10 @@ async fn a_child_that_crashes_mid_task_is_replaced() {
     let mut c = server.client().await;
     let r = submit(&mut c, json!({"mode": "crash"})).await;
     assert_eq!(r["error"]["code"], "eval_failed");
+    let message = r["error"]["message"].as_str().unwrap();
     assert!(
-        r["error"]["message"].as_str().unwrap().contains("exited"),
+        message.contains("exited")
+            && message.contains("its last line on stderr: \"crashing on purpose\""),
         "{r}"
     );
     let ok = submit(&mut c, json!({"mode": "ok", "after": "crash"})).await;
@@ -215,6 +217,9 @@ async fn a_child_failing_at_start_up_backs_off_and_recovers() {
     while tokio::time::Instant::now() < until {
         let r = submit(&mut c, json!({"mode": "ok", "n": n})).await;
         assert_eq!(r["error"]["code"], "eval_failed", "{r}");
+        // Every refusal says what the program said before it died.
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.contains("\"refusing to start\""), "{r}");
         n += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -458,9 +458,10 @@ async fn snapshots_list_workers_and_remote_queues() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn herd_work_off_a_terminal_says_what_it_serves() {
+async fn herd_work_off_a_terminal_says_what_it_serves_what_fails_and_when_it_stops() {
     // With stderr not a terminal (a service, a pipe), herd work logs that it
-    // connected and what it serves, at what concurrency.
+    // connected and what it serves, at what concurrency; each task its
+    // program fails, and why; and its stopping.
     let server = TestServer::start(config(TWO_FNS)).await;
     let mut work = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
         .args([
@@ -490,19 +491,47 @@ async fn herd_work_off_a_terminal_says_what_it_serves() {
         }
     });
     let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains("serving")) {
-        let line = rx
-            .recv_timeout(common::FRAME_WAIT)
-            .unwrap_or_else(|_| panic!("herd work said only {seen:?}"));
-        seen.push(line);
-    }
-    let serving = seen.last().unwrap();
+    let mut read_until = |what: &str| {
+        while !seen.iter().any(|l: &String| l.contains(what)) {
+            let line = rx
+                .recv_timeout(common::FRAME_WAIT)
+                .unwrap_or_else(|_| panic!("herd work said only {seen:?}"));
+            seen.push(line);
+        }
+        seen.iter().find(|l| l.contains(what)).unwrap().clone()
+    };
+    let serving = read_until("serving");
     assert!(
         serving.contains("\"embed\"") && serving.contains('3'),
-        "{seen:?}"
+        "{serving}"
     );
-    assert!(seen.iter().any(|l| l.contains("connected")), "{seen:?}");
+    read_until("connected");
+    let mut agent = server.client().await;
+    for (n, mode) in ["crash", "garbage"].into_iter().enumerate() {
+        agent
+            .send(json!({"op": "submit", "id": n, "fn": "embed", "input": {"mode": mode}}))
+            .await;
+        let r = agent.recv_type("result").await;
+        assert_eq!(r["error"]["code"], "eval_failed", "{r}");
+    }
+    let crashed = read_until("its last line on stderr: \"crashing on purpose\"");
+    assert!(crashed.contains("WARN"), "{crashed}");
+    let garbled = read_until("not a JSON reply");
+    assert!(garbled.contains("task failed"), "{garbled}");
+    let pid = work.id();
+    let lines = std::thread::spawn(move || {
+        let mut rest = seen;
+        rest.extend(rx.iter());
+        rest
+    });
     terminate(work).await;
+    let lines = lines.join().unwrap();
+    for said in ["stopping", "stopped"] {
+        assert!(
+            lines.iter().any(|l| l.contains(said)),
+            "herd work {pid} did not say {said:?}: {lines:?}"
+        );
+    }
     server.stop().await;
 }
 

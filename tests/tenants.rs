@@ -6,7 +6,8 @@ mod common;
 use common::{config, key_of, Client, TestServer, BASIC, FRAME_WAIT};
 use serde_json::{json, Value};
 
-const TEAMS: &str = r#"
+/// An agent token in each of namespaces team-a and team-b.
+const AGENTS: &str = r#"
 [[token]]
 name = "a"
 role = "agent"
@@ -17,6 +18,11 @@ name = "b"
 role = "agent"
 secret = "team-b-secret"
 namespace = "team-b"
+"#;
+
+/// Besides [`AGENTS`], viewers of team-a and of every namespace, and an
+/// agent of team-a that may submit only `echo`.
+const TEAMS: &str = r#"
 [[token]]
 name = "a-viewer"
 role = "viewer"
@@ -63,7 +69,7 @@ async fn next_is_pong(c: &mut Client, id: u64) {
 #[tokio::test]
 async fn two_namespaces_evaluate_apart_and_never_see_each_other() {
     // The slow evaluations are not waited for at the end.
-    let toml = format!("[limits]\ndrain_timeout_s = 1\n{BASIC}{TEAMS}");
+    let toml = format!("[limits]\ndrain_timeout_s = 1\n{BASIC}{AGENTS}{TEAMS}");
     let server = TestServer::start(config(&toml)).await;
     let mut a = connect(&server, "team-a-secret").await;
     let mut b = connect(&server, "team-b-secret").await;
@@ -163,7 +169,7 @@ async fn two_namespaces_evaluate_apart_and_never_see_each_other() {
 
 #[tokio::test]
 async fn an_agent_may_submit_only_the_fns_its_token_lists() {
-    let server = TestServer::start(config(&format!("{BASIC}{TEAMS}"))).await;
+    let server = TestServer::start(config(&format!("{BASIC}{AGENTS}{TEAMS}"))).await;
     let mut c = connect(&server, "echo-only-secret").await;
     let r = c
         .request(json!({"op": "submit", "id": 1, "fn": "default", "input": 1}))
@@ -273,6 +279,11 @@ async fn namespace_quotas_refuse_at_their_bounds_and_spare_other_namespaces() {
         "{metrics}"
     );
     assert!(metrics.contains("herd_namespace_sessions{ns=\"small\"} 2"));
+    assert!(
+        metrics.contains("herd_busy_total{reason=\"namespace_max_pending\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("herd_cluster_configured 0"), "{metrics}");
     drop(limited);
     server.stop().await;
 }
@@ -329,7 +340,7 @@ async fn a_namespace_with_its_own_cache_bytes_keeps_its_results_through_a_flood(
 #[tokio::test]
 async fn a_worker_of_namespace_star_serves_every_namespace_and_its_tasks_name_theirs() {
     let toml = format!(
-        "{BASIC}{TEAMS}[[token]]\nname = \"w\"\nrole = \"worker\"\nsecret = \"worker-secret\"\nnamespace = \"*\"\n[[evaluator]]\nfn = \"remote\"\nkind = \"remote\"\n"
+        "{BASIC}{AGENTS}{TEAMS}[[token]]\nname = \"w\"\nrole = \"worker\"\nsecret = \"worker-secret\"\nnamespace = \"*\"\n[[evaluator]]\nfn = \"remote\"\nkind = \"remote\"\n"
     );
     let server = TestServer::start(config(&toml)).await;
     let mut worker = connect(&server, "worker-secret").await;
@@ -353,21 +364,13 @@ async fn a_worker_of_namespace_star_serves_every_namespace_and_its_tasks_name_th
     server.stop().await;
 }
 
+/// Besides [`AGENTS`], a remote fn and workers of team-a and of every
+/// namespace.
 const WORKERS: &str = r#"
 [[evaluator]]
 fn = "embed"
 kind = "remote"
 timeout_ms = 10000
-[[token]]
-name = "a"
-role = "agent"
-secret = "team-a-secret"
-namespace = "team-a"
-[[token]]
-name = "b"
-role = "agent"
-secret = "team-b-secret"
-namespace = "team-b"
 [[token]]
 name = "worker-a"
 role = "worker"
@@ -398,7 +401,7 @@ async fn complete(w: &mut Client, task: &Value, worker: &str) {
 
 #[tokio::test]
 async fn a_namespaced_worker_is_given_only_its_namespaces_tasks() {
-    let server = TestServer::start(config(WORKERS)).await;
+    let server = TestServer::start(config(&format!("{AGENTS}{WORKERS}"))).await;
     let mut worker_a = serving(&server, "worker-a-secret").await;
     let mut a = connect(&server, "team-a-secret").await;
     let mut b = connect(&server, "team-b-secret").await;

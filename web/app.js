@@ -10,8 +10,22 @@ const BACKOFF_FIRST_MS = 500;     // reconnect delay, doubling
 const BACKOFF_MAX_MS = 10000;
 
 const $ = (id) => document.getElementById(id);
-const params = new URLSearchParams(location.search);
-const token = params.get("token");
+const TOKEN_KEY = "herd-token";   // sessionStorage: this tab only
+
+// The token comes from the fragment (`/#token=…`: never sent to the
+// server), from the form, or from `?token=`; it is kept for this tab and
+// taken out of the address bar at once, so it stays out of the history.
+function takeToken() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token")
+    || new URLSearchParams(location.search).get("token");
+  if (given) {
+    sessionStorage.setItem(TOKEN_KEY, given);
+    window.history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+let token = takeToken();
+let greeted = false;              // the current connection got its hello
 
 let socket = null;
 let backoff = BACKOFF_FIRST_MS;
@@ -33,8 +47,47 @@ function setLink(state, text) {
   el.className = "link " + (state === "connected" ? "up" : "down");
 }
 
+// Why a connection that never got its hello was refused, if the broker
+// refuses this page's credentials (a WebSocket cannot tell the page).
+async function refusal() {
+  try {
+    const headers = token ? { Authorization: "Bearer " + token } : {};
+    const r = await fetch("/v1/keys/" + "0".repeat(32), { headers, cache: "no-store" });
+    if (r.status === 401) {
+      return token ? "The broker refused this token." : "This broker needs a token.";
+    }
+    if (r.status === 429 && r.headers.get("Retry-After")) {
+      return "Too many wrong tokens from this address: try again in "
+        + r.headers.get("Retry-After") + " s.";
+    }
+  } catch (_) {
+    // The broker is away: retried like any lost connection.
+  }
+  return null;
+}
+
+// Asks for a token instead of retrying a connection that cannot succeed.
+function askForToken(why) {
+  setLink("needs-token", "needs a token");
+  $("login-why").textContent = why;
+  $("login").hidden = false;
+  $("login-token").focus();
+}
+
+$("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const given = $("login-token").value.trim();
+  if (!given) return;
+  token = given;
+  sessionStorage.setItem(TOKEN_KEY, given);
+  $("login-token").value = "";
+  $("login").hidden = true;
+  connect();
+});
+
 function connect() {
   setLink("connecting", "connecting…");
+  greeted = false;
   socket = new WebSocket(wsUrl());
   socket.onopen = () => {
     backoff = BACKOFF_FIRST_MS;
@@ -43,6 +96,7 @@ function connect() {
   socket.onmessage = (event) => {
     const frame = JSON.parse(event.data);
     if (frame.type === "hello") {
+      greeted = true;
       $("server").textContent = frame.server + " · role " + frame.role;
       setLink("connected", "connected");
     } else if (frame.type === "snapshot") {
@@ -51,7 +105,19 @@ function connect() {
       $("server").textContent = "error: " + frame.message;
     }
   };
-  socket.onclose = () => {
+  socket.onclose = async (event) => {
+    if (event.code === 1008) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      askForToken("The broker closed the session: " + (event.reason || "policy") + ".");
+      return;
+    }
+    if (!greeted) {
+      const why = await refusal();
+      if (why) {
+        askForToken(why);
+        return;
+      }
+    }
     const wait = backoff;
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
     setLink("disconnected", "disconnected · retrying in " + Math.round(wait / 1000) + " s");

@@ -114,6 +114,9 @@ pub struct CoreConfig {
     /// `[[namespace]] max_pending`: waits and holds of all of a
     /// namespace's sessions together.
     pub ns_max_pending: HashMap<Ns, usize>,
+    /// `[namespace_defaults] max_pending`: the same for each namespace
+    /// not in `ns_max_pending`, the shared one aside.
+    pub ns_default_max_pending: Option<usize>,
     /// Cluster mode: jobs ask the cluster before they run.
     pub cluster: Option<ClusterConfig>,
     /// `dashboard.input_preview_chars`.
@@ -451,7 +454,7 @@ pub const PENDING_FULL: &str = "too many pending waits on this session (limits.m
 /// The message of a `busy` answer to a session whose namespace is at its
 /// `max_pending`.
 pub const NS_PENDING_FULL: &str =
-    "too many pending waits in this namespace (its [[namespace]] max_pending)";
+    "too many pending waits in this namespace (its max_pending, of [[namespace]] or [namespace_defaults])";
 /// The message of a `busy` answer for a full queue (jobs).
 pub const QUEUE_FULL: &str = "the evaluation queue is full (queue_capacity)";
 /// The message of a `busy` answer for a full queue (bytes).
@@ -612,7 +615,7 @@ impl Core {
                     ));
                 }
             }
-            if self.config.ns_max_pending.contains_key(&waits.ns) {
+            if self.ns_max_pending(waits.ns).is_some() {
                 *ns_held.entry(waits.ns).or_default() += waits.total;
             }
         }
@@ -898,14 +901,23 @@ impl Core {
         if self.held_by(session) >= self.config.max_pending {
             return Some(PENDING_FULL);
         }
-        let max = self.config.ns_max_pending.get(&ns)?;
+        let max = self.ns_max_pending(ns)?;
         let held = self.ns_held.get(&ns).copied().unwrap_or(0);
-        (held >= *max).then_some(NS_PENDING_FULL)
+        (held >= max).then_some(NS_PENDING_FULL)
+    }
+
+    /// The bound on the waits and holds of namespace `ns`'s sessions.
+    fn ns_max_pending(&self, ns: Ns) -> Option<usize> {
+        match self.config.ns_max_pending.get(&ns) {
+            Some(max) => Some(*max),
+            None if ns.is_shared() => None,
+            None => self.config.ns_default_max_pending,
+        }
     }
 
     /// Counts `n` more waits or holds of `session` (of namespace `ns`).
     fn hold(&mut self, session: SessionId, ns: Ns, n: usize) -> &mut SessionWaits {
-        if self.config.ns_max_pending.contains_key(&ns) {
+        if self.ns_max_pending(ns).is_some() {
             *self.ns_held.entry(ns).or_default() += n;
         }
         let waits = self.sessions.entry(session).or_default();
@@ -2024,6 +2036,7 @@ mod tests {
             }],
             max_pending: 8,
             ns_max_pending: HashMap::new(),
+            ns_default_max_pending: None,
             cluster: clustered.then(|| ClusterConfig {
                 node: "n".into(),
                 run: "r".into(),
@@ -2319,6 +2332,45 @@ mod tests {
             })
             .collect();
         assert_eq!(accepted, [(true, 1), (false, 2)]);
+    }
+
+    #[test]
+    fn a_namespace_without_its_own_bound_takes_the_default_one() {
+        let listed = Ns::intern("listed", 16).unwrap();
+        let unlisted = Ns::intern("unlisted", 16).unwrap();
+        let (mut core, now) = core_with(false, |c| {
+            c.ns_max_pending = [(listed, 3)].into_iter().collect();
+            c.ns_default_max_pending = Some(2);
+        });
+        let subscribe_in = |core: &mut Core, ns: Ns, session: SessionId, n: u8| {
+            let key = Key::from_bytes([n; 16]).in_ns(ns);
+            core.apply(
+                Input::Subscribe {
+                    session,
+                    id: None,
+                    key,
+                },
+                now,
+            );
+            rejected(core)
+        };
+        // Each namespace's sessions together: 2 by default, 3 when listed.
+        for (ns, max, first_session) in [(unlisted, 2, 10), (listed, 3, 20)] {
+            for n in 0..max {
+                let session = first_session + SessionId::from(n);
+                assert!(subscribe_in(&mut core, ns, session, n).is_empty());
+            }
+            assert_eq!(
+                subscribe_in(&mut core, ns, first_session, 9),
+                [NS_PENDING_FULL]
+            );
+            assert_eq!(core.held_in(ns), usize::from(max));
+        }
+        // The shared namespace is bound by its sessions' max_pending alone.
+        for n in 0..4 {
+            assert!(subscribe_in(&mut core, Ns::SHARED, 30 + SessionId::from(n), n).is_empty());
+        }
+        assert_eq!(core.audit(), Ok(()));
     }
 
     #[test]

@@ -100,6 +100,10 @@ struct Params {
     error_ttl_s: u64,
     notice_inline_bytes: usize,
     writeback_max: usize,
+    /// Whether namespace "sim-b"'s bound is its own (`ns_max_pending`) or
+    /// the default of unlisted namespaces; set from the seed's parity, so
+    /// the draws of seeds before it stay as they were.
+    ns_listed: bool,
 }
 
 impl Params {
@@ -119,6 +123,7 @@ impl Params {
             error_ttl_s: *pick(rng, &[0, 0, 60]),
             notice_inline_bytes: *pick(rng, &[0, 4096, 4096]),
             writeback_max: *pick(rng, &[1, 4, 1000]),
+            ns_listed: true,
         }
     }
 }
@@ -413,8 +418,13 @@ fn config(p: &Params, broker: usize, inc: u64) -> CoreConfig {
         fns,
         max_pending: p.max_pending,
         // Namespace "sim-b"'s sessions together hold at most twice one
-        // session's bound.
-        ns_max_pending: [(namespaces()[1], 2 * p.max_pending)].into_iter().collect(),
+        // session's bound: as a listed namespace, or as an unlisted one.
+        ns_max_pending: p
+            .ns_listed
+            .then(|| (namespaces()[1], 2 * p.max_pending))
+            .into_iter()
+            .collect(),
+        ns_default_max_pending: (!p.ns_listed).then_some(2 * p.max_pending),
         cluster,
         preview_chars: 16,
     }
@@ -423,7 +433,8 @@ fn config(p: &Params, broker: usize, inc: u64) -> CoreConfig {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
-        let p = Params::draw(&mut rng);
+        let mut p = Params::draw(&mut rng);
+        p.ns_listed = seed % 2 == 0;
         let base = Instant::now();
         let brokers = (0..p.brokers)
             .map(|b| Sim::broker(&p, b, 0, base, 0))

@@ -224,6 +224,9 @@ async fn get_one(client: &Client, key: &str) -> i32 {
     }
 }
 
+/// How long `herd invalidate` waits quietly before it says what it waits for.
+const SAY_WHY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `herd invalidate --key K` or `--fn F`: drops cached results, prints
 /// what was dropped once the broker says so.
 pub async fn invalidate(target: &Target, key: Option<&str>, fn_name: Option<&str>) -> i32 {
@@ -231,10 +234,26 @@ pub async fn invalidate(target: &Target, key: Option<&str>, fn_name: Option<&str
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (outcome, dropped) = match (key, fn_name) {
-        (Some(key), _) => (client.invalidate_key(key).await, json!({"key": key})),
-        (None, Some(name)) => (client.invalidate_fn(name).await, json!({"fn": name})),
+    let dropped = match (key, fn_name) {
+        (Some(key), _) => json!({"key": key}),
+        (None, Some(name)) => json!({"fn": name}),
         (None, None) => unreachable!("clap requires --key or --fn"),
+    };
+    let invalidating = async {
+        match (key, fn_name) {
+            (Some(key), _) => client.invalidate_key(key).await,
+            (_, name) => client.invalidate_fn(name.unwrap_or_default()).await,
+        }
+    };
+    tokio::pin!(invalidating);
+    let outcome = tokio::select! {
+        outcome = &mut invalidating => outcome,
+        _ = tokio::time::sleep(SAY_WHY_AFTER) => {
+            eprintln!(
+                "herd invalidate: waiting for the broker: in a cluster it answers once Redis has recorded the invalidation and one cluster.lease_ms has passed, so that no broker serves a dropped result afterwards"
+            );
+            invalidating.await
+        }
     };
     let code = match outcome {
         Ok(()) => {

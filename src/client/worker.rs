@@ -126,6 +126,11 @@ where
         match session(&mut socket, fn_name, options, &stats, &handler, &mut stop).await? {
             Ended::Stopped => {
                 let _ = socket.close(None).await;
+                tracing::info!(
+                    done = stats.done.load(Ordering::Relaxed),
+                    failed = stats.failed.load(Ordering::Relaxed),
+                    "stopped"
+                );
                 return Ok(());
             }
             Ended::Lost => {
@@ -180,6 +185,11 @@ where
         tokio::select! {
             _ = stop.as_mut(), if !draining => {
                 draining = true;
+                tracing::info!(
+                    in_hand = running.len(),
+                    "stopping: no new tasks; finishing the {} in hand",
+                    running.len()
+                );
                 if !send(socket, json!({"op": "unserve", "id": "unserve", "fn": fn_name})).await {
                     return Ok(Ended::Stopped);
                 }
@@ -211,6 +221,7 @@ where
                     }
                     Err(error) => {
                         stats.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(task, "task failed: {error}");
                         json!({"op": "complete", "task": task, "error": error})
                     }
                 };

@@ -91,9 +91,52 @@ pub struct Connector {
     client: redis::Client,
     /// What Redis (or the wait for it) said when a command last failed.
     last_error: Arc<LastError>,
-    single: Option<ConnectionManager>,
+    single: Option<Arc<Single>>,
     cluster: Option<ClusterClient>,
     limit: Duration,
+}
+
+/// The connection manager of one Redis. A manager whose first connection
+/// Redis refused (a wrong password) keeps that refusal for good, so it is
+/// replaced by a new one after such a refusal: a broker started before
+/// Redis was given its password joins once it has been.
+struct Single {
+    manager: std::sync::RwLock<ConnectionManager>,
+    config: redis::aio::ConnectionManagerConfig,
+}
+
+impl Single {
+    fn new(
+        client: &redis::Client,
+        config: redis::aio::ConnectionManagerConfig,
+    ) -> Result<Single, crate::HerdError> {
+        Ok(Single {
+            manager: std::sync::RwLock::new(Single::manager(client, &config)?),
+            config,
+        })
+    }
+
+    fn manager(
+        client: &redis::Client,
+        config: &redis::aio::ConnectionManagerConfig,
+    ) -> Result<ConnectionManager, crate::HerdError> {
+        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|e| crate::HerdError::Config(format!("cluster.redis: {e}")))
+    }
+
+    fn current(&self) -> ConnectionManager {
+        self.manager
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts over with a new manager (connecting when first used).
+    fn renew(&self, client: &redis::Client) {
+        if let Ok(fresh) = Single::manager(client, &self.config) {
+            *self.manager.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
+    }
 }
 
 impl Connector {
@@ -116,9 +159,7 @@ impl Connector {
                 .set_response_timeout(Some(limit))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(config.lease_ms));
-            let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-                .map_err(|e| crate::HerdError::Config(format!("cluster.redis: {e}")))?;
-            (Some(manager), None)
+            (Some(Arc::new(Single::new(&client, manager_config)?)), None)
         };
         Ok(Connector {
             client,
@@ -139,7 +180,10 @@ impl Connector {
     /// made now.
     pub(crate) async fn conn(&self, made: &mut Option<Conn>) -> Option<Conn> {
         if let Some(single) = &self.single {
-            return Some(Conn::Single(single.clone()));
+            if self.last_error.take_refusal() {
+                single.renew(&self.client);
+            }
+            return Some(Conn::Single(single.current()));
         }
         if made.is_none() {
             let cluster = self.cluster.as_ref()?;
@@ -300,17 +344,37 @@ impl Scripts {
 
 /// The last failure of a Redis command, as Redis worded it.
 #[derive(Default)]
-pub struct LastError(std::sync::Mutex<Option<String>>);
+pub struct LastError {
+    text: std::sync::Mutex<Option<String>>,
+    /// Redis refused the credentials since this was last taken.
+    refused: std::sync::atomic::AtomicBool,
+}
 
 impl LastError {
     fn record(&self, error: String) {
-        if let Ok(mut last) = self.0.lock() {
+        if let Ok(mut last) = self.text.lock() {
             *last = Some(error);
         }
     }
 
+    /// Records a command's failure, and whether it was Redis refusing
+    /// the broker's credentials.
+    fn record_error(&self, error: &redis::RedisError) {
+        if error.kind() == redis::ErrorKind::AuthenticationFailed {
+            self.refused
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.record(error.to_string());
+    }
+
+    /// Whether Redis refused the credentials since the last call.
+    fn take_refusal(&self) -> bool {
+        self.refused
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
     fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, Option<String>>> {
-        self.0.lock()
+        self.text.lock()
     }
 }
 
@@ -333,7 +397,7 @@ async fn timed<T>(
         Ok(Ok(value)) => Some(value),
         Ok(Err(error)) => {
             tracing::debug!(%error, "cluster: Redis command failed");
-            errors.record(error.to_string());
+            errors.record_error(&error);
             None
         }
         Err(_) => {

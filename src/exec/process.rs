@@ -91,6 +91,7 @@ impl WorkerFactory for ProcessFactory {
             early_deaths: 0,
             next_start: None,
             started_at: None,
+            last_words: None,
         })
     }
 }
@@ -108,6 +109,8 @@ struct Running {
     /// Task lines for the stdin thread; dropping it closes the child's stdin.
     stdin: Option<crossbeam_channel::Sender<Vec<u8>>>,
     lines: crossbeam_channel::Receiver<Line>,
+    /// The stderr thread's last line, sent when the child's stderr closes.
+    last_stderr: crossbeam_channel::Receiver<Option<String>>,
     answered: bool,
 }
 
@@ -132,6 +135,8 @@ struct ProcessWorker {
     next_start: Option<Instant>,
     /// When the current child was started.
     started_at: Option<Instant>,
+    /// The last line the last child that died wrote on stderr.
+    last_words: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -147,10 +152,11 @@ impl ProcessWorker {
             let now = Instant::now();
             if now < at {
                 return Err(EvalError::Failed(format!(
-                    "evaluator {:?}: its worker exited at start-up {} times in a row; next restart in {} ms",
+                    "evaluator {:?}: its worker exited at start-up {} times in a row; next restart in {} ms{}",
                     self.spec.name,
                     self.early_deaths,
-                    (at - now).as_millis()
+                    (at - now).as_millis(),
+                    last_words(&self.last_words)
                 )));
             }
         }
@@ -179,6 +185,7 @@ impl ProcessWorker {
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = crossbeam_channel::bounded(1);
         let (tasks, task_rx) = crossbeam_channel::bounded(1);
+        let (last_tx, last_stderr) = crossbeam_channel::bounded(1);
         let limit = spec.max_output_bytes;
         let name = spec.name.clone();
         let pid = child.id();
@@ -190,12 +197,16 @@ impl ProcessWorker {
             .spawn(move || read_lines(stdout, limit, tx))
             .and_then(|_| thread("in").spawn(move || write_lines(stdin, task_rx)))
             .and_then(|_| {
-                thread("err").spawn(move || forward_stderr(stderr, stderr_limit, &name, pid))
+                thread("err").spawn(move || {
+                    let last = forward_stderr(stderr, stderr_limit, &name, pid);
+                    let _ = last_tx.send(last);
+                })
             });
         let mut running = Running {
             stdin: Some(tasks),
             child,
             lines,
+            last_stderr,
             answered: false,
         };
         if let Err(e) = spawned {
@@ -214,6 +225,9 @@ impl ProcessWorker {
     fn early_death(&mut self, why: &str) {
         self.early_deaths += 1;
         let spec = &self.spec;
+        if self.early_deaths == 1 {
+            warn!(evaluator = %spec.name, "worker died before answering anything: {why}");
+        }
         // One death is replaced at once (the task may have been the cause);
         // from the second in a row on, restarts wait, twice as long each time.
         if self.early_deaths >= 2 {
@@ -233,7 +247,9 @@ impl ProcessWorker {
         }
     }
 
-    /// Stops the current child (if any), killing it, and records how it ended.
+    /// Stops the current child (if any), killing it, and records how it
+    /// ended: its exit status and, if it wrote any, its last stderr line
+    /// (waited for at most `grace_ms` once the child is gone).
     fn discard(&mut self, why: &str) -> String {
         let Some(mut running) = self.child.take() else {
             return String::new();
@@ -251,10 +267,18 @@ impl ProcessWorker {
             },
         };
         self.spec.health.restarts.inc();
-        if !running.answered {
-            self.early_death(why);
+        self.last_words = running
+            .last_stderr
+            .recv_timeout(self.spec.grace)
+            .ok()
+            .flatten();
+        let ended = format!("{status}{}", last_words(&self.last_words));
+        if running.answered {
+            warn!(evaluator = %self.spec.name, pid = running.child.id(), %ended, "worker {why}; replacing it");
+        } else {
+            self.early_death(&format!("{why}, {ended}"));
         }
-        format!("{status}")
+        ended
     }
 
     fn answered(&mut self) {
@@ -406,6 +430,13 @@ impl Drop for ProcessWorker {
     }
 }
 
+/// `last`, the last line a child wrote on stderr, as the end of a message.
+fn last_words(last: &Option<String>) -> String {
+    last.as_ref().map_or(String::new(), |line| {
+        format!("; its last line on stderr: {line:?}")
+    })
+}
+
 fn parse_reply(text: &[u8]) -> Result<Result<String, EvalError>, String> {
     let shown = || String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
     let reply: Reply = serde_json::from_slice(text).map_err(|e| {
@@ -468,10 +499,12 @@ fn write_lines(mut stdin: ChildStdin, tasks: crossbeam_channel::Receiver<Vec<u8>
 }
 
 /// Logs the child's stderr a line at a time; of a line longer than `limit`
-/// bytes the rest is dropped, and the log says how much.
-fn forward_stderr(stderr: impl Read, limit: usize, evaluator: &str, pid: u32) {
+/// bytes the rest is dropped, and the log says how much. Returns the last
+/// line that was not blank, once stderr closes.
+fn forward_stderr(stderr: impl Read, limit: usize, evaluator: &str, pid: u32) -> Option<String> {
     let mut reader = BufReader::new(stderr);
     let mut line = Vec::with_capacity(256);
+    let mut last = None;
     loop {
         line.clear();
         match reader
@@ -479,18 +512,21 @@ fn forward_stderr(stderr: impl Read, limit: usize, evaluator: &str, pid: u32) {
             .take(limit as u64)
             .read_until(b'\n', &mut line)
         {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return last,
             Ok(_) => {}
         }
         let mut dropped = 0usize;
         if line.last() != Some(&b'\n') && line.len() == limit {
             match skip_line(&mut reader) {
                 Ok(n) => dropped = n,
-                Err(_) => return,
+                Err(_) => return last,
             }
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
+        if !text.trim().is_empty() {
+            last = Some(text.to_string());
+        }
         if dropped > 0 {
             info!(
                 evaluator,

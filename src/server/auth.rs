@@ -12,10 +12,13 @@
 use crate::config::{AuthConfig, Config, Role, TokenConfig};
 use crate::error::HerdError;
 use crate::ns::Ns;
-use axum::http::{header, HeaderMap, Uri};
+use crate::server::logins::Logins;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 /// The holder of a session's credentials.
@@ -89,6 +92,7 @@ struct Credential {
 /// The credentials, origins and hosts a broker accepts.
 pub struct Gate {
     credentials: Vec<Credential>,
+    logins: Logins,
     jwt: Option<Jwt>,
     allowed_origins: Vec<String>,
     allowed_hosts: Vec<String>,
@@ -124,8 +128,11 @@ impl Jwt {
         let bad = |m: String| HerdError::Config(format!("auth: {m}"));
         let mut keys = Vec::new();
         if let Some(var) = &auth.jwt_secret_env {
-            let secret = std::env::var(var)
-                .map_err(|_| bad(format!("environment variable {var} is not set")))?;
+            let secret = std::env::var(var).map_err(|_| {
+                bad(format!(
+                    "environment variable {var} is not set: set it to the signing secret"
+                ))
+            })?;
             if secret.is_empty() {
                 return Err(bad(format!("environment variable {var} is empty")));
             }
@@ -231,7 +238,7 @@ fn submit_list(role: Role, fns: Option<Vec<String>>) -> Option<Arc<[String]>> {
     }
 }
 
-/// Why an upgrade is refused.
+/// Why a request is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// No token, or a wrong one: HTTP 401.
@@ -240,6 +247,61 @@ pub enum Refusal {
     ForeignOrigin,
     /// Without tokens, a `Host` that is not this machine's: HTTP 403.
     ForeignHost,
+    /// Too many wrong credentials from the address: HTTP 429, until it
+    /// may try again.
+    Throttled(Duration),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::ForeignOrigin | Refusal::ForeignHost => StatusCode::FORBIDDEN,
+            Refusal::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The error code of an HTTP API answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::ForeignOrigin | Refusal::ForeignHost => "forbidden",
+            Refusal::Throttled(_) => "rate_limited",
+        }
+    }
+
+    /// What the client of a request to `path` is told.
+    pub fn message(&self, path: &str) -> String {
+        match self {
+            Refusal::Unauthorized => "a valid token is required".into(),
+            Refusal::ForeignOrigin => "origin not allowed".into(),
+            Refusal::ForeignHost => format!(
+                "host not allowed: without tokens, {path} answers only to IP addresses, localhost and allowed_hosts"
+            ),
+            Refusal::Throttled(wait) => format!(
+                "too many wrong credentials from this address (limits.failed_logins_per_min); try again in {} ms",
+                wait.as_millis()
+            ),
+        }
+    }
+
+    /// Why, in the broker's log.
+    pub fn logged(&self) -> &'static str {
+        match self {
+            Refusal::Unauthorized => "missing or unknown token",
+            Refusal::ForeignOrigin => "origin not allowed",
+            Refusal::ForeignHost => "host not allowed",
+            Refusal::Throttled(_) => "too many wrong credentials from this address",
+        }
+    }
+
+    /// When to try again, for a `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Refusal::Throttled(wait) => Some(*wait),
+            _ => None,
+        }
+    }
 }
 
 impl Gate {
@@ -278,6 +340,10 @@ impl Gate {
         }
         Ok(Gate {
             credentials,
+            logins: Logins::new(
+                config.limits.failed_logins_per_min,
+                config.limits.failed_login_addresses,
+            ),
             jwt: Jwt::new(&config.auth)?,
             allowed_origins: config
                 .allowed_origins
@@ -300,24 +366,25 @@ impl Gate {
         headers: &HeaderMap,
         uri: &Uri,
         need_token: bool,
+        peer: IpAddr,
     ) -> Result<(), Refusal> {
         if !self.has_tokens() {
             return self.check_host(headers);
         }
         if need_token {
-            self.identify(headers, uri)?;
+            self.identify(headers, uri, peer)?;
         }
         Ok(())
     }
 
-    /// Checks an upgrade request's origin and credentials.
-    pub fn admit(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
+    /// Checks the origin and credentials of a request from `peer`.
+    pub fn admit(&self, headers: &HeaderMap, uri: &Uri, peer: IpAddr) -> Result<Identity, Refusal> {
         self.check_origin(headers)?;
         if !self.has_tokens() {
             self.check_host(headers)?;
             return Ok(Identity::anonymous());
         }
-        self.identify(headers, uri)
+        self.identify(headers, uri, peer)
     }
 
     /// Whether credentials (tokens or signed tokens) are configured at all.
@@ -325,18 +392,33 @@ impl Gate {
         !self.credentials.is_empty() || self.jwt.is_some()
     }
 
-    /// The holder of the token a request presents (bearer header or
-    /// `?token=`), whatever its origin.
-    pub fn identify(&self, headers: &HeaderMap, uri: &Uri) -> Result<Identity, Refusal> {
+    /// The holder of the token a request from `peer` presents (bearer
+    /// header or `?token=`), whatever its origin. A wrong one counts
+    /// against `peer`'s failed logins.
+    fn identify(&self, headers: &HeaderMap, uri: &Uri, peer: IpAddr) -> Result<Identity, Refusal> {
         let presented = bearer(headers)
             .or_else(|| query_token(uri))
             .ok_or(Refusal::Unauthorized)?;
+        if let Some(wait) = self.logins.refused(peer) {
+            return Err(Refusal::Throttled(wait));
+        }
+        let identity = self.verify(&presented);
+        if identity.is_err() {
+            if let Some(wait) = self.logins.failed(peer) {
+                return Err(Refusal::Throttled(wait));
+            }
+        }
+        identity
+    }
+
+    /// The holder of token `presented`.
+    fn verify(&self, presented: &str) -> Result<Identity, Refusal> {
         if let Some(jwt) = &self.jwt {
             // A JWT is three base64url parts joined by dots; a static secret
             // may look like one, so a token that does not verify is still
             // compared with the secrets.
             if presented.split('.').count() == 3 {
-                if let Some(identity) = jwt.verify(&presented) {
+                if let Some(identity) = jwt.verify(presented) {
                     return Ok(identity);
                 }
             }
@@ -410,7 +492,11 @@ fn resolve(t: &TokenConfig) -> Result<String, HerdError> {
     let secret = if let Some(s) = &t.secret {
         s.clone()
     } else if let Some(var) = &t.secret_env {
-        std::env::var(var).map_err(|_| bad(format!("environment variable {var} is not set")))?
+        std::env::var(var).map_err(|_| {
+            bad(format!(
+                "environment variable {var} is not set: set it to this token's secret"
+            ))
+        })?
     } else if let Some(path) = &t.secret_file {
         std::fs::read_to_string(path)
             .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?
@@ -444,6 +530,8 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn gate(toml: &str) -> Gate {
         Gate::new(&Config::from_toml(toml).unwrap()).unwrap()
     }
@@ -455,18 +543,18 @@ mod tests {
         let g = gate(TOKENS);
         let mut h = HeaderMap::new();
         let uri: Uri = "/ws".parse().unwrap();
-        assert_eq!(g.admit(&h, &uri).unwrap_err(), Refusal::Unauthorized);
+        assert_eq!(g.admit(&h, &uri, PEER).unwrap_err(), Refusal::Unauthorized);
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer s3cret"),
         );
-        let id = g.admit(&h, &uri).unwrap();
+        let id = g.admit(&h, &uri, PEER).unwrap();
         assert_eq!((id.name.as_str(), id.role), ("a", Role::Agent));
         let uri: Uri = "/ws?x=1&token=look".parse().unwrap();
-        let id = g.admit(&HeaderMap::new(), &uri).unwrap();
+        let id = g.admit(&HeaderMap::new(), &uri, PEER).unwrap();
         assert_eq!(id.role, Role::Viewer);
         let uri: Uri = "/ws?token=nope".parse().unwrap();
-        assert!(g.admit(&HeaderMap::new(), &uri).is_err());
+        assert!(g.admit(&HeaderMap::new(), &uri, PEER).is_err());
     }
 
     #[test]
@@ -475,22 +563,22 @@ mod tests {
         let uri: Uri = "/ws".parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:7878"));
-        assert!(g.admit(&h, &uri).is_ok(), "no Origin: not a browser");
+        assert!(g.admit(&h, &uri, PEER).is_ok(), "no Origin: not a browser");
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://127.0.0.1:7878"),
         );
-        assert!(g.admit(&h, &uri).is_ok(), "same host");
+        assert!(g.admit(&h, &uri, PEER).is_ok(), "same host");
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://dash.example.com"),
         );
-        assert!(g.admit(&h, &uri).is_ok(), "allowed");
+        assert!(g.admit(&h, &uri, PEER).is_ok(), "allowed");
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://evil.example"),
         );
-        assert_eq!(g.admit(&h, &uri).unwrap_err(), Refusal::ForeignOrigin);
+        assert_eq!(g.admit(&h, &uri, PEER).unwrap_err(), Refusal::ForeignOrigin);
     }
 
     #[test]
@@ -509,12 +597,12 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer from-file"),
         );
-        assert_eq!(g.admit(&h, &uri).unwrap().name, "f");
+        assert_eq!(g.admit(&h, &uri, PEER).unwrap().name, "f");
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer from-env"),
         );
-        assert_eq!(g.admit(&h, &uri).unwrap().name, "e");
+        assert_eq!(g.admit(&h, &uri, PEER).unwrap().name, "e");
         let missing = Config::from_toml(
             "[[token]]\nname = \"m\"\nrole = \"agent\"\nsecret_env = \"HERD_NO_SUCH_VAR\"\n",
         )

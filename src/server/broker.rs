@@ -4,7 +4,7 @@
 //! registry, the hub's inbox and the snapshot renderer's; the wait table is
 //! not here (the hub task owns it alone).
 
-use crate::cache::ResultCache;
+use crate::cache::{Layout, ResultCache};
 use crate::cluster::{exchange, listen, Exchange, Listener, Shell};
 use crate::config::Config;
 use crate::error::HerdError;
@@ -79,15 +79,22 @@ impl Broker {
         let evaluator_configs = config.effective_evaluators();
         let metrics = Arc::new(Metrics::new());
         let evaluators = Arc::new(EvaluatorTable::new(&evaluator_configs, &metrics));
-        let own: Vec<(Ns, u64)> = config
+        let listed = config
             .namespaces
             .iter()
-            .filter_map(|n| Some((Ns::find(&n.name)?, n.cache_bytes?)))
-            .collect();
+            .filter_map(|n| Some((Ns::find(&n.name)?, n)));
+        let layout = Layout {
+            own: listed
+                .clone()
+                .filter_map(|(ns, n)| Some((ns, n.cache_bytes?)))
+                .collect(),
+            together: config.namespace_defaults.cache_bytes_together,
+            listed: listed.map(|(ns, _)| ns).collect(),
+        };
         let cache = Arc::new(ResultCache::new(
             &config.cache,
             evaluator_configs.len(),
-            &own,
+            layout,
             config.cluster.redis.is_some(),
         ));
         let draining = Arc::new(AtomicBool::new(false));
@@ -101,7 +108,7 @@ impl Broker {
         let core = crate::hub::core_config(&config, &node, &run);
         let (cluster, cluster_events) = match &core.cluster {
             Some(settings) => {
-                metrics.cluster_mode.store(true, Ordering::Relaxed);
+                metrics.set_clustered();
                 metrics.cluster_up.set(0);
                 metrics.cluster_pubsub_up.set(0);
                 tracing::info!(node = %node, "cluster mode");

@@ -13,12 +13,12 @@
 use crate::error::ErrorCode;
 use crate::hub::HubMsg;
 use crate::outbox::{Outbox, SessionCtl};
-use crate::server::auth::{Identity, Refusal};
+use crate::server::auth::Identity;
 use crate::server::broker::Broker;
 use crate::server::session::{self, Right};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -128,11 +128,10 @@ impl IntoResponse for Failure {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            // Whole seconds, rounded up; at least one.
-            let seconds = self.retry_after_ms.unwrap_or(1000).div_ceil(1000).max(1);
+            let wait = Duration::from_millis(self.retry_after_ms.unwrap_or(1000));
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                .insert(header::RETRY_AFTER, super::retry_after_seconds(wait));
         }
         response
     }
@@ -165,22 +164,14 @@ impl Exchange {
     fn open(broker: &Arc<Broker>, request: &Request, right: Right) -> Result<Exchange, Failure> {
         let peer = request.extensions().get::<super::Peer>().map(|p| p.0);
         let path = request.uri().path();
-        let identity = match broker.gate.admit(request.headers(), request.uri()) {
+        let ip = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.ip());
+        let identity = match broker.gate.admit(request.headers(), request.uri(), ip) {
             Ok(identity) => identity,
-            Err(Refusal::Unauthorized) => {
-                info!(
-                    ?peer,
-                    path, "HTTP request refused: missing or unknown token"
-                );
-                return Err(Failure::new("unauthorized", "a valid token is required"));
-            }
-            Err(Refusal::ForeignOrigin) => {
-                info!(?peer, path, "HTTP request refused: origin not allowed");
-                return Err(Failure::new("forbidden", "origin not allowed"));
-            }
-            Err(Refusal::ForeignHost) => {
-                info!(?peer, path, "HTTP request refused: host not allowed");
-                return Err(Failure::new("forbidden", "host not allowed"));
+            Err(refusal) => {
+                info!(?peer, path, "HTTP request refused: {}", refusal.logged());
+                let mut failure = Failure::new(refusal.code(), refusal.message(path));
+                failure.retry_after_ms = refusal.retry_after().map(|w| w.as_millis() as u64);
+                return Err(failure.with_status(refusal.status()));
             }
         };
         if !session::has_right(&identity, right) {

@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod broker;
 pub mod http;
+pub mod idle;
+pub mod logins;
 pub mod session;
 pub mod snapshot;
 pub mod tenants;
@@ -59,16 +61,27 @@ pub async fn run(
     let header_timeout = Duration::from_millis(config.limits.header_timeout_ms);
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let broker = Broker::start(config)?;
+    // Said once the broker has started (its secrets resolved, its
+    // evaluators up), so a broker that cannot start never says it listens.
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "herd listening; dashboard at http://{addr}/ , WebSocket at ws://{addr}/ws");
+    }
     let app = router(Arc::clone(&broker));
     let stop_accepting = CancellationToken::new();
     let connections = TaskTracker::new();
+    let idle = idle::Idle::new(broker.config.limits.max_idle_connections);
+    let serving = Serving {
+        app,
+        stop: stop_accepting.clone(),
+        header_timeout,
+        close_timeout,
+    };
     let accept = tokio::spawn(accept_loop(
         listener,
         tls,
-        app,
+        serving,
         connections.clone(),
-        stop_accepting.clone(),
-        header_timeout,
+        idle,
     ));
 
     shutdown.await;
@@ -117,13 +130,25 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, HerdError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// What every connection is served with.
+#[derive(Clone)]
+struct Serving {
+    app: Router,
+    /// Cancelled when the broker stops: connections finish what they are
+    /// doing and close.
+    stop: CancellationToken,
+    header_timeout: Duration,
+    /// How long a connection closed for being idle too long may take to
+    /// finish writing a response.
+    close_timeout: Duration,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    app: Router,
+    serving: Serving,
     connections: TaskTracker,
-    stop: CancellationToken,
-    header_timeout: Duration,
+    idle: Arc<idle::Idle>,
 ) {
     // Failed accepts since the last one logged: logged once a second at most.
     let mut failed = 0u64;
@@ -144,52 +169,70 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stop.cancelled() => break,
+            _ = serving.stop.cancelled() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let stop = stop.clone();
+        let serving = serving.clone();
         let tls = tls.clone();
+        let connection = Arc::new(idle.open());
         connections.spawn(async move {
-            match tls {
-                None => serve_http(tcp, addr, app, stop, header_timeout).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, addr, app, stop, header_timeout).await,
-                        Ok(Err(error)) => debug!(%addr, %error, "TLS handshake failed"),
-                        Err(_) => debug!(%addr, "TLS handshake timed out"),
-                    }
+            let Some(acceptor) = tls else {
+                return serve_http(tcp, addr, serving, connection).await;
+            };
+            let handshake = tokio::time::timeout(serving.header_timeout, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                done = handshake => done,
+                _ = connection.close.cancelled() => {
+                    return debug!(%addr, "idle connection closed before its TLS handshake (limits.max_idle_connections)");
                 }
+            };
+            match handshake {
+                Ok(Ok(stream)) => serve_http(stream, addr, serving, connection).await,
+                Ok(Err(error)) => debug!(%addr, %error, "TLS handshake failed"),
+                Err(_) => debug!(%addr, "TLS handshake timed out"),
             }
         });
     }
 }
 
-/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection.
-async fn serve_http<I>(
-    io: I,
-    addr: SocketAddr,
-    app: Router,
-    stop: CancellationToken,
-    header_timeout: Duration,
-) where
+/// Serves HTTP/1.1 (and WebSocket upgrades) on one connection. Closed for
+/// being idle too long, it finishes a response it is writing (within the
+/// close timeout) and reads no further request.
+async fn serve_http<I>(io: I, addr: SocketAddr, serving: Serving, connection: Arc<idle::Connection>)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let close = connection.close.clone();
+    let app = serving.app;
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(Peer(addr));
-        app.clone().oneshot(request.map(Body::new))
+        let (app, connection) = (app.clone(), Arc::clone(&connection));
+        connection.busy();
+        async move {
+            let response = app.oneshot(request.map(Body::new)).await;
+            // An upgraded connection is a session's now, never idle again.
+            if !matches!(&response, Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS) {
+                connection.rest();
+            }
+            response
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(serving.header_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => {}
-        _ = stop.cancelled() => {
+        _ = serving.stop.cancelled() => {
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
+        }
+        _ = close.cancelled() => {
+            debug!(%addr, "idle connection closed (limits.max_idle_connections)");
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(serving.close_timeout, connection).await;
         }
     }
 }
@@ -225,25 +268,13 @@ async fn metrics(
     request: Request,
 ) -> Response {
     let need_token = broker.config.metrics_need_token;
-    match broker
-        .gate
-        .admit_metrics(request.headers(), request.uri(), need_token)
-    {
-        Ok(()) => {}
-        Err(Refusal::ForeignHost) => {
-            info!(%peer, "/metrics refused: host not allowed");
-            return plain(
-                StatusCode::FORBIDDEN,
-                "host not allowed: without tokens, /metrics answers only to IP addresses, localhost and allowed_hosts\n",
-            );
-        }
-        Err(_) => {
-            info!(%peer, "/metrics refused: missing or unknown token");
-            return plain(
-                StatusCode::UNAUTHORIZED,
-                "a valid token is required (metrics_need_token)\n",
-            );
-        }
+    let admitted =
+        broker
+            .gate
+            .admit_metrics(request.headers(), request.uri(), need_token, peer.ip());
+    if let Err(refusal) = admitted {
+        info!(%peer, "/metrics refused: {}", refusal.logged());
+        return refused(&refusal, "/metrics");
     }
     (
         [(
@@ -268,6 +299,22 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 fn plain(status: StatusCode, message: &'static str) -> Response {
     (status, message).into_response()
+}
+
+/// A plain-text answer to a request to `path` refused by the gate.
+fn refused(refusal: &Refusal, path: &str) -> Response {
+    let mut response = (refusal.status(), format!("{}\n", refusal.message(path))).into_response();
+    if let Some(wait) = refusal.retry_after() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after_seconds(wait));
+    }
+    response
+}
+
+/// A `Retry-After` of `wait` in whole seconds, rounded up; at least one.
+pub fn retry_after_seconds(wait: Duration) -> HeaderValue {
+    HeaderValue::from((wait.as_millis() as u64).div_ceil(1000).max(1))
 }
 
 /// Why a request to a WebSocket endpoint cannot be upgraded.
@@ -368,22 +415,14 @@ async fn upgrade(
         Ok(h) => h,
         Err(error) => return error.into_response(),
     };
-    let identity = match broker.gate.admit(request.headers(), request.uri()) {
+    let identity = match broker
+        .gate
+        .admit(request.headers(), request.uri(), peer.ip())
+    {
         Ok(identity) => identity,
-        Err(Refusal::Unauthorized) => {
-            info!(%peer, "upgrade refused: missing or unknown token");
-            return plain(StatusCode::UNAUTHORIZED, "a valid token is required\n");
-        }
-        Err(Refusal::ForeignOrigin) => {
-            info!(%peer, "upgrade refused: origin not allowed");
-            return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
-        }
-        Err(Refusal::ForeignHost) => {
-            info!(%peer, "upgrade refused: host not allowed");
-            return plain(
-                StatusCode::FORBIDDEN,
-                "host not allowed: without tokens, /ws answers only to IP addresses, localhost and allowed_hosts\n",
-            );
+        Err(refusal) => {
+            info!(%peer, "upgrade refused: {}", refusal.logged());
+            return refused(&refusal, "/ws");
         }
     };
     if broker.is_draining() {
@@ -393,7 +432,7 @@ async fn upgrade(
         info!(%peer, ns = %identity.ns, "upgrade refused: the namespace's max_sessions are taken");
         return plain(
             StatusCode::TOO_MANY_REQUESTS,
-            "too many sessions in this namespace (its [[namespace]] max_sessions)\n",
+            "too many sessions in this namespace (its max_sessions, of [[namespace]] or [namespace_defaults])\n",
         );
     };
     if !broker.admit() {

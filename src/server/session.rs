@@ -23,7 +23,7 @@ use crate::protocol::{
 use crate::server::auth::{Identity, ServeRight};
 use crate::server::broker::Broker;
 use crate::server::snapshot::WatchMsg;
-use crate::server::tenants::Seat;
+use crate::server::tenants::{Allowance, Seat};
 use futures::{SinkExt, StreamExt};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -126,6 +126,7 @@ async fn run_session<S>(
         outbox,
         identity: &identity,
         ns_metrics: &seat.metrics,
+        allowance: seat.allowance(),
         label,
         watching: false,
         hits: Vec::new(),
@@ -182,6 +183,7 @@ pub async fn serve_one(
         outbox,
         identity,
         ns_metrics,
+        allowance: broker.tenants.allowance(identity.ns),
         label: format!("{}/http", identity.name).into(),
         watching: false,
         hits: Vec::new(),
@@ -241,7 +243,7 @@ fn rate_limited(id: &ReqId, wait: Duration) -> String {
         .str("code", ErrorCode::RateLimited.as_str())
         .str(
             "message",
-            "too many submits in this namespace (its [[namespace]] submits_per_s)",
+            "too many submits in this namespace (its submits_per_s, of [[namespace]] or [namespace_defaults])",
         )
         .uint("retry_after_ms", wait.as_millis().max(1) as u64)
         .finish()
@@ -263,6 +265,8 @@ struct Reader<'a> {
     identity: &'a Identity,
     /// Its namespace's figures.
     ns_metrics: &'a NsMetrics,
+    /// Its namespace's submits.
+    allowance: Allowance,
     /// How this session is shown as a worker (token name and session).
     label: Arc<str>,
     /// Whether this session has a `watch` running.
@@ -463,7 +467,7 @@ impl<'a> Reader<'a> {
         if broker.is_draining() {
             return reject_draining(&id);
         }
-        if let Err(wait) = broker.tenants.take_submit(self.identity.ns) {
+        if let Err(wait) = broker.tenants.take_submit(&self.allowance) {
             self.ns_metrics.rate_limited.inc();
             return Then::Reply(rate_limited(&id, wait).into());
         }

@@ -140,6 +140,7 @@ impl Renderer {
                 let session = outbox.session();
                 if !self.watchers.contains_key(&session) && self.watchers.len() >= self.max_watchers
                 {
+                    self.metrics.record_busy("watchers");
                     return outbox.push(error_frame(&id, ErrorCode::Busy.as_str(), WATCHERS_FULL));
                 }
                 self.watchers.insert(

@@ -23,7 +23,14 @@ const FILES: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
-/// Serves `/` and the files of `web/`.
+/// What the page may load and reach: its own files and its own broker
+/// (`'self'` covers the broker's `ws:`/`wss:` URL), no inline script, no
+/// framing by another site.
+const POLICY: &str =
+    "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// Serves `/` and the files of `web/`, with headers that keep the page's
+/// token from leaking (no `Referer`) and its files from being reinterpreted.
 pub async fn serve(request: Request) -> Response {
     let path = match request.uri().path() {
         "/" => "/index.html",
@@ -34,6 +41,10 @@ pub async fn serve(request: Request) -> Response {
             [
                 (header::CONTENT_TYPE, *content_type),
                 (header::CACHE_CONTROL, "no-cache"),
+                (header::CONTENT_SECURITY_POLICY, POLICY),
+                (header::REFERRER_POLICY, "no-referrer"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::X_FRAME_OPTIONS, "DENY"),
             ],
             *bytes,
         )

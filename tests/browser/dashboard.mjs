@@ -38,8 +38,61 @@ const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 const pageErrors = [];
 page.on("pageerror", (e) => pageErrors.push(String(e)));
 
+// mode "token": opens a credentialed broker's page without a token and
+//   checks that it asks for one (not "retrying" forever), refuses a wrong
+//   one, connects with the right one given in its form, keeps it over a
+//   reload, takes one from `/#token=…`, never shows it in its address,
+//   never puts it in a request's URL but the WebSocket's, and is served
+//   with its security headers.
+async function tokenMode() {
+  const urls = [];
+  page.on("request", (r) => urls.push(r.url()));
+  const cspErrors = [];
+  page.on("console", (m) => { if (m.text().includes("Content Security Policy")) cspErrors.push(m.text()); });
+  const response = await page.goto(opts.base + "/");
+  const headers = response.headers();
+  if (!(headers["content-security-policy"] || "").includes("default-src 'self'")) fail("CSP: " + JSON.stringify(headers));
+  if (headers["referrer-policy"] !== "no-referrer") fail("Referrer-Policy: " + headers["referrer-policy"]);
+  if (headers["x-content-type-options"] !== "nosniff") fail("nosniff: " + headers["x-content-type-options"]);
+  const asks = async (text) => {
+    await page.waitForSelector('#link[data-state="needs-token"]', { timeout: TIMEOUT });
+    await page.waitForSelector("#login:not([hidden])", { timeout: TIMEOUT });
+    const why = await page.textContent("#login-why");
+    if (!why.includes(text)) fail("the page says: " + why);
+  };
+  await asks("This broker needs a token");
+  if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
+  console.log("ASKED");
+  await page.fill("#login-token", "not-the-token");
+  await page.click('#login button[type="submit"]');
+  await asks("refused this token");
+  await page.fill("#login-token", opts.pageToken);
+  await page.click('#login button[type="submit"]');
+  const connected = () => page.waitForSelector('#link[data-state="connected"]', { timeout: TIMEOUT });
+  await connected();
+  await page.reload();
+  await connected();
+  const other = await browser.newPage();
+  other.on("request", (r) => urls.push(r.url()));
+  await other.goto(opts.base + "/#token=" + encodeURIComponent(opts.pageToken));
+  await other.waitForSelector('#link[data-state="connected"]', { timeout: TIMEOUT });
+  for (const p of [page, other]) {
+    if (p.url().includes(opts.pageToken)) fail("the address shows the token: " + p.url());
+  }
+  const leaked = urls.filter((u) => u.includes(opts.pageToken));
+  if (leaked.length) fail("requests carry the token in their URL: " + leaked.join(" "));
+  if (cspErrors.length) fail("the policy blocked: " + cspErrors.join("; "));
+  console.log("OK");
+}
+
 try {
-  const url = opts.base + "/" + (opts.pageToken ? "?token=" + encodeURIComponent(opts.pageToken) : "");
+  if (opts.mode === "token") {
+    await tokenMode();
+    if (pageErrors.length) fail("page errors: " + pageErrors.join("; "));
+    await browser.close();
+    process.exit(0);
+  }
+  const url = opts.base + "/" + (opts.pageToken ? "#token=" + encodeURIComponent(opts.pageToken) : "");
   await page.goto(url);
   await page.waitForSelector('#link[data-state="connected"]', { timeout: TIMEOUT });
   const role = await page.textContent("#server");
@@ -69,8 +122,14 @@ try {
     await page.waitForFunction(
       (min) => parseFloat(document.getElementById("chart-max").textContent.replace(/[^0-9.]/g, "")) >= min,
       opts.minRate, { timeout: TIMEOUT });
-    const points = await page.getAttribute("#chart polyline.s-submits", "points");
-    if (!points || points.split(" ").length < 2) fail("the chart has no line: " + points);
+    // A burst inside one history sample is one point; the line is drawn
+    // once the next snapshot adds another.
+    await page.waitForFunction(
+      () => (document.querySelector("#chart polyline.s-submits")?.getAttribute("points") || "")
+        .split(" ").filter(Boolean).length >= 2,
+      null, { timeout: TIMEOUT }).catch(async () => {
+      fail("the chart has no line: " + await page.getAttribute("#chart polyline.s-submits", "points"));
+    });
     if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
     console.log("OK");
   } else if (opts.mode === "cluster") {

@@ -166,6 +166,30 @@ impl Drop for Broker {
     }
 }
 
+/// `herd serve`'s arguments for a test broker on a free port of 127.0.0.1
+/// logging JSON lines, up to its config file's path.
+pub const SERVE_ARGS: [&str; 6] = [
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--log-format",
+    "json",
+    "--config",
+];
+
+/// `herd serve` of the config file at `path` (see [`SERVE_ARGS`]), its
+/// stderr piped for the test to read.
+pub fn serve_logging(path: &std::path::Path) -> Broker {
+    Broker(
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(SERVE_ARGS)
+            .arg(path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 pub fn serve_child(dir: &tempfile::TempDir, toml: &str) -> (Broker, String) {
     serve_child_under(dir, toml, &[])
 }
@@ -189,14 +213,7 @@ pub fn serve_child_under(
         None => Command::new(herd),
     };
     let mut child = command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--config",
-        ])
+        .args(SERVE_ARGS)
         .arg(&path)
         .stderr(Stdio::piped())
         .spawn()

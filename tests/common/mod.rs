@@ -188,6 +188,19 @@ impl TestServer {
         }
     }
 
+    /// The HTTP status of a WebSocket upgrade presenting `token` in the
+    /// URL (101 when accepted).
+    pub async fn upgrade_status(&self, token: &str) -> u16 {
+        let url = format!("{}?token={token}", self.url());
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((_, response)) => response.status().as_u16(),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                response.status().as_u16()
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+
     /// A plain HTTP GET: (status, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.addr, path).await

@@ -29,6 +29,8 @@ for line in sys.stdin:
             f.write(task["key"] + "\n")
     time.sleep(value.get("sleep", 0))
     if mode == "crash":
+        sys.stderr.write("crashing on purpose\n")
+        sys.stderr.flush()
         os._exit(3)
     if mode == "garbage":
         print("this is not json", flush=True)
