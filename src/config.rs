@@ -282,6 +282,9 @@ pub struct Limits {
     /// request's head, or idle between two); past it the one idle longest
     /// is closed, so silent connections cannot take every file descriptor.
     pub max_idle_connections: usize,
+    /// Bytes of progress reports kept per evaluation for waiters that join
+    /// it later (the latest ones; `seq` shows what was left out).
+    pub progress_bytes: usize,
 }
 
 impl Default for Limits {
@@ -310,6 +313,7 @@ impl Default for Limits {
             failed_logins_per_min: 30,
             failed_login_addresses: 65_536,
             max_idle_connections: 1024,
+            progress_bytes: 64 * 1024,
         }
     }
 }
@@ -470,6 +474,10 @@ pub struct EvaluatorConfig {
     /// `simulate`: the longest `sleep_ms` or `spin_ms` honoured (default: `timeout_ms`).
     #[serde(default)]
     pub max_sleep_ms: Option<u64>,
+    /// `simulate`: progress reports per evaluation when the input names
+    /// none (its `progress` member), at most 1000 (default 0).
+    #[serde(default)]
+    pub progress_steps: u64,
     /// Largest canonical input accepted for this evaluator.
     #[serde(default = "default_max_input_bytes")]
     pub max_input_bytes: usize,
@@ -559,6 +567,7 @@ impl EvaluatorConfig {
             queue_bytes: default_queue_bytes(),
             spare_threads: None,
             max_sleep_ms: None,
+            progress_steps: 0,
             max_input_bytes: default_max_input_bytes(),
             command: Vec::new(),
             version: String::new(),
@@ -877,6 +886,11 @@ impl Config {
                     WEEK_MS,
                 ),
                 (n("max_input_bytes"), e.max_input_bytes as u128, GIB),
+                (
+                    n("progress_steps"),
+                    e.progress_steps.into(),
+                    crate::exec::eval::MAX_PROGRESS_STEPS.into(),
+                ),
                 (n("grace_ms"), e.grace_ms.into(), WEEK_MS),
                 (n("max_output_bytes"), e.max_output_bytes as u128, GIB),
                 (

@@ -32,7 +32,7 @@ use crate::key::Key;
 use crate::metrics::Metrics;
 use crate::ns::Ns;
 use crate::outbox::{Frame, Outbox, SessionId};
-use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId};
+use crate::protocol::{error_frame, result_frame, FrameWriter, ReqId, Wants};
 use bytes::Bytes;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -52,9 +52,10 @@ pub enum HubMsg {
         wait: bool,
         /// A cached result older than this does not answer it.
         max_age: Option<Duration>,
+        wants: Wants,
     },
-    /// Wait for a key whoever submits it.
-    Subscribe { waiter: Waiter },
+    /// Wait for a key whoever submits it (and its progress reports).
+    Subscribe { waiter: Waiter, progress: bool },
     /// Report a key's state.
     Get { key: Key, id: ReqId, outbox: Outbox },
     /// Stop this session's waits on a key.
@@ -91,6 +92,12 @@ pub enum HubMsg {
         task: String,
         outcome: Result<String, String>,
         id: ReqId,
+    },
+    /// A worker's progress report on a task it holds.
+    Progress {
+        session: SessionId,
+        task: String,
+        data: Arc<str>,
     },
     /// A worker session wrote frames it was holding back: offer it more.
     Drained { session: SessionId },
@@ -223,6 +230,7 @@ pub fn core_config(config: &Config, node: &str, run: &str) -> CoreConfig {
         ns_default_max_pending: config.namespace_defaults.max_pending,
         cluster,
         preview_chars: config.dashboard.input_preview_chars,
+        progress_bytes: config.limits.progress_bytes,
     }
 }
 
@@ -403,6 +411,7 @@ impl Hub {
                 }
             }
             Report::Refused { gen, reason } => Input::Refused { gen, reason },
+            Report::Progress { gen, data } => Input::Progress { gen, data },
         }
     }
 
@@ -420,6 +429,7 @@ impl Hub {
                 input,
                 wait,
                 max_age,
+                wants,
             } => {
                 if self.answered_from_cache(&waiter, max_age) {
                     self.evaluators.get(evaluator).metrics.cache_hits.inc();
@@ -435,9 +445,12 @@ impl Hub {
                     wait,
                     draining: self.draining.load(Ordering::Acquire),
                     max_age,
+                    priority: wants.priority,
+                    deadline: wants.deadline_ms.map(Duration::from_millis),
+                    progress: wants.progress,
                 });
             }
-            HubMsg::Subscribe { waiter } => {
+            HubMsg::Subscribe { waiter, progress } => {
                 if self.answered_from_cache(&waiter, None) {
                     return;
                 }
@@ -446,6 +459,7 @@ impl Hub {
                     session: waiter.outbox.session(),
                     id: waiter.id,
                     key: waiter.key,
+                    progress,
                 });
             }
             HubMsg::Invalidate { target, id, outbox } => {
@@ -550,6 +564,15 @@ impl Hub {
                 }
                 self.settle();
             }
+            HubMsg::Progress {
+                session,
+                task,
+                data,
+            } => {
+                if let Some(gen) = self.exec.remote().task_gen(session, &task) {
+                    self.input(Input::Progress { gen, data });
+                }
+            }
             HubMsg::Drained { session } => {
                 self.exec.drained(session);
                 self.settle();
@@ -591,7 +614,43 @@ impl Hub {
                 key,
                 gen,
                 input,
-            } => self.exec.offer(evaluator, key, gen, input),
+                priority,
+            } => self.exec.offer(evaluator, key, gen, input, priority),
+            Effect::Raise {
+                evaluator,
+                gen,
+                priority,
+            } => self.exec.raise(evaluator, gen, priority),
+            Effect::Progress { key, seq, data, to } => {
+                let tail = FrameWriter::tail(48 + data.len())
+                    .key(&key)
+                    .uint("seq", seq)
+                    .raw("data", &data)
+                    .finish();
+                for (session, id) in to {
+                    if let Some(outbox) = self.outboxes.get(&session) {
+                        outbox.push(Frame::Text(crate::protocol::progress_frame(&id, &tail)));
+                    }
+                }
+            }
+            Effect::DeadlineExceeded {
+                session,
+                id,
+                key,
+                deadline_ms,
+            } => {
+                if let Some(outbox) = self.outboxes.get(&session) {
+                    let message = format!(
+                        "no result within this request's deadline_ms ({deadline_ms}); the evaluation goes on for its other waiters"
+                    );
+                    let error = crate::protocol::eval_error_json(&EvalError::Deadline(message));
+                    let tail = FrameWriter::tail(64 + error.len())
+                        .key(&key)
+                        .raw("error", &error)
+                        .finish();
+                    outbox.push(Frame::Text(result_frame(&id, &tail)));
+                }
+            }
             Effect::Withdraw {
                 evaluator,
                 gen,
@@ -636,6 +695,7 @@ impl Hub {
                 state,
                 first,
                 waiters,
+                priority,
             } => {
                 if !first {
                     self.evaluators.get(evaluator).metrics.coalesced.inc();
@@ -646,6 +706,7 @@ impl Hub {
                     .str("state", state.as_str())
                     .bool("first", first)
                     .uint("waiters", waiters as u64)
+                    .uint("priority", u64::from(priority))
                     .finish()
             }
             Reply::Subscribed { key, state } => FrameWriter::new("subscribed")
@@ -658,16 +719,22 @@ impl Hub {
                 state,
                 waiters,
                 age_ms,
+                progress,
             } => {
                 let frame = FrameWriter::new("status")
                     .id(id)
                     .key(&key)
                     .str("state", state.as_str());
-                match state {
-                    crate::core::KeyState::Unknown => frame.finish(),
-                    _ => frame
+                match (state, progress) {
+                    (crate::core::KeyState::Unknown, _) => frame.finish(),
+                    (_, None) => frame
                         .uint("waiters", waiters as u64)
                         .uint("age_ms", age_ms)
+                        .finish(),
+                    (_, Some((seq, data))) => frame
+                        .uint("waiters", waiters as u64)
+                        .uint("age_ms", age_ms)
+                        .raw("progress", &crate::protocol::progress_json(seq, &data))
                         .finish(),
                 }
             }

@@ -45,14 +45,15 @@ pub enum Op<'a> {
         input: &'a RawValue,
         fn_name: Option<Cow<'a, str>>,
         wait: bool,
-        /// A cached result older than this is not good enough.
-        max_age_ms: Option<u64>,
+        wants: Wants,
     },
     Get {
         key: Key,
     },
     Subscribe {
         key: Key,
+        /// It gets the evaluation's progress reports.
+        progress: bool,
     },
     Cancel {
         key: Key,
@@ -78,6 +79,35 @@ pub enum Op<'a> {
         task: String,
         outcome: Result<String, String>,
     },
+    /// A worker's progress report on a task it holds (no reply).
+    Progress {
+        task: String,
+        data: &'a RawValue,
+    },
+}
+
+/// What a submit asks for besides its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wants {
+    /// A cached result older than this is not good enough.
+    pub max_age_ms: Option<u64>,
+    /// 0-9: its job starts in order of the highest among its submits.
+    pub priority: crate::core::Priority,
+    /// This submit alone is answered `deadline_exceeded` after this long.
+    pub deadline_ms: Option<u64>,
+    /// It gets the evaluation's `progress` frames before its result.
+    pub progress: bool,
+}
+
+impl Default for Wants {
+    fn default() -> Self {
+        Wants {
+            max_age_ms: None,
+            priority: crate::core::DEFAULT_PRIORITY,
+            deadline_ms: None,
+            progress: false,
+        }
+    }
 }
 
 /// What an `invalidate` drops.
@@ -104,6 +134,7 @@ impl Op<'_> {
             Op::Serve { .. } => "serve",
             Op::Unserve { .. } => "unserve",
             Op::Complete { .. } => "complete",
+            Op::Progress { .. } => "progress",
         }
     }
 }
@@ -160,6 +191,14 @@ struct Members<'a> {
     error: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     max_age_ms: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    priority: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    deadline_ms: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    progress: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
 }
 
 /// A member that is there, `null` included (plain `Option` would read `null` as absent).
@@ -228,11 +267,33 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
                     bad("\"max_age_ms\" must be a non-negative integer (milliseconds)")
                 })?),
             };
+            let priority = match members.priority {
+                None => crate::core::DEFAULT_PRIORITY,
+                Some(raw) => match raw.get().parse::<u8>() {
+                    Ok(p) if p <= crate::core::MAX_PRIORITY => p,
+                    _ => return Err(bad("\"priority\" must be an integer from 0 to 9")),
+                },
+            };
+            let deadline_ms =
+                match members.deadline_ms {
+                    None => None,
+                    Some(raw) => match raw.get().parse::<u64>() {
+                        Ok(ms) if ms >= 1 => Some(ms),
+                        _ => return Err(bad(
+                            "\"deadline_ms\" must be a positive integer (milliseconds from now)",
+                        )),
+                    },
+                };
             Op::Submit {
                 input,
                 fn_name,
                 wait,
-                max_age_ms,
+                wants: Wants {
+                    max_age_ms,
+                    priority,
+                    deadline_ms,
+                    progress: flag(members.progress, "progress", &id)?,
+                },
             }
         }
         "invalidate" => Op::Invalidate(match (members.key, members.fn_name) {
@@ -249,6 +310,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
         },
         "subscribe" => Op::Subscribe {
             key: parse_key(members.key, &id)?,
+            progress: flag(members.progress, "progress", &id)?,
         },
         "cancel" => Op::Cancel {
             key: parse_key(members.key, &id)?,
@@ -311,6 +373,14 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
             };
             Op::Complete { task, outcome }
         }
+        "progress" => Op::Progress {
+            task: members
+                .task
+                .and_then(string_of)
+                .ok_or_else(|| bad("\"task\" must be the task's id (a string)"))?
+                .into_owned(),
+            data: members.data.ok_or_else(|| bad("missing \"data\""))?,
+        },
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err(Rejection::new(
@@ -321,6 +391,19 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
         }
     };
     Ok(Request { id, op })
+}
+
+/// An optional boolean member (absent: false).
+fn flag(raw: Option<&RawValue>, name: &str, id: &ReqId) -> Result<bool, Rejection> {
+    match raw.map(RawValue::get) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(Rejection::new(
+            id,
+            ErrorCode::BadRequest,
+            format!("\"{name}\" must be a boolean"),
+        )),
+    }
 }
 
 /// Whether JSON `text` nests arrays and objects deeper than `max`. Cheap for
@@ -551,14 +634,31 @@ pub fn result_head_len(id: &ReqId) -> usize {
 /// and the tail, allocated at its exact length so that it becomes a
 /// WebSocket message's bytes as it is.
 pub fn result_frame(id: &ReqId, tail: &str) -> String {
-    let mut out = String::with_capacity(result_head_len(id) + tail.len());
-    out.push_str("{\"type\":\"result\"");
+    with_head("{\"type\":\"result\"", id, tail)
+}
+
+/// One waiter's copy of a shared progress `tail` (`,"key":…,"seq":…,"data":…}`).
+pub fn progress_frame(id: &ReqId, tail: &str) -> String {
+    with_head("{\"type\":\"progress\"", id, tail)
+}
+
+/// `head` (`{"type":"…"`), the `id` if any, and `tail`, allocated at their
+/// exact length.
+fn with_head(head: &str, id: &ReqId, tail: &str) -> String {
+    let id_len = id.as_deref().map_or(0, |id| ",\"id\":".len() + id.len());
+    let mut out = String::with_capacity(head.len() + id_len + tail.len());
+    out.push_str(head);
     if let Some(raw) = id {
         out.push_str(",\"id\":");
         out.push_str(raw);
     }
     out.push_str(tail);
     out
+}
+
+/// `{"seq":N,"data":…}`: the latest report, in `get`'s answer.
+pub fn progress_json(seq: u64, data: &str) -> String {
+    format!("{{\"seq\":{seq},\"data\":{data}}}")
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub enum EvalError {
     Failed(String),
     /// `eval_timeout`: it ran past its evaluator's `timeout_ms`.
     Timeout(String),
+    /// `deadline_exceeded`: one request's own `deadline_ms` passed first;
+    /// only that request gets it, and it is never cached or stored.
+    Deadline(String),
 }
 
 impl EvalError {
@@ -52,12 +55,13 @@ impl EvalError {
         match self {
             EvalError::Failed(_) => "eval_failed",
             EvalError::Timeout(_) => "eval_timeout",
+            EvalError::Deadline(_) => "deadline_exceeded",
         }
     }
 
     pub fn message(&self) -> &str {
         match self {
-            EvalError::Failed(m) | EvalError::Timeout(m) => m,
+            EvalError::Failed(m) | EvalError::Timeout(m) | EvalError::Deadline(m) => m,
         }
     }
 }
@@ -90,5 +94,7 @@ mod tests {
             (timeout.code(), timeout.message()),
             ("eval_timeout", "slow")
         );
+        let late = EvalError::Deadline("late".into());
+        assert_eq!((late.code(), late.message()), ("deadline_exceeded", "late"));
     }
 }

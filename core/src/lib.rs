@@ -11,6 +11,8 @@
 //!   owned by the table in cluster mode;
 //! - [`redis`]: the commands those decisions come down to, and the scripts
 //!   behind them;
+//! - [`sched`]: the order in which an evaluator's queued jobs start
+//!   (priority, then namespaces in turn), kept by every executor;
 //! - [`key`], [`ns`], [`error`]: keys, namespaces, error codes.
 
 pub mod cluster;
@@ -18,8 +20,10 @@ pub mod error;
 pub mod key;
 pub mod ns;
 pub mod redis;
+pub mod sched;
 pub mod table;
 
 pub use cluster::{claim_node, ClusterConfig, ClusterStatus, Link, OpId, PubsubEvent};
 pub use redis::{RedisOp, RedisReply};
+pub use sched::{Priority, RunQueue, DEFAULT_PRIORITY, MAX_PRIORITY};
 pub use table::*;

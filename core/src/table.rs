@@ -78,6 +78,7 @@ use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
 use crate::ns::Ns;
 use crate::redis::{RedisOp, RedisReply};
+use crate::sched::Priority;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +122,9 @@ pub struct CoreConfig {
     pub cluster: Option<ClusterConfig>,
     /// `dashboard.input_preview_chars`.
     pub preview_chars: usize,
+    /// `limits.progress_bytes`: the reports kept per evaluation for
+    /// waiters that join it later (the latest ones).
+    pub progress_bytes: usize,
 }
 
 /// Something that happened, for [`Core::apply`].
@@ -139,13 +143,23 @@ pub enum Input {
         /// A stored result older than this does not answer it (in a
         /// cluster: nor one in Redis).
         max_age: Option<std::time::Duration>,
+        /// Its job starts in order of the highest priority among its
+        /// submits.
+        priority: Priority,
+        /// This waiter alone gets `deadline_exceeded` once this has passed.
+        deadline: Option<Duration>,
+        /// It gets the evaluation's progress reports.
+        progress: bool,
     },
     /// Wait for a key whoever submits it.
     Subscribe {
         session: SessionId,
         id: ReqId,
         key: Key,
+        progress: bool,
     },
+    /// The running job `gen` reported progress (`data`: JSON).
+    Progress { gen: Gen, data: Arc<str> },
     /// Report a key's state.
     Get {
         session: SessionId,
@@ -250,6 +264,7 @@ pub enum Reply {
         state: KeyState,
         first: bool,
         waiters: usize,
+        priority: Priority,
     },
     Subscribed {
         key: Key,
@@ -260,6 +275,8 @@ pub enum Reply {
         state: KeyState,
         waiters: usize,
         age_ms: u64,
+        /// The latest progress report: its `seq` and data.
+        progress: Option<(u64, Arc<str>)>,
     },
     Cancelled {
         key: Key,
@@ -280,6 +297,10 @@ pub struct Waiter {
     pub id: ReqId,
     /// When the submit was applied; None for a subscription.
     pub since: Option<Instant>,
+    /// It asked for progress reports.
+    pub progress: bool,
+    /// Its own deadline, and the number its timer goes by.
+    pub deadline: Option<(Instant, u64)>,
 }
 
 /// Who computed an outcome.
@@ -328,6 +349,30 @@ pub enum Effect {
         key: Key,
         gen: Gen,
         input: Arc<str>,
+        priority: Priority,
+    },
+    /// Job `gen`, queued, now starts at `priority` (a waiter asked for more).
+    Raise {
+        evaluator: usize,
+        gen: Gen,
+        priority: Priority,
+    },
+    /// Progress report `seq` of the evaluation of `key`, for these waiters
+    /// (each request that asked for progress).
+    Progress {
+        key: Key,
+        seq: u64,
+        data: Arc<str>,
+        to: Vec<(SessionId, ReqId)>,
+    },
+    /// One waiter's deadline passed: it gets `deadline_exceeded`; the
+    /// evaluation goes on for the others.
+    DeadlineExceeded {
+        session: SessionId,
+        id: ReqId,
+        key: Key,
+        /// The deadline it asked for.
+        deadline_ms: u64,
     },
     /// Take job `gen` back: out of its queue, or from whoever runs it.
     /// `overran`: it ran past its deadline.
@@ -368,6 +413,9 @@ pub struct InflightRow {
     pub queued_at: Instant,
     pub age_ms: u64,
     pub preview: Arc<str>,
+    pub priority: Priority,
+    /// The latest progress report: its `seq` and data.
+    pub progress: Option<(u64, Arc<str>)>,
 }
 
 /// Counts the driver publishes (gauges and the drain).
@@ -409,6 +457,45 @@ struct Job {
     /// While asking: the last outcome announced under a claim, in case
     /// this job then finds that claim is the one to wait on.
     heard: Option<Heard>,
+    /// The highest priority among its submits.
+    priority: Priority,
+    /// Its progress reports.
+    reports: Reports,
+}
+
+/// An evaluation's progress reports: the latest ones, within
+/// `progress_bytes`, for waiters that join it later.
+#[derive(Default)]
+struct Reports {
+    /// The last report's `seq` (they count from 1).
+    seq: u64,
+    kept: VecDeque<(u64, Arc<str>)>,
+    bytes: usize,
+}
+
+impl Reports {
+    fn add(&mut self, data: Arc<str>, max_bytes: usize) -> u64 {
+        self.seq += 1;
+        self.bytes += data.len();
+        self.kept.push_back((self.seq, data));
+        while self.bytes > max_bytes && self.kept.len() > 1 {
+            let (_, old) = self.kept.pop_front().expect("more than one");
+            self.bytes -= old.len();
+        }
+        self.seq
+    }
+
+    fn latest(&self) -> Option<(u64, Arc<str>)> {
+        self.kept.back().cloned()
+    }
+}
+
+/// What a submit asked for besides its input.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    priority: Priority,
+    deadline: Option<Duration>,
+    progress: bool,
 }
 
 /// An outcome announced under a claim, heard by a job still asking.
@@ -491,6 +578,11 @@ pub struct Core {
     /// Jobs before this one were under way at the last drop: an outcome of
     /// one that comes after its job ended is delivered but not cached.
     drops_before: Gen,
+    /// Waiters' own deadlines, as (when, waiter number).
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// The key each waiter number waits on.
+    deadline_keys: HashMap<u64, Key>,
+    next_waiter: u64,
 }
 
 impl Core {
@@ -517,6 +609,9 @@ impl Core {
             now,
             recent_drops: VecDeque::new(),
             drops_before: 0,
+            deadlines: BTreeSet::new(),
+            deadline_keys: HashMap::new(),
+            next_waiter: 0,
         }
     }
 
@@ -527,7 +622,12 @@ impl Core {
 
     /// When [`Core::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let table = self.timers.first().map(|(at, _)| *at);
+        let jobs = self.timers.first().map(|(at, _)| *at);
+        let waiters = self.deadlines.first().map(|(at, _)| *at);
+        let table = match (jobs, waiters) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let cluster = self.cluster.as_ref().map(Coordinator::next_timer);
         match (table, cluster) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -543,7 +643,7 @@ impl Core {
             queued,
             running: self.running,
             sessions: self.sessions.len(),
-            timers: self.timers.len(),
+            timers: self.timers.len() + self.deadlines.len(),
         }
     }
 
@@ -641,6 +741,20 @@ impl Core {
                 }
             }
         }
+        let waiting: usize = self.table.values().map(|e| e.waiters.len()).sum();
+        let with_deadline = self
+            .table
+            .values()
+            .flat_map(|e| &e.waiters)
+            .filter(|w| w.deadline.is_some())
+            .count();
+        if self.deadlines.len() != with_deadline || self.deadline_keys.len() != with_deadline {
+            return Err(format!(
+                "{} deadlines ({} keys) for {with_deadline} waiters with one (of {waiting})",
+                self.deadlines.len(),
+                self.deadline_keys.len()
+            ));
+        }
         if self.timers.len() > self.by_gen.len() {
             return Err(format!(
                 "{} timers for {} jobs",
@@ -698,6 +812,8 @@ impl Core {
                 queued_at: job.queued_at,
                 age_ms: now.saturating_duration_since(job.queued_at).as_millis() as u64,
                 preview: Arc::clone(&job.preview),
+                priority: job.priority,
+                progress: job.reports.latest(),
             })
             .collect()
     }
@@ -715,10 +831,26 @@ impl Core {
                 wait,
                 draining,
                 max_age,
-            } => self.submit(
-                session, id, key, evaluator, input, wait, draining, max_age, now,
-            ),
-            Input::Subscribe { session, id, key } => self.subscribe(session, id, key),
+                priority,
+                deadline,
+                progress,
+            } => {
+                let asked = Asked {
+                    priority,
+                    deadline,
+                    progress,
+                };
+                self.submit(
+                    session, id, key, evaluator, input, wait, draining, max_age, asked, now,
+                )
+            }
+            Input::Subscribe {
+                session,
+                id,
+                key,
+                progress,
+            } => self.subscribe(session, id, key, progress),
+            Input::Progress { gen, data } => self.progress(gen, data),
             Input::Get { session, id, key } => self.get(session, id, key, now),
             Input::Cancel { session, id, key } => {
                 self.remove_waits(session, key);
@@ -732,9 +864,16 @@ impl Core {
                         job.phase = Phase::Queued;
                         job.worker = None;
                         let (evaluator, len) = (job.evaluator, job.input_len);
+                        // Waiters that joined while it ran may have raised it.
+                        let priority = job.priority;
                         self.running -= 1;
                         self.queues[evaluator].0 += 1;
                         self.queues[evaluator].1 += len;
+                        self.effects.push_back(Effect::Raise {
+                            evaluator,
+                            gen,
+                            priority,
+                        });
                     }
                 }
             }
@@ -783,6 +922,14 @@ impl Core {
                 job.deadline = None;
                 self.expired(gen);
             }
+            self.hear_cluster();
+        }
+        while let Some(&(at, number)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.deadline_passed(number);
             self.hear_cluster();
         }
         if let Some(cluster) = self.cluster.as_mut() {
@@ -960,6 +1107,7 @@ impl Core {
         wait: bool,
         draining: bool,
         max_age: Option<std::time::Duration>,
+        asked: Asked,
         now: Instant,
     ) {
         let job = self.job(&key);
@@ -991,13 +1139,26 @@ impl Core {
                     return self.reply(session, id, reply);
                 }
             }
-            self.start_job(key, evaluator, input, max_age, now);
+            self.start_job(key, evaluator, input, max_age, asked.priority, now);
         }
         // What the cluster answers is applied after this submit, so its
         // `accepted` comes first.
-        let job = self.job(&key).expect("the job was just made or found");
-        let state = job.state();
-        let gen = job.gen;
+        let job = self
+            .job_mut_of(&key)
+            .expect("the job was just made or found");
+        if asked.priority > job.priority {
+            job.priority = asked.priority;
+            if job.phase == Phase::Queued {
+                let raise = Effect::Raise {
+                    evaluator: job.evaluator,
+                    gen: job.gen,
+                    priority: asked.priority,
+                };
+                self.effects.push_back(raise);
+            }
+        }
+        let job = self.job(&key).expect("just found");
+        let (state, gen, priority) = (job.state(), job.gen, job.priority);
         let entry = self.table.get(&key).expect("the job's entry");
         let waiters = entry.waiters.len() + usize::from(wait);
         if !wait && holds_new {
@@ -1010,15 +1171,22 @@ impl Core {
             state,
             first: !joined,
             waiters,
+            priority,
         };
         self.reply(session, id.clone(), accepted);
         if wait {
+            let deadline = asked
+                .deadline
+                .and_then(|d| now.checked_add(d))
+                .map(|at| (at, self.next_waiter));
             self.add_waiter(
                 key,
                 Waiter {
                     session,
                     id,
                     since: Some(now),
+                    progress: asked.progress,
+                    deadline,
                 },
             );
         }
@@ -1032,6 +1200,7 @@ impl Core {
         evaluator: usize,
         input: Arc<str>,
         max_age: Option<Duration>,
+        priority: Priority,
         now: Instant,
     ) {
         let gen = self.next_gen;
@@ -1059,6 +1228,8 @@ impl Core {
             evaluated: None,
             dropped: false,
             heard: None,
+            priority,
+            reports: Reports::default(),
         });
         if !self.clustered() {
             return self.queue(gen, now);
@@ -1088,6 +1259,7 @@ impl Core {
             return;
         };
         job.phase = Phase::Queued;
+        let priority = job.priority;
         let (evaluator, key) = (job.evaluator, *self.by_gen.get(&gen).expect("a live job"));
         self.queues[evaluator].0 += 1;
         self.queues[evaluator].1 += input.len();
@@ -1098,10 +1270,11 @@ impl Core {
             key,
             gen,
             input,
+            priority,
         });
     }
 
-    fn subscribe(&mut self, session: SessionId, id: ReqId, key: Key) {
+    fn subscribe(&mut self, session: SessionId, id: ReqId, key: Key, progress: bool) {
         let repeated = self
             .sessions
             .get(&session)
@@ -1128,6 +1301,8 @@ impl Core {
                     session,
                     id,
                     since: None,
+                    progress,
+                    deadline: None,
                 },
             );
         }
@@ -1142,10 +1317,96 @@ impl Core {
         }
     }
 
+    /// Adds a waiter: its wait is counted, its deadline set, and the
+    /// reports made so far go to it first if it asked for progress.
     fn add_waiter(&mut self, key: Key, waiter: Waiter) {
         let waits = self.hold(waiter.session, key.ns(), 1);
         *waits.by_key.entry(key).or_default() += 1;
-        self.table.entry(key).or_default().waiters.push(waiter);
+        if let Some((at, number)) = waiter.deadline {
+            self.next_waiter = self.next_waiter.max(number + 1);
+            self.deadlines.insert((at, number));
+            self.deadline_keys.insert(number, key);
+        }
+        let entry = self.table.entry(key).or_default();
+        if waiter.progress {
+            if let Some(job) = &entry.job {
+                for (seq, data) in &job.reports.kept {
+                    self.effects.push_back(Effect::Progress {
+                        key,
+                        seq: *seq,
+                        data: Arc::clone(data),
+                        to: vec![(waiter.session, waiter.id.clone())],
+                    });
+                }
+            }
+        }
+        entry.waiters.push(waiter);
+    }
+
+    /// A waiter leaves: its deadline's timer goes.
+    fn forget_deadline(&mut self, waiter: &Waiter) {
+        if let Some((at, number)) = waiter.deadline {
+            self.deadlines.remove(&(at, number));
+            self.deadline_keys.remove(&number);
+        }
+    }
+
+    /// Waiter `number`'s deadline passed: it alone is answered
+    /// `deadline_exceeded`, and leaves as if cancelled.
+    fn deadline_passed(&mut self, number: u64) {
+        let Some(key) = self.deadline_keys.remove(&number) else {
+            return;
+        };
+        let Some(entry) = self.table.get_mut(&key) else {
+            return;
+        };
+        let Some(at) = entry
+            .waiters
+            .iter()
+            .position(|w| w.deadline.is_some_and(|(_, n)| n == number))
+        else {
+            return;
+        };
+        let waiter = entry.waiters.remove(at);
+        let (when, _) = waiter.deadline.expect("found by its deadline");
+        self.release_wait(waiter.session, key, false);
+        let asked = when.saturating_duration_since(waiter.since.unwrap_or(when));
+        self.effects.push_back(Effect::DeadlineExceeded {
+            session: waiter.session,
+            id: waiter.id,
+            key,
+            deadline_ms: asked.as_millis() as u64,
+        });
+        self.maybe_abandon(key);
+    }
+
+    /// Job `gen` reported progress: it goes to every waiter that asked,
+    /// and is kept for those that join later.
+    fn progress(&mut self, gen: Gen, data: Arc<str>) {
+        let max_bytes = self.config.progress_bytes;
+        let Some(key) = self.by_gen.get(&gen).copied() else {
+            return;
+        };
+        let Some(entry) = self.table.get_mut(&key) else {
+            return;
+        };
+        let Some(job) = entry.job.as_mut() else {
+            return;
+        };
+        if !matches!(job.phase, Phase::Queued | Phase::Running) {
+            return;
+        }
+        let seq = job.reports.add(Arc::clone(&data), max_bytes);
+        let to: Vec<(SessionId, ReqId)> = entry
+            .waiters
+            .iter()
+            .filter(|w| w.progress)
+            .map(|w| (w.session, w.id.clone()))
+            .collect();
+        if !to.is_empty() {
+            self.effects
+                .push_back(Effect::Progress { key, seq, data, to });
+        }
     }
 
     fn get(&mut self, session: SessionId, id: ReqId, key: Key, now: Instant) {
@@ -1159,12 +1420,14 @@ impl Core {
                 state: job.state(),
                 waiters: waiters.len(),
                 age_ms: now.saturating_duration_since(job.queued_at).as_millis() as u64,
+                progress: job.reports.latest(),
             },
             _ => Reply::Status {
                 key,
                 state: KeyState::Unknown,
                 waiters: 0,
                 age_ms: 0,
+                progress: None,
             },
         };
         self.reply(session, id, reply);
@@ -1207,7 +1470,13 @@ impl Core {
         let Some(entry) = self.table.get_mut(&key) else {
             return;
         };
-        entry.waiters.retain(|w| w.session != session);
+        let (gone, stay): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut entry.waiters)
+            .into_iter()
+            .partition(|w| w.session == session);
+        entry.waiters = stay;
+        for waiter in &gone {
+            self.forget_deadline(waiter);
+        }
         self.maybe_abandon(key);
     }
 
@@ -1338,6 +1607,7 @@ impl Core {
         };
         for waiter in &entry.waiters {
             self.release_wait(waiter.session, key, waiter.since.is_none());
+            self.forget_deadline(waiter);
         }
         entry.waiters
     }
@@ -1962,11 +2232,12 @@ impl Core {
                 j.evaluator,
                 j.phase.clone(),
                 j.claim.clone(),
-                j.input.clone(),
+                j.input.clone().map(|i| (i, j.priority)),
             )
         });
         for waiter in &given {
             self.release_wait(waiter.session, key, waiter.since.is_none());
+            self.forget_deadline(waiter);
         }
         let (evaluator, joined, input) = match job {
             Some((gen, evaluator, phase, joined, input)) => {
@@ -1984,8 +2255,8 @@ impl Core {
             waiters: given,
         }));
         match input {
-            Some((evaluator, input)) if later_submits => {
-                self.start_job(key, evaluator, input, None, now)
+            Some((evaluator, (input, priority))) if later_submits => {
+                self.start_job(key, evaluator, input, None, priority, now)
             }
             _ => self.maybe_abandon(key),
         }
@@ -2037,6 +2308,7 @@ mod tests {
             max_pending: 8,
             ns_max_pending: HashMap::new(),
             ns_default_max_pending: None,
+            progress_bytes: 1024,
             cluster: clustered.then(|| ClusterConfig {
                 node: "n".into(),
                 run: "r".into(),
@@ -2114,6 +2386,9 @@ mod tests {
             wait: true,
             draining: false,
             max_age: None,
+            priority: crate::sched::DEFAULT_PRIORITY,
+            deadline: None,
+            progress: false,
         }
     }
 
@@ -2152,6 +2427,7 @@ mod tests {
                 session: 1,
                 id: None,
                 key: Key::from_bytes([9; 16]),
+                progress: false,
             },
             now,
         );
@@ -2224,6 +2500,9 @@ mod tests {
             wait,
             draining: false,
             max_age: None,
+            priority: crate::sched::DEFAULT_PRIORITY,
+            deadline: None,
+            progress: false,
         }
     }
 
@@ -2349,6 +2628,7 @@ mod tests {
                     session,
                     id: None,
                     key,
+                    progress: false,
                 },
                 now,
             );
@@ -2518,6 +2798,7 @@ mod tests {
                 session: 3,
                 id: None,
                 key: Key::from_bytes([5; 16]),
+                progress: false,
             },
             later,
         );
@@ -2794,6 +3075,7 @@ mod tests {
             session,
             id: None,
             key: Key::from_bytes([5; 16]),
+            progress: false,
         }
     }
 

@@ -36,13 +36,21 @@
 //!    begun before it;
 //! 8. a broker that heard its evaluation's outcome while submits of it
 //!    waited gives them that; with failures not kept, no submit made after
-//!    a broker delivered a failure is given that failure.
+//!    a broker delivered a failure is given that failure;
+//! 9. progress reports go only to requests that asked for them and are
+//!    still waiting, each request's reports of one evaluation in `seq`
+//!    order without duplicates;
+//! 10. a request's deadline answer comes within one tick (1 ms) of its
+//!     deadline, unless its broker was paused, and never after its outcome;
+//! 11. `accepted` says the job's priority, the highest its submits asked
+//!     for; a queued job never waits behind a lower-priority one, nor, at
+//!     its priority, behind two jobs of one other namespace.
 //!
 //! Once faults are over and all is quiet:
-//! 9. every broker's cached result of a key is the one Redis holds, or it
+//! 12. every broker's cached result of a key is the one Redis holds, or it
 //!    holds none;
-//! 10. no subscription waits for a key whose result Redis or a cache holds;
-//! 11. once every session closes, nothing is left: no entry, job, timer,
+//! 13. no subscription waits for a key whose result Redis or a cache holds;
+//! 14. once every session closes, nothing is left: no entry, job, timer,
 //!     session record, claim, key waited on or looked up, command in
 //!     flight.
 //!
@@ -57,8 +65,8 @@ use herd_core::ns::Ns;
 use herd_core::redis::Acquired;
 use herd_core::{
     claim_node, ClusterConfig, Core, CoreConfig, Effect, FnLimits, Gen, Input, Link, OpId,
-    PubsubEvent, RedisOp, RedisReply, Reply, Source, Target, NS_PENDING_FULL, PENDING_FULL,
-    QUEUE_BYTES_FULL, QUEUE_FULL,
+    Priority, PubsubEvent, RedisOp, RedisReply, Reply, RunQueue, Source, Target, DEFAULT_PRIORITY,
+    NS_PENDING_FULL, PENDING_FULL, QUEUE_BYTES_FULL, QUEUE_FULL,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -144,6 +152,13 @@ enum Ev {
         key: Key,
         outcome: Outcome,
     },
+    /// A running job reports progress (its `n`th report).
+    Report {
+        inc: u64,
+        evaluator: usize,
+        gen: Gen,
+        n: u32,
+    },
     /// A command reaches Redis (Redis's side: not held up by a paused broker).
     Exec {
         inc: u64,
@@ -177,6 +192,7 @@ impl Ev {
     fn inc(&self) -> Option<u64> {
         match self {
             Ev::ExecDone { inc, .. }
+            | Ev::Report { inc, .. }
             | Ev::Exec { inc, .. }
             | Ev::Reply { inc, .. }
             | Ev::Deadline { inc, .. }
@@ -197,8 +213,13 @@ enum Outcome {
 struct Exec {
     /// Threads (or worker slots) free.
     free: usize,
-    queue: VecDeque<(Gen, Key)>,
-    running: HashMap<Gen, Key>,
+    queue: RunQueue<Key>,
+    /// Each running job's key, and its priority and arrival place (to
+    /// requeue it).
+    running: HashMap<Gen, (Key, Priority, u64)>,
+    /// Per priority and namespace with jobs waiting: the namespaces whose
+    /// jobs started since it last had one started (or began to wait).
+    passed: HashMap<(Priority, Ns), Vec<Ns>>,
     /// Jobs taken back from a worker: their late outcome is dropped.
     revoked: HashSet<Gen>,
     abandon_running: bool,
@@ -315,6 +336,13 @@ struct Req {
     answered_accepted: bool,
     /// An `invalidate` (a cancel does not end it).
     invalidation: Option<Target>,
+    priority: Priority,
+    /// It asked for progress reports.
+    progress: bool,
+    /// Its own deadline (ms).
+    deadline: Option<u64>,
+    /// The last report `seq` it got of each evaluation.
+    seqs: HashMap<String, u64>,
 }
 
 /// A request: broker, session, id.
@@ -387,6 +415,12 @@ struct Sim {
     /// Each claim taken in the model Redis: the broker (and incarnation)
     /// that took it, and its name.
     claims: HashMap<Arc<str>, (usize, u64, String)>,
+    /// Draws for priorities, deadlines and progress, apart from `rng` so
+    /// that the other draws of a seed stay as they were.
+    extra: StdRng,
+    /// The priority each broker's job of a key has: the highest its
+    /// submits asked for since the one that started it.
+    want: HashMap<(usize, Key), Priority>,
     trace: VecDeque<String>,
 }
 
@@ -427,6 +461,7 @@ fn config(p: &Params, broker: usize, inc: u64) -> CoreConfig {
         ns_default_max_pending: (!p.ns_listed).then_some(2 * p.max_pending),
         cluster,
         preview_chars: 16,
+        progress_bytes: 64,
     }
 }
 
@@ -457,6 +492,8 @@ impl Sim {
             seed,
             p,
             rng,
+            extra: StdRng::seed_from_u64(seed ^ 0x5eed),
+            want: HashMap::default(),
             base,
             now: 0,
             seq: 0,
@@ -511,8 +548,9 @@ impl Sim {
             exec: (0..2)
                 .map(|i| Exec {
                     free: p.threads,
-                    queue: VecDeque::new(),
+                    queue: RunQueue::default(),
                     running: HashMap::default(),
+                    passed: HashMap::default(),
                     revoked: HashSet::default(),
                     abandon_running: i == 1,
                 })
@@ -644,6 +682,17 @@ impl Sim {
                 outcome,
                 ..
             } => self.exec_done(b, evaluator, gen, key, outcome),
+            Ev::Report {
+                inc,
+                evaluator,
+                gen,
+                n,
+            } => {
+                if self.brokers[b].exec[evaluator].running.contains_key(&gen) {
+                    let data = format!("\"r-b{b}i{inc}g{gen}-{n}\"").into();
+                    self.apply(b, Input::Progress { gen, data });
+                }
+            }
             Ev::Exec {
                 inc,
                 op,
@@ -918,7 +967,17 @@ impl Sim {
         let roll = self.rng.random_range(0..100);
         let pauses = self.brokers[b].pauses;
         let now = self.now;
-        let req = move |bounded, subscription| Req {
+        let priority = if self.extra.random_bool(0.4) {
+            self.extra.random_range(0..=9)
+        } else {
+            DEFAULT_PRIORITY
+        };
+        let progress = self.extra.random_bool(0.4);
+        let deadline_ms = self
+            .extra
+            .random_bool(0.15)
+            .then(|| self.extra.random_range(1..=self.p.timeout_ms));
+        let req = move |bounded: bool, subscription| Req {
             key,
             since: now,
             bounded,
@@ -926,6 +985,10 @@ impl Sim {
             pauses,
             answered_accepted: false,
             invalidation: None,
+            priority,
+            progress,
+            deadline: deadline_ms.filter(|_| bounded).map(|d| now + d),
+            seqs: HashMap::default(),
         };
         match roll {
             0..55 => {
@@ -938,7 +1001,7 @@ impl Sim {
                     return self.check_fresh(b, &key, &output, now);
                 }
                 self.note(format!(
-                    "b{b} s{session} {id} submit {} wait={wait}",
+                    "b{b} s{session} {id} submit {} wait={wait} p{priority} deadline={deadline_ms:?} progress={progress}",
                     short(&key)
                 ));
                 self.pending
@@ -954,6 +1017,9 @@ impl Sim {
                         wait,
                         draining: false,
                         max_age: None,
+                        priority,
+                        deadline: deadline_ms.filter(|_| wait).map(Duration::from_millis),
+                        progress,
                     },
                 );
             }
@@ -970,6 +1036,7 @@ impl Sim {
                         session,
                         id: Some(id.into()),
                         key,
+                        progress,
                     },
                 );
             }
@@ -1010,6 +1077,8 @@ impl Sim {
                 // Bound like a submit: answered, refused or not, in time.
                 let invalidation = Req {
                     invalidation: Some(target),
+                    deadline: None,
+                    progress: false,
                     ..req(true, false)
                 };
                 self.pending.insert((b, session, id.clone()), invalidation);
@@ -1260,8 +1329,24 @@ impl Sim {
     fn perform(&mut self, b: usize, effect: Effect, follow_ups: &mut Vec<Input>) {
         match effect {
             Effect::Reply { session, id, reply } => match reply {
-                Reply::Accepted { .. } => {
+                Reply::Accepted {
+                    key: k,
+                    first,
+                    priority,
+                    ..
+                } => {
                     let key = (b, session, id.as_deref().unwrap_or("").to_string());
+                    if let Some(asked) = self.pending.get(&key).map(|r| r.priority) {
+                        let want = self.want.entry((b, k)).or_insert(asked);
+                        *want = if first { asked } else { asked.max(*want) };
+                        if priority != *want {
+                            let want = *want;
+                            self.fail(&format!(
+                                "b{b}: accepted says priority {priority} for {}, its submits asked for {want} at most",
+                                short(&k)
+                            ));
+                        }
+                    }
                     match self.pending.get_mut(&key) {
                         Some(r) if r.bounded => {
                             if r.answered_accepted {
@@ -1410,14 +1495,84 @@ impl Sim {
                 evaluator,
                 key,
                 gen,
+                priority,
                 ..
             } => {
-                self.note(format!("b{b} offer {} g{gen}", short(&key)));
+                self.note(format!("b{b} offer {} g{gen} p{priority}", short(&key)));
                 self.brokers[b].offered.insert(gen);
                 let inc = self.brokers[b].inc;
                 self.began.insert(format!("b{b}i{inc}g{gen}"), self.now);
-                self.brokers[b].exec[evaluator].queue.push_back((gen, key));
+                let exec = &mut self.brokers[b].exec[evaluator];
+                exec.queue.push(gen, key.ns(), priority, key);
                 self.start_jobs(b, evaluator, follow_ups);
+            }
+            Effect::Raise {
+                evaluator,
+                gen,
+                priority,
+            } => {
+                self.note(format!("b{b} raise g{gen} to p{priority}"));
+                let exec = &mut self.brokers[b].exec[evaluator];
+                if !exec.queue.contains(gen) {
+                    self.fail(&format!("b{b}: raised g{gen}, which is not queued"));
+                }
+                exec.queue.raise(gen, priority);
+                self.prune_passed(b, evaluator);
+            }
+            Effect::Progress { key, seq, data, to } => {
+                let tag = data.rsplit_once('-').map_or("", |(t, _)| t).to_string();
+                for (session, id) in to {
+                    let request = (b, session, id.as_deref().unwrap_or("").to_string());
+                    let Some(req) = self.pending.get_mut(&request) else {
+                        if self.brokers[b].sessions.contains(&session) {
+                            self.fail(&format!(
+                                "b{b} s{session}: progress {seq} of {} for a request already answered",
+                                short(&key)
+                            ));
+                        }
+                        continue;
+                    };
+                    if !req.progress || req.key != key {
+                        self.fail(&format!(
+                            "b{b} s{session}: progress of {} for a request that did not ask for it",
+                            short(&key)
+                        ));
+                    }
+                    let last = req.seqs.entry(tag.clone()).or_insert(0);
+                    if seq <= *last {
+                        let last = *last;
+                        self.fail(&format!(
+                            "b{b} s{session}: progress {seq} of {tag} after {last}"
+                        ));
+                    } else {
+                        *last = seq;
+                    }
+                }
+            }
+            Effect::DeadlineExceeded {
+                session,
+                id,
+                key,
+                deadline_ms,
+            } => {
+                self.note(format!(
+                    "b{b} s{session} deadline of {} ({deadline_ms} ms)",
+                    short(&key)
+                ));
+                let pauses = self.brokers[b].pauses;
+                if let Some(req) = self.answered(b, session, &id, "deadline_exceeded") {
+                    let Some(at) = req.deadline else {
+                        self.fail("a deadline nobody asked for");
+                    };
+                    let late = self.now > at + 1 && req.pauses == pauses;
+                    if self.now < at || late || req.key != key {
+                        self.fail(&format!(
+                            "b{b} s{session}: deadline of {} due at {at} ms answered at {} ms",
+                            short(&key),
+                            self.now
+                        ));
+                    }
+                }
             }
             Effect::Withdraw {
                 evaluator,
@@ -1426,7 +1581,9 @@ impl Sim {
             } => {
                 self.note(format!("b{b} withdraw g{gen} overran={overran}"));
                 let exec = &mut self.brokers[b].exec[evaluator];
-                exec.queue.retain(|(g, _)| *g != gen);
+                exec.queue.remove(gen);
+                self.prune_passed(b, evaluator);
+                let exec = &mut self.brokers[b].exec[evaluator];
                 if exec.running.contains_key(&gen) && (exec.abandon_running || overran) {
                     // A worker is sent revoke; an overrunning thread is replaced by a spare.
                     exec.running.remove(&gen);
@@ -1832,11 +1989,13 @@ impl Sim {
             if exec.free == 0 {
                 return;
             }
-            let Some((gen, key)) = exec.queue.pop_front() else {
+            let Some(taken) = exec.queue.pop() else {
                 return;
             };
+            let (gen, key) = (taken.gen, taken.item);
             exec.free -= 1;
-            exec.running.insert(gen, key);
+            exec.running.insert(gen, (key, taken.priority, taken.seq));
+            self.started_in_order(b, evaluator, key);
             follow_ups.push(Input::Started {
                 gen,
                 worker: (evaluator == 1).then(|| Arc::from("worker")),
@@ -1858,6 +2017,18 @@ impl Sim {
                 )
                 .into()))),
             };
+            let inc = self.brokers[b].inc;
+            let reports = self.extra.random_range(0..4);
+            for n in 1..=reports {
+                let at = self.extra.random_range(0..self.p.timeout_ms);
+                let report = Ev::Report {
+                    inc,
+                    evaluator,
+                    gen,
+                    n,
+                };
+                self.at(at, b, report);
+            }
             if let Some(outcome) = outcome {
                 // Mostly within the timeout, sometimes past it.
                 let took = self.rng.random_range(1..self.p.timeout_ms * 5 / 4);
@@ -1877,6 +2048,64 @@ impl Sim {
         }
     }
 
+    /// Job of `key` started on executor `evaluator` of broker `b`: no job
+    /// left waiting has a higher priority than its submits asked for, and
+    /// at its priority no namespace with jobs waiting has seen two jobs of
+    /// another namespace start since its own last one.
+    fn started_in_order(&mut self, b: usize, evaluator: usize, key: Key) {
+        let want = |sim: &Sim, k: &Key| sim.want.get(&(b, *k)).copied().unwrap_or(DEFAULT_PRIORITY);
+        let p = want(self, &key);
+        let waiting = self.waiting(b, evaluator);
+        if let Some((q, _)) = waiting.iter().find(|(q, _)| *q > p) {
+            self.fail(&format!(
+                "b{b}: {} started at priority {p} while a job of priority {q} waited",
+                short(&key)
+            ));
+        }
+        self.note(format!("b{b} e{evaluator} starts {} p{p}", short(&key)));
+        let ns = key.ns();
+        let exec = &mut self.brokers[b].exec[evaluator];
+        let mut twice = None;
+        exec.passed
+            .retain(|(q, other), _| waiting.contains(&(*q, *other)));
+        for (q, other) in waiting {
+            if q != p || other == ns {
+                continue;
+            }
+            let passed = exec.passed.entry((q, other)).or_default();
+            if passed.contains(&ns) {
+                twice = Some(other);
+            }
+            passed.push(ns);
+        }
+        exec.passed.remove(&(p, ns));
+        if let Some(other) = twice {
+            self.fail(&format!(
+                "b{b}: namespace {other:?} waited at priority {p} behind two jobs of {ns:?}"
+            ));
+        }
+    }
+
+    /// The priorities and namespaces with jobs waiting on an executor.
+    fn waiting(&self, b: usize, evaluator: usize) -> Vec<(Priority, Ns)> {
+        let mut waiting: Vec<(Priority, Ns)> = Vec::new();
+        for (_, k) in self.brokers[b].exec[evaluator].queue.iter() {
+            let want = self.want.get(&(b, *k)).copied().unwrap_or(DEFAULT_PRIORITY);
+            if !waiting.contains(&(want, k.ns())) {
+                waiting.push((want, k.ns()));
+            }
+        }
+        waiting
+    }
+
+    /// A job left an executor's queue (or a priority): a namespace left
+    /// with no job waiting at a priority begins its wait anew.
+    fn prune_passed(&mut self, b: usize, evaluator: usize) {
+        let waiting = self.waiting(b, evaluator);
+        let exec = &mut self.brokers[b].exec[evaluator];
+        exec.passed.retain(|at, _| waiting.contains(at));
+    }
+
     /// Starts queued jobs on the executor's free threads, as its reports.
     fn refill(&mut self, b: usize, evaluator: usize) {
         let mut follow_ups = Vec::new();
@@ -1893,7 +2122,8 @@ impl Sim {
         if exec.revoked.remove(&gen) {
             return;
         }
-        let was_running = exec.running.remove(&gen).is_some();
+        let was = exec.running.remove(&gen);
+        let was_running = was.is_some();
         if was_running {
             exec.free += 1;
         }
@@ -1903,7 +2133,13 @@ impl Sim {
                     return;
                 }
                 self.note(format!("b{b} worker lost, g{gen} requeued"));
-                self.brokers[b].exec[evaluator].queue.push_front((gen, key));
+                let (_, priority, seq) = was.expect("it was running");
+                let exec = &mut self.brokers[b].exec[evaluator];
+                exec.queue.requeue(gen, key.ns(), priority, seq, key);
+                // Its namespace goes first again: its start did not count.
+                for passed in exec.passed.values_mut() {
+                    passed.retain(|ns| *ns != key.ns());
+                }
                 self.apply(b, Input::Requeued { gen });
                 self.refill(b, evaluator);
             }
@@ -1952,6 +2188,22 @@ impl Sim {
                 "b{b} s{s} {id}: a submit of {} made at {} ms is unanswered after {bound} ms",
                 short(&r.key),
                 r.since
+            );
+            self.fail(&what);
+        }
+        let overdue = self.pending.iter().find(|((b, _, _), r)| {
+            r.deadline.is_some_and(|at| {
+                self.now > at + 1
+                    && r.pauses == self.brokers[*b].pauses
+                    && self.brokers[*b].paused_until <= at
+            })
+        });
+        if let Some(((b, s, id), r)) = overdue {
+            let what = format!(
+                "b{b} s{s} {id}: a submit of {} due at {:?} ms is unanswered at {} ms",
+                short(&r.key),
+                r.deadline,
+                self.now
             );
             self.fail(&what);
         }

@@ -8,7 +8,7 @@
 
 use crate::client::worker::{serve, Task, WorkerOptions, WorkerStats};
 use crate::config::{EvaluatorConfig, EvaluatorKind};
-use crate::exec::eval::{Health, Task as EvalTask, Worker, WorkerFactory};
+use crate::exec::eval::{Health, Progress, Task as EvalTask, Worker, WorkerFactory};
 use crate::exec::process::ProcessFactory;
 use crate::key::{canonical_json, Key};
 use crate::metrics::Metrics;
@@ -65,10 +65,17 @@ pub async fn run(args: WorkArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         let factory = Arc::clone(&factory);
         async move {
             let key = Key::parse(&task.key).ok_or("the task's key is not a key")?;
+            let reporter = task.progress.clone();
             let task = EvalTask {
                 key,
                 fn_name,
                 input: canonical_json(&task.input).into(),
+                // The child's progress lines, passed on to the broker.
+                progress: Progress::to(move |data| {
+                    if let Ok(data) = serde_json::from_str(data) {
+                        reporter.report(data);
+                    }
+                }),
             };
             let mut child = free_rx
                 .lock()

@@ -32,6 +32,25 @@ pub struct Task {
     pub deadline_ms: u64,
     /// 1, or more when an earlier worker went away with it.
     pub attempt: u64,
+    /// Sends the broker this task's progress reports.
+    pub progress: Reporter,
+}
+
+/// Sends one task's progress reports to the broker, which passes them to
+/// the waiters that asked for progress.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    task: String,
+    tx: tokio::sync::mpsc::Sender<Value>,
+}
+
+impl Reporter {
+    /// Queues a report; false if `progress_queue` reports wait already
+    /// (this one is dropped) or the session is gone.
+    pub fn report(&self, data: Value) -> bool {
+        let frame = json!({"op": "progress", "task": self.task, "data": data});
+        self.tx.try_send(frame).is_ok()
+    }
 }
 
 /// How to reach the broker and how much to take on.
@@ -43,6 +62,8 @@ pub struct WorkerOptions {
     /// First wait before reconnecting; it doubles (with jitter) up to `reconnect_max`.
     pub reconnect_first: Duration,
     pub reconnect_max: Duration,
+    /// Progress reports waiting to be sent, at most (then dropped).
+    pub progress_queue: usize,
 }
 
 impl Default for WorkerOptions {
@@ -52,6 +73,7 @@ impl Default for WorkerOptions {
             concurrency: 1,
             reconnect_first: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            progress_queue: 1024,
         }
     }
 }
@@ -174,6 +196,7 @@ where
     if !send(socket, serve).await {
         return Ok(Ended::Lost);
     }
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel(options.progress_queue.max(1));
     let mut running: JoinSet<(String, Result<Value, String>)> = JoinSet::new();
     let mut handles: HashMap<String, AbortHandle> = HashMap::new();
     let mut ids: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -183,6 +206,11 @@ where
             return Ok(Ended::Stopped);
         }
         tokio::select! {
+            Some(report) = progress_rx.recv() => {
+                if !send(socket, report).await {
+                    return Ok(lost(&mut running, stats, draining));
+                }
+            }
             _ = stop.as_mut(), if !draining => {
                 draining = true;
                 tracing::info!(
@@ -240,8 +268,10 @@ where
                 let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
                 match frame["type"].as_str() {
                     Some("task") => {
+                        let id = frame["task"].as_str().unwrap_or_default().to_string();
                         let task = Task {
-                            task: frame["task"].as_str().unwrap_or_default().to_string(),
+                            progress: Reporter { task: id.clone(), tx: progress_tx.clone() },
+                            task: id,
                             key: frame["key"].as_str().unwrap_or_default().to_string(),
                             fn_name: frame["fn"].as_str().unwrap_or_default().to_string(),
                             input: frame["input"].clone(),

@@ -21,6 +21,37 @@ pub struct Task {
     pub fn_name: Arc<str>,
     /// The input as canonical JSON text.
     pub input: Arc<str>,
+    /// Where its progress reports go.
+    pub progress: Progress,
+}
+
+/// Where an evaluation's progress reports (JSON text) go.
+#[derive(Clone, Default)]
+pub struct Progress(Option<Sink>);
+
+type Sink = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl Progress {
+    pub fn to(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Progress(Some(Arc::new(sink)))
+    }
+
+    /// Passes one report (JSON text) on.
+    pub fn report(&self, data: &str) {
+        if let Some(sink) = &self.0 {
+            sink(data);
+        }
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Progress(sink)"
+        } else {
+            "Progress(none)"
+        })
+    }
 }
 
 /// Runs tasks on one pool thread.
@@ -53,6 +84,7 @@ pub fn builtin_factory(config: &EvaluatorConfig) -> Option<Arc<dyn WorkerFactory
         EvaluatorKind::Simulate => Some(Arc::new(Builtin(Simulate {
             max_output_bytes: config.max_output_bytes,
             max_sleep_ms: config.max_sleep_ms(),
+            progress_steps: config.progress_steps,
         }))),
         EvaluatorKind::Echo => Some(Arc::new(Builtin(Echo))),
         EvaluatorKind::Process | EvaluatorKind::Remote => None,
@@ -185,13 +217,20 @@ impl<W: Worker + Clone + Sync + 'static> WorkerFactory for Builtin<W> {
 /// from the key), `spin_ms` (busy CPU time), each at most the evaluator's
 /// `max_sleep_ms`; `fail` (fail with this message), `panic` (panic when
 /// true), `output_bytes` (pad the output to about this size, at most the
-/// evaluator's `max_output_bytes`). The output is derived from the key
-/// alone, about 128 bytes, so equal inputs give equal outputs.
+/// evaluator's `max_output_bytes`), `progress` (report progress this many
+/// times while sleeping, at most [`MAX_PROGRESS_STEPS`]; otherwise the
+/// evaluator's `progress_steps`): `{"step":i,"of":n}`. The output is
+/// derived from the key alone, about 128 bytes, so equal inputs give equal
+/// outputs.
 #[derive(Clone)]
 pub struct Simulate {
     pub max_output_bytes: usize,
     pub max_sleep_ms: u64,
+    pub progress_steps: u64,
 }
+
+/// The most progress reports a `simulate` evaluation makes.
+pub const MAX_PROGRESS_STEPS: u64 = 1000;
 
 impl Worker for Simulate {
     fn run(&mut self, task: &Task) -> Result<String, EvalError> {
@@ -213,7 +252,19 @@ impl Worker for Simulate {
                 std::hint::black_box(x);
             }
         }
-        std::thread::sleep(Duration::from_millis(sleep_ms));
+        let steps = field("progress")
+            .and_then(Value::as_u64)
+            .unwrap_or(self.progress_steps)
+            .min(MAX_PROGRESS_STEPS);
+        // The sleep in steps + 1 parts, a report after each of the first
+        // `steps`.
+        let part = Duration::from_millis(sleep_ms) / (steps as u32 + 1);
+        for step in 1..=steps {
+            std::thread::sleep(part);
+            task.progress
+                .report(&format!("{{\"step\":{step},\"of\":{steps}}}"));
+        }
+        std::thread::sleep(Duration::from_millis(sleep_ms).saturating_sub(part * steps as u32));
         if field("panic").and_then(Value::as_bool) == Some(true) {
             panic!("simulated panic for key {}", task.key);
         }
@@ -254,6 +305,7 @@ mod tests {
 
     fn simulate() -> Simulate {
         Simulate {
+            progress_steps: 0,
             max_output_bytes: 1 << 20,
             max_sleep_ms: 1000,
         }
@@ -265,6 +317,7 @@ mod tests {
             key: Key::derive("default", canonical.as_bytes()),
             fn_name: "default".into(),
             input: canonical.into(),
+            progress: Progress::default(),
         }
     }
 

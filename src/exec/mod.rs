@@ -44,6 +44,11 @@ pub enum Report {
         gen: Gen,
         reason: &'static str,
     },
+    /// A running job reported progress (JSON text).
+    Progress {
+        gen: Gen,
+        data: Arc<str>,
+    },
 }
 
 /// The `busy` message for a full evaluation queue.
@@ -89,12 +94,20 @@ impl Executors {
     }
 
     /// Queues job `gen`; a full queue is reported as `Refused`.
-    pub fn offer(&mut self, evaluator: usize, key: Key, gen: Gen, input: Arc<str>) {
+    pub fn offer(
+        &mut self,
+        evaluator: usize,
+        key: Key,
+        gen: Gen,
+        input: Arc<str>,
+        priority: crate::core::Priority,
+    ) {
         let ctl = Arc::new(JobCtl::default());
         let job = Job {
             key,
             gen,
             input,
+            priority,
             ctl: Arc::clone(&ctl),
         };
         if self.remote.is_remote(evaluator) {
@@ -113,6 +126,15 @@ impl Executors {
         }
     }
 
+    /// Job `gen`, if still queued, now starts at `priority`.
+    pub fn raise(&mut self, evaluator: usize, gen: Gen, priority: crate::core::Priority) {
+        if self.remote.is_remote(evaluator) {
+            self.remote.raise(evaluator, gen, priority);
+        } else {
+            self.pool.raise(evaluator, gen, priority);
+        }
+    }
+
     /// Takes job `gen` back: out of its queue, or from whoever runs it
     /// (a worker is sent `revoke`; a thread that overran is replaced).
     pub fn withdraw(&mut self, evaluator: usize, gen: Gen, overran: bool) {
@@ -121,6 +143,7 @@ impl Executors {
             self.pump(evaluator);
             return;
         }
+        self.pool.unqueue(evaluator, gen);
         if let Some(ctl) = self.ctls.remove(&gen) {
             ctl.cancel();
             if overran {
@@ -137,6 +160,7 @@ impl Executors {
                 gen,
                 worker: None,
             }),
+            PoolEvent::Progress { gen, data } => self.reports.push(Report::Progress { gen, data }),
             PoolEvent::Done {
                 evaluator,
                 key,

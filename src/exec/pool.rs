@@ -16,18 +16,20 @@
 //!
 //! Each queue is bounded twice: `queue_capacity` jobs and `queue_bytes`
 //! bytes of input, counted by the core (`crate::core`) for the jobs it has
-//! offered and not seen start; the channel itself holds twice that, room
-//! for withdrawn jobs that wait to be skipped.
+//! offered and not seen start; the queue itself refuses past twice that.
+//! Threads take jobs in the order of a [`RunQueue`]: highest priority
+//! first, namespaces in turn at equal priority, then arrival order.
 
 use crate::config::{EvaluatorConfig, EvaluatorKind};
+use crate::core::{Priority, RunQueue};
 use crate::error::{EvalError, HerdError};
-use crate::exec::eval::{builtin_factory, Health, Task, WorkerFactory};
+use crate::exec::eval::{builtin_factory, Health, Progress, Task, WorkerFactory};
 use crate::key::Key;
 use crate::metrics::{FnMetrics, Metrics};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -40,6 +42,8 @@ pub enum PoolEvent {
         key: Key,
         gen: u64,
     },
+    /// A job reported progress (JSON text).
+    Progress { gen: u64, data: Arc<str> },
     /// A thread finished a job.
     Done {
         evaluator: usize,
@@ -81,7 +85,17 @@ pub struct Job {
     pub key: Key,
     pub gen: u64,
     pub input: Arc<str>,
+    pub priority: Priority,
     pub ctl: Arc<JobCtl>,
+}
+
+/// One evaluator's queued jobs, in the order threads take them.
+#[derive(Default)]
+struct Line {
+    jobs: RunQueue<Job>,
+    bytes: usize,
+    /// The pool is shutting down: threads end once it is empty.
+    closed: bool,
 }
 
 /// Why a job was not queued.
@@ -167,7 +181,11 @@ struct Crew {
     evaluator: usize,
     name: Arc<str>,
     factory: Arc<dyn WorkerFactory>,
-    jobs: crossbeam_channel::Receiver<Job>,
+    line: Mutex<Line>,
+    /// Signalled when a job is queued or the line closes.
+    ready: Condvar,
+    max_jobs: usize,
+    max_bytes: usize,
     events: mpsc::Sender<PoolEvent>,
     health: Arc<Health>,
     /// Threads started so far (names and worker numbers).
@@ -175,13 +193,46 @@ struct Crew {
     /// Spares running in place of lost threads that have not returned.
     spares: AtomicUsize,
     max_spares: usize,
-    queued_bytes: AtomicUsize,
+}
+
+impl Crew {
+    fn line(&self) -> MutexGuard<'_, Line> {
+        self.line.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next job, waiting at most `wait` (forever: None); None when
+    /// the wait is over or the pool shuts down (`Err`).
+    fn next(&self, wait: Option<Duration>) -> Result<Option<Job>, ()> {
+        let mut line = self.line();
+        let until = wait.map(|w| Instant::now() + w);
+        loop {
+            if let Some(taken) = line.jobs.pop() {
+                line.bytes -= taken.item.input.len();
+                return Ok(Some(taken.item));
+            }
+            if line.closed {
+                return Err(());
+            }
+            line = match until {
+                None => self.ready.wait(line).unwrap_or_else(|e| e.into_inner()),
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    self.ready
+                        .wait_timeout(line, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
 }
 
 /// The running threads and the queues that feed them (none for `remote`
 /// evaluators, whose work goes to worker sessions).
 pub struct Pool {
-    queues: Vec<Option<(crossbeam_channel::Sender<Job>, usize)>>,
     crews: Vec<Option<Arc<Crew>>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -194,34 +245,31 @@ impl Pool {
         events: mpsc::Sender<PoolEvent>,
     ) -> Result<Pool, HerdError> {
         let mut pool = Pool {
-            queues: Vec::with_capacity(configs.len()),
             crews: Vec::with_capacity(configs.len()),
             threads: Vec::new(),
         };
         for (index, config) in configs.iter().enumerate() {
             if config.kind == crate::config::EvaluatorKind::Remote {
-                pool.queues.push(None);
                 pool.crews.push(None);
                 continue;
             }
             let health = Arc::clone(&table.get(index).health);
             let factory = factory(config, Arc::clone(&health))?;
             // The core admits at most queue_capacity jobs (queue_bytes of
-            // input) at once; a job it withdraws stays in the channel until
-            // a thread skips it, so the channel holds twice that.
-            let (tx, rx) =
-                crossbeam_channel::bounded::<Job>(config.queue_capacity.saturating_mul(2));
+            // input) at once; the queue refuses past twice that.
             let crew = Arc::new(Crew {
                 evaluator: index,
                 name: config.name.as_str().into(),
                 factory,
-                jobs: rx,
+                line: Mutex::new(Line::default()),
+                ready: Condvar::new(),
+                max_jobs: config.queue_capacity.saturating_mul(2),
+                max_bytes: config.queue_bytes.saturating_mul(2),
                 events: events.clone(),
                 health,
                 started: AtomicUsize::new(0),
                 spares: AtomicUsize::new(0),
                 max_spares: config.spare_threads(),
-                queued_bytes: AtomicUsize::new(0),
             });
             for _ in 0..config.threads {
                 let handle = spawn(&crew).map_err(|e| HerdError::Evaluator {
@@ -230,8 +278,6 @@ impl Pool {
                 })?;
                 pool.threads.push(handle);
             }
-            pool.queues
-                .push(Some((tx, config.queue_bytes.saturating_mul(2))));
             pool.crews.push(Some(crew));
         }
         Ok(pool)
@@ -239,21 +285,38 @@ impl Pool {
 
     /// Queues a job; gives it back when the evaluator's queue is full.
     pub fn try_dispatch(&self, evaluator: usize, job: Job) -> Result<(), (Job, QueueFull)> {
-        let (Some((queue, max_bytes)), Some(crew)) =
-            (&self.queues[evaluator], &self.crews[evaluator])
-        else {
+        let Some(crew) = &self.crews[evaluator] else {
             return Err((job, QueueFull::Jobs));
         };
-        let bytes = &crew.queued_bytes;
-        let len = job.input.len();
-        if bytes.fetch_add(len, Ordering::AcqRel) + len > *max_bytes {
-            bytes.fetch_sub(len, Ordering::AcqRel);
+        let mut line = crew.line();
+        if line.jobs.len() >= crew.max_jobs {
+            return Err((job, QueueFull::Jobs));
+        }
+        if line.bytes + job.input.len() > crew.max_bytes {
             return Err((job, QueueFull::Bytes));
         }
-        queue.try_send(job).map_err(|e| {
-            bytes.fetch_sub(len, Ordering::AcqRel);
-            (e.into_inner(), QueueFull::Jobs)
-        })
+        line.bytes += job.input.len();
+        line.jobs.push(job.gen, job.key.ns(), job.priority, job);
+        drop(line);
+        crew.ready.notify_one();
+        Ok(())
+    }
+
+    /// Job `gen` of `evaluator`, if still queued, now starts at `priority`.
+    pub fn raise(&self, evaluator: usize, gen: u64, priority: Priority) {
+        if let Some(crew) = &self.crews[evaluator] {
+            crew.line().jobs.raise(gen, priority);
+        }
+    }
+
+    /// Takes job `gen` of `evaluator` out of its queue, if it is there.
+    pub fn unqueue(&self, evaluator: usize, gen: u64) {
+        if let Some(crew) = &self.crews[evaluator] {
+            let mut line = crew.line();
+            if let Some(job) = line.jobs.remove(gen) {
+                line.bytes -= job.input.len();
+            }
+        }
     }
 
     /// The job `ctl` of `evaluator` overran its timeout: its thread is lost
@@ -294,9 +357,13 @@ impl Pool {
         }
     }
 
-    /// Closes the queues and waits for every thread to finish its job.
+    /// Closes the queues and waits for every thread to finish its job (and
+    /// those still queued).
     pub fn shutdown(self) {
-        drop(self.queues);
+        for crew in self.crews.iter().flatten() {
+            crew.line().closed = true;
+            crew.ready.notify_all();
+        }
         drop(self.crews);
         for t in self.threads {
             let _ = t.join();
@@ -336,19 +403,11 @@ fn worker_loop(thread: usize, crew: &Crew) {
     worker.prepare();
     let evaluator = crew.evaluator;
     loop {
-        let job = match worker.tend() {
-            Some(wait) => match crew.jobs.recv_timeout(wait) {
-                Ok(job) => job,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            },
-            None => match crew.jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
+        let job = match crew.next(worker.tend()) {
+            Ok(Some(job)) => job,
+            Ok(None) => continue,
+            Err(()) => return,
         };
-        crew.queued_bytes
-            .fetch_sub(job.input.len(), Ordering::AcqRel);
         if job.ctl.is_cancelled() {
             continue;
         }
@@ -360,10 +419,17 @@ fn worker_loop(thread: usize, crew: &Crew) {
         if crew.events.blocking_send(started).is_err() {
             return;
         }
+        let (gen, events) = (job.gen, crew.events.clone());
         let task = Task {
             key: job.key,
             fn_name: Arc::clone(&crew.name),
             input: job.input,
+            progress: Progress::to(move |data| {
+                let _ = events.blocking_send(PoolEvent::Progress {
+                    gen,
+                    data: data.into(),
+                });
+            }),
         };
         let started = Instant::now();
         let outcome = match catch_unwind(AssertUnwindSafe(|| worker.run(&task))) {

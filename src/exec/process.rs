@@ -144,6 +144,15 @@ struct Reply<'a> {
     #[serde(borrow)]
     output: Option<&'a RawValue>,
     error: Option<String>,
+    #[serde(borrow)]
+    progress: Option<&'a RawValue>,
+}
+
+/// What a child's line says.
+enum Said {
+    Outcome(Result<String, EvalError>),
+    /// A progress report (JSON text); the outcome is still to come.
+    Progress(String),
 }
 
 impl ProcessWorker {
@@ -377,15 +386,25 @@ impl Worker for ProcessWorker {
                 "worker exited before taking the task ({status})"
             )));
         }
-        let received = running
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let received = loop {
+            let received = running
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            if let Ok(Line::Text(text)) = &received {
+                if let Ok(Said::Progress(data)) = parse_reply(text) {
+                    task.progress.report(&data);
+                    continue;
+                }
+            }
+            break received;
+        };
         match received {
             Ok(Line::Text(text)) => match parse_reply(&text) {
-                Ok(result) => {
+                Ok(Said::Outcome(result)) => {
                     self.answered();
                     result
                 }
+                Ok(Said::Progress(_)) => unreachable!("progress lines are passed on above"),
                 Err(message) => {
                     self.discard("wrote an invalid line");
                     Err(EvalError::Failed(message))
@@ -437,7 +456,7 @@ fn last_words(last: &Option<String>) -> String {
     })
 }
 
-fn parse_reply(text: &[u8]) -> Result<Result<String, EvalError>, String> {
+fn parse_reply(text: &[u8]) -> Result<Said, String> {
     let shown = || String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
     let reply: Reply = serde_json::from_slice(text).map_err(|e| {
         format!(
@@ -445,9 +464,10 @@ fn parse_reply(text: &[u8]) -> Result<Result<String, EvalError>, String> {
             shown()
         )
     })?;
-    match (reply.output, reply.error) {
-        (Some(output), None) => Ok(Ok(output.get().to_string())),
-        (None, Some(error)) => Ok(Err(EvalError::Failed(error))),
+    match (reply.output, reply.error, reply.progress) {
+        (Some(output), None, _) => Ok(Said::Outcome(Ok(output.get().to_string()))),
+        (None, Some(error), _) => Ok(Said::Outcome(Err(EvalError::Failed(error)))),
+        (None, None, Some(progress)) => Ok(Said::Progress(progress.get().to_string())),
         _ => Err(format!(
             "worker wrote a line with neither or both of \"output\" and \"error\": {}",
             shown()

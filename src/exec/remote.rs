@@ -12,10 +12,16 @@
 //!   the fewest tasks outstanding first, and to one session at a time;
 //! - a session never holds more than its `concurrency` tasks of a fn;
 //! - a `complete` counts only from the session that holds the task;
-//! - the tasks of a session that ends go back to the front of the queue,
-//!   with one more attempt, until `max_attempts`.
+//! - tasks are taken in the order of a [`RunQueue`], as the threads take
+//!   theirs: highest priority first, namespaces in turn at equal priority,
+//!   then arrival order (a worker of one namespace takes the first of its
+//!   namespace's);
+//! - the tasks of a session that ends go back to their place in the queue,
+//!   their namespace's turn first, with one more attempt, until
+//!   `max_attempts`.
 
 use crate::config::EvaluatorConfig;
+use crate::core::RunQueue;
 use crate::exec::pool::Job;
 use crate::key::Key;
 use crate::ns::Ns;
@@ -23,7 +29,7 @@ use crate::outbox::{Outbox, SessionId};
 use crate::protocol::{unix_ms, FrameWriter};
 use serde::Serialize;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +37,8 @@ use std::time::{Duration, Instant};
 pub struct Queued {
     pub job: Job,
     pub attempt: u32,
+    /// Its place in arrival order, kept when it is queued again.
+    pub seq: u64,
 }
 
 /// A job a worker holds.
@@ -62,13 +70,8 @@ pub enum Orphan {
 
 struct RemoteQueue {
     name: Arc<str>,
-    /// Jobs waiting for a worker, by place in line (requeued ones go before
-    /// every other). The core bounds how many it offers.
-    queue: BTreeMap<i64, Queued>,
-    /// The place in line of each queued job generation.
-    places: HashMap<u64, i64>,
-    front: i64,
-    back: i64,
+    /// Jobs waiting for a worker. The core bounds how many it offers.
+    queue: RunQueue<Queued>,
     timeout: Duration,
     max_attempts: u32,
     /// Sessions serving this fn, in the order they started.
@@ -147,10 +150,7 @@ impl Remote {
                     i,
                     RemoteQueue {
                         name: c.name.as_str().into(),
-                        queue: BTreeMap::new(),
-                        places: HashMap::new(),
-                        front: 0,
-                        back: 0,
+                        queue: RunQueue::default(),
                         timeout: Duration::from_millis(c.timeout_ms),
                         max_attempts: c.max_attempts,
                         servers: Vec::new(),
@@ -196,12 +196,29 @@ impl Remote {
         std::mem::take(&mut self.blocked)
     }
 
-    /// Queues a job at the back.
+    /// Queues a job, last of its priority and namespace.
     pub fn enqueue(&mut self, evaluator: usize, job: Job) {
         let q = self.queues.get_mut(&evaluator).expect("a remote evaluator");
-        q.back += 1;
-        q.places.insert(job.gen, q.back);
-        q.queue.insert(q.back, Queued { job, attempt: 1 });
+        let (gen, ns, priority) = (job.gen, job.key.ns(), job.priority);
+        let queued = Queued {
+            job,
+            attempt: 1,
+            seq: 0,
+        };
+        q.queue.push(gen, ns, priority, queued);
+    }
+
+    /// Job `gen` of `evaluator`, if still queued, now starts at `priority`.
+    pub fn raise(&mut self, evaluator: usize, gen: u64, priority: crate::core::Priority) {
+        if let Some(q) = self.queues.get_mut(&evaluator) {
+            q.queue.raise(gen, priority);
+        }
+    }
+
+    /// The job generation of task `task`, if `session` holds it.
+    pub fn task_gen(&self, session: SessionId, task: &str) -> Option<u64> {
+        let sent = self.tasks.get(&task.parse().ok()?)?;
+        (sent.session == session).then_some(sent.queued.job.gen)
     }
 
     /// Hands queued tasks to sessions with free concurrency, the least
@@ -228,19 +245,15 @@ impl Remote {
             .collect();
         while let Some(Reverse((_, session))) = free.pop() {
             let worker = self.workers.get_mut(&session).expect("a serving worker");
-            let Some(place) = q
-                .queue
-                .iter()
-                .find(|(_, queued)| worker.scope.is_none_or(|ns| queued.job.key.ns() == ns))
-                .map(|(&place, _)| place)
-            else {
+            let scope = worker.scope;
+            let may = |ns| scope.is_none_or(|s| s == ns);
+            let Some((_, queued)) = q.queue.peek_where(may) else {
                 if q.queue.is_empty() {
                     break;
                 }
                 continue;
             };
             let slot = worker.slots.get_mut(&evaluator).expect("a slot");
-            let queued = q.queue.get(&place).expect("first in line");
             let task = self.next_task;
             let deadline = unix_ms().saturating_add(q.timeout.as_millis() as u64);
             let mut frame = FrameWriter::with_capacity("task", 160 + queued.job.input.len())
@@ -257,8 +270,10 @@ impl Remote {
                 self.blocked.push(Arc::clone(worker.outbox.ctl()));
                 continue;
             }
-            let queued = q.queue.remove(&place).expect("first in line");
-            q.places.remove(&queued.job.gen);
+            let taken = q.queue.pop_where(may).expect("just seen");
+            let mut queued = taken.item;
+            queued.seq = taken.seq;
+            queued.job.priority = taken.priority;
             self.next_task += 1;
             slot.outstanding += 1;
             worker.tasks.insert(task);
@@ -411,9 +426,7 @@ impl Remote {
             return;
         }
         if let Some(q) = self.queues.get_mut(&evaluator) {
-            if let Some(place) = q.places.remove(&gen) {
-                q.queue.remove(&place);
-            }
+            q.queue.remove(gen);
         }
     }
 
@@ -432,8 +445,7 @@ impl Remote {
         }
         let mut orphans = Vec::new();
         let mut tasks: Vec<u64> = worker.tasks.into_iter().collect();
-        // Oldest last, so that pushing each to the front keeps their order.
-        tasks.sort_unstable_by(|a, b| b.cmp(a));
+        tasks.sort_unstable();
         for task in tasks {
             let Some(mut sent) = self.tasks.remove(&task) else {
                 continue;
@@ -453,9 +465,8 @@ impl Remote {
                 continue;
             }
             sent.queued.attempt += 1;
-            q.front -= 1;
-            q.places.insert(gen, q.front);
-            q.queue.insert(q.front, sent.queued);
+            let (ns, priority, seq) = (key.ns(), sent.queued.job.priority, sent.queued.seq);
+            q.queue.requeue(gen, ns, priority, seq, sent.queued);
             orphans.push(Orphan::Requeued { key, gen });
         }
         (orphans, served)

@@ -323,6 +323,12 @@ fn result(frame: Value) -> Response {
 }
 
 async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response {
+    let streams = request
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
     let (mut exchange, mut body) =
         match Exchange::open_with_body(&broker, request, Right::Ask).await {
             Ok(opened) => opened,
@@ -342,6 +348,11 @@ async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     let wait = body.get("wait").and_then(Value::as_bool).unwrap_or(true);
     body.insert("op".into(), json!("submit"));
+    if streams && wait {
+        body.insert("progress".into(), json!(true));
+        exchange.ask(body).await;
+        return events(exchange, deadline).await;
+    }
     exchange.ask(body).await;
     let mut key = Value::Null;
     while let Some(frame) = exchange.next(deadline).await {
@@ -377,6 +388,66 @@ async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response
         axum::Json(json!({"key": key, "state": state})),
     )
         .into_response()
+}
+
+/// A submit's answer as Server-Sent Events: `progress` for each report,
+/// then `result`, and the stream ends. A refusal before anything was
+/// accepted is the usual JSON error; when `deadline` passes first the last
+/// event is `status`, the key's state then (the evaluation goes on).
+async fn events(mut exchange: Exchange, deadline: Instant) -> Response {
+    use axum::response::sse::{Event, Sse};
+    let first = exchange.next(deadline).await;
+    match &first {
+        Some(frame) if frame["type"] == "error" => {
+            return Failure::from_frame(frame).into_response()
+        }
+        None => return Failure::new("busy", "no answer in time").into_response(),
+        _ => {}
+    }
+    let event = |frame: &Value| {
+        let kind = frame["type"].as_str().unwrap_or("message").to_string();
+        let mut members = frame.clone();
+        if let Some(m) = members.as_object_mut() {
+            m.remove("id");
+        }
+        Event::default().event(kind).data(members.to_string())
+    };
+    // (exchange, pending first frame, the key, done)
+    let state = (exchange, first, Value::Null, false);
+    let stream = futures::stream::unfold(
+        state,
+        move |(mut exchange, first, mut key, done)| async move {
+            if done {
+                return None;
+            }
+            let mut frame = match first {
+                Some(frame) => Some(frame),
+                None => exchange.next(deadline).await,
+            };
+            // `accepted` names the key; the stream carries what follows it.
+            while let Some(accepted) = frame.as_ref().filter(|f| f["type"] == "accepted") {
+                key = accepted["key"].clone();
+                frame = exchange.next(deadline).await;
+            }
+            let Some(frame) = frame else {
+                // The deadline passed: the key's state now, and the end.
+                exchange.ask(get_request(key.clone())).await;
+                let longest = exchange.longest();
+                let status = exchange
+                    .next(longest)
+                    .await
+                    .unwrap_or(json!({"type": "status"}));
+                let last = json!({"type": "status", "key": key, "state": status["state"]});
+                return Some((
+                    Ok::<_, std::convert::Infallible>(event(&last)),
+                    (exchange, None, key, true),
+                ));
+            };
+            let end = matches!(frame["type"].as_str(), Some("result" | "error"));
+            Some((Ok(event(&frame)), (exchange, None, key, end)))
+        },
+    );
+    Sse::new(stream).into_response()
 }
 
 async fn key(

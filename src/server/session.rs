@@ -17,7 +17,7 @@ use crate::key::{canonical_json, Key};
 use crate::metrics::NsMetrics;
 use crate::outbox::{close, Frame, Outbox, SessionCtl};
 use crate::protocol::{
-    error_frame, parse_input, parse_request, unix_ms, FrameWriter, Invalidation, Op, ReqId,
+    error_frame, parse_input, parse_request, unix_ms, FrameWriter, Invalidation, Op, ReqId, Wants,
     DRAINING_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::server::auth::{Identity, ServeRight};
@@ -62,7 +62,9 @@ impl Right {
             Op::Watch { .. } | Op::Unwatch | Op::Get { .. } | Op::Ping => Right::Look,
             Op::Submit { .. } | Op::Subscribe { .. } | Op::Cancel { .. } => Right::Ask,
             Op::Invalidate(_) => Right::Invalidate,
-            Op::Serve { .. } | Op::Unserve { .. } | Op::Complete { .. } => Right::Work,
+            Op::Serve { .. } | Op::Unserve { .. } | Op::Complete { .. } | Op::Progress { .. } => {
+                Right::Work
+            }
         }
     }
 }
@@ -347,11 +349,8 @@ impl<'a> Reader<'a> {
                 input,
                 fn_name,
                 wait,
-                max_age_ms,
-            } => {
-                let max_age = max_age_ms.map(Duration::from_millis);
-                self.submit(id, input, fn_name, wait, max_age, arrived)
-            }
+                wants,
+            } => self.submit(id, input, fn_name, wait, wants, arrived),
             Op::Get { key } => match self.broker.cache.get_at(&self.scoped(key), arrived) {
                 Some(hit) => Then::Reply(hit.cached.status_frame(&id, &key).into()),
                 None => Then::Hub(HubMsg::Get {
@@ -360,7 +359,7 @@ impl<'a> Reader<'a> {
                     outbox: self.outbox.clone(),
                 }),
             },
-            Op::Subscribe { key } => {
+            Op::Subscribe { key, progress } => {
                 let key = self.scoped(key);
                 if let Some(hit) = self.broker.cache.get_at(&key, arrived) {
                     return Then::Reply(hit.result_frame(&id, &key).into());
@@ -370,6 +369,7 @@ impl<'a> Reader<'a> {
                 }
                 Then::Hub(HubMsg::Subscribe {
                     waiter: self.waiter(key, id),
+                    progress,
                 })
             }
             Op::Cancel { key } => Then::Hub(HubMsg::Cancel {
@@ -437,6 +437,11 @@ impl<'a> Reader<'a> {
                 outcome,
                 id,
             }),
+            Op::Progress { task, data } => Then::Hub(HubMsg::Progress {
+                session: self.outbox.session(),
+                task,
+                data: data.get().into(),
+            }),
         }
     }
 
@@ -446,14 +451,24 @@ impl<'a> Reader<'a> {
         input: &serde_json::value::RawValue,
         fn_name: Option<std::borrow::Cow<'_, str>>,
         wait: bool,
-        max_age: Option<Duration>,
+        wants: Wants,
         arrived: Instant,
     ) -> Then<'a> {
+        let max_age = wants.max_age_ms.map(Duration::from_millis);
         let broker: &'a Broker = self.broker;
         let name = fn_name.as_deref().unwrap_or("default");
         let Some(spec) = broker.evaluators.lookup(name) else {
             return reject_unknown_fn(&id, name);
         };
+        if let Some(ms) = wants.deadline_ms {
+            let timeout = spec.timeout.as_millis() as u64;
+            if ms > timeout {
+                let message = format!(
+                    "\"deadline_ms\" is {ms}; fn {name:?} runs at most {timeout} ms (timeout_ms)"
+                );
+                return reject(&id, ErrorCode::BadRequest, &message);
+            }
+        }
         if !self.identity.may_submit(name) {
             let shown: String = name.chars().take(64).collect();
             return reject(
@@ -516,6 +531,7 @@ impl<'a> Reader<'a> {
             input: canonical.into(),
             wait,
             max_age,
+            wants,
         })
     }
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A process evaluator that misbehaves on request, for herd's tests.
 
-Input member `mode`: ok (default), error, crash, garbage, hang, stderr.
-`sleep` (seconds) delays the answer. Environment: PIDFILE (append own pid),
+Input member `mode`: ok (default), error, crash, garbage, hang, stderr,
+gate (answer once the file named by `gate` exists), progress (report
+`{"step": i}` for i in 1..`reports` before answering, waiting for the file
+`gate` before step `hold_before`). `sleep` (seconds) delays the answer. Environment: PIDFILE (append own pid),
 CALLS (append each task's key), FAIL_AT_START_IF (exit at once while that
 file exists).
 """
@@ -20,6 +22,13 @@ if flag and os.path.exists(flag):
     sys.stderr.write("refusing to start\n")
     sys.exit(2)
 
+
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+
 for line in sys.stdin:
     task = json.loads(line)
     value = task["input"]
@@ -32,6 +41,13 @@ for line in sys.stdin:
         sys.stderr.write("crashing on purpose\n")
         sys.stderr.flush()
         os._exit(3)
+    if mode == "gate":
+        wait_for(value["gate"])
+    if mode == "progress":
+        for step in range(1, value.get("reports", 3) + 1):
+            if step == value.get("hold_before"):
+                wait_for(value["gate"])
+            print(json.dumps({"progress": {"step": step}}), flush=True)
     if mode == "garbage":
         print("this is not json", flush=True)
         continue
