@@ -106,7 +106,8 @@ impl Page {
 async fn in_flight_rows_come_and_go_and_counters_move() {
     require_browser();
     let server = TestServer::basic().await;
-    let input = json!({"sleep_ms": 2500, "dashboard": "row"});
+    // Five progress reports while it runs: the row shows the latest.
+    let input = json!({"sleep_ms": 2500, "progress": 5, "dashboard": "row"});
     let options = json!({
         "mode": "inflight",
         "base": format!("http://{}", server.addr),

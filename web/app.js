@@ -250,6 +250,11 @@ function renderInflight(rows) {
     cell(tr, fmtInt(r.waiters), "num waiters");
     const age = cell(tr, fmtMs(r.age_ms), "num age");
     age.dataset.age = r.age_ms;
+    // The latest report, as its evaluator wrote it.
+    const report = r.progress ? JSON.stringify(r.progress.data) : "";
+    const progress = cell(tr, report.length > 60 ? report.slice(0, 59) + "…" : report, "progress");
+    if (r.progress) progress.title = "report " + r.progress.seq + ": " + report;
+    if (r.priority !== undefined && r.priority !== 5) state.title = (state.title ? state.title + ", " : "") + "priority " + r.priority;
     const preview = cell(tr, r.input_preview, "preview");
     preview.title = r.input_preview;
   });

@@ -1513,10 +1513,14 @@ impl Sim {
             } => {
                 self.note(format!("b{b} raise g{gen} to p{priority}"));
                 let exec = &mut self.brokers[b].exec[evaluator];
-                if !exec.queue.contains(gen) {
+                let Some(key) = exec.queue.iter().find(|(g, _)| *g == gen).map(|(_, k)| *k) else {
                     self.fail(&format!("b{b}: raised g{gen}, which is not queued"));
-                }
+                };
                 exec.queue.raise(gen, priority);
+                // Its submit's `accepted` follows; it waits at this
+                // priority from now on.
+                let want = self.want.entry((b, key)).or_insert(priority);
+                *want = priority.max(*want);
                 self.prune_passed(b, evaluator);
             }
             Effect::Progress { key, seq, data, to } => {

@@ -67,6 +67,11 @@ struct Inflight<'a> {
     /// The broker evaluating it, while this one waits (cluster).
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<&'a str>,
+    /// The highest priority its submits asked for.
+    priority: u8,
+    /// Its latest progress report, `{"seq":N,"data":…}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// The renderer task's state.
@@ -259,6 +264,13 @@ impl Renderer {
                 input_preview: &row.preview,
                 worker: row.worker.as_deref(),
                 broker: row.elsewhere.as_deref().map(crate::core::claim_node),
+                priority: row.priority,
+                progress: row.progress.as_ref().and_then(|(seq, data)| {
+                    serde_json::value::RawValue::from_string(crate::protocol::progress_json(
+                        *seq, data,
+                    ))
+                    .ok()
+                }),
             })
             .collect();
         let recent: Vec<&Recent> = view

@@ -4,7 +4,8 @@
 //
 // mode "inflight": opens the page, submits a slow evaluation twice with the
 //   `herd` binary, and checks that its row appears with the right key and
-//   waiter count, that it leaves when done, and that the counters move.
+//   waiter count, that it shows the evaluation's progress as it goes, that
+//   it leaves when done, and that the counters move.
 // mode "disconnect": opens the page, prints CONNECTED, and waits until the
 //   page shows that the broker went away (the Rust test stops it).
 // mode "workers": opens the page of a broker with a remote fn, prints READY
@@ -175,6 +176,21 @@ try {
     if (!opts.key.startsWith(shown.replace("…", ""))) fail("shortened key is " + shown);
     await page.click(row + " td.key");
     if ((await page.textContent(row + " td.key")) !== opts.key) fail("click does not show the full key");
+    // Its progress, live: a report, then a later one.
+    const step = () => page.evaluate((sel) => {
+      const m = /"step":(\d+)/.exec(document.querySelector(sel + " td.progress")?.textContent || "");
+      return m ? Number(m[1]) : 0;
+    }, row);
+    await page.waitForFunction(
+      (sel) => /"step":\d+,"of":5/.test(document.querySelector(sel + " td.progress")?.textContent || ""),
+      row, { timeout: TIMEOUT });
+    const first = await step();
+    await page.waitForFunction(
+      ([sel, seen]) => {
+        const m = /"step":(\d+)/.exec(document.querySelector(sel + " td.progress")?.textContent || "");
+        return m && Number(m[1]) > seen;
+      },
+      [row, first], { timeout: TIMEOUT });
     if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
     // The row leaves when the evaluation ends; the completion is listed.
     await page.waitForSelector(row, { state: "detached", timeout: TIMEOUT });
