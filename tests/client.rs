@@ -174,3 +174,58 @@ async fn reconnect_across_a_restart_loses_no_request() {
     client.close().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_submit_yields_progress_then_its_result_and_a_deadline_ends_a_wait() {
+    use herd::client::{SubmitOptions, Update};
+    let server = TestServer::basic().await;
+    let client = Client::connect(&server.url(), None).await.unwrap();
+    let input = json!({"sleep_ms": 300, "progress": 3, "stream": "rust"});
+    let updates: Vec<Update> = client
+        .submit_stream("default", input.clone(), SubmitOptions::default())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(updates.len(), 4, "{updates:?}");
+    for (n, update) in updates.iter().take(3).enumerate() {
+        let n = n as u64 + 1;
+        assert_eq!(
+            update,
+            &Update::Progress {
+                seq: n,
+                data: json!({"step": n, "of": 3})
+            }
+        );
+    }
+    let Update::Done(Ok(result)) = &updates[3] else {
+        panic!("{updates:?}");
+    };
+    assert_eq!(
+        (result.source, result.key.clone()),
+        (Source::Eval, key_of("default", &input))
+    );
+    // A cached result comes alone.
+    let cached: Vec<Update> = client
+        .submit_stream("default", input, SubmitOptions::default())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        matches!(&cached[..], [Update::Done(Ok(o))] if o.source == Source::Cache),
+        "{cached:?}"
+    );
+    // A deadline shorter than the evaluation.
+    let slow = json!({"sleep_ms": 2000, "stream": "deadline"});
+    let options = SubmitOptions {
+        priority: Some(9),
+        deadline_ms: Some(50),
+    };
+    let late = client.submit_with("default", slow, options).await;
+    assert!(
+        matches!(late, Err(ClientError::DeadlineExceeded { .. })),
+        "{late:?}"
+    );
+    server.stop().await;
+}

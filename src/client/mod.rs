@@ -46,6 +46,10 @@ pub enum ClientError {
     /// The evaluation ran past its timeout (`eval_timeout`).
     #[error("evaluation of {key} timed out: {message}")]
     EvalTimeout { key: String, message: String },
+    /// This request's own `deadline_ms` passed first (`deadline_exceeded`);
+    /// the evaluation goes on for its other waiters.
+    #[error("no result for {key} within the deadline: {message}")]
+    DeadlineExceeded { key: String, message: String },
     /// A limit was reached (`busy`); trying again later may succeed.
     #[error("broker busy: {0}")]
     Busy(String),
@@ -160,6 +164,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Submit,
+    /// A submit whose progress reports are streamed to the caller.
+    SubmitStream,
     SubmitNoWait,
     Get,
     Subscribe,
@@ -172,6 +178,40 @@ enum Kind {
 enum ReplyTo {
     Once(oneshot::Sender<Result<Value, ClientError>>),
     Stream(mpsc::Sender<Value>),
+    /// Every frame of a submit, its answer last (the caller reads them as
+    /// they come: progress is not dropped).
+    Updates(mpsc::UnboundedSender<Result<Value, ClientError>>),
+}
+
+/// What a submit asks for besides its result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubmitOptions {
+    /// 0-9 (the broker's default: 5): its job starts in order of the
+    /// highest priority among its submits.
+    pub priority: Option<u8>,
+    /// This request alone gets [`ClientError::DeadlineExceeded`] after
+    /// this long (at most the fn's `timeout_ms`).
+    pub deadline_ms: Option<u64>,
+}
+
+impl SubmitOptions {
+    fn apply(self, request: &mut Value) {
+        if let Some(priority) = self.priority {
+            request["priority"] = json!(priority);
+        }
+        if let Some(ms) = self.deadline_ms {
+            request["deadline_ms"] = json!(ms);
+        }
+    }
+}
+
+/// What a streamed submit yields: progress reports, then its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// Report `seq` (from 1 per evaluation) of the evaluation it waits on.
+    Progress { seq: u64, data: Value },
+    /// The result, or why there is none; the stream ends after it.
+    Done(Result<Output, ClientError>),
 }
 
 struct Pending {
@@ -286,6 +326,59 @@ impl Client {
             )
             .await?;
         parse_result(&reply)
+    }
+
+    /// [`Client::submit`] with a priority or a deadline.
+    pub async fn submit_with(
+        &self,
+        fn_name: &str,
+        input: Value,
+        options: SubmitOptions,
+    ) -> Result<Output, ClientError> {
+        let mut request = json!({"op": "submit", "fn": fn_name, "input": input});
+        options.apply(&mut request);
+        parse_result(&self.call(Kind::Submit, request).await?)
+    }
+
+    /// Submits and streams the evaluation's progress reports as they come
+    /// (first those it made before this submit joined it), then its
+    /// outcome ([`Update::Done`]), and ends. A cached result comes alone.
+    pub async fn submit_stream(
+        &self,
+        fn_name: &str,
+        input: Value,
+        options: SubmitOptions,
+    ) -> Result<impl Stream<Item = Update> + Send + 'static, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut request =
+            json!({"op": "submit", "id": id, "fn": fn_name, "input": input, "progress": true});
+        options.apply(&mut request);
+        let canonical = crate::key::canonical_json(&request["input"]);
+        let key = crate::Key::derive(fn_name, canonical.as_bytes()).to_hex();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending = Pending {
+            kind: Kind::SubmitStream,
+            key: Some(key),
+            frame: request.to_string(),
+            reply: ReplyTo::Updates(tx),
+        };
+        self.inner
+            .commands
+            .send(Command::Request(id, pending))
+            .await
+            .map_err(|_| closed("client is closed"))?;
+        Ok(futures::stream::unfold(Some(rx), |rx| async move {
+            let mut rx = rx?;
+            let update = match rx.recv().await? {
+                Ok(frame) if frame["type"] == "progress" => Update::Progress {
+                    seq: frame["seq"].as_u64().unwrap_or(0),
+                    data: frame["data"].clone(),
+                },
+                Ok(frame) => return Some((Update::Done(parse_result(&frame)), None)),
+                Err(error) => return Some((Update::Done(Err(error)), None)),
+            };
+            Some((update, Some(rx)))
+        }))
     }
 
     /// Starts (or joins) the evaluation without waiting for its result.
@@ -494,6 +587,7 @@ fn parse_result(frame: &Value) -> Result<Output, ClientError> {
         let message = str_field(error, "message");
         return Err(match error["code"].as_str() {
             Some("eval_timeout") => ClientError::EvalTimeout { key, message },
+            Some("deadline_exceeded") => ClientError::DeadlineExceeded { key, message },
             _ => ClientError::EvalFailed { key, message },
         });
     }
@@ -726,8 +820,17 @@ impl Driver {
                 }
                 return;
             }
+            (Kind::SubmitStream, "progress") => {
+                if let ReplyTo::Updates(tx) = &pending.reply {
+                    if tx.send(Ok(frame)).is_err() {
+                        // The caller dropped the stream.
+                        self.pending.remove(&id);
+                    }
+                }
+                return;
+            }
             (_, "error") => Some(Err(error_of(&frame))),
-            (Kind::Submit | Kind::Subscribe, "result") => Some(Ok(frame)),
+            (Kind::Submit | Kind::SubmitStream | Kind::Subscribe, "result") => Some(Ok(frame)),
             (Kind::SubmitNoWait, "accepted" | "result") => Some(Ok(frame)),
             (Kind::Get, "status")
             | (Kind::Cancel, "cancelled")
@@ -758,7 +861,13 @@ impl Driver {
 }
 
 fn reply(to: ReplyTo, outcome: Result<Value, ClientError>) {
-    if let ReplyTo::Once(tx) = to {
-        let _ = tx.send(outcome);
+    match to {
+        ReplyTo::Once(tx) => {
+            let _ = tx.send(outcome);
+        }
+        ReplyTo::Updates(tx) => {
+            let _ = tx.send(outcome);
+        }
+        ReplyTo::Stream(_) => {}
     }
 }
