@@ -19,6 +19,8 @@ export class EvalError extends HerdError {
   brokerMessage: string;
   key: string;
 }
+/** This request's own `deadline_ms` passed first; the evaluation goes on for its other waiters. */
+export class DeadlineExceeded extends EvalError {}
 /** The connection was lost or closed before the answer came. */
 export class Closed extends HerdError {
   code?: number;
@@ -60,6 +62,29 @@ export interface SubmitOptions {
   maxAgeMs?: number;
   /** Resolve with the whole `result` frame rather than the output. */
   full?: boolean;
+  /** 0-9 (default 5): the queued job starts by the highest among its submits. */
+  priority?: number;
+  /** This call alone rejects with `DeadlineExceeded` after this long. */
+  deadlineMs?: number;
+}
+
+/** A progress report of the evaluation a streamed submit waits on. */
+export interface ProgressFrame {
+  type: "progress";
+  key: string;
+  seq: number;
+  data: Json;
+}
+
+/** The `result` frame a streamed submit ends with. */
+export interface ResultFrame {
+  type: "result";
+  key: string;
+  output: Json;
+  source: "eval" | "cache" | "cluster";
+  eval_ms?: number;
+  shared?: number;
+  age_ms?: number;
 }
 
 export interface Accepted {
@@ -94,6 +119,7 @@ export class Client {
   hello: { session: string; role: string; namespace: string; limits: { max_frame_bytes: number; max_pending: number } };
   submit(input: Json, options: SubmitOptions & { wait: false }): Promise<Accepted>;
   submit(input: Json, options?: SubmitOptions): Promise<Json>;
+  submitStream(input: Json, options?: Omit<SubmitOptions, "wait" | "full" | "signal">): AsyncGenerator<ProgressFrame | ResultFrame>;
   subscribe(key: string, options?: { signal?: AbortSignal }): Promise<Json>;
   get(key: string): Promise<Status>;
   cancel(key: string): Promise<void>;

@@ -47,6 +47,9 @@ export class EvalError extends HerdError {
   }
 }
 
+/** This request's own `deadline_ms` passed first (`deadline_exceeded`); the evaluation goes on for its other waiters. */
+export class DeadlineExceeded extends EvalError {}
+
 /** The connection was lost or closed before the answer came. */
 export class Closed extends HerdError {
   constructor(message, code) {
@@ -236,6 +239,15 @@ async function openSocket(url, token) {
  * it was lost are rejected with `Closed`); `backoffMs` (100) and
  * `maxBackoffMs` (5000).
  */
+function submitRequest(input, options) {
+  const request = { op: "submit", input };
+  if (options.fn !== undefined && options.fn !== "default") request.fn = options.fn;
+  if (options.maxAgeMs !== undefined) request.max_age_ms = options.maxAgeMs;
+  if (options.priority !== undefined) request.priority = options.priority;
+  if (options.deadlineMs !== undefined) request.deadline_ms = options.deadlineMs;
+  return request;
+}
+
 export async function connect(url, options = {}) {
   const client = new Client(url, options);
   await client._open();
@@ -355,6 +367,7 @@ export class Client {
     }
     const p = this._pending.get(frame.id);
     if (!p) return;
+    if (frame.type === "progress") return p.onProgress?.(frame);
     if (frame.type === "accepted" || frame.type === "subscribed") {
       p.key = frame.key;
       if (p.kind === "nowait") {
@@ -366,7 +379,10 @@ export class Client {
     this._pending.delete(frame.id);
     if (frame.type === "error") return p.reject(errorOf(frame));
     if (frame.type === "result") {
-      if (frame.error) return p.reject(new EvalError(frame.error.code, frame.error.message, frame.key));
+      if (frame.error) {
+        const Kind = frame.error.code === "deadline_exceeded" ? DeadlineExceeded : EvalError;
+        return p.reject(new Kind(frame.error.code, frame.error.message, frame.key));
+      }
       return p.resolve(p.kind === "result" ? frame : frame.output);
     }
     p.resolve(frame);
@@ -404,13 +420,14 @@ export class Client {
    * across every client; resolves with the output. Options: `wait: false`
    * resolves with what `accepted` said instead; `signal` (an AbortSignal)
    * ends this call's wait only; `maxAgeMs`: a cached result older than this
-   * is not good enough; `full: true` resolves with the whole `result` frame.
+   * is not good enough; `full: true` resolves with the whole `result` frame;
+   * `priority` (0-9, default 5) orders the queued job by the highest among
+   * its submits; `deadlineMs` rejects this call alone with
+   * `DeadlineExceeded` once it passes (at most the fn's `timeout_ms`).
    */
   submit(input, options = {}) {
-    const request = { op: "submit", input };
-    if (options.fn !== undefined && options.fn !== "default") request.fn = options.fn;
+    const request = submitRequest(input, options);
     if (options.wait === false) request.wait = false;
-    if (options.maxAgeMs !== undefined) request.max_age_ms = options.maxAgeMs;
     const kind = options.wait === false ? "nowait" : options.full ? "result" : "output";
     const start = () => {
       const { id, promise } = this._start(request, kind, null);
@@ -418,6 +435,45 @@ export class Client {
     };
     // The common case, an open connection, adds no await of its own.
     return this._socket ? start() : this._ready().then(start);
+  }
+
+  /**
+   * Submits and yields the evaluation's progress reports as they come
+   * (first those made before this submit joined it), each
+   * `{type: "progress", key, seq, data}`, then its `{type: "result", key,
+   * output, source, ...}`, last; a cached result comes alone. Throws
+   * `EvalError` (or `DeadlineExceeded`) instead of the result. Options as
+   * `submit`'s (`fn`, `priority`, `deadlineMs`, `maxAgeMs`).
+   *
+   *     for await (const p of client.submitStream(x)) console.log(p);
+   */
+  async *submitStream(input, options = {}) {
+    await this._ready();
+    const request = submitRequest(input, options);
+    request.progress = true;
+    const items = [];
+    let wake = null;
+    const push = (item) => {
+      items.push(item);
+      if (wake) wake();
+    };
+    const { id, promise } = this._start(request, "result", null);
+    const pending = this._pending.get(id);
+    if (pending) pending.onProgress = (frame) => push({ frame });
+    promise.then((frame) => push({ frame, last: true }), (error) => push({ error }));
+    try {
+      for (;;) {
+        while (items.length === 0) await new Promise((resolve) => (wake = resolve));
+        wake = null;
+        const item = items.shift();
+        if (item.error) throw item.error;
+        const { id: _, ...frame } = item.frame;
+        yield frame;
+        if (item.last) return;
+      }
+    } finally {
+      this._pending.delete(id);
+    }
   }
 
   /** Waits for `key`'s result, whoever submits it; resolves with the output. */

@@ -138,3 +138,23 @@ test("serve: a worker in Node runs tasks, sees their namespace, and a revoke abo
   await assert.rejects(hung, herd.Cancelled);
   assert.ok(await revokedSeen, "the handler's signal was aborted by the revoke");
 });
+
+test("a streamed submit yields progress then its result, and a deadline ends one wait", async (t) => {
+  const broker = await startBroker(t);
+  const c = await herd.connect(broker.url);
+  t.after(() => c.close());
+  const input = { js: "stream", sleep_ms: 300, progress: 3 };
+  const items = [];
+  for await (const item of c.submitStream(input)) items.push(item);
+  assert.deepEqual(items.map((i) => i.type), ["progress", "progress", "progress", "result"]);
+  assert.deepEqual(items.slice(0, 3).map((p) => [p.seq, p.data]), [1, 2, 3].map((n) => [n, { step: n, of: 3 }]));
+  assert.equal(items[3].key, herd.key(input));
+  assert.equal(items[3].source, "eval");
+  const cached = [];
+  for await (const item of c.submitStream(input)) cached.push(item);
+  assert.deepEqual(cached.map((i) => [i.type, i.source]), [["result", "cache"]]);
+  await assert.rejects(
+    c.submit({ js: "late", sleep_ms: 1500 }, { priority: 9, deadlineMs: 50 }),
+    (e) => e instanceof herd.DeadlineExceeded && e instanceof herd.EvalError && e.code === "deadline_exceeded",
+  );
+});

@@ -8,7 +8,7 @@ import itertools
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, Optional
+from typing import Any, AsyncIterator, Dict, Optional, Union
 
 import websockets
 
@@ -24,6 +24,11 @@ class EvalError(HerdError):
     def __init__(self, code: str, message: str, key: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.key = code, message, key
+
+
+class DeadlineExceeded(EvalError):
+    """This request's own `deadline_ms` passed first (`deadline_exceeded`);
+    the evaluation goes on for its other waiters."""
 
 
 class Refused(HerdError):
@@ -103,6 +108,16 @@ class Result:
 
 
 @dataclass
+class Progress:
+    """A progress report of the evaluation a streamed submit waits on:
+    `seq` counts from 1 per evaluation, `data` is what the evaluator wrote."""
+
+    key: str
+    seq: int
+    data: Any
+
+
+@dataclass
 class Accepted:
     """What a `wait=False` submit learns: the key, and whether it started the evaluation."""
 
@@ -138,7 +153,8 @@ def _error_of(frame: Dict[str, Any]) -> HerdError:
 def _result_of(frame: Dict[str, Any]) -> Result:
     if "error" in frame:
         e = frame["error"]
-        raise EvalError(e.get("code", ""), e.get("message", ""), frame.get("key", ""))
+        kind = DeadlineExceeded if e.get("code") == "deadline_exceeded" else EvalError
+        raise kind(e.get("code", ""), e.get("message", ""), frame.get("key", ""))
     return Result(
         key=frame["key"],
         output=frame.get("output"),
@@ -282,16 +298,26 @@ class Herd:
         finally:
             self._pending.pop(request_id, None)
 
-    async def submit(self, input: Any, fn: str = "default", wait: bool = True, max_age_ms: Optional[int] = None):
+    async def submit(
+        self,
+        input: Any,
+        fn: str = "default",
+        wait: bool = True,
+        max_age_ms: Optional[int] = None,
+        priority: Optional[int] = None,
+        deadline_ms: Optional[int] = None,
+    ):
         """Evaluates `input` with evaluator `fn` (or takes the cached result).
 
         Returns the output; with `wait=False`, an `Accepted` (or a `Result`
         when the key was cached). Raises `EvalError` for a failed evaluation.
         With `max_age_ms`, a cached result older than that is not taken: a
-        fresh evaluation is started or joined."""
-        frame = {"op": "submit", "fn": fn, "input": input, "wait": wait}
-        if max_age_ms is not None:
-            frame["max_age_ms"] = max_age_ms
+        fresh evaluation is started or joined. `priority` (0-9, default 5)
+        orders the queued job by the highest among its submits;
+        `deadline_ms` raises `DeadlineExceeded` for this call alone once it
+        passes (at most the fn's `timeout_ms`)."""
+        frame = _submit_frame(input, fn, max_age_ms, priority, deadline_ms)
+        frame["wait"] = wait
         if not wait:
             request_id, pending = await self._request(frame, ("accepted", "result"))
             answer = await self._answer(request_id, pending)
@@ -300,6 +326,44 @@ class Herd:
             return Accepted(answer["key"], answer["first"], answer["state"], answer["waiters"])
         request_id, pending = await self._request(frame, ("result",))
         return _result_of(await self._answer(request_id, pending)).output
+
+    async def submit_stream(
+        self,
+        input: Any,
+        fn: str = "default",
+        priority: Optional[int] = None,
+        deadline_ms: Optional[int] = None,
+    ) -> AsyncIterator[Union[Progress, Result]]:
+        """Submits and yields the evaluation's `Progress` reports as they
+        come (first those made before this submit joined it), then its
+        `Result`, last. A cached result comes alone. Raises `EvalError`
+        (or `DeadlineExceeded`) instead of the result.
+
+            async for item in h.submit_stream(x):
+                if isinstance(item, herd.Progress):
+                    print(item.seq, item.data)
+                else:
+                    print(item.output)
+        """
+        frame = _submit_frame(input, fn, None, priority, deadline_ms)
+        frame["progress"] = True
+        request_id, pending = await self._request(frame, stream=True)
+        assert pending.queue is not None
+        try:
+            while True:
+                item = await pending.queue.get()
+                if isinstance(item, HerdError):
+                    raise item
+                kind = item.get("type")
+                if kind == "error":
+                    raise _error_of(item)
+                if kind == "progress":
+                    yield Progress(item.get("key", ""), item["seq"], item.get("data"))
+                elif kind == "result":
+                    yield _result_of(item)
+                    return
+        finally:
+            self._pending.pop(request_id, None)
 
     async def get(self, key: str) -> Status:
         """A key's state; never waits, never starts work."""
@@ -374,6 +438,16 @@ class Herd:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+def _submit_frame(
+    input: Any, fn: str, max_age_ms: Optional[int], priority: Optional[int], deadline_ms: Optional[int]
+) -> Dict[str, Any]:
+    frame: Dict[str, Any] = {"op": "submit", "fn": fn, "input": input}
+    for name, value in (("max_age_ms", max_age_ms), ("priority", priority), ("deadline_ms", deadline_ms)):
+        if value is not None:
+            frame[name] = value
+    return frame
 
 
 def connect(url: str, token: Optional[str] = None, reconnect: bool = True) -> Herd:

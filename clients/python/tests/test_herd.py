@@ -231,3 +231,20 @@ def test_a_sync_handler_and_the_sync_client(broker):
         await worker
 
     run(main())
+
+
+def test_a_streamed_submit_yields_progress_then_its_result(broker):
+    async def main():
+        async with herd.connect(broker.url) as h:
+            value = {"sleep_ms": 300, "progress": 3, "stream": "python"}
+            items = [item async for item in h.submit_stream(value)]
+            assert [type(i) for i in items] == [herd.Progress] * 3 + [herd.Result]
+            assert [(p.seq, p.data) for p in items[:3]] == [(n, {"step": n, "of": 3}) for n in (1, 2, 3)]
+            assert items[3].source == "eval" and items[3].key == herd.key(value)
+            cached = [item async for item in h.submit_stream(value)]
+            assert len(cached) == 1 and cached[0].source == "cache"
+            with pytest.raises(herd.DeadlineExceeded) as late:
+                await h.submit({"sleep_ms": 1500, "stream": "late"}, priority=9, deadline_ms=50)
+            assert late.value.code == "deadline_exceeded"
+
+    run(main())
