@@ -723,3 +723,33 @@ timeout_ms = 2000
     terminate(work).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_work_passes_its_child_s_progress_lines_on() {
+    let server = TestServer::start(config(TWO_FNS)).await;
+    let mut work = herd_work(&server.url(), "embed", 1);
+    let mut agent = server.client().await;
+    let input = json!({"mode": "progress", "reports": 3, "n": "herd-work"});
+    agent
+        .send(json!({"op": "submit", "id": "p", "fn": "embed", "input": input, "progress": true}))
+        .await;
+    let mut reports = Vec::new();
+    let result = loop {
+        let f = agent.recv().await;
+        match f["type"].as_str() {
+            Some("progress") => reports.push((f["seq"].clone(), f["data"].clone())),
+            Some("result") => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        reports,
+        (1..=3)
+            .map(|n| (json!(n), json!({"step": n})))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(result["output"]["echo"], input, "{result}");
+    work.kill().unwrap();
+    work.wait().unwrap();
+    server.stop().await;
+}
