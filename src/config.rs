@@ -399,6 +399,9 @@ pub struct ClusterConfig {
     /// While Redis is unreachable, a WARN says so (with Redis's error) this
     /// often.
     pub down_warning_s: u64,
+    /// Progress reports of one evaluation passed to the other brokers'
+    /// waiters per second at most (the latest wins; 0: none).
+    pub progress_per_s: u32,
 }
 
 impl Default for ClusterConfig {
@@ -414,6 +417,7 @@ impl Default for ClusterConfig {
             notice_inline_bytes: 4096,
             writeback_max: 10_000,
             down_warning_s: 60,
+            progress_per_s: 20,
         }
     }
 }
@@ -856,6 +860,11 @@ impl Config {
                 "cluster.writeback_max".into(),
                 c.writeback_max as u128,
                 COUNT,
+            ),
+            (
+                "cluster.progress_per_s".into(),
+                c.progress_per_s.into(),
+                1000,
             ),
             (
                 "dashboard.max_watchers".into(),

@@ -203,6 +203,7 @@ pub fn core_config(config: &Config, node: &str, run: &str) -> CoreConfig {
             notice_inline_bytes: c.notice_inline_bytes,
             max_stored: max_stored(max_output),
             writeback_max: c.writeback_max,
+            progress_per_s: c.progress_per_s,
             versions: evaluators.iter().map(|e| e.version.clone()).collect(),
         }
     });

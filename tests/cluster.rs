@@ -1610,3 +1610,40 @@ async fn a_broker_reaches_redis_over_tls() {
     assert_eq!(r["source"], "eval", "{r}");
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_broker_gets_the_claimant_s_progress() {
+    let redis = Redis::start().await;
+    let (a, b) = (broker(&redis, "a").await, broker(&redis, "b").await);
+    let input = json!({"sleep_ms": 1500, "progress": 5, "across": "progress"});
+    let mut first = a.client().await;
+    first
+        .send(json!({"op": "submit", "id": "a", "input": input, "progress": true}))
+        .await;
+    assert_eq!(first.recv().await["type"], "accepted");
+    // Broker a runs it (its first report is out); b's waiter joins it.
+    assert_eq!(first.recv().await["type"], "progress");
+    let mut far = b.client().await;
+    far.send(json!({"op": "submit", "id": "b", "input": input, "progress": true}))
+        .await;
+    let mut seqs = Vec::new();
+    let result = loop {
+        let f = far.recv().await;
+        match f["type"].as_str() {
+            Some("progress") => {
+                let seq = f["seq"].as_u64().unwrap();
+                assert_eq!(f["data"], json!({"step": seq, "of": 5}), "{f}");
+                seqs.push(seq);
+            }
+            Some("result") => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(result["source"], "cluster", "{result}");
+    assert!(seqs.len() >= 2, "b's waiter heard {seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(seqs.last(), Some(&5), "{seqs:?}");
+    assert_eq!(evaluations(&[&a, &b]).await, 1);
+    a.stop().await;
+    b.stop().await;
+}

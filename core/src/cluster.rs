@@ -90,6 +90,10 @@ pub struct ClusterConfig {
     pub max_stored: usize,
     /// `cluster.writeback_max`: outcomes kept while Redis is away.
     pub writeback_max: usize,
+    /// `cluster.progress_per_s`: progress reports of one evaluation
+    /// announced to the other brokers per second at most (the latest
+    /// winning; 0: none).
+    pub progress_per_s: u32,
     /// Each fn's version, in evaluator order.
     pub versions: Vec<String>,
 }
@@ -267,6 +271,13 @@ pub(crate) enum ClusterEvent {
     Local { key: Key, gen: Gen },
     /// A broker stored a result of `key` too large for its notice.
     Stored { key: Key },
+    /// The broker evaluating `key` under `claim` reported progress.
+    Progress {
+        key: Key,
+        claim: Arc<str>,
+        seq: u64,
+        data: Arc<str>,
+    },
     /// The answer to a `Finished` with [`Finish::Confirm`]: `stored` is
     /// another broker's result, stored first, which stands instead of job
     /// `gen`'s outcome; None: job `gen`'s outcome stands.
@@ -438,6 +449,8 @@ enum Pending {
     Announce(Invalidation, Option<Again>),
     /// Deleted again: answered.
     DeleteAgain(Invalidation),
+    /// A progress report announced (nothing waits for the reply).
+    Progress,
 }
 
 impl Pending {
@@ -477,6 +490,14 @@ struct Stored<'a> {
     /// An invalidation: this key's result is dropped.
     #[serde(default)]
     drop: Option<&'a str>,
+    /// A progress report of this key's evaluation under `claim`: its `seq`
+    /// and `data`.
+    #[serde(default)]
+    progress: Option<&'a str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
     /// The claim it was computed under.
     #[serde(default)]
     claim: Option<&'a str>,
@@ -1887,7 +1908,34 @@ impl Coordinator {
                 let ok = reply.is_some();
                 self.answer(invalidation, ok);
             }
+            Pending::Progress => {}
         }
+    }
+
+    /// Announces progress report `seq` of the evaluation of `key` under
+    /// `claim` to the other brokers, while Redis is up.
+    pub(crate) fn progress(
+        &mut self,
+        key: &Key,
+        claim: &str,
+        seq: u64,
+        data: &str,
+        out: &mut VecDeque<Effect>,
+    ) {
+        if self.link != Link::Up {
+            return;
+        }
+        let message = format!(
+            "{{\"progress\":\"{}\",\"ns\":{},\"claim\":{},\"seq\":{seq},\"data\":{data}}}",
+            key.to_hex(),
+            json_str(&key.ns().name()),
+            json_str(claim),
+        );
+        let op = RedisOp::Publish {
+            channel: self.channel(),
+            message,
+        };
+        self.send(Pending::Progress, op, out);
     }
 
     fn announce(
@@ -2025,6 +2073,17 @@ impl Coordinator {
             let target = Target::Key(key.in_ns(ns));
             return self.events.push_back(ClusterEvent::Dropped(target));
         }
+        if let Some(key) = notice.progress.and_then(Key::parse) {
+            if let (Some(claim), Some(seq), Some(data)) = (notice.claim, notice.seq, notice.data) {
+                self.events.push_back(ClusterEvent::Progress {
+                    key: key.in_ns(ns),
+                    claim: claim.into(),
+                    seq,
+                    data: data.get().into(),
+                });
+            }
+            return;
+        }
         if let Some(epoch) = notice.epoch {
             let evaluator = notice
                 .fn_name
@@ -2097,6 +2156,7 @@ mod tests {
             notice_inline_bytes: 16,
             max_stored: 200,
             writeback_max: 2,
+            progress_per_s: 10,
             versions: vec![String::new(), "2".into()],
         };
         let fns = vec![Arc::from("f"), Arc::from("g")];

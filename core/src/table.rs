@@ -461,6 +461,10 @@ struct Job {
     priority: Priority,
     /// Its progress reports.
     reports: Reports,
+    /// In a cluster: when its last report was announced to the other
+    /// brokers, and when the latest one held back (rate-bounded) will be.
+    announced_at: Option<Instant>,
+    announce_at: Option<Instant>,
 }
 
 /// An evaluation's progress reports: the latest ones, within
@@ -475,7 +479,12 @@ struct Reports {
 
 impl Reports {
     fn add(&mut self, data: Arc<str>, max_bytes: usize) -> u64 {
-        self.seq += 1;
+        self.add_at(self.seq + 1, data, max_bytes)
+    }
+
+    /// Adds report `seq` (later than any kept).
+    fn add_at(&mut self, seq: u64, data: Arc<str>, max_bytes: usize) -> u64 {
+        self.seq = seq;
         self.bytes += data.len();
         self.kept.push_back((self.seq, data));
         while self.bytes > max_bytes && self.kept.len() > 1 {
@@ -580,6 +589,8 @@ pub struct Core {
     drops_before: Gen,
     /// Waiters' own deadlines, as (when, waiter number).
     deadlines: BTreeSet<(Instant, u64)>,
+    /// When each job's held-back progress report is announced (cluster).
+    announcements: BTreeSet<(Instant, Gen)>,
     /// The key each waiter number waits on.
     deadline_keys: HashMap<u64, Key>,
     next_waiter: u64,
@@ -610,6 +621,7 @@ impl Core {
             recent_drops: VecDeque::new(),
             drops_before: 0,
             deadlines: BTreeSet::new(),
+            announcements: BTreeSet::new(),
             deadline_keys: HashMap::new(),
             next_waiter: 0,
         }
@@ -624,10 +636,8 @@ impl Core {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let jobs = self.timers.first().map(|(at, _)| *at);
         let waiters = self.deadlines.first().map(|(at, _)| *at);
-        let table = match (jobs, waiters) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let announcements = self.announcements.first().map(|(at, _)| *at);
+        let table = [jobs, waiters, announcements].into_iter().flatten().min();
         let cluster = self.cluster.as_ref().map(Coordinator::next_timer);
         match (table, cluster) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -754,6 +764,18 @@ impl Core {
                 self.deadlines.len(),
                 self.deadline_keys.len()
             ));
+        }
+        for (at, gen) in &self.announcements {
+            let due = self
+                .by_gen
+                .get(gen)
+                .and_then(|k| self.job(k))
+                .and_then(|j| j.announce_at);
+            if due != Some(*at) {
+                return Err(format!(
+                    "an announcement of job {gen} at {at:?}, due {due:?}"
+                ));
+            }
         }
         if self.timers.len() > self.by_gen.len() {
             return Err(format!(
@@ -931,6 +953,16 @@ impl Core {
             self.deadlines.pop_first();
             self.deadline_passed(number);
             self.hear_cluster();
+        }
+        while let Some(&(at, gen)) = self.announcements.first() {
+            if at > now {
+                break;
+            }
+            self.announcements.pop_first();
+            if let Some(job) = self.job_mut(gen) {
+                job.announce_at = None;
+                self.announce(gen, now);
+            }
         }
         if let Some(cluster) = self.cluster.as_mut() {
             if cluster.next_timer() <= now {
@@ -1230,6 +1262,8 @@ impl Core {
             heard: None,
             priority,
             reports: Reports::default(),
+            announced_at: None,
+            announce_at: None,
         });
         if !self.clustered() {
             return self.queue(gen, now);
@@ -1397,6 +1431,21 @@ impl Core {
             return;
         }
         let seq = job.reports.add(Arc::clone(&data), max_bytes);
+        let shared = job.claimed && job.claim.is_some();
+        self.tell_progress(key, seq, data);
+        if shared {
+            // Other brokers' waiters of this evaluation hear it too.
+            let now = self.now;
+            self.announce(gen, now);
+        }
+    }
+
+    /// Progress report `seq` of `key`'s evaluation, to each of its waiters
+    /// that asked for progress.
+    fn tell_progress(&mut self, key: Key, seq: u64, data: Arc<str>) {
+        let Some(entry) = self.table.get(&key) else {
+            return;
+        };
         let to: Vec<(SessionId, ReqId)> = entry
             .waiters
             .iter()
@@ -1407,6 +1456,53 @@ impl Core {
             self.effects
                 .push_back(Effect::Progress { key, seq, data, to });
         }
+    }
+
+    /// Announces job `gen`'s latest report to the other brokers now, or,
+    /// within `cluster.progress_per_s` of the last, once that allows (the
+    /// latest then wins).
+    fn announce(&mut self, gen: Gen, now: Instant) {
+        let per_s = self.config.cluster.as_ref().map_or(0, |c| c.progress_per_s);
+        if per_s == 0 {
+            return;
+        }
+        let Some(key) = self.by_gen.get(&gen).copied() else {
+            return;
+        };
+        let job = self.job_mut_of(&key).expect("a live job");
+        if job.announce_at.is_some() || !matches!(job.phase, Phase::Queued | Phase::Running) {
+            return;
+        }
+        let next = job
+            .announced_at
+            .map(|at| at + Duration::from_secs(1) / per_s);
+        if let Some(next) = next.filter(|n| *n > now) {
+            job.announce_at = Some(next);
+            self.announcements.insert((next, gen));
+            return;
+        }
+        job.announced_at = Some(now);
+        let (Some((seq, data)), Some(claim)) = (job.reports.latest(), job.claim.clone()) else {
+            return;
+        };
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.progress(&key, &claim, seq, &data, &mut self.effects);
+        }
+    }
+
+    /// The broker evaluating `key` under `claim` reported progress: the
+    /// job here that waits on that claim takes it in and tells its waiters.
+    fn heard_progress(&mut self, key: Key, claim: &str, seq: u64, data: Arc<str>) {
+        let max_bytes = self.config.progress_bytes;
+        let Some(job) = self.job_mut_of(&key) else {
+            return;
+        };
+        let waits_on_it = job.phase == Phase::Waiting && job.claim.as_deref() == Some(claim);
+        if !waits_on_it || seq <= job.reports.seq {
+            return;
+        }
+        job.reports.add_at(seq, Arc::clone(&data), max_bytes);
+        self.tell_progress(key, seq, data);
     }
 
     fn get(&mut self, session: SessionId, id: ReqId, key: Key, now: Instant) {
@@ -1578,6 +1674,9 @@ impl Core {
         self.by_gen.remove(&job.gen);
         if let Some(at) = job.deadline.take() {
             self.timers.remove(&(at, job.gen));
+        }
+        if let Some(at) = job.announce_at.take() {
+            self.announcements.remove(&(at, job.gen));
         }
         self.leave_executor(job.evaluator, job.input_len, &job.phase);
         for session in std::mem::take(&mut job.wanted) {
@@ -2051,6 +2150,12 @@ impl Core {
                 };
                 self.reply(session, id, reply);
             }
+            ClusterEvent::Progress {
+                key,
+                claim,
+                seq,
+                data,
+            } => self.heard_progress(key, &claim, seq, data),
             ClusterEvent::Stored { key } => {
                 if let Some(entry) = self.table.get_mut(&key) {
                     entry.looked = true;
@@ -2319,6 +2424,7 @@ mod tests {
                 notice_inline_bytes: 16,
                 max_stored: 1024,
                 writeback_max: 4,
+                progress_per_s: 10,
                 versions: vec![String::new()],
             }),
             preview_chars: 8,
@@ -3019,6 +3125,137 @@ mod tests {
         let held = RedisReply::Acquired(Acquired::Held("m:x:1".into()));
         redis(&mut core, op, held, now);
         assert_eq!(delivered(&answered(&mut core, now)), [(vec![1], ok("7"))]);
+    }
+
+    /// The progress announcements among `effects`: (seq, data) of each.
+    fn announced(effects: &[Effect]) -> Vec<(u64, String)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Redis {
+                    cmd: RedisOp::Publish { message, .. },
+                    ..
+                } => {
+                    let v: serde_json::Value = serde_json::from_str(message).ok()?;
+                    assert_eq!(
+                        v["progress"],
+                        Key::from_bytes([5; 16]).to_hex(),
+                        "{message}"
+                    );
+                    assert!(
+                        v["claim"].as_str().is_some_and(|c| !c.is_empty()),
+                        "{message}"
+                    );
+                    Some((v["seq"].as_u64()?, v["data"].to_string()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_claimant_announces_its_progress_at_most_progress_per_s_the_latest_winning() {
+        let (mut core, now) = cluster_up();
+        let gen = running_here(&mut core, now);
+        answered(&mut core, now);
+        let report = |core: &mut Core, n: u32, at: Instant| {
+            let data = Arc::from(format!("{{\"n\":{n}}}"));
+            core.apply(Input::Progress { gen, data }, at);
+            announced(&answered(core, at))
+        };
+        assert_eq!(report(&mut core, 1, now), [(1, "{\"n\":1}".to_string())]);
+        // Ten a second: the next two within 100 ms wait, the latest wins.
+        let soon = now + Duration::from_millis(30);
+        assert!(report(&mut core, 2, soon).is_empty());
+        assert!(report(&mut core, 3, soon).is_empty());
+        assert!(core.poll_timeout() <= Some(now + Duration::from_millis(100)));
+        core.handle_timeout(now + Duration::from_millis(99));
+        assert!(announced(&answered(&mut core, now + Duration::from_millis(99))).is_empty());
+        let due = now + Duration::from_millis(100);
+        core.handle_timeout(due);
+        assert_eq!(
+            announced(&answered(&mut core, due)),
+            [(3, "{\"n\":3}".to_string())]
+        );
+        core.audit().unwrap();
+        // A report after the interval goes at once.
+        let later = now + Duration::from_millis(250);
+        assert_eq!(report(&mut core, 4, later), [(4, "{\"n\":4}".to_string())]);
+        // The evaluation ends with a report held back: it is not announced
+        // after the outcome.
+        assert!(report(&mut core, 5, later).is_empty());
+        core.apply(finished(gen, ok("1")), later);
+        answered(&mut core, later);
+        core.audit().unwrap();
+        let after = later + Duration::from_millis(200);
+        core.handle_timeout(after);
+        assert!(announced(&answered(&mut core, after)).is_empty());
+        core.audit().unwrap();
+    }
+
+    #[test]
+    fn a_broker_waiting_on_a_claim_passes_its_claimant_s_progress_on() {
+        let (mut core, now) = cluster_up();
+        let mut asking = submit(1);
+        if let Input::Submit { progress, .. } = &mut asking {
+            *progress = true;
+        }
+        core.apply(asking, now);
+        let sent = commands(answered(&mut core, now));
+        let [(op, RedisOp::Acquire { .. })] = &sent[..] else {
+            panic!("{sent:?}")
+        };
+        redis(
+            &mut core,
+            *op,
+            RedisReply::Acquired(Acquired::Held("m:x:1".into())),
+            now,
+        );
+        answered(&mut core, now);
+        let hex = Key::from_bytes([5; 16]).to_hex();
+        let heard = |claim: &str, seq: u64| {
+            Input::Pubsub(PubsubEvent::Message(format!(
+                "{{\"progress\":\"{hex}\",\"ns\":\"\",\"claim\":\"{claim}\",\"seq\":{seq},\"data\":[{seq}]}}"
+            )))
+        };
+        let told = |effects: Vec<Effect>| -> Vec<(u64, String)> {
+            effects
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Progress { seq, data, to, .. } => {
+                        assert_eq!(to.len(), 1);
+                        Some((seq, data.to_string()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        core.apply(heard("m:x:1", 2), now);
+        assert_eq!(told(answered(&mut core, now)), [(2, "[2]".to_string())]);
+        // Another claim's, and an older report, are not passed on.
+        core.apply(heard("m:y:9", 3), now);
+        core.apply(heard("m:x:1", 1), now);
+        core.apply(heard("m:x:1", 2), now);
+        assert!(told(answered(&mut core, now)).is_empty());
+        core.apply(heard("m:x:1", 5), now);
+        assert_eq!(told(answered(&mut core, now)), [(5, "[5]".to_string())]);
+        // `get` shows the latest.
+        core.apply(
+            Input::Get {
+                session: 2,
+                id: None,
+                key: Key::from_bytes([5; 16]),
+            },
+            now,
+        );
+        let status = answered(&mut core, now).into_iter().find_map(|e| match e {
+            Effect::Reply {
+                reply: Reply::Status { progress, .. },
+                ..
+            } => Some(progress),
+            _ => None,
+        });
+        assert_eq!(status, Some(Some((5, Arc::from("[5]")))));
     }
 
     #[test]

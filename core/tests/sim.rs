@@ -23,8 +23,11 @@
 //!    job;
 //! 3. without faults each key is evaluated at most once across all
 //!    brokers (unless it was invalidated);
-//! 4. a submit is answered within three timeouts plus four leases, unless
-//!    its broker was paused;
+//! 4. a submit is answered within three timeouts plus four leases (two
+//!    and one without faults) of when it was made, or of when its broker
+//!    last offered an evaluation of its key (a claimant's failure is not
+//!    stored: a broker that takes the key over after it evaluates anew),
+//!    unless its broker was paused;
 //! 5. the wait table stays within its bounds, and a core stops acting
 //!    within each step (no loop between it and what its effects bring
 //!    back);
@@ -328,6 +331,8 @@ fn at_ms(value: &str) -> u64 {
 struct Req {
     key: Key,
     since: u64,
+    /// Its answer's bound runs from then (see invariant 4).
+    bound_from: u64,
     /// A submit that waits (bound by invariant 4).
     bounded: bool,
     subscription: bool,
@@ -446,6 +451,7 @@ fn config(p: &Params, broker: usize, inc: u64) -> CoreConfig {
         notice_inline_bytes: p.notice_inline_bytes,
         max_stored: 1 << 16,
         writeback_max: p.writeback_max,
+        progress_per_s: 20,
         versions: vec![String::new(), String::new()],
     });
     CoreConfig {
@@ -980,6 +986,7 @@ impl Sim {
         let req = move |bounded: bool, subscription| Req {
             key,
             since: now,
+            bound_from: now,
             bounded,
             subscription,
             pauses,
@@ -1502,6 +1509,12 @@ impl Sim {
                 self.brokers[b].offered.insert(gen);
                 let inc = self.brokers[b].inc;
                 self.began.insert(format!("b{b}i{inc}g{gen}"), self.now);
+                let now = self.now;
+                for ((pb, _, _), r) in self.pending.iter_mut() {
+                    if *pb == b && r.key == key {
+                        r.bound_from = r.bound_from.max(now);
+                    }
+                }
                 let exec = &mut self.brokers[b].exec[evaluator];
                 exec.queue.push(gen, key.ns(), priority, key);
                 self.start_jobs(b, evaluator, follow_ups);
@@ -2184,14 +2197,15 @@ impl Sim {
         let late = self.pending.iter().find(|((b, _, _), r)| {
             r.bounded
                 && r.pauses == self.brokers[*b].pauses
-                && self.now > r.since + bound
+                && self.now > r.bound_from + bound
                 && self.brokers[*b].paused_until <= r.since
         });
         if let Some(((b, s, id), r)) = late {
             let what = format!(
-                "b{b} s{s} {id}: a submit of {} made at {} ms is unanswered after {bound} ms",
+                "b{b} s{s} {id}: a submit of {} made at {} ms is unanswered {bound} ms after {}",
                 short(&r.key),
-                r.since
+                r.since,
+                r.bound_from
             );
             self.fail(&what);
         }
