@@ -51,6 +51,10 @@ pub struct AgentsArgs {
     /// Submits each flooding session keeps in flight.
     #[arg(long, default_value_t = 64)]
     pub flood_inflight: usize,
+    /// Two priorities, HIGH,LOW: even agents submit at HIGH, odd ones at
+    /// LOW; reports each class's latency ("high_p99_ms", "low_p99_ms").
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    pub priority_split: Vec<u8>,
 }
 
 /// What the flood's submits got.
@@ -139,6 +143,8 @@ fn alone_name(name: &str) -> &'static str {
 }
 
 struct Sample {
+    /// Its agent's class: false for the first (HIGH) of `--priority-split`.
+    low: bool,
     latency_ms: f64,
     eval_ms: Option<f64>,
     /// The key's nominal evaluation time (ms), for evaluated submits.
@@ -149,6 +155,10 @@ async fn run_s1(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result
     anyhow::ensure!(
         args.agents > 0 && args.inflight >= args.agents,
         "need inflight >= agents > 0"
+    );
+    anyhow::ensure!(
+        args.priority_split.iter().all(|p| *p <= crate::core::MAX_PRIORITY),
+        "--priority-split takes two priorities from 0 to 9"
     );
     let mut r = rng(seed);
     let inputs: Vec<_> = (0..args.distinct)
@@ -198,6 +208,11 @@ async fn run_s1(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result
                 bar.clone(),
             );
             let fn_name = args.fn_name.clone();
+            let low = agent % 2 == 1;
+            let options = crate::client::SubmitOptions {
+                priority: args.priority_split.get(usize::from(low)).copied(),
+                deadline_ms: None,
+            };
             workers.push(tokio::spawn(async move {
                 let mut samples = Vec::new();
                 loop {
@@ -207,12 +222,13 @@ async fn run_s1(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result
                     }
                     let input = inputs[picks[i]].clone();
                     let t0 = Instant::now();
-                    let out = client.submit(&fn_name, input).await?;
+                    let out = client.submit_with(&fn_name, input, options).await?;
                     let evaluated = out.source == Source::Eval;
                     let nominal_ms = crate::Key::parse(&out.key)
                         .filter(|_| evaluated)
                         .map(|k| (15 + k.seed() % 16) as f64);
                     samples.push(Sample {
+                        low,
                         latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
                         eval_ms: evaluated.then_some(out.eval_ms).flatten(),
                         nominal_ms,
@@ -250,6 +266,25 @@ async fn run_s1(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result
     report.ms("max_ms", latency.last().copied().unwrap_or(0.0));
     report.ms("overhead_p50_ms", percentile(&overhead, 50.0));
     report.ms("overhead_p99_ms", percentile(&overhead, 99.0));
+    if let [high, low] = args.priority_split[..] {
+        for (class, priority) in [(false, high), (true, low)] {
+            let latency = sorted(
+                samples
+                    .iter()
+                    .filter(|s| s.low == class)
+                    .map(|s| s.latency_ms)
+                    .collect(),
+            );
+            let names = if class {
+                ["low_priority", "low_p50_ms", "low_p99_ms"]
+            } else {
+                ["high_priority", "high_p50_ms", "high_p99_ms"]
+            };
+            report.add(names[0], priority);
+            report.ms(names[1], percentile(&latency, 50.0));
+            report.ms(names[2], percentile(&latency, 99.0));
+        }
+    }
     if args.nominal_sleep {
         let hop = sorted(
             samples
