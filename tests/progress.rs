@@ -455,3 +455,67 @@ async fn an_http_submit_that_accepts_event_streams_gets_progress_then_its_result
     assert!(result["output"].is_object(), "{result}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_worker_is_given_tasks_by_priority_then_namespaces_in_turn() {
+    let server = TestServer::start(config(&format!(
+        r#"
+[[token]]
+name = "w"
+role = "worker"
+secret = "w"
+namespace = "*"
+[[token]]
+name = "a"
+role = "agent"
+secret = "team-a-secret"
+namespace = "team-a"
+[[token]]
+name = "b"
+role = "agent"
+secret = "team-b-secret"
+namespace = "team-b"
+[[evaluator]]
+fn = "embed"
+kind = "remote"
+timeout_ms = 10000
+{BASIC}"#
+    )))
+    .await;
+    let connect = |token: &'static str| {
+        let url = format!("{}?token={token}", server.url());
+        async move { Client::connect(&url).await }
+    };
+    let (mut a, mut b) = (
+        connect("team-a-secret").await,
+        connect("team-b-secret").await,
+    );
+    let submit = |name: &str, priority: u64| json!({"op": "submit", "fn": "embed", "id": name, "input": {"n": name}, "priority": priority});
+    // Queued before any worker serves: a flood of team-a at 5, one team-b
+    // job at 5, one team-a job at 1, and one at 9 last of all.
+    for n in 0..3 {
+        a.send(submit(&format!("a{n}"), 5)).await;
+        assert_eq!(a.recv().await["type"], "accepted");
+    }
+    b.send(submit("b0", 5)).await;
+    assert_eq!(b.recv().await["type"], "accepted");
+    a.send(submit("low", 1)).await;
+    assert_eq!(a.recv().await["type"], "accepted");
+    b.send(submit("urgent", 9)).await;
+    assert_eq!(b.recv().await["type"], "accepted");
+    let mut worker = connect("w").await;
+    let serving = worker
+        .request(json!({"op": "serve", "fn": "embed", "id": "s", "concurrency": 1}))
+        .await;
+    assert_eq!(serving["type"], "serving");
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let task = worker.recv_type("task").await;
+        order.push(task["input"]["n"].as_str().unwrap().to_string());
+        worker
+            .send(json!({"op": "complete", "task": task["task"], "output": 1}))
+            .await;
+    }
+    assert_eq!(order, ["urgent", "a0", "b0", "a1", "a2", "low"]);
+    server.stop().await;
+}

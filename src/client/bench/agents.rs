@@ -157,7 +157,9 @@ async fn run_s1(target: &Target, args: &AgentsArgs, seed: u64) -> anyhow::Result
         "need inflight >= agents > 0"
     );
     anyhow::ensure!(
-        args.priority_split.iter().all(|p| *p <= crate::core::MAX_PRIORITY),
+        args.priority_split
+            .iter()
+            .all(|p| *p <= crate::core::MAX_PRIORITY),
         "--priority-split takes two priorities from 0 to 9"
     );
     let mut r = rng(seed);
