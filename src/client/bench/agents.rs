@@ -53,7 +53,7 @@ pub struct AgentsArgs {
     pub flood_inflight: usize,
     /// Two priorities, HIGH,LOW: even agents submit at HIGH, odd ones at
     /// LOW; reports each class's latency ("high_p99_ms", "low_p99_ms").
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     pub priority_split: Vec<u8>,
 }
 
