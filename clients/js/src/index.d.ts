@@ -112,7 +112,10 @@ export interface Task {
   attempt?: number;
 }
 
-export type Handler = (input: Json, context: { signal: AbortSignal; task: Task }) => Json | Promise<Json>;
+export type Handler = (
+  input: Json,
+  context: { signal: AbortSignal; task: Task; progress: (data: Json) => void },
+) => Json | Promise<Json>;
 
 export class Client {
   /** The broker's `hello` frame. */

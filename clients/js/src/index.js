@@ -538,7 +538,11 @@ export class Client {
     this._tasks.set(frame.task, controller);
     let complete;
     try {
-      const output = await serving.handler(frame.input, { signal: controller.signal, task: frame });
+      // A report for the waiters that asked for progress (any JSON value).
+      const progress = (data) => {
+        if (this._socket && !controller.signal.aborted) this._send({ op: "progress", task: frame.task, data });
+      };
+      const output = await serving.handler(frame.input, { signal: controller.signal, task: frame, progress });
       complete = { op: "complete", task: frame.task, output: output === undefined ? null : output };
     } catch (error) {
       complete = { op: "complete", task: frame.task, error: String(error?.message ?? error) };

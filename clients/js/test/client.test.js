@@ -117,8 +117,12 @@ test("serve: a worker in Node runs tasks, sees their namespace, and a revoke abo
   const revokedSeen = new Promise((r) => (revoked = r));
   await worker.serve(
     "embed",
-    async (input, { signal, task }) => {
+    async (input, { signal, task, progress }) => {
       assert.equal(task.ns, "");
+      if (input.steps) {
+        for (let step = 1; step <= input.steps; step++) progress({ step });
+        return "done";
+      }
       if (input.hang) {
         await new Promise((r) => signal.addEventListener("abort", r, { once: true }));
         revoked(task.task);
@@ -130,6 +134,10 @@ test("serve: a worker in Node runs tasks, sees their namespace, and a revoke abo
     { concurrency: 2 },
   );
   assert.deepEqual(await agent.submit({ text: "hello" }, { fn: "embed" }), { vector: [5, 1] });
+  // The handler's progress reports reach a streamed submit, in order.
+  const streamed = [];
+  for await (const item of agent.submitStream({ steps: 2 }, { fn: "embed" })) streamed.push(item);
+  assert.deepEqual(streamed.map((i) => (i.type === "progress" ? [i.seq, i.data] : i.output)), [[1, { step: 1 }], [2, { step: 2 }], "done"]);
   await assert.rejects(agent.submit({ text: "x", fail: true }, { fn: "embed" }), (e) => e instanceof herd.EvalError && e.brokerMessage === "no vector for that");
   const controller = new AbortController();
   const hung = agent.submit({ hang: true }, { fn: "embed", signal: controller.signal });

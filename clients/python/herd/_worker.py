@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import random
@@ -28,7 +29,9 @@ async def aserve(
 
     `handler(input)` returns the output (a plain function runs in a thread,
     a coroutine function on the loop); an exception fails the task with its
-    message. A `revoke` cancels the task. When the broker goes away this
+    message. A handler with a `progress` parameter is given a function
+    that sends the broker a progress report (any JSON value) for the
+    waiters that asked for progress: `def handler(input, progress): ...`. A `revoke` cancels the task. When the broker goes away this
     reconnects with jittered backoff (tasks in hand are abandoned; the
     broker re-queues them). When `stop` is set: `unserve`, finish the tasks
     in hand, return. Raises `Refused` if the broker will not have this worker."""
@@ -48,10 +51,18 @@ async def aserve(
         delay = min(delay * 2, 5.0)
 
 
-async def _run(handler: Handler, value: Any) -> Any:
+def _takes_progress(handler: Handler) -> bool:
+    try:
+        return "progress" in inspect.signature(handler).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+async def _run(handler: Handler, value: Any, progress: Callable[[Any], None]) -> Any:
+    call = functools.partial(handler, progress=progress) if _takes_progress(handler) else handler
     if inspect.iscoroutinefunction(handler):
-        return await handler(value)
-    return await asyncio.get_running_loop().run_in_executor(None, handler, value)
+        return await call(value)
+    return await asyncio.get_running_loop().run_in_executor(None, call, value)
 
 
 async def _session(url, fn, handler, concurrency, token, stop) -> None:
@@ -61,9 +72,32 @@ async def _session(url, fn, handler, concurrency, token, stop) -> None:
         await ws.send(json.dumps({"op": "serve", "id": "serve", "fn": fn, "concurrency": concurrency}))
         running: Dict[str, asyncio.Task] = {}
 
+        loop = asyncio.get_running_loop()
+
         async def run_task(task: Dict[str, Any]) -> None:
+            reports: list = []
+
+            def progress(data: Any) -> None:
+                # Sent on the loop, in order, and before the task's complete.
+                text = json.dumps({"op": "progress", "task": task["task"], "data": data})
+
+                def send() -> None:
+                    reports.append(asyncio.ensure_future(ws.send(text)))
+
+                try:
+                    in_loop = asyncio.get_running_loop() is loop
+                except RuntimeError:
+                    in_loop = False
+                if in_loop:
+                    send()
+                else:
+                    loop.call_soon_threadsafe(send)
+
             try:
-                reply = {"op": "complete", "task": task["task"], "output": await _run(handler, task["input"])}
+                output = await _run(handler, task["input"], progress)
+                if reports:
+                    await asyncio.gather(*reports)
+                reply = {"op": "complete", "task": task["task"], "output": output}
             except asyncio.CancelledError:
                 return
             except Exception as error:  # the task fails, the worker goes on

@@ -191,10 +191,12 @@ def test_worker_api_end_to_end(broker):
         stop = asyncio.Event()
         seen = []
 
-        async def embed(value):
+        async def embed(value, progress):
             seen.append(value)
             if value.get("bad"):
                 raise ValueError("cannot embed that")
+            for step in range(1, value.get("steps", 0) + 1):
+                progress({"step": step})
             return {"length": len(json.dumps(value))}
 
         worker = asyncio.ensure_future(herd.aserve(broker.url, "embed", embed, concurrency=2, stop=stop))
@@ -205,6 +207,9 @@ def test_worker_api_end_to_end(broker):
             with pytest.raises(herd.EvalError) as failed:
                 await h.submit({"bad": True}, fn="embed")
             assert "cannot embed that" in failed.value.message
+            items = [i async for i in h.submit_stream({"steps": 2}, fn="embed")]
+            assert [(p.seq, p.data) for p in items[:-1]] == [(1, {"step": 1}), (2, {"step": 2})]
+            assert items[-1].output["length"] > 5
         stop.set()
         await worker
 
