@@ -242,6 +242,12 @@ where
                     None => continue,
                 };
                 handles.remove(&task);
+                // Its reports were queued before it finished: they go first.
+                while let Ok(report) = progress_rx.try_recv() {
+                    if !send(socket, report).await {
+                        return Ok(lost(&mut running, stats, draining));
+                    }
+                }
                 let frame = match outcome {
                     Ok(output) => {
                         stats.done.fetch_add(1, Ordering::Relaxed);
