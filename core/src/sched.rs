@@ -229,6 +229,7 @@ mod tests {
             q.push(gen, Ns::SHARED, priority, ());
         }
         assert_eq!(q.len(), 5);
+        assert!(!q.is_empty());
         assert_eq!(order(&mut q), vec![2, 4, 0, 3, 1]);
         assert!(q.is_empty());
     }

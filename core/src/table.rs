@@ -1431,7 +1431,7 @@ impl Core {
             return;
         }
         let seq = job.reports.add(Arc::clone(&data), max_bytes);
-        let shared = job.claimed && job.claim.is_some();
+        let shared = job.claimed;
         self.tell_progress(key, seq, data);
         if shared {
             // Other brokers' waiters of this evaluation hear it too.
@@ -3151,6 +3151,113 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Session `session` submits key 5, asking for progress, with a
+    /// deadline of `deadline_ms` if given.
+    fn submit_asking(session: SessionId, deadline_ms: Option<u64>) -> Input {
+        let mut input = submit(session);
+        if let Input::Submit {
+            progress, deadline, ..
+        } = &mut input
+        {
+            *progress = true;
+            *deadline = deadline_ms.map(Duration::from_millis);
+        }
+        input
+    }
+
+    #[test]
+    fn a_late_joiner_gets_the_latest_reports_within_progress_bytes() {
+        let (mut core, now) = core_with(false, |c| c.progress_bytes = 10);
+        core.apply(submit_asking(1, None), now);
+        let gen = offered(&effects(&mut core))[0];
+        core.apply(Input::Started { gen, worker: None }, now);
+        for data in ["\"aaaa\"", "\"bbbb\"", "\"cccc\"", "\"dd\""] {
+            core.apply(
+                Input::Progress {
+                    gen,
+                    data: data.into(),
+                },
+                now,
+            );
+        }
+        // Every report reached the first waiter as it came.
+        let first: Vec<u64> = effects(&mut core)
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Progress { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(first, [1, 2, 3, 4]);
+        // 6 + 6 + 6 + 4 bytes: the latest ones within 10 bytes are kept.
+        core.apply(submit_asking(2, None), now);
+        let replayed: Vec<(u64, String)> = effects(&mut core)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Progress { seq, data, to, .. } => {
+                    assert_eq!(to, [(2, Some("5".into()))]);
+                    Some((seq, data.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replayed, [(3, "\"cccc\"".into()), (4, "\"dd\"".into())]);
+        // One report larger than the bound is still kept, alone.
+        core.apply(
+            Input::Progress {
+                gen,
+                data: "\"a long report\"".into(),
+            },
+            now,
+        );
+        effects(&mut core);
+        core.apply(submit_asking(3, None), now);
+        let replayed: Vec<u64> = effects(&mut core)
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Progress { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replayed, [5]);
+    }
+
+    #[test]
+    fn a_waiter_s_deadline_is_a_timer_the_audit_accounts_for() {
+        let (mut core, now) = core(false);
+        core.apply(submit_asking(1, Some(50)), now);
+        effects(&mut core);
+        // The job's deadline and the waiter's.
+        assert_eq!(core.counts().timers, 2);
+        assert_eq!(core.poll_timeout(), Some(now + Duration::from_millis(50)));
+        core.audit().unwrap();
+        let kept = std::mem::take(&mut core.deadline_keys);
+        assert!(core.audit().is_err(), "a deadline without its key");
+        core.deadline_keys = kept;
+        let kept = std::mem::take(&mut core.deadlines);
+        assert!(
+            core.audit().is_err(),
+            "a waiter's deadline without its timer"
+        );
+        core.deadlines = kept;
+        core.audit().unwrap();
+        core.handle_timeout(now + Duration::from_millis(50));
+        let answered: Vec<SessionId> = effects(&mut core)
+            .iter()
+            .filter_map(|e| match e {
+                Effect::DeadlineExceeded { session, .. } => Some(*session),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answered, [1]);
+        assert_eq!(
+            core.counts().timers,
+            0,
+            "the queued job left with its waiter"
+        );
+        core.audit().unwrap();
     }
 
     #[test]
