@@ -29,6 +29,17 @@ enum Command {
         /// Do not wait for the result; print what `accepted` said.
         #[arg(long)]
         nowait: bool,
+        /// 0-9 (the broker's default: 5): the queued evaluation starts in
+        /// order of the highest priority among its submits.
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Give up on this submit after this long (`deadline_exceeded`);
+        /// the evaluation goes on for its other waiters.
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+        /// Print the evaluation's progress reports on stderr as they come.
+        #[arg(long)]
+        progress: bool,
         /// With `-`: submits in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -385,15 +396,28 @@ fn main() {
             target: t,
             fn_name,
             nowait,
+            priority,
+            deadline_ms,
+            progress,
             concurrency,
             input,
-        } => runtime.block_on(herd::client::cli::submit(
-            &target(t),
-            &fn_name,
-            nowait,
-            &input,
-            concurrency,
-        )),
+        } => {
+            let flags = herd::client::cli::SubmitFlags {
+                nowait,
+                options: herd::client::SubmitOptions {
+                    priority,
+                    deadline_ms,
+                },
+                progress,
+            };
+            runtime.block_on(herd::client::cli::submit(
+                &target(t),
+                &fn_name,
+                flags,
+                &input,
+                concurrency,
+            ))
+        }
         Command::Get { target: t, key } => {
             runtime.block_on(herd::client::cli::get(&target(t), &key))
         }

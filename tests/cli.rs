@@ -799,3 +799,48 @@ fn serve_says_which_config_file_it_read() {
         "the config's path is logged before listening"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_prints_progress_on_stderr_and_honours_a_deadline() {
+    let server = TestServer::basic().await;
+    let input = json!({"sleep_ms": 300, "progress": 2, "cli": "progress"});
+    let out = run(
+        &server,
+        &[
+            "submit",
+            "--progress",
+            "--priority",
+            "9",
+            &input.to_string(),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let reports: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let key = key_of("default", &input);
+    assert_eq!(
+        reports,
+        [1, 2]
+            .map(|n| json!({"key": key, "seq": n, "data": {"step": n, "of": 2}}))
+            .to_vec()
+    );
+    assert_eq!(lines(&out)[0]["source"], "eval");
+    let out = run(
+        &server,
+        &[
+            "submit",
+            "--deadline-ms",
+            "50",
+            r#"{"sleep_ms":2000,"cli":"late"}"#,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(lines(&out)[0]["error"]["code"], "deadline_exceeded");
+    server.stop().await;
+}

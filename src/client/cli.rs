@@ -9,7 +9,7 @@
 //! a request or the connection (a token it does not take); 2 the broker
 //! could not be reached or the input is not JSON.
 
-use crate::client::{Client, ClientError, Output, Status};
+use crate::client::{Client, ClientError, Output, Status, SubmitOptions};
 use futures::stream::{FuturesOrdered, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
@@ -71,6 +71,7 @@ fn error_json(key: Option<&str>, e: &ClientError) -> Value {
     let (code, message) = match e {
         ClientError::EvalFailed { message, .. } => ("eval_failed", message.clone()),
         ClientError::EvalTimeout { message, .. } => ("eval_timeout", message.clone()),
+        ClientError::DeadlineExceeded { message, .. } => ("deadline_exceeded", message.clone()),
         ClientError::Busy(m) => ("busy", m.clone()),
         ClientError::Rejected { code, message } => (code.as_str(), message.clone()),
         // The broker would refuse it (closing with 1009): a bad request.
@@ -78,9 +79,9 @@ fn error_json(key: Option<&str>, e: &ClientError) -> Value {
         other => ("client_error", other.to_string()),
     };
     let key = match e {
-        ClientError::EvalFailed { key, .. } | ClientError::EvalTimeout { key, .. } => {
-            Some(key.as_str())
-        }
+        ClientError::EvalFailed { key, .. }
+        | ClientError::EvalTimeout { key, .. }
+        | ClientError::DeadlineExceeded { key, .. } => Some(key.as_str()),
         _ => key,
     };
     json!({"key": key, "error": {"code": code, "message": message}})
@@ -95,11 +96,21 @@ fn exit_for(e: &ClientError) -> i32 {
     }
 }
 
+/// How `herd submit` asks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubmitFlags {
+    /// Print what `accepted` said instead of waiting.
+    pub nowait: bool,
+    pub options: SubmitOptions,
+    /// Print the evaluation's progress reports on stderr as they come.
+    pub progress: bool,
+}
+
 /// `herd submit`: one input given as an argument, or JSON lines from stdin (`-`).
 pub async fn submit(
     target: &Target,
     fn_name: &str,
-    nowait: bool,
+    flags: SubmitFlags,
     input: &str,
     concurrency: usize,
 ) -> i32 {
@@ -107,7 +118,7 @@ pub async fn submit(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let code = submit_all(&client, fn_name, nowait, input, concurrency).await;
+    let code = submit_all(&client, fn_name, flags, input, concurrency).await;
     client.close().await;
     code
 }
@@ -115,7 +126,7 @@ pub async fn submit(
 async fn submit_all(
     client: &Client,
     fn_name: &str,
-    nowait: bool,
+    flags: SubmitFlags,
     input: &str,
     concurrency: usize,
 ) -> i32 {
@@ -127,7 +138,7 @@ async fn submit_all(
                 return EXIT_USAGE;
             }
         };
-        let (line, code) = submit_one(client, fn_name, nowait, value).await;
+        let (line, code) = submit_one(client, fn_name, flags, value).await;
         print_line(&line);
         return code;
     }
@@ -149,7 +160,7 @@ async fn submit_all(
         };
         let client = client.clone();
         let fn_name = fn_name.to_string();
-        in_flight.push_back(async move { submit_one(&client, &fn_name, nowait, value).await });
+        in_flight.push_back(async move { submit_one(&client, &fn_name, flags, value).await });
         if in_flight.len() >= concurrency.max(1) {
             if let Some((line, code)) = in_flight.next().await {
                 print_line(&line);
@@ -164,9 +175,17 @@ async fn submit_all(
     worst
 }
 
-async fn submit_one(client: &Client, fn_name: &str, nowait: bool, input: Value) -> (Value, i32) {
-    if nowait {
-        return match client.submit_nowait(fn_name, input).await {
+async fn submit_one(
+    client: &Client,
+    fn_name: &str,
+    flags: SubmitFlags,
+    input: Value,
+) -> (Value, i32) {
+    if flags.nowait {
+        return match client
+            .submit_nowait_with(fn_name, input, flags.options)
+            .await
+        {
             Ok(a) => (
                 json!({"key": a.key, "state": a.state, "first": a.first, "waiters": a.waiters}),
                 EXIT_OK,
@@ -174,10 +193,39 @@ async fn submit_one(client: &Client, fn_name: &str, nowait: bool, input: Value) 
             Err(e) => (error_json(None, &e), exit_for(&e)),
         };
     }
-    match client.submit(fn_name, input).await {
+    let outcome = if flags.progress {
+        streamed(client, fn_name, input, flags.options).await
+    } else {
+        client.submit_with(fn_name, input, flags.options).await
+    };
+    match outcome {
         Ok(o) => (output_json(&o), EXIT_OK),
         Err(e) => (error_json(None, &e), exit_for(&e)),
     }
+}
+
+/// A submit whose progress reports go to stderr, one JSON line each
+/// (`{"key","seq","data"}`), as they come.
+async fn streamed(
+    client: &Client,
+    fn_name: &str,
+    input: Value,
+    options: SubmitOptions,
+) -> Result<Output, ClientError> {
+    let key = crate::Key::derive(fn_name, crate::key::canonical_json(&input).as_bytes()).to_hex();
+    let updates = client.submit_stream(fn_name, input, options).await?;
+    futures::pin_mut!(updates);
+    while let Some(update) = updates.next().await {
+        match update {
+            crate::client::Update::Progress { seq, data } => {
+                eprintln!("{}", json!({"key": key, "seq": seq, "data": data}));
+            }
+            crate::client::Update::Done(outcome) => return outcome,
+        }
+    }
+    Err(ClientError::Protocol(
+        "the stream ended without a result".into(),
+    ))
 }
 
 /// `herd get KEY`: prints the key's state; exit 1 when it holds a failure.

@@ -387,12 +387,20 @@ impl Client {
         fn_name: &str,
         input: Value,
     ) -> Result<Accepted, ClientError> {
-        let reply = self
-            .call(
-                Kind::SubmitNoWait,
-                json!({"op": "submit", "fn": fn_name, "input": input, "wait": false}),
-            )
-            .await?;
+        self.submit_nowait_with(fn_name, input, SubmitOptions::default())
+            .await
+    }
+
+    /// [`Client::submit_nowait`] with a priority.
+    pub async fn submit_nowait_with(
+        &self,
+        fn_name: &str,
+        input: Value,
+        options: SubmitOptions,
+    ) -> Result<Accepted, ClientError> {
+        let mut request = json!({"op": "submit", "fn": fn_name, "input": input, "wait": false});
+        options.apply(&mut request);
+        let reply = self.call(Kind::SubmitNoWait, request).await?;
         if reply["type"] == "result" {
             parse_result(&reply)?;
             return Ok(Accepted {
