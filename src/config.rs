@@ -287,6 +287,10 @@ pub struct Limits {
     pub progress_bytes: usize,
 }
 
+/// The most progress reports a `simulate` evaluation makes
+/// (`progress_steps`, or its input's `progress`).
+pub const MAX_PROGRESS_STEPS: u64 = 1000;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -898,7 +902,7 @@ impl Config {
                 (
                     n("progress_steps"),
                     e.progress_steps.into(),
-                    crate::exec::eval::MAX_PROGRESS_STEPS.into(),
+                    MAX_PROGRESS_STEPS.into(),
                 ),
                 (n("grace_ms"), e.grace_ms.into(), WEEK_MS),
                 (n("max_output_bytes"), e.max_output_bytes as u128, GIB),

@@ -4,7 +4,7 @@
 //! [`WorkerFactory`]; a worker keeps whatever per-thread state it needs (a
 //! child process, for `process` evaluators) and runs one task at a time.
 
-use crate::config::{EvaluatorConfig, EvaluatorKind};
+use crate::config::{EvaluatorConfig, EvaluatorKind, MAX_PROGRESS_STEPS};
 use crate::error::EvalError;
 use crate::key::Key;
 use crate::metrics::{fn_label, Metrics};
@@ -228,9 +228,6 @@ pub struct Simulate {
     pub max_sleep_ms: u64,
     pub progress_steps: u64,
 }
-
-/// The most progress reports a `simulate` evaluation makes.
-pub const MAX_PROGRESS_STEPS: u64 = 1000;
 
 impl Worker for Simulate {
     fn run(&mut self, task: &Task) -> Result<String, EvalError> {
