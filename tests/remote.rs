@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::cluster::Broker;
 use common::{config, key_of, Client, TestServer};
 use herd::client::worker::{serve, Task, WorkerOptions, WorkerStats};
 use serde_json::{json, Value};
@@ -390,9 +391,10 @@ fn test_worker() -> String {
         .to_string()
 }
 
-/// `herd work` as a child process serving `fn_name` with the test worker.
-fn herd_work(url: &str, fn_name: &str, concurrency: usize) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+/// `herd work` as a child process serving `fn_name` with the test worker
+/// (killed when dropped: a failed test leaves none behind).
+fn herd_work(url: &str, fn_name: &str, concurrency: usize) -> Broker {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
         .args([
             "work",
             "--url",
@@ -409,7 +411,8 @@ fn herd_work(url: &str, fn_name: &str, concurrency: usize) -> std::process::Chil
         ])
         .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Broker(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,6 +481,7 @@ async fn herd_work_off_a_terminal_says_what_it_serves_what_fails_and_when_it_sto
         .spawn()
         .unwrap();
     let stderr = work.stderr.take().unwrap();
+    let work = Broker(work);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -535,13 +539,13 @@ async fn herd_work_off_a_terminal_says_what_it_serves_what_fails_and_when_it_sto
     server.stop().await;
 }
 
-async fn terminate(mut child: std::process::Child) {
+async fn terminate(mut child: Broker) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     let status = tokio::time::timeout(
         Duration::from_secs(20),
-        tokio::task::spawn_blocking(move || child.wait().unwrap()),
+        tokio::task::spawn_blocking(move || child.0.wait().unwrap()),
     )
     .await
     .expect("herd work drains and exits on SIGTERM")
@@ -727,7 +731,7 @@ timeout_ms = 2000
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herd_work_passes_its_child_s_progress_lines_on() {
     let server = TestServer::start(config(TWO_FNS)).await;
-    let mut work = herd_work(&server.url(), "embed", 1);
+    let work = herd_work(&server.url(), "embed", 1);
     let mut agent = server.client().await;
     let input = json!({"mode": "progress", "reports": 3, "n": "herd-work"});
     agent
@@ -749,7 +753,6 @@ async fn herd_work_passes_its_child_s_progress_lines_on() {
             .collect::<Vec<_>>()
     );
     assert_eq!(result["output"]["echo"], input, "{result}");
-    work.kill().unwrap();
-    work.wait().unwrap();
+    drop(work);
     server.stop().await;
 }
