@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{config, key_of, Client, TestServer, BASIC};
+use common::{config, key_of, Client, TestServer, AGENTS, BASIC};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -44,13 +44,24 @@ grace_ms = 500
         ))
     }
 
-    /// The file a `gate` or `progress` task waits for.
+    /// A named pipe a `gate` or `progress` task waits on.
     fn gate(&self, name: &str) -> String {
-        self.path(name).display().to_string()
+        let path = self.path(name);
+        if !path.exists() {
+            let made = std::process::Command::new("mkfifo")
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(made.success(), "mkfifo {path:?}");
+        }
+        path.display().to_string()
     }
 
+    /// Lets the task waiting on gate `name` go on: writing blocks until it
+    /// reads, so it is done on a thread of its own.
     fn open(&self, name: &str) {
-        std::fs::write(self.path(name), b"go").unwrap();
+        let path = self.path(name);
+        std::thread::spawn(move || std::fs::write(path, b"go").unwrap());
     }
 
     /// The keys the children were given, in order.
@@ -295,25 +306,9 @@ async fn queued_jobs_start_by_priority_and_a_higher_joiner_moves_one_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_namespace_s_flood_delays_another_s_job_by_one_job_at_most() {
     let fx = Fixture::new();
-    let tokens = r#"
-[[token]]
-name = "a"
-role = "agent"
-secret = "team-a-secret"
-namespace = "team-a"
-[[token]]
-name = "b"
-role = "agent"
-secret = "team-b-secret"
-namespace = "team-b"
-"#;
-    let server = TestServer::start(fx.config(1, tokens)).await;
-    let connect = |token: &'static str| {
-        let url = format!("{}?token={token}", server.url());
-        async move { Client::connect(&url).await }
-    };
-    let mut a = connect("team-a-secret").await;
-    let mut b = connect("team-b-secret").await;
+    let server = TestServer::start(fx.config(1, AGENTS)).await;
+    let mut a = server.client_as("team-a-secret").await;
+    let mut b = server.client_as("team-b-secret").await;
     hold_the_thread(&fx, &mut a).await;
     let mut flood = Vec::new();
     for n in 0..8 {
@@ -357,12 +352,12 @@ timeout_ms = 10000
 {BASIC}"#
     )))
     .await;
-    let mut worker = Client::connect(&format!("{}?token=w", server.url())).await;
+    let mut worker = server.client_as("w").await;
     let serving = worker
         .request(json!({"op": "serve", "fn": "embed", "id": "s"}))
         .await;
     assert_eq!(serving["type"], "serving");
-    let mut agent = Client::connect(&format!("{}?token=a", server.url())).await;
+    let mut agent = server.client_as("a").await;
     agent
         .send(json!({"op": "submit", "fn": "embed", "id": "x", "input": "text", "progress": true}))
         .await;
@@ -465,16 +460,7 @@ name = "w"
 role = "worker"
 secret = "w"
 namespace = "*"
-[[token]]
-name = "a"
-role = "agent"
-secret = "team-a-secret"
-namespace = "team-a"
-[[token]]
-name = "b"
-role = "agent"
-secret = "team-b-secret"
-namespace = "team-b"
+{AGENTS}
 [[evaluator]]
 fn = "embed"
 kind = "remote"
@@ -482,13 +468,9 @@ timeout_ms = 10000
 {BASIC}"#
     )))
     .await;
-    let connect = |token: &'static str| {
-        let url = format!("{}?token={token}", server.url());
-        async move { Client::connect(&url).await }
-    };
     let (mut a, mut b) = (
-        connect("team-a-secret").await,
-        connect("team-b-secret").await,
+        server.client_as("team-a-secret").await,
+        server.client_as("team-b-secret").await,
     );
     let submit = |name: &str, priority: u64| json!({"op": "submit", "fn": "embed", "id": name, "input": {"n": name}, "priority": priority});
     // Queued before any worker serves: a flood of team-a at 5, one team-b
@@ -503,7 +485,7 @@ timeout_ms = 10000
     assert_eq!(a.recv().await["type"], "accepted");
     b.send(submit("urgent", 9)).await;
     assert_eq!(b.recv().await["type"], "accepted");
-    let mut worker = connect("w").await;
+    let mut worker = server.client_as("w").await;
     let serving = worker
         .request(json!({"op": "serve", "fn": "embed", "id": "s", "concurrency": 1}))
         .await;

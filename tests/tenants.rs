@@ -3,22 +3,8 @@
 
 mod common;
 
-use common::{config, key_of, Client, TestServer, BASIC, FRAME_WAIT};
+use common::{config, key_of, Client, TestServer, AGENTS, BASIC, FRAME_WAIT};
 use serde_json::{json, Value};
-
-/// An agent token in each of namespaces team-a and team-b.
-const AGENTS: &str = r#"
-[[token]]
-name = "a"
-role = "agent"
-secret = "team-a-secret"
-namespace = "team-a"
-[[token]]
-name = "b"
-role = "agent"
-secret = "team-b-secret"
-namespace = "team-b"
-"#;
 
 /// Besides [`AGENTS`], viewers of team-a and of every namespace, and an
 /// agent of team-a that may submit only `echo`.
@@ -42,7 +28,7 @@ fns = ["echo"]
 "#;
 
 async fn connect(server: &TestServer, token: &str) -> Client {
-    Client::connect(&format!("{}?token={token}", server.url())).await
+    server.client_as(token).await
 }
 
 /// Submits and returns the request's last answer.

@@ -42,6 +42,20 @@ kind = "echo"
 threads = 2
 "#;
 
+/// An agent token in each of namespaces team-a and team-b.
+pub const AGENTS: &str = r#"
+[[token]]
+name = "a"
+role = "agent"
+secret = "team-a-secret"
+namespace = "team-a"
+[[token]]
+name = "b"
+role = "agent"
+secret = "team-b-secret"
+namespace = "team-b"
+"#;
+
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -67,6 +81,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// A session with `token` (`?token=`).
+    pub async fn client_as(&self, token: &str) -> Client {
+        Client::connect(&format!("{}?token={token}", self.url())).await
     }
 
     pub async fn client(&self) -> Client {

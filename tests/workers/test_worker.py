@@ -2,9 +2,9 @@
 """A process evaluator that misbehaves on request, for herd's tests.
 
 Input member `mode`: ok (default), error, crash, garbage, hang, stderr,
-gate (answer once the file named by `gate` exists), progress (report
-`{"step": i}` for i in 1..`reports` before answering, waiting for the file
-`gate` before step `hold_before`). `sleep` (seconds) delays the answer. Environment: PIDFILE (append own pid),
+gate (answer once something is written to the named pipe `gate`),
+progress (report `{"step": i}` for i in 1..`reports` before answering,
+waiting on the named pipe `gate` before step `hold_before`). `sleep` (seconds) delays the answer. Environment: PIDFILE (append own pid),
 CALLS (append each task's key), FAIL_AT_START_IF (exit at once while that
 file exists).
 """
@@ -25,8 +25,10 @@ if flag and os.path.exists(flag):
 
 
 def wait_for(path):
-    while not os.path.exists(path):
-        time.sleep(0.01)
+    # A named pipe: opening it blocks until the test opens it to write, and
+    # reading ends when the test has written and closed it.
+    with open(path) as gate:
+        gate.read()
 
 
 for line in sys.stdin:
