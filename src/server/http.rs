@@ -369,25 +369,29 @@ async fn submit(State(broker): State<Arc<Broker>>, request: Request) -> Response
     }
     // The timeout passed first: 202 with the key's state now. The wait
     // leaves when the exchange is dropped; the evaluation goes on.
+    match state_now(&mut exchange, &key).await {
+        Ok(state) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"key": key, "state": state})),
+        )
+            .into_response(),
+        Err(frame) => result(frame),
+    }
+}
+
+/// After a submit's timeout: the key's state now, or its `result` frame
+/// (Err) when that came meanwhile.
+async fn state_now(exchange: &mut Exchange, key: &Value) -> Result<Value, Value> {
     exchange.ask(get_request(key.clone())).await;
     let deadline = exchange.longest();
-    let mut state = json!("running");
     while let Some(frame) = exchange.next(deadline).await {
         match frame["type"].as_str() {
-            Some("status") => {
-                state = frame["state"].clone();
-                break;
-            }
-            // The result came meanwhile.
-            Some("result") => return result(frame),
+            Some("status") => return Ok(frame["state"].clone()),
+            Some("result") => return Err(frame),
             _ => {}
         }
     }
-    (
-        StatusCode::ACCEPTED,
-        axum::Json(json!({"key": key, "state": state})),
-    )
-        .into_response()
+    Ok(json!("running"))
 }
 
 /// A submit's answer as Server-Sent Events: `progress` for each report,
@@ -430,14 +434,12 @@ async fn events(mut exchange: Exchange, deadline: Instant) -> Response {
                 frame = exchange.next(deadline).await;
             }
             let Some(frame) = frame else {
-                // The deadline passed: the key's state now, and the end.
-                exchange.ask(get_request(key.clone())).await;
-                let longest = exchange.longest();
-                let status = exchange
-                    .next(longest)
-                    .await
-                    .unwrap_or(json!({"type": "status"}));
-                let last = json!({"type": "status", "key": key, "state": status["state"]});
+                // The deadline passed: the key's state now (or its result,
+                // if that came meanwhile), and the end.
+                let last = match state_now(&mut exchange, &key).await {
+                    Ok(state) => json!({"type": "status", "key": key, "state": state}),
+                    Err(result) => result,
+                };
                 return Some((
                     Ok::<_, std::convert::Infallible>(event(&last)),
                     (exchange, None, key, true),
