@@ -50,8 +50,8 @@ pub enum HubMsg {
         evaluator: usize,
         input: Arc<str>,
         wait: bool,
-        /// A cached result older than this does not answer it.
-        max_age: Option<Duration>,
+        /// Its priority, deadline, progress, and the oldest cached result
+        /// that answers it.
         wants: Wants,
     },
     /// Wait for a key whoever submits it (and its progress reports).
@@ -429,9 +429,9 @@ impl Hub {
                 evaluator,
                 input,
                 wait,
-                max_age,
                 wants,
             } => {
+                let max_age = wants.max_age_ms.map(Duration::from_millis);
                 if self.answered_from_cache(&waiter, max_age) {
                     self.evaluators.get(evaluator).metrics.cache_hits.inc();
                     return;

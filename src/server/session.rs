@@ -530,7 +530,6 @@ impl<'a> Reader<'a> {
             evaluator,
             input: canonical.into(),
             wait,
-            max_age,
             wants,
         })
     }
