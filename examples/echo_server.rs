@@ -37,11 +37,11 @@ async fn main() -> anyhow::Result<()> {
             match Handshake::check(&request) {
                 Err(error) => error.into_response(),
                 Ok(handshake) => {
-                    let config = herd::server::session::websocket_config(&limits);
+                    let settings = Arc::clone(&limits);
                     let response: Response = handshake.accept(
                         &mut request,
                         &tasks,
-                        config,
+                        &settings,
                         move |ws| async move { herd::server::session::echo(ws, &limits).await },
                         |error| eprintln!("upgrade failed: {error}"),
                     );

@@ -250,8 +250,12 @@ pub struct Limits {
     pub header_timeout_ms: u64,
     /// Messages queued for the hub before session readers wait.
     pub hub_queue: usize,
-    /// Per-session WebSocket read buffer.
+    /// Most bytes one read from a socket takes, into a buffer its thread
+    /// lends a session only while the session's bytes are being read.
     pub ws_read_buffer: usize,
+    /// A session's own buffer for the frame being parsed (a larger frame
+    /// grows it while it arrives).
+    pub ws_frame_buffer: usize,
     /// Bytes a session's writer buffers before writing to the socket.
     pub ws_write_buffer: usize,
     /// Most bytes a session's writer may hold unsent.
@@ -305,7 +309,8 @@ impl Default for Limits {
             close_timeout_ms: 2_000,
             header_timeout_ms: 10_000,
             hub_queue: 65_536,
-            ws_read_buffer: 2048,
+            ws_read_buffer: 16 * 1024,
+            ws_frame_buffer: 256,
             ws_write_buffer: 16 * 1024,
             ws_max_write_buffer: 8 << 20,
             write_batch: 64,
@@ -802,6 +807,11 @@ impl Config {
                 GIB,
             ),
             (
+                "limits.ws_frame_buffer".into(),
+                l.ws_frame_buffer as u128,
+                GIB,
+            ),
+            (
                 "limits.ws_write_buffer".into(),
                 l.ws_write_buffer as u128,
                 GIB,
@@ -990,6 +1000,11 @@ impl Config {
         }
         if l.ws_read_buffer < 256 {
             return bad("limits.ws_read_buffer must be at least 256".into());
+        }
+        if l.ws_frame_buffer < 64 || l.ws_frame_buffer > l.ws_read_buffer {
+            return bad(
+                "limits.ws_frame_buffer must be at least 64 and at most ws_read_buffer".into(),
+            );
         }
         if l.ws_max_write_buffer <= l.ws_write_buffer + 2 * l.max_frame_bytes {
             return bad(

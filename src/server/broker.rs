@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,8 +52,6 @@ pub struct Broker {
     pub sessions: DashMap<SessionId, Arc<SessionCtl>>,
     /// Session tasks, awaited on shutdown.
     pub session_tasks: TaskTracker,
-    /// tokio-tungstenite's settings for every session.
-    pub ws_config: WebSocketConfig,
     /// Raw inputs to keys (sessions read and fill it).
     pub memo: KeyMemo,
     next_session: AtomicU64,
@@ -184,7 +181,6 @@ impl Broker {
             Arc::clone(&evaluators),
         );
         tokio::spawn(renderer.run(watch_rx, hub_stop.clone()));
-        let ws_config = crate::server::session::websocket_config(&config.limits);
         let memo = KeyMemo::new(
             config.limits.key_memo_entries,
             config.limits.key_memo_max_input_bytes,
@@ -203,7 +199,6 @@ impl Broker {
             draining,
             sessions: DashMap::new(),
             session_tasks: TaskTracker::new(),
-            ws_config,
             memo,
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),

@@ -11,17 +11,19 @@ pub mod auth;
 pub mod broker;
 pub mod http;
 pub mod idle;
+pub mod lent;
 pub mod logins;
 pub mod session;
 pub mod snapshot;
 pub mod tenants;
 pub mod web;
 
-use crate::config::{Config, TlsConfig};
+use crate::config::{Config, Limits, TlsConfig};
 use crate::error::HerdError;
 use crate::outbox::close;
 use crate::server::auth::Refusal;
 use crate::server::broker::Broker;
+use crate::server::lent::LentReads;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -39,7 +41,6 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -369,29 +370,33 @@ impl Handshake {
             .ok_or(HandshakeError::MissingKey)
     }
 
-    /// Answers 101 and runs `session` on the upgraded socket once hyper hands it over;
+    /// Answers 101 and runs `session` on the upgraded socket once hyper hands it over
+    /// (its reads through a lent buffer, [`LentReads`], its settings from `limits`);
     /// `failed` runs instead if the upgrade does not complete.
     pub fn accept<F, Fut>(
         self,
         request: &mut Request,
         tasks: &TaskTracker,
-        config: WebSocketConfig,
+        limits: &Limits,
         session: F,
         failed: impl FnOnce(hyper::Error) + Send + 'static,
     ) -> Response
     where
-        F: FnOnce(WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> Fut + Send + 'static,
+        F: FnOnce(Box<WebSocketStream<LentReads<TokioIo<hyper::upgrade::Upgraded>>>>) -> Fut
+            + Send
+            + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let on_upgrade = hyper::upgrade::on(request);
+        let (config, read_size) = (session::websocket_config(limits), limits.ws_read_buffer);
         tasks.spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let io = TokioIo::new(upgraded);
-                    session(
-                        WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config)).await,
-                    )
-                    .await
+                    let io = LentReads::new(TokioIo::new(upgraded), read_size);
+                    // On the heap: the session's future holds it once,
+                    // not once per layer it passes through.
+                    let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config));
+                    session(Box::new(ws.await)).await
                 }
                 Err(error) => failed(error),
             }
@@ -445,7 +450,7 @@ async fn upgrade(
     handshake.accept(
         &mut request,
         &broker.session_tasks,
-        broker.ws_config,
+        &broker.config.limits,
         move |ws| session::serve(ws, for_session, peer, identity, seat),
         move |error| {
             warn!(%peer, %error, "upgrade failed");

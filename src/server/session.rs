@@ -24,12 +24,12 @@ use crate::server::auth::{Identity, ServeRight};
 use crate::server::broker::Broker;
 use crate::server::snapshot::WatchMsg;
 use crate::server::tenants::{Allowance, Seat};
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, StreamExt};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -91,7 +91,7 @@ fn allows(identity: &Identity, op: &Op) -> bool {
 /// Serves one upgraded connection until it closes. The caller has taken a
 /// connection slot with [`Broker::admit`]; it is given back here.
 pub fn serve<S>(
-    ws: WebSocketStream<S>,
+    ws: Box<WebSocketStream<S>>,
     broker: Arc<Broker>,
     peer: SocketAddr,
     identity: Identity,
@@ -106,7 +106,7 @@ where
 }
 
 async fn run_session<S>(
-    ws: WebSocketStream<S>,
+    ws: Box<WebSocketStream<S>>,
     broker: Arc<Broker>,
     uuid: uuid::Uuid,
     identity: Identity,
@@ -133,10 +133,8 @@ async fn run_session<S>(
         watching: false,
         hits: Vec::new(),
     };
-    tokio::join!(
-        run_socket(ws, &mut reader, rx, &ctl, limits),
-        expire(identity.expires, &ctl)
-    );
+    let expiry = identity.expires.map(expiry);
+    run_socket(ws, &mut reader, rx, &ctl, limits, expiry).await;
     reader.unwatch().await;
     drop(reader);
     let closed = HubMsg::SessionClosed { session: id };
@@ -201,18 +199,12 @@ pub async fn serve_one(
     reader.queued(arrived);
 }
 
-/// Closes the session with 1008 "token expired" when its signed token
-/// expires (`expires`, Unix seconds, leeway included), unless it closes first.
-async fn expire(expires: Option<u64>, ctl: &SessionCtl) {
-    let Some(at) = expires else { return };
+/// The timer of a signed token that expires at `at` (Unix seconds, leeway
+/// included): the session closes with 1008 "token expired" when it fires.
+/// On the heap, as only sessions with such a token have one.
+fn expiry(at: u64) -> Pin<Box<tokio::time::Sleep>> {
     let left = Duration::from_millis(at.saturating_mul(1000).saturating_sub(unix_ms()));
-    tokio::select! {
-        _ = tokio::time::sleep(left) => {
-            info!("signed token expired");
-            ctl.close_expired();
-        }
-        _ = ctl.closing().cancelled() => {}
-    }
+    Box::pin(tokio::time::sleep(left))
 }
 
 /// What is left to do for a request once it has been read: at most one wait.
@@ -281,7 +273,7 @@ impl<'a> Reader<'a> {
     /// Carries out what a request asked for without waiting if it can:
     /// the reply to send in place, or the wait that is left (on the heap,
     /// so that the session's task stays small).
-    fn act(&mut self, then: Then<'a>) -> Served<'_> {
+    fn act(&mut self, then: Then<'a>) -> Served<'a> {
         let broker: &'a Broker = self.broker;
         match then {
             Then::Reply(frame) => Served::Done(Some(frame)),
@@ -592,10 +584,14 @@ impl<'a> Reader<'a> {
         Ok(spec.index)
     }
 
-    async fn unwatch(&mut self) {
-        if std::mem::take(&mut self.watching) {
-            let session = self.outbox.session();
-            let _ = self.broker.watchers.send(WatchMsg::Stop { session }).await;
+    /// Stops the session's watch, if it has one.
+    fn unwatch(&mut self) -> impl Future<Output = ()> + Send + 'a {
+        let (broker, watching): (&'a Broker, _) = (self.broker, std::mem::take(&mut self.watching));
+        let session = self.outbox.session();
+        async move {
+            if watching {
+                let _ = broker.watchers.send(WatchMsg::Stop { session }).await;
+            }
         }
     }
 }
@@ -622,17 +618,18 @@ pub(crate) enum Served<'f> {
     Wait(Pin<Box<dyn Future<Output = ()> + Send + 'f>>),
 }
 
-/// What a session does with each text or binary message it reads.
-pub(crate) trait Handler {
+/// What a session does with each text or binary message it reads; its
+/// waits borrow nothing of the handler, only what outlives it (`'w`).
+pub(crate) trait Handler<'w> {
     /// Serves `message`, read in a turn that began at `arrived`.
-    fn message(&mut self, message: Message, arrived: Instant) -> Served<'_>;
+    fn message(&mut self, message: Message, arrived: Instant) -> Served<'w>;
 
     /// The replies of the turn that began at `arrived` are all queued.
     fn queued(&mut self, arrived: Instant);
 }
 
-impl Handler for Reader<'_> {
-    fn message(&mut self, message: Message, arrived: Instant) -> Served<'_> {
+impl<'a> Handler<'a> for Reader<'a> {
+    fn message(&mut self, message: Message, arrived: Instant) -> Served<'a> {
         match message {
             Message::Text(text) => {
                 let then = self.handle(&text, arrived);
@@ -655,11 +652,13 @@ impl Handler for Reader<'_> {
 }
 
 /// A session's socket, owned by the session's one task. Messages are fed
-/// into tungstenite's write buffer and flushed once per batch; only a write
-/// the socket cannot take at once waits, within `limits.write_timeout_ms`
-/// (past it the session closes with 4001) and until a hard close.
+/// into tungstenite's write buffer and flushed once per batch, without an
+/// await: only a write the socket cannot take at once waits (on the heap),
+/// within `limits.write_timeout_ms` (past it the session closes with 4001)
+/// and until a hard close. So the task's future holds the loop's state and
+/// little else.
 struct Socket<'c, S> {
-    ws: WebSocketStream<S>,
+    ws: Box<WebSocketStream<S>>,
     ctl: &'c SessionCtl,
     write_timeout: Duration,
     /// Outbound-queue budget of the frames fed since the last flush, given
@@ -669,33 +668,87 @@ struct Socket<'c, S> {
     abandoned: bool,
 }
 
+/// What a step of a turn left to do before the turn can go on.
+enum Left<'w> {
+    Nothing,
+    /// The session ends (its close code says why).
+    End,
+    /// Messages the socket could not take at once, in order.
+    Write(Vec<Message>),
+    /// The handler's wait.
+    Wait(Pin<Box<dyn Future<Output = ()> + Send + 'w>>),
+}
+
+impl<'w> From<Result<Vec<Message>, ()>> for Left<'w> {
+    fn from(fed: Result<Vec<Message>, ()>) -> Left<'w> {
+        match fed {
+            Ok(unsent) if unsent.is_empty() => Left::Nothing,
+            Ok(unsent) => Left::Write(unsent),
+            Err(()) => Left::End,
+        }
+    }
+}
+
 impl<S> Socket<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     /// Feeds a frame taken from the outbound queue.
-    async fn queued(&mut self, frame: Frame) -> Result<(), ()> {
+    fn queued(&mut self, waker: &Waker, frame: Frame) -> Result<Vec<Message>, ()> {
         self.unflushed_cost += self.ctl.cost(frame.len()) as usize;
-        self.reply(frame).await
+        self.reply(waker, frame)
     }
 
-    /// Feeds a frame's messages.
-    async fn reply(&mut self, frame: Frame) -> Result<(), ()> {
-        for message in frame.into_messages() {
-            self.feed(message).await?;
+    /// Feeds a frame's messages; those the socket cannot take now are
+    /// given back, in order.
+    fn reply(&mut self, waker: &Waker, frame: Frame) -> Result<Vec<Message>, ()> {
+        let mut messages = frame.into_messages();
+        while let Some(message) = messages.next() {
+            if let Some(unsent) = self.feed(waker, message)? {
+                return Ok(std::iter::once(unsent).chain(messages).collect());
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Feeds a message if the socket's buffer can take it now; gives it
+    /// back if not.
+    fn feed(&mut self, waker: &Waker, message: Message) -> Result<Option<Message>, ()> {
+        let mut cx = Context::from_waker(waker);
+        match Pin::new(&mut self.ws).poll_ready(&mut cx) {
+            Poll::Pending => return Ok(Some(message)),
+            Poll::Ready(Err(error)) => return self.finished(Some(Err(error))).map(|()| None),
+            Poll::Ready(Ok(())) => {}
+        }
+        let fed = Pin::new(&mut self.ws).start_send(message);
+        self.finished(Some(fed)).map(|()| None)
+    }
+
+    /// Writes messages the socket could not take at once.
+    async fn write_unsent(&mut self, unsent: Vec<Message>) -> Result<(), ()> {
+        for message in unsent {
+            let fed = wait_for_write(self.ws.feed(message), self.ctl, self.write_timeout).await;
+            self.finished(fed)?;
         }
         Ok(())
     }
 
-    async fn feed(&mut self, message: Message) -> Result<(), ()> {
-        let result = write_now_or_wait(self.ws.feed(message), self.ctl, self.write_timeout).await;
-        self.finished(result)
-    }
-
-    /// Writes everything fed so far.
-    async fn flush(&mut self) -> Result<(), ()> {
-        let result = write_now_or_wait(self.ws.flush(), self.ctl, self.write_timeout).await;
-        self.finished(result)?;
+    /// Writes everything fed so far: at once if the socket takes it,
+    /// otherwise waiting on the heap.
+    async fn flush(&mut self, waker: &Waker) -> Result<(), ()> {
+        let now = Pin::new(&mut self.ws).poll_flush(&mut Context::from_waker(waker));
+        let flushed = match now {
+            Poll::Ready(flushed) => Some(flushed),
+            Poll::Pending => {
+                Box::pin(wait_for_write(
+                    self.ws.flush(),
+                    self.ctl,
+                    self.write_timeout,
+                ))
+                .await
+            }
+        };
+        self.finished(flushed)?;
         self.ctl.release(std::mem::take(&mut self.unflushed_cost));
         Ok(())
     }
@@ -715,22 +768,6 @@ where
                 Err(())
             }
         }
-    }
-}
-
-/// A write done at once when the socket takes it; otherwise waited for on
-/// the heap ([`wait_for_write`]), so the session's task stays small.
-async fn write_now_or_wait<F>(
-    mut write: F,
-    ctl: &SessionCtl,
-    write_timeout: Duration,
-) -> Option<Result<(), WsError>>
-where
-    F: Future<Output = Result<(), WsError>> + Unpin,
-{
-    match futures::poll!(&mut write) {
-        Poll::Ready(result) => Some(result),
-        Poll::Pending => Box::pin(wait_for_write(write, ctl, write_timeout)).await,
     }
 }
 
@@ -761,7 +798,8 @@ where
 
 /// Runs a session's socket until the session closes: reads messages and
 /// serves them with `handler`, writes what its outbound queue `rx` holds,
-/// sends heartbeats, then closes with the code chosen by whoever asked first.
+/// sends heartbeats, closes the session when `expiry` fires, then closes
+/// with the code chosen by whoever asked first.
 ///
 /// One task owns the socket. Each turn waits for one thing (a queued frame,
 /// a message, the heartbeat, closing), then takes whatever else is already
@@ -769,15 +807,16 @@ where
 /// whole turn's replies with one flush. A write the socket cannot take
 /// stops reading until it is written, so a client that does not read its
 /// answers is not read either.
-async fn run_socket<S, H>(
-    ws: WebSocketStream<S>,
+async fn run_socket<'w, S, H>(
+    ws: Box<WebSocketStream<S>>,
     handler: &mut H,
     mut rx: mpsc::Receiver<Frame>,
     ctl: &SessionCtl,
     limits: &Limits,
+    mut expiry: Option<Pin<Box<tokio::time::Sleep>>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
-    H: Handler,
+    H: Handler<'w>,
 {
     let mut socket = Socket {
         ws,
@@ -793,6 +832,9 @@ async fn run_socket<S, H>(
     // One registration for the session's life, not one per message.
     let closing = ctl.closing().cancelled();
     tokio::pin!(closing);
+    // The task's own waker: a turn feeds, reads and flushes with it without
+    // awaiting, so the task's future holds no write or read in progress.
+    let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
     loop {
         // Queued frames first: they were answered before what is read now.
         let event = tokio::select! {
@@ -804,12 +846,17 @@ async fn run_socket<S, H>(
             },
             message = socket.ws.next() => Event::Read(message),
             _ = pings.tick() => Event::Heartbeat,
+            _ = async { expiry.as_mut().expect("guarded").await }, if expiry.is_some() => {
+                info!("signed token expired");
+                ctl.close_expired();
+                break;
+            }
         };
         // One clock reading per turn: when its requests arrived.
         let arrived = Instant::now();
-        let turn = match event {
-            Event::Queued(frame) => socket.queued(frame).await,
-            Event::Read(message) => serve_message(&mut socket, handler, message, arrived).await,
+        let mut left = match event {
+            Event::Queued(frame) => socket.queued(&waker, frame).into(),
+            Event::Read(message) => serve_message(&waker, &mut socket, handler, message, arrived),
             Event::Heartbeat => {
                 if ctl.take_seen() {
                     silent_intervals = 0;
@@ -820,13 +867,39 @@ async fn run_socket<S, H>(
                         break;
                     }
                 }
-                socket.feed(Message::Ping(Default::default())).await
+                socket
+                    .feed(&waker, Message::Ping(Default::default()))
+                    .map(|unsent| unsent.into_iter().collect())
+                    .into()
             }
         };
-        let ended =
-            turn.is_err() || !take_ready(&mut socket, handler, &mut rx, limits, arrived).await;
+        let mut taken = 1;
+        let ended = loop {
+            match left {
+                Left::Nothing => {}
+                Left::End => break true,
+                Left::Write(unsent) => {
+                    if Box::pin(socket.write_unsent(unsent)).await.is_err() {
+                        break true;
+                    }
+                }
+                Left::Wait(wait) => wait.await,
+            }
+            left = take_ready(
+                &waker,
+                &mut socket,
+                handler,
+                &mut rx,
+                limits,
+                arrived,
+                &mut taken,
+            );
+            if matches!(left, Left::Nothing) {
+                break false;
+            }
+        };
         handler.queued(arrived);
-        if ended || socket.flush().await.is_err() {
+        if ended || socket.flush(&waker).await.is_err() {
             break;
         }
     }
@@ -842,80 +915,79 @@ enum Event {
 }
 
 /// Takes the queued frames and read messages that are already there, up to
-/// `limits.write_batch` of them; false once the session ends.
-async fn take_ready<S, H>(
+/// `limits.write_batch` of them in the turn (`taken` so far), until one
+/// leaves something to do.
+fn take_ready<'w, S, H>(
+    waker: &Waker,
     socket: &mut Socket<'_, S>,
     handler: &mut H,
     rx: &mut mpsc::Receiver<Frame>,
     limits: &Limits,
     arrived: Instant,
-) -> bool
+    taken: &mut usize,
+) -> Left<'w>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
-    H: Handler,
+    H: Handler<'w>,
 {
-    let mut taken = 1;
-    while taken < limits.write_batch && socket.ctl.code() == 0 {
+    while *taken < limits.write_batch && socket.ctl.code() == 0 {
         let mut progressed = false;
         if let Ok(frame) = rx.try_recv() {
-            if socket.queued(frame).await.is_err() {
-                return false;
-            }
-            taken += 1;
+            *taken += 1;
             progressed = true;
+            let left = socket.queued(waker, frame).into();
+            if !matches!(left, Left::Nothing) {
+                return left;
+            }
         }
-        if let Poll::Ready(message) = futures::poll!(socket.ws.next()) {
-            if serve_message(socket, handler, message, arrived)
-                .await
-                .is_err()
-            {
-                return false;
-            }
-            taken += 1;
+        if let Poll::Ready(message) = socket.ws.poll_next_unpin(&mut Context::from_waker(waker)) {
+            *taken += 1;
             progressed = true;
+            let left = serve_message(waker, socket, handler, message, arrived);
+            if !matches!(left, Left::Nothing) {
+                return left;
+            }
         }
         if !progressed {
             break;
         }
     }
-    true
+    Left::Nothing
 }
 
-/// Serves what reading gave; Err once the session ends: the client closed,
-/// or reading failed (the close code is set to say why), or a reply could
-/// not be written.
-async fn serve_message<S, H>(
+/// Serves what reading gave: what is left is the end of the session when
+/// the client closed, or reading failed (the close code is set to say
+/// why), or a reply could not be written.
+fn serve_message<'w, S, H>(
+    waker: &Waker,
     socket: &mut Socket<'_, S>,
     handler: &mut H,
     message: Option<Result<Message, WsError>>,
     arrived: Instant,
-) -> Result<(), ()>
+) -> Left<'w>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
-    H: Handler,
+    H: Handler<'w>,
 {
     socket.ctl.mark_seen();
     match message {
         Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
             match handler.message(m, arrived) {
-                Served::Done(Some(reply)) => socket.reply(reply).await,
-                Served::Done(None) => Ok(()),
-                Served::Wait(wait) => {
-                    wait.await;
-                    Ok(())
-                }
+                Served::Done(Some(reply)) => socket.reply(waker, reply).into(),
+                Served::Done(None) => Left::Nothing,
+                Served::Wait(wait) => Left::Wait(wait),
             }
         }
         Some(Ok(Message::Close(_))) | None => {
             socket.ctl.close_by_peer();
-            Err(())
+            Left::End
         }
         // tungstenite answers pings itself; the pong goes with the next flush.
-        Some(Ok(_)) => Ok(()),
+        Some(Ok(_)) => Left::Nothing,
         Some(Err(error)) => {
             debug!(%error, "read failed");
             socket.ctl.close_with(close_code_for(&error));
-            Err(())
+            Left::End
         }
     }
 }
@@ -971,7 +1043,7 @@ async fn finish_close<S>(
 /// The tokio-tungstenite settings for a session, from the limits.
 pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(limits.ws_read_buffer)
+        .read_buffer_size(limits.ws_frame_buffer)
         .write_buffer_size(limits.ws_write_buffer)
         .max_write_buffer_size(limits.ws_max_write_buffer)
         .max_message_size(Some(limits.max_frame_bytes))
@@ -993,8 +1065,8 @@ fn close_code_for(error: &WsError) -> u16 {
 /// Echoes every text and binary message back.
 struct Echo;
 
-impl Handler for Echo {
-    fn message(&mut self, message: Message, _: Instant) -> Served<'_> {
+impl Handler<'static> for Echo {
+    fn message(&mut self, message: Message, _: Instant) -> Served<'static> {
         Served::Done(Some(Frame::Other(Box::new(message))))
     }
 
@@ -1005,11 +1077,11 @@ impl Handler for Echo {
 /// as a broker session: the transport without the broker, for WebSocket
 /// conformance runs and as the floor hits are measured against
 /// (examples/echo_server.rs).
-pub async fn echo<S>(ws: WebSocketStream<S>, limits: &Limits)
+pub async fn echo<S>(ws: Box<WebSocketStream<S>>, limits: &Limits)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ctl = SessionCtl::new(0, limits.outbound_bytes);
     let (_tx, rx) = mpsc::channel(1);
-    run_socket(ws, &mut Echo, rx, &ctl, limits).await;
+    run_socket(ws, &mut Echo, rx, &ctl, limits, None).await;
 }
