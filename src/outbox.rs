@@ -11,9 +11,12 @@
 //! session writes its own replies to its socket in place.
 
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::Arc;
-use tokio::sync::{mpsc, Semaphore};
+use futures::task::AtomicWaker;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -282,18 +285,143 @@ impl SessionCtl {
     }
 }
 
+/// One session's outbound queue: frames in order, at most `cap` of them,
+/// taken out by the session's task alone. It holds no memory while it has
+/// never held a frame (tokio's channel allocates a block of 32 slots and
+/// its shared state up front, about 1.3 KB for every session, idle or not).
+struct Queue {
+    state: Mutex<QueueState>,
+    /// The session's task, waiting for a frame.
+    reader: AtomicWaker,
+    /// Replies waiting for a free slot ([`Outbox::reply`]).
+    room: Notify,
+    /// Live [`Outbox`] handles; none left ends the reader's [`Inbox::recv`].
+    senders: AtomicUsize,
+}
+
+struct QueueState {
+    frames: VecDeque<Frame>,
+    cap: usize,
+    /// The reader is gone: pushes are dropped.
+    closed: bool,
+}
+
+impl Queue {
+    /// Queues `frame` if there is a slot; gives it back with whether the
+    /// queue was full (false: the reader is gone).
+    fn try_push(&self, frame: Frame) -> Result<(), (Frame, bool)> {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.closed {
+                return Err((frame, false));
+            }
+            if state.frames.len() >= state.cap {
+                return Err((frame, true));
+            }
+            state.frames.push_back(frame);
+        }
+        self.reader.wake();
+        Ok(())
+    }
+
+    /// Free slots, and all of them.
+    fn slots(&self) -> (usize, usize) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (state.cap - state.frames.len(), state.cap)
+    }
+}
+
+/// The session's end of its outbound queue.
+pub struct Inbox {
+    queue: Arc<Queue>,
+}
+
+impl Inbox {
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        let (frame, was_full) = {
+            let mut state = self.queue.state.lock().unwrap_or_else(|e| e.into_inner());
+            let was_full = state.frames.len() >= state.cap;
+            (state.frames.pop_front()?, was_full)
+        };
+        if was_full {
+            self.queue.room.notify_waiters();
+        }
+        Some(frame)
+    }
+
+    /// The next frame; None once it is empty and every [`Outbox`] is gone.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
+        if let Some(frame) = self.try_recv() {
+            return Poll::Ready(Some(frame));
+        }
+        self.queue.reader.register(cx.waker());
+        if let Some(frame) = self.try_recv() {
+            return Poll::Ready(Some(frame));
+        }
+        if self.queue.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+
+    /// The next frame; None once it is empty and every [`Outbox`] is gone.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut state = self.queue.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.closed = true;
+        state.frames = VecDeque::new();
+        drop(state);
+        self.queue.room.notify_waiters();
+    }
+}
+
 /// The sending side of one session's outbound queue.
-#[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Frame>,
+    queue: Arc<Queue>,
     ctl: Arc<SessionCtl>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Outbox {
+        self.queue.senders.fetch_add(1, Ordering::AcqRel);
+        Outbox {
+            queue: Arc::clone(&self.queue),
+            ctl: Arc::clone(&self.ctl),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.queue.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.queue.reader.wake();
+        }
+    }
 }
 
 impl Outbox {
     /// A queue of at most `frames` frames for the session `ctl`.
-    pub fn channel(ctl: Arc<SessionCtl>, frames: usize) -> (Outbox, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(frames);
-        (Outbox { tx, ctl }, rx)
+    pub fn channel(ctl: Arc<SessionCtl>, frames: usize) -> (Outbox, Inbox) {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                frames: VecDeque::new(),
+                cap: frames,
+                closed: false,
+            }),
+            reader: AtomicWaker::new(),
+            room: Notify::new(),
+            senders: AtomicUsize::new(1),
+        });
+        let inbox = Inbox {
+            queue: Arc::clone(&queue),
+        };
+        (Outbox { queue, ctl }, inbox)
     }
 
     pub fn session(&self) -> SessionId {
@@ -316,13 +444,9 @@ impl Outbox {
             }
             Err(tokio::sync::TryAcquireError::Closed) => return,
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.ctl.release_bytes(len);
-                self.ctl.close_with(close::SLOW_CONSUMER)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        if let Err((_, true)) = self.queue.try_push(frame) {
+            self.ctl.release_bytes(len);
+            self.ctl.close_with(close::SLOW_CONSUMER)
         }
     }
 
@@ -333,9 +457,9 @@ impl Outbox {
     pub fn try_push_half(&self, frame: Frame) -> Result<(), Frame> {
         let cost = self.ctl.cost(frame.len()) as usize;
         let free = self.ctl.budget.available_permits();
-        let empty = free >= self.ctl.budget_max && self.tx.capacity() == self.tx.max_capacity();
-        let keeps_half = free.saturating_sub(cost) >= self.ctl.budget_max / 2
-            && self.tx.capacity() > self.tx.max_capacity() / 2;
+        let (slots, all) = self.queue.slots();
+        let empty = free >= self.ctl.budget_max && slots == all;
+        let keeps_half = free.saturating_sub(cost) >= self.ctl.budget_max / 2 && slots > all / 2;
         if !(empty || keeps_half) {
             return Err(frame);
         }
@@ -358,12 +482,13 @@ impl Outbox {
         let Ok(budget) = self.ctl.budget.try_acquire_many(self.ctl.cost(frame.len())) else {
             return Err(frame);
         };
-        let Ok(slot) = self.tx.try_reserve() else {
-            return Err(frame);
-        };
-        budget.forget();
-        slot.send(frame);
-        Ok(())
+        match self.queue.try_push(frame) {
+            Ok(()) => {
+                budget.forget();
+                Ok(())
+            }
+            Err((frame, _)) => Err(frame),
+        }
     }
 
     async fn reply_when_room(&self, frame: Frame) {
@@ -375,14 +500,76 @@ impl Outbox {
                 .await
                 .ok()?
                 .forget();
-            self.tx.reserve().await.ok()
+            let mut frame = frame;
+            loop {
+                let freed = self.queue.room.notified();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                match self.queue.try_push(frame) {
+                    Ok(()) => return Some(()),
+                    Err((_, false)) => return None,
+                    Err((back, true)) => frame = back,
+                }
+                freed.await;
+            }
         };
         tokio::select! {
-            slot = room => match slot {
-                Some(slot) => slot.send(frame),
-                None => self.ctl.release_bytes(len),
+            queued = room => if queued.is_none() {
+                self.ctl.release_bytes(len);
             },
             _ = self.ctl.closing.cancelled() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(frames: usize) -> (Outbox, Inbox) {
+        Outbox::channel(Arc::new(SessionCtl::new(1, 1 << 20)), frames)
+    }
+
+    #[tokio::test]
+    async fn frames_come_out_in_order_and_a_full_queue_closes_the_session_with_4001() {
+        let (outbox, mut inbox) = queue(2);
+        assert_eq!(inbox.queue.state.lock().unwrap().frames.capacity(), 0);
+        outbox.push("a".to_string());
+        outbox.push("b".to_string());
+        assert_eq!(outbox.ctl().code(), 0);
+        outbox.push("c".to_string());
+        assert_eq!(outbox.ctl().code(), close::SLOW_CONSUMER);
+        let texts: Vec<_> = std::iter::from_fn(|| inbox.try_recv())
+            .map(|f| String::from_utf8(f.to_bytes()).unwrap())
+            .collect();
+        assert_eq!(texts, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_a_free_slot_and_the_reader_ends_when_every_outbox_is_gone() {
+        let (outbox, mut inbox) = queue(1);
+        outbox.push("first".to_string());
+        let replier = outbox.clone();
+        let reply = tokio::spawn(async move { replier.reply("second".to_string()).await });
+        tokio::task::yield_now().await;
+        assert!(!reply.is_finished());
+        assert_eq!(inbox.recv().await.unwrap().to_bytes(), b"first");
+        reply.await.unwrap();
+        assert_eq!(inbox.recv().await.unwrap().to_bytes(), b"second");
+        drop(outbox);
+        assert!(inbox.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reply_to_a_session_whose_reader_is_gone_gives_its_budget_back() {
+        let (outbox, inbox) = queue(1);
+        outbox.push("first".to_string());
+        let before = outbox.ctl().budget.available_permits();
+        let replier = outbox.clone();
+        let reply = tokio::spawn(async move { replier.reply("second".to_string()).await });
+        tokio::task::yield_now().await;
+        drop(inbox);
+        reply.await.unwrap();
+        assert_eq!(outbox.ctl().budget.available_permits(), before);
     }
 }

@@ -1,5 +1,6 @@
 //! Heap allocations the broker makes per cache hit and per fan-out
-//! delivery, counted by a counting global allocator over a real socket.
+//! delivery, and the heap an idle session holds, counted by a counting
+//! global allocator over a real socket.
 //!
 //! The broker runs on a single-threaded runtime of its own, driven only
 //! while a phase of the test runs, and allocations are counted per thread
@@ -21,6 +22,10 @@ const PER_DELIVERY: u64 = 2;
 /// Allocations a measured phase may make beside those: the runtime's own,
 /// and one evaluation's.
 const SLACK: u64 = 64;
+/// Heap bytes an idle session may hold in the broker: its task, socket,
+/// queue and state, and no read or write buffer beyond its small frame
+/// buffer (`limits.ws_frame_buffer`).
+const PER_IDLE_SESSION: i64 = 3584;
 
 const CONFIG: &str = r#"
 [[evaluator]]
@@ -29,9 +34,13 @@ kind = "simulate"
 threads = 2
 "#;
 
+/// What a counted phase made: allocations, and the heap bytes still held
+/// at its end (allocated minus freed).
+type Counted = (u64, i64);
+
 /// What the broker's thread does next: run until the signal, and with a
 /// sender, count the allocations made meanwhile and send the count.
-type Phase = (oneshot::Receiver<()>, Option<mpsc::Sender<u64>>);
+type Phase = (oneshot::Receiver<()>, Option<mpsc::Sender<Counted>>);
 
 /// A broker on a thread of its own, whose runtime runs only while a phase
 /// runs; its allocations are counted in the phases that ask for it. The
@@ -64,7 +73,7 @@ fn start_broker() -> (String, mpsc::Sender<Phase>, std::thread::JoinHandle<()>) 
                     let info = allocation_counter::measure(|| {
                         let _ = runtime.block_on(until);
                     });
-                    count.send(info.count_total).unwrap();
+                    count.send((info.count_total, info.bytes_current)).unwrap();
                 }
             }
         }
@@ -75,7 +84,10 @@ fn start_broker() -> (String, mpsc::Sender<Phase>, std::thread::JoinHandle<()>) 
 }
 
 /// Starts a phase; the returned sender ends it.
-fn phase(phases: &mpsc::Sender<Phase>, count: Option<mpsc::Sender<u64>>) -> oneshot::Sender<()> {
+fn phase(
+    phases: &mpsc::Sender<Phase>,
+    count: Option<mpsc::Sender<Counted>>,
+) -> oneshot::Sender<()> {
     let (end, until) = oneshot::channel();
     phases.send((until, count)).unwrap();
     end
@@ -145,7 +157,7 @@ fn a_cache_hit_and_a_fan_out_delivery_allocate_within_budget() {
         let setup = phase(&phases, None);
         measured.send(()).unwrap();
         let n = batches * depth;
-        let allocations = counted.recv().unwrap();
+        let (allocations, _) = counted.recv().unwrap();
         println!("{allocations} allocations for {n} hits");
         assert!(
             allocations <= PER_HIT * n + SLACK,
@@ -184,7 +196,7 @@ fn a_cache_hit_and_a_fan_out_delivery_allocate_within_budget() {
         }
         let close = phase(&phases, None);
         measured.send(()).unwrap();
-        let allocations = counted.recv().unwrap();
+        let (allocations, _) = counted.recv().unwrap();
         println!(
             "{allocations} allocations for one evaluation delivered to {subscribers} subscribers"
         );
@@ -196,6 +208,46 @@ fn a_cache_hit_and_a_fan_out_delivery_allocate_within_budget() {
             let _ = s.close(None).await;
         }
         let _ = ws.close(None).await;
+        close.send(()).unwrap();
+    });
+    drop(phases);
+    broker.join().unwrap();
+}
+
+#[test]
+fn an_idle_session_holds_no_read_or_write_buffer() {
+    let (url, phases, broker) = start_broker();
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    client.block_on(async {
+        // A first session, so that the broker's tables and its thread's
+        // lent read buffer exist before the count starts.
+        let warm = phase(&phases, None);
+        let mut first = connect(&url).await;
+        let (count, counted) = mpsc::channel();
+        let measured = phase(&phases, Some(count));
+        warm.send(()).unwrap();
+        let n = 200;
+        let mut sessions = Vec::new();
+        for _ in 0..n {
+            sessions.push(connect(&url).await);
+        }
+        // Every session has written its hello and waits for its client.
+        let close = phase(&phases, None);
+        measured.send(()).unwrap();
+        let (_, held) = counted.recv().unwrap();
+        let per_session = held / n;
+        println!("{held} heap bytes held by {n} idle sessions: {per_session} each");
+        assert!(
+            per_session <= PER_IDLE_SESSION,
+            "an idle session holds {per_session} heap bytes, more than {PER_IDLE_SESSION}"
+        );
+        for s in &mut sessions {
+            let _ = s.close(None).await;
+        }
+        let _ = first.close(None).await;
         close.send(()).unwrap();
     });
     drop(phases);

@@ -152,7 +152,7 @@ struct Exchange {
     broker: Arc<Broker>,
     identity: Identity,
     outbox: Outbox,
-    frames: mpsc::Receiver<crate::outbox::Frame>,
+    frames: crate::outbox::Inbox,
     /// Its place among `limits.max_http_requests`.
     _room: OwnedSemaphorePermit,
 }

@@ -15,7 +15,7 @@ use crate::exec::pool::EvaluatorSpec;
 use crate::hub::{HubMsg, Waiter};
 use crate::key::{canonical_json, Key};
 use crate::metrics::NsMetrics;
-use crate::outbox::{close, Frame, Outbox, SessionCtl};
+use crate::outbox::{close, Frame, Inbox, Outbox, SessionCtl};
 use crate::protocol::{
     error_frame, parse_input, parse_request, unix_ms, FrameWriter, Invalidation, Op, ReqId, Wants,
     DRAINING_MESSAGE, PROTOCOL_VERSION,
@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -810,7 +809,7 @@ where
 async fn run_socket<'w, S, H>(
     ws: Box<WebSocketStream<S>>,
     handler: &mut H,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: Inbox,
     ctl: &SessionCtl,
     limits: &Limits,
     mut expiry: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -921,7 +920,7 @@ fn take_ready<'w, S, H>(
     waker: &Waker,
     socket: &mut Socket<'_, S>,
     handler: &mut H,
-    rx: &mut mpsc::Receiver<Frame>,
+    rx: &mut Inbox,
     limits: &Limits,
     arrived: Instant,
     taken: &mut usize,
@@ -932,7 +931,7 @@ where
 {
     while *taken < limits.write_batch && socket.ctl.code() == 0 {
         let mut progressed = false;
-        if let Ok(frame) = rx.try_recv() {
+        if let Some(frame) = rx.try_recv() {
             *taken += 1;
             progressed = true;
             let left = socket.queued(waker, frame).into();
@@ -997,12 +996,8 @@ where
 /// until its close reply, so the socket is not torn down with unread data
 /// (which would reset the connection and could cost the client the frames
 /// it has not read yet); all within `limits.close_timeout_ms`.
-async fn finish_close<S>(
-    socket: Socket<'_, S>,
-    mut rx: mpsc::Receiver<Frame>,
-    ctl: &SessionCtl,
-    limits: &Limits,
-) where
+async fn finish_close<S>(socket: Socket<'_, S>, mut rx: Inbox, ctl: &SessionCtl, limits: &Limits)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let code = ctl.code();
@@ -1018,7 +1013,7 @@ async fn finish_close<S>(
         }
         if is_graceful(code) {
             // A graceful close still delivers what was already queued.
-            while let Ok(frame) = rx.try_recv() {
+            while let Some(frame) = rx.try_recv() {
                 for message in frame.into_messages() {
                     ws.feed(message).await?;
                 }
@@ -1081,7 +1076,7 @@ pub async fn echo<S>(ws: Box<WebSocketStream<S>>, limits: &Limits)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctl = SessionCtl::new(0, limits.outbound_bytes);
-    let (_tx, rx) = mpsc::channel(1);
+    let ctl = Arc::new(SessionCtl::new(0, limits.outbound_bytes));
+    let (_outbox, rx) = Outbox::channel(Arc::clone(&ctl), 1);
     run_socket(ws, &mut Echo, rx, &ctl, limits, None).await;
 }
