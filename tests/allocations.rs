@@ -25,7 +25,7 @@ const SLACK: u64 = 64;
 /// Heap bytes an idle session may hold in the broker: its task, socket,
 /// queue and state, and no read or write buffer beyond its small frame
 /// buffer (`limits.ws_frame_buffer`).
-const PER_IDLE_SESSION: i64 = 3584;
+const PER_IDLE_SESSION: i64 = 3328;
 
 const CONFIG: &str = r#"
 [[evaluator]]

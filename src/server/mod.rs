@@ -30,6 +30,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
+use futures::future::Either;
+use futures::FutureExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -389,18 +391,21 @@ impl Handshake {
     {
         let on_upgrade = hyper::upgrade::on(request);
         let (config, read_size) = (session::websocket_config(limits), limits.ws_read_buffer);
-        tasks.spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let io = LentReads::new(TokioIo::new(upgraded), read_size);
-                    // On the heap: the session's future holds it once,
-                    // not once per layer it passes through.
-                    let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config));
-                    session(Box::new(ws.await)).await
-                }
-                Err(error) => failed(error),
+        // Chained, not one async block: what each step captures is moved
+        // into the next, so the session's task does not keep it for life.
+        tasks.spawn(on_upgrade.then(move |upgraded| match upgraded {
+            Ok(upgraded) => {
+                let io = LentReads::new(TokioIo::new(upgraded), read_size);
+                let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config));
+                // On the heap: the session's future holds it once, not once
+                // per layer it passes through.
+                Either::Left(ws.then(move |ws| session(Box::new(ws))))
             }
-        });
+            Err(error) => {
+                failed(error);
+                Either::Right(std::future::ready(()))
+            }
+        }));
         Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(header::CONNECTION, "upgrade")
