@@ -133,14 +133,26 @@ async fn hits(ws: &mut Ws, batches: u64, depth: u64) {
     }
 }
 
-#[test]
-fn a_cache_hit_and_a_fan_out_delivery_allocate_within_budget() {
+/// Runs `test` on a client runtime of its own against a broker started for
+/// it (its URL, and the sender of its phases, which `test` drops when it
+/// ends), then waits for the broker to stop.
+fn with_broker<F, Fut>(test: F)
+where
+    F: FnOnce(String, mpsc::Sender<Phase>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (url, phases, broker) = start_broker();
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    client.block_on(async {
+    client.block_on(test(url, phases));
+    broker.join().unwrap();
+}
+
+#[test]
+fn a_cache_hit_and_a_fan_out_delivery_allocate_within_budget() {
+    with_broker(|url, phases| async move {
         let warm = phase(&phases, None);
         let mut ws = connect(&url).await;
         // The first submit evaluates; the hits after it warm the key memo,
@@ -210,18 +222,11 @@ fn a_cache_hit_and_a_fan_out_delivery_allocate_within_budget() {
         let _ = ws.close(None).await;
         close.send(()).unwrap();
     });
-    drop(phases);
-    broker.join().unwrap();
 }
 
 #[test]
 fn an_idle_session_holds_no_read_or_write_buffer() {
-    let (url, phases, broker) = start_broker();
-    let client = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    client.block_on(async {
+    with_broker(|url, phases| async move {
         // A first session, so that the broker's tables and its thread's
         // lent read buffer exist before the count starts.
         let warm = phase(&phases, None);
@@ -250,6 +255,4 @@ fn an_idle_session_holds_no_read_or_write_buffer() {
         let _ = first.close(None).await;
         close.send(()).unwrap();
     });
-    drop(phases);
-    broker.join().unwrap();
 }
