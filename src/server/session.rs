@@ -857,14 +857,9 @@ async fn run_socket<'w, S, H>(
             Event::Queued(frame) => socket.queued(&waker, frame).into(),
             Event::Read(message) => serve_message(&waker, &mut socket, handler, message, arrived),
             Event::Heartbeat => {
-                if ctl.take_seen() {
-                    silent_intervals = 0;
-                } else {
-                    silent_intervals += 1;
-                    if silent_intervals >= 3 {
-                        ctl.close_with(close::HEARTBEAT_TIMEOUT);
-                        break;
-                    }
+                if !heard_lately(ctl, &mut silent_intervals) {
+                    ctl.close_with(close::HEARTBEAT_TIMEOUT);
+                    break;
                 }
                 socket
                     .feed(&waker, Message::Ping(Default::default()))
@@ -904,6 +899,17 @@ async fn run_socket<'w, S, H>(
     }
     Box::pin(finish_close(socket, rx, ctl, limits)).await;
     ctl.writer_stopped();
+}
+
+/// At a heartbeat: whether the client sent anything within the last three
+/// (`silent_intervals` counts the heartbeats since it last did).
+fn heard_lately(ctl: &SessionCtl, silent_intervals: &mut u32) -> bool {
+    if ctl.take_seen() {
+        *silent_intervals = 0;
+    } else {
+        *silent_intervals += 1;
+    }
+    *silent_intervals < 3
 }
 
 /// What a session's turn begins with.
