@@ -9,6 +9,12 @@
 pub use herd_core::key::Key;
 use serde_json::Value;
 
+/// The key a broker derives for a submit of `input` to fn `fn_name`, as
+/// 32 hex characters.
+pub fn key_hex(fn_name: &str, input: &Value) -> String {
+    Key::derive(fn_name, canonical_json(input).as_bytes()).to_hex()
+}
+
 /// Canonical JSON: no insignificant whitespace, object members sorted by key
 /// (byte order), strings and numbers as serde_json writes them.
 pub fn canonical_json(value: &Value) -> String {

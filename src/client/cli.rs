@@ -212,7 +212,7 @@ async fn streamed(
     input: Value,
     options: SubmitOptions,
 ) -> Result<Output, ClientError> {
-    let key = crate::Key::derive(fn_name, crate::key::canonical_json(&input).as_bytes()).to_hex();
+    let key = crate::key::key_hex(fn_name, &input);
     let updates = client.submit_stream(fn_name, input, options).await?;
     futures::pin_mut!(updates);
     while let Some(update) = updates.next().await {

@@ -287,8 +287,7 @@ impl Client {
             Kind::Subscribe => request["key"].as_str().map(str::to_string),
             Kind::Submit => {
                 let fn_name = request["fn"].as_str().unwrap_or("default");
-                let canonical = crate::key::canonical_json(&request["input"]);
-                Some(crate::Key::derive(fn_name, canonical.as_bytes()).to_hex())
+                Some(crate::key::key_hex(fn_name, &request["input"]))
             }
             _ => None,
         };
@@ -353,8 +352,7 @@ impl Client {
         let mut request =
             json!({"op": "submit", "id": id, "fn": fn_name, "input": input, "progress": true});
         options.apply(&mut request);
-        let canonical = crate::key::canonical_json(&request["input"]);
-        let key = crate::Key::derive(fn_name, canonical.as_bytes()).to_hex();
+        let key = crate::key::key_hex(fn_name, &request["input"]);
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Pending {
             kind: Kind::SubmitStream,

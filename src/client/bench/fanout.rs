@@ -28,8 +28,7 @@ pub struct FanoutArgs {
 
 pub async fn run(target: &Target, args: &FanoutArgs, seed: u64) -> anyhow::Result<Report> {
     let input = json!({"bench": "fanout", "seed": seed, "sleep_ms": args.sleep_ms});
-    let key =
-        crate::Key::derive(&args.fn_name, crate::key::canonical_json(&input).as_bytes()).to_hex();
+    let key = crate::key::key_hex(&args.fn_name, &input);
     let probe = target.client().await?;
     if let crate::client::Status::Done(_) = probe.get(&key).await? {
         anyhow::bail!(
