@@ -24,7 +24,8 @@
 //!   [`server::http`]), auth and namespaces' quotas, shutdown,
 //!   the state every part shares ([`server::broker`]), one connection's
 //!   reader and writer ([`server::session`]) and dashboard snapshots;
-//! - [`protocol`]: request parsing and frame writing; [`outbox`]: a
+//! - [`protocol`]: request parsing (a frame's members read in one pass,
+//!   [`members`]) and frame writing; [`outbox`]: a
 //!   session's outbound queue, byte budget and close signal;
 //! - [`key`]: canonical JSON and key derivation (a key carries its
 //!   namespace, [`ns`]); [`memo`]: raw inputs to keys;
@@ -49,6 +50,7 @@ pub mod error;
 pub mod exec;
 pub mod hub;
 pub mod key;
+pub mod members;
 pub mod memo;
 pub mod metrics;
 pub mod outbox;

@@ -8,10 +8,9 @@
 
 use crate::error::{ErrorCode, EvalError};
 use crate::key::Key;
+use crate::members::Members;
 use compact_str::ToCompactString;
-use serde::Deserialize;
 use serde_json::error::Category;
-use serde_json::value::RawValue;
 use serde_json::Value;
 use std::borrow::Cow;
 
@@ -42,7 +41,7 @@ pub struct Request<'a> {
 pub enum Op<'a> {
     Submit {
         /// The input as sent (parsed only when its key is not known yet).
-        input: &'a RawValue,
+        input: &'a str,
         fn_name: Option<Cow<'a, str>>,
         wait: bool,
         wants: Wants,
@@ -82,7 +81,7 @@ pub enum Op<'a> {
     /// A worker's progress report on a task it holds (no reply).
     Progress {
         task: String,
-        data: &'a RawValue,
+        data: &'a str,
     },
 }
 
@@ -162,88 +161,13 @@ impl Rejection {
     }
 }
 
-/// The members of a request, each kept as raw JSON so that its type is
-/// checked here (with the protocol's error codes) and nothing is built that
-/// the op does not need.
-#[derive(Deserialize)]
-struct Members<'a> {
-    #[serde(default, borrow, deserialize_with = "present")]
-    op: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    input: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present", rename = "fn")]
-    fn_name: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    wait: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    key: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    interval_ms: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    concurrency: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    task: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    output: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    error: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    max_age_ms: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    priority: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    deadline_ms: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    progress: Option<&'a RawValue>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    data: Option<&'a RawValue>,
-}
-
-/// A member that is there, `null` included (plain `Option` would read `null` as absent).
-fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    <&RawValue>::deserialize(d).map(Some)
-}
-
 /// Parses one text frame into a request.
 pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
-    // Checked first: serde would also read a struct from a JSON array.
-    if !text.trim_start().starts_with('{') {
-        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-            Ok(_) => Rejection::new(&None, ErrorCode::BadRequest, "a request is a JSON object"),
-            Err(e) => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
-        });
-    }
-    let too_deep = nested_deeper_than(text, MAX_INPUT_DEPTH + 1);
-    let members: Members = serde_json::from_str(text).map_err(|e| match e.classify() {
-        Category::Data => Rejection::new(
-            &None,
-            ErrorCode::BadRequest,
-            format!("a request is a JSON object with an \"op\": {e}"),
-        ),
-        _ => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
-    })?;
+    let members = match Members::scan(text, MAX_INPUT_DEPTH + 1) {
+        Some(members) => members,
+        None => read_members(text)?,
+    };
     let id = parse_id(members.id)?;
-    // serde_json skips unknown members without a depth limit; the frame is
-    // refused as a whole unless the depth is the input's (answered below).
-    if too_deep
-        && !members
-            .input
-            .is_some_and(|i| nested_deeper_than(i.get(), MAX_INPUT_DEPTH))
-    {
-        return Err(Rejection::new(
-            &id,
-            ErrorCode::BadJson,
-            format!(
-                "the frame is nested deeper than {} levels",
-                MAX_INPUT_DEPTH + 1
-            ),
-        ));
-    }
     let bad = |message: &str| Rejection::new(&id, ErrorCode::BadRequest, message);
     let op = match members.op {
         None => return Err(bad("missing \"op\"")),
@@ -256,20 +180,20 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
                 None => None,
                 Some(raw) => Some(string_of(raw).ok_or_else(|| bad("\"fn\" must be a string"))?),
             };
-            let wait = match members.wait.map(RawValue::get) {
+            let wait = match members.wait {
                 None | Some("true") => true,
                 Some("false") => false,
                 Some(_) => return Err(bad("\"wait\" must be a boolean")),
             };
             let max_age_ms = match members.max_age_ms {
                 None => None,
-                Some(raw) => Some(raw.get().parse::<u64>().map_err(|_| {
+                Some(raw) => Some(raw.parse::<u64>().map_err(|_| {
                     bad("\"max_age_ms\" must be a non-negative integer (milliseconds)")
                 })?),
             };
             let priority = match members.priority {
                 None => crate::core::DEFAULT_PRIORITY,
-                Some(raw) => match raw.get().parse::<u8>() {
+                Some(raw) => match raw.parse::<u8>() {
                     Ok(p) if p <= crate::core::MAX_PRIORITY => p,
                     _ => return Err(bad("\"priority\" must be an integer from 0 to 9")),
                 },
@@ -277,7 +201,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
             let deadline_ms =
                 match members.deadline_ms {
                     None => None,
-                    Some(raw) => match raw.get().parse::<u64>() {
+                    Some(raw) => match raw.parse::<u64>() {
                         Ok(ms) if ms >= 1 => Some(ms),
                         _ => return Err(bad(
                             "\"deadline_ms\" must be a positive integer (milliseconds from now)",
@@ -318,7 +242,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
         "watch" => {
             let interval_ms = match members.interval_ms {
                 None => DEFAULT_WATCH_INTERVAL_MS,
-                Some(raw) => match raw.get().parse::<u64>() {
+                Some(raw) => match raw.parse::<u64>() {
                     Ok(ms) if ms >= MIN_WATCH_INTERVAL_MS => ms,
                     _ => {
                         return Err(bad(&format!(
@@ -343,7 +267,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
             } else {
                 let concurrency = match members.concurrency {
                     None => 1,
-                    Some(raw) => match raw.get().parse::<usize>() {
+                    Some(raw) => match raw.parse::<usize>() {
                         Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => n,
                         _ => {
                             return Err(bad(&format!(
@@ -365,7 +289,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
                 .ok_or_else(|| bad("\"task\" must be the task's id (a string)"))?
                 .into_owned();
             let outcome = match (members.output, members.error) {
-                (Some(output), None) => Ok(output.get().to_string()),
+                (Some(output), None) => Ok(output.to_string()),
                 (None, Some(error)) => Err(string_of(error)
                     .ok_or_else(|| bad("\"error\" must be a string"))?
                     .into_owned()),
@@ -393,9 +317,48 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
     Ok(Request { id, op })
 }
 
+/// The members of a frame [`Members::scan`] declined, read by serde_json,
+/// whose error becomes the rejection.
+fn read_members(text: &str) -> Result<Members<'_>, Rejection> {
+    // Checked first: serde would also read a struct from a JSON array.
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Rejection::new(&None, ErrorCode::BadRequest, "a request is a JSON object"),
+            Err(e) => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
+        });
+    }
+    let too_deep = nested_deeper_than(text, MAX_INPUT_DEPTH + 1);
+    let members: Members = serde_json::from_str(text).map_err(|e| match e.classify() {
+        Category::Data => Rejection::new(
+            &None,
+            ErrorCode::BadRequest,
+            format!("a request is a JSON object with an \"op\": {e}"),
+        ),
+        _ => Rejection::new(&None, ErrorCode::BadJson, format!("not JSON: {e}")),
+    })?;
+    // serde_json skips unknown members without a depth limit; the frame is
+    // refused as a whole unless the depth is the input's (answered by
+    // `parse_input`).
+    if too_deep
+        && !members
+            .input
+            .is_some_and(|i| nested_deeper_than(i, MAX_INPUT_DEPTH))
+    {
+        return Err(Rejection::new(
+            &parse_id(members.id)?,
+            ErrorCode::BadJson,
+            format!(
+                "the frame is nested deeper than {} levels",
+                MAX_INPUT_DEPTH + 1
+            ),
+        ));
+    }
+    Ok(members)
+}
+
 /// An optional boolean member (absent: false).
-fn flag(raw: Option<&RawValue>, name: &str, id: &ReqId) -> Result<bool, Rejection> {
-    match raw.map(RawValue::get) {
+fn flag(raw: Option<&str>, name: &str, id: &ReqId) -> Result<bool, Rejection> {
+    match raw {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(_) => Err(Rejection::new(
@@ -445,14 +408,13 @@ fn nested_deeper_than(text: &str, max: usize) -> bool {
 
 /// Parses a submit's raw `input` into a value; the frame is valid JSON, so
 /// this fails only past serde_json's depth limit.
-pub fn parse_input(input: &RawValue) -> Result<Value, String> {
-    serde_json::from_str(input.get())
+pub fn parse_input(input: &str) -> Result<Value, String> {
+    serde_json::from_str(input)
         .map_err(|e| format!("\"input\" is nested deeper than {MAX_INPUT_DEPTH} levels: {e}"))
 }
 
 /// The string a raw JSON value holds, borrowed when it has no escapes.
-fn string_of(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let text = raw.get();
+fn string_of(text: &str) -> Option<Cow<'_, str>> {
     let inner = text.strip_prefix('"')?.strip_suffix('"')?;
     if !inner.contains('\\') {
         return Some(Cow::Borrowed(inner));
@@ -460,7 +422,7 @@ fn string_of(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<String>(text).ok().map(Cow::Owned)
 }
 
-fn parse_id(raw: Option<&RawValue>) -> Result<ReqId, Rejection> {
+fn parse_id(raw: Option<&str>) -> Result<ReqId, Rejection> {
     let Some(raw) = raw else {
         return Ok(None);
     };
@@ -474,17 +436,23 @@ fn parse_id(raw: Option<&RawValue>) -> Result<ReqId, Rejection> {
     if let Some(s) = string_of(raw) {
         return match s {
             s if s.len() > MAX_ID_BYTES => Err(invalid()),
-            Cow::Borrowed(_) => Ok(Some(raw.get().into())),
+            Cow::Borrowed(_) => Ok(Some(raw.into())),
             Cow::Owned(s) => Ok(Some(serde_json::to_string(&s).expect("string").into())),
         };
     }
-    match serde_json::from_str::<serde_json::Number>(raw.get()) {
+    // An integer is echoed as it was sent: valid JSON has no `+` or leading
+    // zeros, so this is the text serde_json would write (`-0` it reads as
+    // a float, refused below).
+    if raw != "-0" && (raw.parse::<u64>().is_ok() || raw.parse::<i64>().is_ok()) {
+        return Ok(Some(raw.into()));
+    }
+    match serde_json::from_str::<serde_json::Number>(raw) {
         Ok(n) if n.is_i64() || n.is_u64() => Ok(Some(n.to_compact_string())),
         _ => Err(invalid()),
     }
 }
 
-fn parse_key(raw: Option<&RawValue>, id: &ReqId) -> Result<Key, Rejection> {
+fn parse_key(raw: Option<&str>, id: &ReqId) -> Result<Key, Rejection> {
     let raw = raw.ok_or_else(|| Rejection::new(id, ErrorCode::BadRequest, "missing \"key\""))?;
     string_of(raw).and_then(|s| Key::parse(&s)).ok_or_else(|| {
         Rejection::new(
@@ -695,6 +663,25 @@ mod tests {
     fn ids_are_echoed_verbatim() {
         let r = parse_request(r#"{"op":"ping","id":"a\"b","extra":true}"#).unwrap();
         assert_eq!(r.id.as_deref(), Some(r#""a\"b""#));
+        for (sent, echoed) in [
+            ("7", Some("7")),
+            ("-7", Some("-7")),
+            ("18446744073709551615", Some("18446744073709551615")),
+            ("-9223372036854775808", Some("-9223372036854775808")),
+            ("18446744073709551616", None),
+            // serde_json reads `-0` as a float.
+            ("-0", None),
+            ("1.0", None),
+            ("1e2", None),
+        ] {
+            let text = format!(r#"{{"op":"ping","id":{sent}}}"#);
+            let id = parse_request(&text).map(|r| r.id);
+            assert_eq!(
+                id.as_ref().ok().and_then(|id| id.as_deref()),
+                echoed,
+                "{sent}"
+            );
+        }
         let r = parse_request(r#"{"op":"fly","id":7}"#).unwrap_err();
         let frame: Value = serde_json::from_str(&r.frame()).unwrap();
         assert_eq!(frame["id"], 7);

@@ -431,7 +431,7 @@ impl<'a> Reader<'a> {
             Op::Progress { task, data } => Then::Hub(HubMsg::Progress {
                 session: self.outbox.session(),
                 task,
-                data: data.get().into(),
+                data: data.into(),
             }),
         }
     }
@@ -439,7 +439,7 @@ impl<'a> Reader<'a> {
     fn submit(
         &self,
         id: ReqId,
-        input: &serde_json::value::RawValue,
+        input: &str,
         fn_name: Option<std::borrow::Cow<'_, str>>,
         wait: bool,
         wants: Wants,
@@ -478,7 +478,7 @@ impl<'a> Reader<'a> {
             return Then::Reply(rate_limited(&id, wait).into());
         }
         // A byte-identical input seen before: its key without parsing or hashing.
-        let raw = input.get().as_bytes();
+        let raw = input.as_bytes();
         let memoized = broker.memo.get(spec.index, raw).map(|key| self.scoped(key));
         if let Some(key) = memoized {
             if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
