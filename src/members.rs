@@ -4,7 +4,7 @@
 //!
 //! [`Members::scan`] reads an ordinary frame in one pass: it finds each
 //! member's extent and checks the JSON grammar on the way, jumping through
-//! strings (a submit's input is mostly strings) with `memchr`. It declines
+//! long strings (a submit's input is mostly strings) with `memchr`. It declines
 //! what it does not read, and the protocol then reads the frame with
 //! serde_json (the same struct, derived), which also words the error: text that is not JSON, a key
 //! written with escapes, a member the protocol knows given twice, nesting
@@ -217,12 +217,7 @@ impl<'t> Cursor<'t> {
         let mut escapes = false;
         loop {
             let rest = &self.text[self.pos..];
-            let stop = memchr::memchr2(b'"', b'\\', rest)?;
-            // The least byte rather than `any`, which stops early and so
-            // cannot be vectorized.
-            if rest[..stop].iter().copied().min().unwrap_or(b' ') < b' ' {
-                return None;
-            }
+            let stop = plain_run(rest)?;
             self.pos += stop + 1;
             if rest[stop] == b'"' {
                 return Some(escapes);
@@ -277,6 +272,27 @@ impl<'t> Cursor<'t> {
     }
 }
 
+/// The length of the run of plain string bytes that `bytes` starts with,
+/// up to a `"` or `\\`; `None` if a control character (not allowed in a
+/// string) or the end comes first. The first bytes are read one by one
+/// (most strings in a request are short, and end there), the rest with
+/// `memchr`.
+fn plain_run(bytes: &[u8]) -> Option<usize> {
+    const BYTEWISE: usize = 16;
+    for (at, &b) in bytes.iter().take(BYTEWISE).enumerate() {
+        match b {
+            b'"' | b'\\' => return Some(at),
+            0..=0x1f => return None,
+            _ => {}
+        }
+    }
+    let from = BYTEWISE.min(bytes.len());
+    let at = from + memchr::memchr2(b'"', b'\\', &bytes[from..])?;
+    // The least byte rather than `any`, which stops early and so cannot
+    // be vectorized.
+    (bytes[from..at].iter().copied().min().unwrap_or(b' ') >= b' ').then_some(at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +313,7 @@ mod tests {
             r#"{"op":"get","key":null,"wait":false,"unknown":{"op":1}}"#,
             r#"{}"#,
             "{\"op\":\"submit\",\"input\":\"caf\u{e9} \\/\\b\\f\\n\\r\\t\\u12aF\"}",
+            r#"{"op":"a long string, past the bytes read one by one\n and \" on"}"#,
         ] {
             let scanned = Members::scan(text, DEPTH);
             assert!(scanned.is_some(), "scans {text}");
@@ -325,6 +342,10 @@ mod tests {
             r#"{"n":{"a" 1}}"#,
             r#"{"n":{1:1}}"#,
             r#"{"op":"ping""#,
+            "{\"op\":\"a\u{1f}\"}",
+            "{\"op\":\"a long string, past the bytes read one by one\u{1}\"}",
+            "{\"op\":\"a long string, past the bytes read one by one\\n\u{0}\"}",
+            r#"{"op":"a long string, past the bytes read one by one"#,
         ] {
             assert_eq!(Members::scan(text, DEPTH), None, "declines {text}");
         }
