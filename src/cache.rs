@@ -57,13 +57,15 @@ const TYPICAL_ENTRY_BYTES: u64 = 256;
 /// a fraction of the whole) can still hold a large output.
 const MIN_SHARD_BYTES: u64 = 64 << 20;
 
-/// What a cached key answers with.
-#[derive(Debug)]
+/// What a cached key answers with. A hit clones it: an output is one
+/// allocation (its count beside its text), so a hit reads one place
+/// beyond the cache's own entry.
+#[derive(Debug, Clone)]
 pub enum Cached {
     /// The output, as JSON text ready to be copied into frames.
-    Output(Box<str>),
+    Output(Arc<str>),
     /// A failure kept for `error_ttl_s`.
-    Failure(EvalError),
+    Failure(Arc<EvalError>),
 }
 
 impl Cached {
@@ -129,7 +131,7 @@ impl Cached {
 /// A cached answer and, under a time to live, when it stops being served.
 #[derive(Clone)]
 struct Stored {
-    cached: Arc<Cached>,
+    cached: Cached,
     expires: Option<Instant>,
     /// When it was computed.
     at: Instant,
@@ -140,7 +142,7 @@ struct Stored {
 
 /// A cached answer found for a key, and how old it is.
 pub struct Hit {
-    pub cached: Arc<Cached>,
+    pub cached: Cached,
     pub age: Duration,
 }
 
@@ -207,7 +209,6 @@ impl Store {
 
     fn insert(&self, key: Key, cached: Cached, fn_index: usize, epoch: u64, at: Instant) {
         let expires = self.ttl.map(|ttl| at + ttl);
-        let cached = Arc::new(cached);
         let stored = Stored {
             cached,
             expires,
@@ -393,14 +394,20 @@ impl ResultCache {
         }
         let epoch = self.epochs.get(key.ns(), fn_index);
         self.store(&key)
-            .insert(key, Cached::Output(output), fn_index, epoch, at);
+            .insert(key, Cached::Output(output.into()), fn_index, epoch, at);
     }
 
     /// Keeps a failure when `error_ttl_s` asks for it; otherwise does nothing.
     pub fn insert_failure(&self, key: Key, fn_index: usize, error: EvalError) {
         if let Some(f) = self.failure_store(&key) {
             let epoch = self.epochs.get(key.ns(), fn_index);
-            f.insert(key, Cached::Failure(error), fn_index, epoch, Instant::now());
+            f.insert(
+                key,
+                Cached::Failure(Arc::new(error)),
+                fn_index,
+                epoch,
+                Instant::now(),
+            );
         }
     }
 
@@ -478,7 +485,7 @@ mod tests {
     #[test]
     fn a_result_frame_is_allocated_at_its_exact_length() {
         let key = Key::derive("f", b"1");
-        let failure = Cached::Failure(EvalError::Failed("line\none \"quoted\"".into()));
+        let failure = Cached::Failure(Arc::new(EvalError::Failed("line\none \"quoted\"".into())));
         for cached in [Cached::Output("{\"a\":[1,2]}".into()), failure] {
             for id in [
                 None,
@@ -558,7 +565,13 @@ mod tests {
     fn entries_past_their_time_to_live_are_not_served() {
         let store = Store::new(1 << 20, 60);
         let epochs = Epochs::new(1);
-        store.insert(key(1), Cached::Output(output(10)), 0, 0, Instant::now());
+        store.insert(
+            key(1),
+            Cached::Output(output(10).into()),
+            0,
+            0,
+            Instant::now(),
+        );
         assert!(store.get(&key(1), &epochs, Instant::now()).is_some());
         let mut stored = store.entries.get(&key(1)).expect("kept");
         stored.expires = Some(Instant::now());
