@@ -352,6 +352,29 @@ mod tests {
     }
 
     #[test]
+    fn a_run_ends_at_its_first_quote_backslash_or_control_byte() {
+        let naive = |bytes: &[u8]| {
+            let at = bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < b' ')?;
+            (bytes[at] >= b' ').then_some(at)
+        };
+        for len in 0..100 {
+            for end in [b'"', b'\\', 0x1f, 0x00] {
+                for at in 0..=len {
+                    let mut bytes = vec![b'x'; len];
+                    if at < len {
+                        bytes[at] = end;
+                    }
+                    bytes.extend_from_slice(b"\"tail");
+                    assert_eq!(plain_run(&bytes), naive(&bytes), "{len} {at} {end}");
+                }
+            }
+            assert_eq!(plain_run(&vec![b'x'; len]), None, "no end in {len}");
+        }
+    }
+
+    #[test]
     fn nesting_is_bounded_as_serde_json_bounds_it() {
         let nested = |levels: usize| {
             format!(
