@@ -124,6 +124,9 @@ mod tests {
         assert_eq!(memo.get(0, b"{\"a\": 1}"), Some(key));
         assert_eq!(memo.get(0, b"{\"a\":1}"), None, "other bytes");
         assert_eq!(memo.get(1, b"{\"a\": 1}"), None, "other fn");
+        let longest = vec![b'x'; 64];
+        memo.insert(0, &longest, key);
+        assert_eq!(memo.get(0, &longest), Some(key), "as long as may be kept");
         let long = vec![b'x'; 65];
         memo.insert(0, &long, key);
         assert_eq!(memo.get(0, &long), None, "too long to keep");
