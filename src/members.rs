@@ -72,30 +72,19 @@ impl<'a> Members<'a> {
             pos: 0,
         };
         at.skip_ws();
-        at.eat(b'{')?;
-        at.skip_ws();
-        if !at.eat_if(b'}') {
-            loop {
-                let name = at.key()?;
-                at.skip_ws();
-                at.eat(b':')?;
-                at.skip_ws();
-                let start = at.pos;
-                at.value(max_depth.checked_sub(1)?)?;
-                let value = &text[start..at.pos];
-                if let Some(slot) = members.slot(name) {
-                    if slot.replace(value).is_some() {
-                        return None;
-                    }
-                }
-                at.skip_ws();
-                if at.eat_if(b'}') {
-                    break;
-                }
-                at.eat(b',')?;
-                at.skip_ws();
-            }
+        if at.peek()? != b'{' {
+            return None;
         }
+        at.nested(max_depth, b'}', |at, depth| {
+            let (name, escapes, start) = at.member(depth)?;
+            if escapes {
+                return None;
+            }
+            let twice = members
+                .slot(name)
+                .is_some_and(|slot| slot.replace(&text[start..at.pos]).is_some());
+            (!twice).then_some(())
+        })?;
         at.skip_ws();
         (at.pos == text.len()).then_some(members)
     }
@@ -157,13 +146,19 @@ impl<'t> Cursor<'t> {
         found.then_some(())
     }
 
-    /// A member's key: a string without escapes, given without its quotes.
-    fn key(&mut self) -> Option<&'t [u8]> {
-        let start = self.pos + 1;
-        if self.string()? {
-            return None;
-        }
-        Some(&self.text[start..self.pos - 1])
+    /// A member, `"name": value`: its name as written between the quotes,
+    /// whether that has escapes, and where its value starts (the value
+    /// ends where the cursor stops).
+    fn member(&mut self, depth: usize) -> Option<(&'t [u8], bool, usize)> {
+        let name_start = self.pos + 1;
+        let escapes = self.string()?;
+        let name = &self.text[name_start..self.pos - 1];
+        self.skip_ws();
+        self.eat(b':')?;
+        self.skip_ws();
+        let start = self.pos;
+        self.value(depth)?;
+        Some((name, escapes, start))
     }
 
     /// Any JSON value, with at most `depth` more levels of arrays and
@@ -171,13 +166,7 @@ impl<'t> Cursor<'t> {
     fn value(&mut self, depth: usize) -> Option<()> {
         match self.peek()? {
             b'"' => self.string().map(drop),
-            b'{' => self.nested(depth, b'}', |at, depth| {
-                at.string()?;
-                at.skip_ws();
-                at.eat(b':')?;
-                at.skip_ws();
-                at.value(depth)
-            }),
+            b'{' => self.nested(depth, b'}', |at, depth| at.member(depth).map(drop)),
             b'[' => self.nested(depth, b']', Self::value),
             b't' => self.eat_word(b"true"),
             b'f' => self.eat_word(b"false"),
@@ -192,7 +181,7 @@ impl<'t> Cursor<'t> {
         &mut self,
         depth: usize,
         close: u8,
-        item: impl Fn(&mut Self, usize) -> Option<()>,
+        mut item: impl FnMut(&mut Self, usize) -> Option<()>,
     ) -> Option<()> {
         let depth = depth.checked_sub(1)?;
         self.pos += 1;
