@@ -26,7 +26,6 @@ use crate::error::{EvalError, HerdError};
 use crate::exec::eval::{builtin_factory, Health, Progress, Task, WorkerFactory};
 use crate::key::Key;
 use crate::metrics::{FnMetrics, Metrics};
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -128,7 +127,7 @@ pub struct EvaluatorSpec {
 #[derive(Debug)]
 pub struct EvaluatorTable {
     specs: Vec<EvaluatorSpec>,
-    by_name: HashMap<String, usize>,
+    by_name: foldhash::HashMap<String, usize>,
 }
 
 impl EvaluatorTable {

@@ -481,8 +481,8 @@ impl<'a> Reader<'a> {
         let raw = input.as_bytes();
         let memoized = broker.memo.get(spec.index, raw).map(|key| self.scoped(key));
         if let Some(key) = memoized {
-            if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
-                return hit;
+            if let Some(frame) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
+                return Then::Hit { frame, spec };
             }
         }
         let input = match parse_input(input) {
@@ -510,8 +510,8 @@ impl<'a> Reader<'a> {
                 self.scoped(key)
             }
         };
-        if let Some(hit) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
-            return hit;
+        if let Some(frame) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
+            return Then::Hit { frame, spec };
         }
         let evaluator = spec.index;
         let mut waiter = self.waiter(key, id);
@@ -525,22 +525,21 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// The answer to a submit from the cache if `key` is there (counted as a hit).
+    /// The reply to a submit from the cache if `key` is there (counted as
+    /// a hit). The caller wraps it in [`Then::Hit`]: a frame is a fraction
+    /// of a `Then`'s size, and so is the copy of it returned.
     fn answer_from_cache(
         &self,
-        spec: &'a EvaluatorSpec,
+        spec: &EvaluatorSpec,
         id: &ReqId,
         key: &Key,
         arrived: Instant,
         max_age: Option<Duration>,
-    ) -> Option<Then<'a>> {
+    ) -> Option<Frame> {
         let hit = self.broker.cache.get_fresh_at(key, max_age, arrived)?;
         spec.metrics.cache_hits.inc();
         self.ns_metrics.cache_hits.inc();
-        Some(Then::Hit {
-            frame: hit.result_frame(id, key).into(),
-            spec,
-        })
+        Some(hit.result_frame(id, key).into())
     }
 
     /// A key a client sent, in this session's namespace.
