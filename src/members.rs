@@ -66,6 +66,20 @@ impl<'a> Members<'a> {
     /// `max_depth` deep whose keys have no escapes and whose known members
     /// each appear once; otherwise `None`.
     pub fn scan(text: &'a str, max_depth: usize) -> Option<Self> {
+        Self::scan_knowing(text, max_depth, |_, _| false)
+    }
+
+    /// As [`Members::scan`], except for a frame whose last member is
+    /// `input`: its text, with the members before it, is offered to
+    /// `known` first, and if `known` vouches for it (it is a value read
+    /// before, so valid JSON nested within the limit), it is taken without
+    /// being read again. A repeated submit is mostly its input, so this
+    /// skips most of its bytes.
+    pub fn scan_knowing(
+        text: &'a str,
+        max_depth: usize,
+        mut known: impl FnMut(&Self, &'a str) -> bool,
+    ) -> Option<Self> {
         let mut members = Members::default();
         let mut at = Cursor {
             text: text.as_bytes(),
@@ -76,10 +90,21 @@ impl<'a> Members<'a> {
             return None;
         }
         at.nested(max_depth, b'}', |at, depth| {
-            let (name, escapes, start) = at.member(depth)?;
+            let (name, escapes) = at.name()?;
             if escapes {
                 return None;
             }
+            let start = at.pos;
+            if name == b"input" && members.input.is_none() {
+                if let Some((end, close)) = last_value(text, start) {
+                    if known(&members, &text[start..end]) {
+                        members.input = Some(&text[start..end]);
+                        at.pos = close;
+                        return Some(());
+                    }
+                }
+            }
+            at.value(depth)?;
             let twice = members
                 .slot(name)
                 .is_some_and(|slot| slot.replace(&text[start..at.pos]).is_some());
@@ -146,19 +171,17 @@ impl<'t> Cursor<'t> {
         found.then_some(())
     }
 
-    /// A member, `"name": value`: its name as written between the quotes,
-    /// whether that has escapes, and where its value starts (the value
-    /// ends where the cursor stops).
-    fn member(&mut self, depth: usize) -> Option<(&'t [u8], bool, usize)> {
+    /// A member's name and its colon: the name as written between the
+    /// quotes, and whether that has escapes. The cursor stops where the
+    /// value starts.
+    fn name(&mut self) -> Option<(&'t [u8], bool)> {
         let name_start = self.pos + 1;
         let escapes = self.string()?;
         let name = &self.text[name_start..self.pos - 1];
         self.skip_ws();
         self.eat(b':')?;
         self.skip_ws();
-        let start = self.pos;
-        self.value(depth)?;
-        Some((name, escapes, start))
+        Some((name, escapes))
     }
 
     /// Any JSON value, with at most `depth` more levels of arrays and
@@ -166,7 +189,10 @@ impl<'t> Cursor<'t> {
     fn value(&mut self, depth: usize) -> Option<()> {
         match self.peek()? {
             b'"' => self.string().map(drop),
-            b'{' => self.nested(depth, b'}', |at, depth| at.member(depth).map(drop)),
+            b'{' => self.nested(depth, b'}', |at, depth| {
+                at.name()?;
+                at.value(depth)
+            }),
             b'[' => self.nested(depth, b']', Self::value),
             b't' => self.eat_word(b"true"),
             b'f' => self.eat_word(b"false"),
@@ -259,6 +285,16 @@ impl<'t> Cursor<'t> {
         self.digits();
         (self.pos > start).then_some(())
     }
+}
+
+/// Where a value starting at `start` ends if it is the frame's last:
+/// the end of its text and where the frame's closing brace is, with only
+/// whitespace around them; `None` if nothing is there.
+fn last_value(text: &str, start: usize) -> Option<(usize, usize)> {
+    const WS: &[char] = &[' ', '\n', '\r', '\t'];
+    let close = text.trim_end_matches(WS).strip_suffix('}')?.len();
+    let end = text[..close].trim_end_matches(WS).len();
+    (end > start).then_some((end, close))
 }
 
 /// The length of the run of plain string bytes that `bytes` starts with,
@@ -378,6 +414,62 @@ mod tests {
         assert_eq!(Members::scan(&nested(DEPTH), DEPTH), None);
     }
 
+    /// A caller that vouches only for what is a JSON value (all the
+    /// generated ones are nested well within the limit).
+    fn honest(_: &Members, input: &str) -> bool {
+        serde_json::from_str::<&RawValue>(input).is_ok()
+    }
+
+    #[test]
+    fn offers_the_text_from_input_to_the_closing_brace_and_takes_it_if_vouched_for() {
+        let text = "{\"op\":\"submit\",\"fn\":\"f\",\"input\": [1, {\"a\":2}] \n}\n ";
+        let mut offered = vec![];
+        let scanned = Members::scan_knowing(text, DEPTH, |before, input| {
+            offered.push((before.fn_name, input));
+            true
+        });
+        assert_eq!(offered, [(Some("\"f\""), "[1, {\"a\":2}]")]);
+        assert_eq!(scanned, by_serde(text));
+        // Nothing after the name but whitespace and the brace: no value,
+        // nothing offered.
+        let mut asked = false;
+        let none = Members::scan_knowing(r#"{"op":"x","input": }"#, DEPTH, |_, _| {
+            asked = true;
+            true
+        });
+        assert_eq!((none, asked), (None, false));
+    }
+
+    #[test]
+    fn takes_a_vouched_input_without_reading_it() {
+        // The caller's word is taken: text that is not JSON, vouched for,
+        // is the input (which is why only inputs read before may be).
+        let text = r#"{"op":"submit","input":[1,}"#;
+        assert_eq!(Members::scan(text, DEPTH), None);
+        let scanned = Members::scan_knowing(text, DEPTH, |_, _| true).unwrap();
+        assert_eq!(scanned.input, Some("[1,"));
+        // Not vouched for, the input is read as ever.
+        let text = r#"{"op":"submit","input":[1,2]}"#;
+        assert_eq!(
+            Members::scan_knowing(text, DEPTH, |_, _| false),
+            by_serde(text)
+        );
+    }
+
+    #[test]
+    fn offers_only_the_first_input() {
+        // A second `input` is not offered: taking it would hide that the
+        // member was given twice.
+        let text = r#"{"input":1,"input":2}"#;
+        let mut offered = vec![];
+        let scanned = Members::scan_knowing(text, DEPTH, |_, input| {
+            offered.push(input);
+            honest(&Members::default(), input)
+        });
+        assert_eq!(offered, [r#"1,"input":2"#]);
+        assert_eq!(scanned, None);
+    }
+
     /// A JSON value drawn from the shapes requests are made of.
     fn value() -> impl Strategy<Value = String> {
         let leaf = prop_oneof![
@@ -440,6 +532,13 @@ mod tests {
         }
 
         #[test]
+        fn reads_the_same_when_inputs_are_vouched_for(text in frame()) {
+            // A caller that vouches only for valid values changes what is
+            // read (less of the frame), never what the frame is read as.
+            prop_assert_eq!(Members::scan_knowing(&text, DEPTH, honest), by_serde(&text));
+        }
+
+        #[test]
         fn accepts_nothing_serde_json_refuses(
             text in frame(),
             at in any::<prop::sample::Index>(),
@@ -460,6 +559,9 @@ mod tests {
             if let Ok(text) = String::from_utf8(bytes) {
                 if let Some(scanned) = Members::scan(&text, DEPTH) {
                     prop_assert_eq!(Some(scanned), by_serde(&text), "{}", text);
+                }
+                if let Some(scanned) = Members::scan_knowing(&text, DEPTH, honest) {
+                    prop_assert_eq!(Some(scanned), by_serde(&text), "vouched: {}", text);
                 }
             }
         }

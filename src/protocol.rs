@@ -22,6 +22,8 @@ pub const MIN_WATCH_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 500;
 /// Nesting depth of `input` beyond which it is refused (serde_json's limit).
 pub const MAX_INPUT_DEPTH: usize = 128;
+/// The fn of a submit that names none.
+pub const DEFAULT_FN: &str = "default";
 /// The protocol version spoken.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -163,7 +165,27 @@ impl Rejection {
 
 /// Parses one text frame into a request.
 pub fn parse_request(text: &str) -> Result<Request<'_>, Rejection> {
-    let members = match Members::scan(text, MAX_INPUT_DEPTH + 1) {
+    parse_request_knowing(text, |_, _| false)
+}
+
+/// As [`parse_request`], except that a submit whose input is the frame's
+/// last member offers it first to `known`, with its fn as sent (`None`
+/// when there is none): `known` says whether it is an input read before,
+/// byte for byte, and if it is, the input is not read again. Only valid
+/// inputs may be vouched for; the request is then what `parse_request`
+/// reads.
+pub fn parse_request_knowing<'t>(
+    text: &'t str,
+    mut known: impl FnMut(Option<&str>, &'t str) -> bool,
+) -> Result<Request<'t>, Rejection> {
+    let scanned = Members::scan_knowing(text, MAX_INPUT_DEPTH + 1, |before, input| {
+        match before.fn_name.map(string_of) {
+            None => known(None, input),
+            Some(Some(name)) => known(Some(&name), input),
+            Some(None) => false,
+        }
+    });
+    let members = match scanned {
         Some(members) => members,
         None => read_members(text)?,
     };
@@ -657,6 +679,33 @@ mod tests {
         assert_eq!(code(r#"{"op":"ping","id":1.5}"#), ErrorCode::BadRequest);
         let long = format!(r#"{{"op":"ping","id":"{}"}}"#, "x".repeat(129));
         assert_eq!(code(&long), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_last_input_is_offered_with_its_fn_as_a_string() {
+        let offered = |text: &str| {
+            let mut fns = vec![];
+            let read = parse_request_knowing(text, |fn_name, input| {
+                fns.push((fn_name.map(str::to_owned), input.to_owned()));
+                false
+            })
+            .map(|r| r.op.name())
+            .map_err(|e| e.code);
+            (fns, read)
+        };
+        assert_eq!(
+            offered(r#"{"op":"submit","fn":"ab","input":[1]}"#),
+            (vec![(Some("ab".into()), "[1]".into())], Ok("submit"))
+        );
+        assert_eq!(
+            offered(r#"{"op":"submit","input":[1]}"#),
+            (vec![(None, "[1]".into())], Ok("submit"))
+        );
+        // A fn that is not a string: not offered, and refused as ever.
+        assert_eq!(
+            offered(r#"{"op":"submit","fn":1,"input":[1]}"#),
+            (vec![], Err(ErrorCode::BadRequest))
+        );
     }
 
     #[test]

@@ -815,3 +815,50 @@ async fn work_asked_for_without_waiting_survives_a_cancel() {
     assert_eq!(s["state"], "done", "the wait:false submit's work still ran");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_input_changes_only_how_fast_a_frame_is_answered() {
+    let server = TestServer::basic().await;
+    let mut c = server.client().await;
+    let input = r#"{"b": [1, 2], "a": "hi"}"#;
+    // Frames that end in that input but are not requests, or not the same
+    // request: their replies before the input is known, and after.
+    let others = [
+        format!(r#"{{"op":"submit","fn":"echo","id":1,"input":{input},}}"#),
+        format!(r#"{{"op":"submit","fn":"echo","id":2,"input":{input}}} x"#),
+        format!(r#"{{"op":"submit","fn":"echo","id":3,"input":{input},"input":{input}}}"#),
+        format!(r#"{{"op":"submit","fn":"echo","id":4,"input":{input}, "wait":"no"}}"#),
+        format!(r#"{{"op":"submit","fn":"echo","id":5,"input":{input}]}}"#),
+        format!(r#"{{"op":"submit","fn":"nope","id":6,"input":{input}}}"#),
+        format!(r#"{{"op":"submit","fn":7,"id":7,"input":{input}}}"#),
+    ];
+    let mut before = vec![];
+    for text in &others {
+        c.send_text(text).await;
+        before.push(c.recv().await);
+    }
+    for reply in &before {
+        assert_eq!(reply["type"], "error", "{reply}");
+    }
+
+    let submit = format!("{{\"op\":\"submit\",\"fn\":\"echo\",\"id\":8,\"input\": {input} \n}}");
+    c.send_text(&submit).await;
+    assert_eq!(c.recv().await["type"], "accepted");
+    let evaluated = c.recv().await;
+    assert_eq!(evaluated["source"], "eval");
+    c.send_text(&submit).await;
+    let hit = c.recv().await;
+    assert_eq!(hit["source"], "cache");
+    assert_eq!(hit["output"], evaluated["output"]);
+
+    for (text, reply) in others.iter().zip(&before) {
+        c.send_text(text).await;
+        assert_eq!(&c.recv().await, reply, "{text}");
+    }
+    // The same bytes under another fn are another input.
+    let other_fn = format!(r#"{{"op":"submit","fn":"default","id":9,"input":{input}}}"#);
+    c.send_text(&other_fn).await;
+    assert_eq!(c.recv().await["type"], "accepted");
+    assert_eq!(c.recv().await["source"], "eval");
+    server.stop().await;
+}

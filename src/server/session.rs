@@ -17,8 +17,8 @@ use crate::key::{canonical_json, Key};
 use crate::metrics::NsMetrics;
 use crate::outbox::{close, Frame, Inbox, Outbox, SessionCtl};
 use crate::protocol::{
-    error_frame, parse_input, parse_request, unix_ms, FrameWriter, Invalidation, Op, ReqId, Wants,
-    DRAINING_MESSAGE, PROTOCOL_VERSION,
+    error_frame, parse_input, parse_request_knowing, unix_ms, FrameWriter, Invalidation, Op, ReqId,
+    Wants, DEFAULT_FN, DRAINING_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::server::auth::{Identity, ServeRight};
 use crate::server::broker::Broker;
@@ -207,6 +207,13 @@ fn expiry(at: u64) -> Pin<Box<tokio::time::Sleep>> {
 }
 
 /// What is left to do for a request once it has been read: at most one wait.
+/// A submit's input as sent, and its key if the memo had it when the
+/// frame was read.
+struct Input<'t> {
+    text: &'t str,
+    key: Option<Key>,
+}
+
 enum Then<'a> {
     Reply(Frame),
     /// A cache hit: the reply, and its fn, whose latency is observed once
@@ -312,7 +319,17 @@ impl<'a> Reader<'a> {
     /// is left to wait for. Keeping every wait in [`Reader::act`] keeps the
     /// session's task small.
     fn handle(&mut self, text: &str, arrived: Instant) -> Then<'a> {
-        let request = match parse_request(text) {
+        let broker: &'a Broker = self.broker;
+        // A submit's input seen before, byte for byte: its key, and the
+        // input is not read again.
+        let mut memoized = None;
+        let request = match parse_request_knowing(text, |fn_name, input| {
+            memoized = broker
+                .evaluators
+                .lookup(fn_name.unwrap_or(DEFAULT_FN))
+                .and_then(|spec| broker.memo.get(spec.index, input.as_bytes()));
+            memoized.is_some()
+        }) {
             Ok(r) => r,
             Err(rejection) => return Then::Reply(rejection.frame().into()),
         };
@@ -341,7 +358,17 @@ impl<'a> Reader<'a> {
                 fn_name,
                 wait,
                 wants,
-            } => self.submit(id, input, fn_name, wait, wants, arrived),
+            } => self.submit(
+                id,
+                Input {
+                    text: input,
+                    key: memoized,
+                },
+                fn_name,
+                wait,
+                wants,
+                arrived,
+            ),
             Op::Get { key } => match self.broker.cache.get_at(&self.scoped(key), arrived) {
                 Some(hit) => Then::Reply(hit.cached.status_frame(&id, &key).into()),
                 None => Then::Hub(HubMsg::Get {
@@ -439,7 +466,7 @@ impl<'a> Reader<'a> {
     fn submit(
         &self,
         id: ReqId,
-        input: &str,
+        input: Input<'_>,
         fn_name: Option<std::borrow::Cow<'_, str>>,
         wait: bool,
         wants: Wants,
@@ -447,7 +474,7 @@ impl<'a> Reader<'a> {
     ) -> Then<'a> {
         let max_age = wants.max_age_ms.map(Duration::from_millis);
         let broker: &'a Broker = self.broker;
-        let name = fn_name.as_deref().unwrap_or("default");
+        let name = fn_name.as_deref().unwrap_or(DEFAULT_FN);
         let Some(spec) = broker.evaluators.lookup(name) else {
             return reject_unknown_fn(&id, name);
         };
@@ -478,14 +505,17 @@ impl<'a> Reader<'a> {
             return Then::Reply(rate_limited(&id, wait).into());
         }
         // A byte-identical input seen before: its key without parsing or hashing.
-        let raw = input.as_bytes();
-        let memoized = broker.memo.get(spec.index, raw).map(|key| self.scoped(key));
+        let raw = input.text.as_bytes();
+        let memoized = input
+            .key
+            .or_else(|| broker.memo.get(spec.index, raw))
+            .map(|key| self.scoped(key));
         if let Some(key) = memoized {
             if let Some(frame) = self.answer_from_cache(spec, &id, &key, arrived, max_age) {
                 return Then::Hit { frame, spec };
             }
         }
-        let input = match parse_input(input) {
+        let input = match parse_input(input.text) {
             Ok(value) => value,
             Err(message) => return reject(&id, ErrorCode::BadRequest, &message),
         };
