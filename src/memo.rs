@@ -11,6 +11,10 @@
 //! can only miss, never give a wrong key. Inputs longer than
 //! `limits.key_memo_max_input_bytes` are not kept, which bounds the memory
 //! to entries times that size.
+//!
+//! Only inputs that were read whole and parsed are kept, so an input found
+//! here is valid JSON: a frame that ends in one is not read past the
+//! input's start ([`crate::members::Members::scan_knowing`]).
 
 use crate::key::Key;
 use std::hash::{BuildHasher, Hasher};

@@ -218,7 +218,7 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// CPU time of all threads of `pid`, in seconds (from /proc/<pid>/task/*/schedstat).
+/// CPU time of all threads of `pid`, in seconds (from `/proc/<pid>/task/*/schedstat`).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let mut total_ns: u64 = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
