@@ -694,7 +694,7 @@ mod tests {
             (fns, read)
         };
         assert_eq!(
-            offered(r#"{"op":"submit","fn":"ab","input":[1]}"#),
+            offered(r#"{"op":"submit","fn":"a\u0062","input":[1]}"#),
             (vec![(Some("ab".into()), "[1]".into())], Ok("submit"))
         );
         assert_eq!(

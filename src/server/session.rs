@@ -206,7 +206,6 @@ fn expiry(at: u64) -> Pin<Box<tokio::time::Sleep>> {
     Box::pin(tokio::time::sleep(left))
 }
 
-/// What is left to do for a request once it has been read: at most one wait.
 /// A submit's input as sent, and its key if the memo had it when the
 /// frame was read.
 struct Input<'t> {
@@ -214,6 +213,7 @@ struct Input<'t> {
     key: Option<Key>,
 }
 
+/// What is left to do for a request once it has been read: at most one wait.
 enum Then<'a> {
     Reply(Frame),
     /// A cache hit: the reply, and its fn, whose latency is observed once
