@@ -248,6 +248,15 @@ function submitRequest(input, options) {
   return request;
 }
 
+/**
+ * `request` with `id` first and its `input` (if any) last: a broker that
+ * has read that input before does not read the frame past its start.
+ */
+function withId(request, id) {
+  const { input, ...members } = request;
+  return "input" in request ? { id, ...members, input } : { id, ...members };
+}
+
 export async function connect(url, options = {}) {
   const client = new Client(url, options);
   await client._open();
@@ -334,11 +343,11 @@ export class Client {
    */
   _start(request, kind, keyOf) {
     const id = this._nextId++;
-    request.id = id;
+    const framed = withId(request, id);
     const promise = new Promise((resolve, reject) => {
       this._pending.set(id, { resolve, reject, kind, key: keyOf });
       try {
-        this._send(request);
+        this._send(framed);
       } catch (error) {
         this._pending.delete(id);
         reject(error);

@@ -15,6 +15,18 @@ test("keys match every shared vector a JavaScript value can represent", () => {
   }
 });
 
+test("a request is sent with its id first and its input last", () => {
+  const client = new herd.Client("ws://127.0.0.1:9/ws");
+  const sent = [];
+  client._send = (request) => sent.push(JSON.stringify(request));
+  client._start({ op: "submit", input: { b: [1] }, fn: "f", wait: false }, "result", null);
+  client._start({ op: "get", key: "k" }, "frame", null);
+  assert.deepEqual(sent, [
+    '{"id":1,"op":"submit","fn":"f","wait":false,"input":{"b":[1]}}',
+    '{"id":2,"op":"get","key":"k"}',
+  ]);
+});
+
 test("submit, coalescing, the cache, get and subscribe", async (t) => {
   const broker = await startBroker(t);
   const a = await herd.connect(broker.url);

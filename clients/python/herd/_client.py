@@ -277,7 +277,7 @@ class Herd:
         if self._closed:
             raise Closed("the client is closed")
         request_id = next(self._ids)
-        frame["id"] = request_id
+        frame = _with_id(frame, request_id)
         text = json.dumps(frame)
         limit = self.hello.get("limits", {}).get("max_frame_bytes")
         size = len(text.encode())
@@ -438,6 +438,15 @@ class Herd:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+def _with_id(frame: Dict[str, Any], request_id: int) -> Dict[str, Any]:
+    """`frame` with `id` first and its `input` (if any) last: a broker that
+    has read that input before does not read the frame past its start."""
+    framed = {"id": request_id, **frame}
+    if "input" in framed:
+        framed["input"] = framed.pop("input")
+    return framed
 
 
 def _submit_frame(

@@ -23,6 +23,17 @@ def test_keys_match_the_shared_vectors():
         assert herd.key(case["input"], fn=case["fn"]) == case["key"]
 
 
+def test_a_request_is_sent_with_its_id_first_and_its_input_last():
+    from herd._client import _submit_frame, _with_id
+
+    frame = _submit_frame({"b": [1]}, "f", 5, None, None)
+    frame["wait"] = False
+    assert json.dumps(_with_id(frame, 7)) == (
+        '{"id": 7, "op": "submit", "fn": "f", "max_age_ms": 5, "wait": false, "input": {"b": [1]}}'
+    )
+    assert json.dumps(_with_id({"op": "get", "key": "k"}, 8)) == '{"id": 8, "op": "get", "key": "k"}'
+
+
 async def stats(h):
     async for snap in h.watch(100):
         return snap["stats"]
