@@ -433,11 +433,13 @@ mod tests {
         // Nothing after the name but whitespace and the brace: no value,
         // nothing offered.
         let mut asked = false;
-        let none = Members::scan_knowing(r#"{"op":"x","input": }"#, DEPTH, |_, _| {
-            asked = true;
-            true
-        });
-        assert_eq!((none, asked), (None, false));
+        for text in [r#"{"op":"x","input":}"#, r#"{"op":"x","input": }"#] {
+            let none = Members::scan_knowing(text, DEPTH, |_, _| {
+                asked = true;
+                true
+            });
+            assert_eq!((none, asked), (None, false), "{text}");
+        }
     }
 
     #[test]
