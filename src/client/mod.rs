@@ -292,7 +292,7 @@ impl Client {
             _ => None,
         };
         request["id"] = json!(id);
-        let frame = request.to_string();
+        let frame = frame_text(request);
         let limit = self.inner.hello["limits"]["max_frame_bytes"].as_u64();
         if let Some(limit) = limit.filter(|l| frame.len() as u64 > *l) {
             return Err(ClientError::TooLarge {
@@ -357,7 +357,7 @@ impl Client {
         let pending = Pending {
             kind: Kind::SubmitStream,
             key: Some(key),
-            frame: request.to_string(),
+            frame: frame_text(request),
             reply: ReplyTo::Updates(tx),
         };
         self.inner
@@ -584,6 +584,23 @@ fn closed(reason: &str) -> ClientError {
 
 fn str_field(v: &Value, name: &str) -> String {
     v[name].as_str().unwrap_or_default().to_string()
+}
+
+/// A request's text with its `input` (if any) last: a broker that has
+/// read that input before does not read the frame past its start.
+fn frame_text(mut request: Value) -> String {
+    let input = request.as_object_mut().and_then(|m| m.remove("input"));
+    let mut text = request.to_string();
+    if let Some(input) = input {
+        text.pop();
+        if text.len() > 1 {
+            text.push(',');
+        }
+        text.push_str("\"input\":");
+        text.push_str(&input.to_string());
+        text.push('}');
+    }
+    text
 }
 
 /// Turns a `result` (or `status` done) frame into an output or its error.
@@ -875,5 +892,23 @@ fn reply(to: ReplyTo, outcome: Result<Value, ClientError>) {
             let _ = tx.send(outcome);
         }
         ReplyTo::Stream(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_sent_with_its_input_last() {
+        let request = json!({"op": "submit", "id": 3, "input": {"b": [1]}, "wait": false});
+        let text = frame_text(request.clone());
+        assert!(text.ends_with(r#","input":{"b":[1]}}"#), "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), request);
+        assert_eq!(frame_text(json!({"input": 1})), r#"{"input":1}"#);
+        assert_eq!(
+            frame_text(json!({"op": "get", "key": "k"})),
+            r#"{"key":"k","op":"get"}"#
+        );
     }
 }
