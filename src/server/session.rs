@@ -206,11 +206,11 @@ fn expiry(at: u64) -> Pin<Box<tokio::time::Sleep>> {
     Box::pin(tokio::time::sleep(left))
 }
 
-/// A submit's input as sent, and its key if the memo had it when the
-/// frame was read.
-struct Input<'t> {
+/// A submit's input as sent, and its fn and key if the memo had it when
+/// the frame was read.
+struct Input<'t, 'a> {
     text: &'t str,
-    key: Option<Key>,
+    known: Option<(&'a EvaluatorSpec, Key)>,
 }
 
 /// What is left to do for a request once it has been read: at most one wait.
@@ -320,15 +320,15 @@ impl<'a> Reader<'a> {
     /// session's task small.
     fn handle(&mut self, text: &str, arrived: Instant) -> Then<'a> {
         let broker: &'a Broker = self.broker;
-        // A submit's input seen before, byte for byte: its key, and the
-        // input is not read again.
-        let mut memoized = None;
+        // A submit's input seen before, byte for byte: its fn and key, and
+        // the input is not read again.
+        let mut known = None;
         let request = match parse_request_knowing(text, |fn_name, input| {
-            memoized = broker
+            known = broker
                 .evaluators
                 .lookup(fn_name.unwrap_or(DEFAULT_FN))
-                .and_then(|spec| broker.memo.get(spec.index, input.as_bytes()));
-            memoized.is_some()
+                .and_then(|spec| Some((spec, broker.memo.get(spec.index, input.as_bytes())?)));
+            known.is_some()
         }) {
             Ok(r) => r,
             Err(rejection) => return Then::Reply(rejection.frame().into()),
@@ -360,10 +360,7 @@ impl<'a> Reader<'a> {
                 wants,
             } => self.submit(
                 id,
-                Input {
-                    text: input,
-                    key: memoized,
-                },
+                Input { text: input, known },
                 fn_name,
                 wait,
                 wants,
@@ -466,7 +463,7 @@ impl<'a> Reader<'a> {
     fn submit(
         &self,
         id: ReqId,
-        input: Input<'_>,
+        input: Input<'_, 'a>,
         fn_name: Option<std::borrow::Cow<'_, str>>,
         wait: bool,
         wants: Wants,
@@ -475,7 +472,8 @@ impl<'a> Reader<'a> {
         let max_age = wants.max_age_ms.map(Duration::from_millis);
         let broker: &'a Broker = self.broker;
         let name = fn_name.as_deref().unwrap_or(DEFAULT_FN);
-        let Some(spec) = broker.evaluators.lookup(name) else {
+        let found = input.known.map(|(spec, _)| spec);
+        let Some(spec) = found.or_else(|| broker.evaluators.lookup(name)) else {
             return reject_unknown_fn(&id, name);
         };
         if let Some(ms) = wants.deadline_ms {
@@ -507,7 +505,8 @@ impl<'a> Reader<'a> {
         // A byte-identical input seen before: its key without parsing or hashing.
         let raw = input.text.as_bytes();
         let memoized = input
-            .key
+            .known
+            .map(|(_, key)| key)
             .or_else(|| broker.memo.get(spec.index, raw))
             .map(|key| self.scoped(key));
         if let Some(key) = memoized {
