@@ -738,7 +738,7 @@ impl Config {
     pub fn effective_evaluators(&self) -> Vec<EvaluatorConfig> {
         if self.evaluators.is_empty() {
             vec![
-                EvaluatorConfig::builtin("default", EvaluatorKind::Simulate),
+                EvaluatorConfig::builtin(crate::protocol::DEFAULT_FN, EvaluatorKind::Simulate),
                 EvaluatorConfig::builtin("sleep", EvaluatorKind::Simulate),
                 EvaluatorConfig::builtin("echo", EvaluatorKind::Echo),
             ]

@@ -24,7 +24,7 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
         /// Evaluator name.
-        #[arg(long = "fn", default_value = "default")]
+        #[arg(long = "fn", default_value = herd::protocol::DEFAULT_FN)]
         fn_name: String,
         /// Do not wait for the result; print what `accepted` said.
         #[arg(long)]

@@ -286,7 +286,9 @@ impl Client {
         let key = match kind {
             Kind::Subscribe => request["key"].as_str().map(str::to_string),
             Kind::Submit => {
-                let fn_name = request["fn"].as_str().unwrap_or("default");
+                let fn_name = request["fn"]
+                    .as_str()
+                    .unwrap_or(crate::protocol::DEFAULT_FN);
                 Some(crate::key::key_hex(fn_name, &request["input"]))
             }
             _ => None,
